@@ -1,0 +1,3 @@
+module github.com/mayfly-ci/mayfly
+
+go 1.26.8
