@@ -1,0 +1,56 @@
+package schedule
+
+import (
+	"math"
+	"time"
+)
+
+// Style says how a policy's idle values combine, following the autoscaler
+// whose configuration block they were read from.
+type Style int
+
+const (
+	// DockerMachine combines values as gitlab-runner's [runners.machine] does:
+	// IdleCount is the ceiling and IdleCountMin the floor of the scaled target.
+	DockerMachine Style = iota
+	// Taskscaler combines values as [[runners.autoscaler.policy]] does:
+	// idle_count is the floor and scale_factor_limit the ceiling.
+	Taskscaler
+)
+
+// String returns the configuration block the style comes from.
+func (s Style) String() string {
+	if s == Taskscaler {
+		return "taskscaler"
+	}
+	return "docker+machine"
+}
+
+// Policy is the idle-pool policy in force for one period.
+type Policy struct {
+	Style            Style
+	IdleCount        int           // idle instances to keep (ceiling with DockerMachine, floor with Taskscaler)
+	IdleCountMin     int           // DockerMachine: floor of the scaled target when ScaleFactor > 0
+	ScaleFactor      float64       // idle instances per instance in use; 0 = off
+	ScaleFactorLimit int           // Taskscaler: ceiling of the scaled target; 0 = none
+	IdleTime         time.Duration // how long a surplus idle instance may live
+	PreemptiveMode   bool          // Taskscaler: ask for jobs only when an instance is free
+}
+
+// IdleTarget returns how many idle instances the policy asks for while
+// inUse instances run jobs.
+func (p Policy) IdleTarget(inUse int) int {
+	if p.ScaleFactor <= 0 {
+		return p.IdleCount
+	}
+	scaled := float64(inUse) * p.ScaleFactor
+	if p.Style == Taskscaler {
+		want := int(math.Ceil(scaled))
+		if p.ScaleFactorLimit > 0 && want > p.ScaleFactorLimit {
+			want = p.ScaleFactorLimit
+		}
+		return max(p.IdleCount, want)
+	}
+	// gitlab-runner truncates and forces the floor to at least 1.
+	return min(p.IdleCount, max(p.IdleCountMin, 1, int(scaled)))
+}
