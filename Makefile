@@ -1,27 +1,47 @@
-# mayfly — see README.md. `make test` and `make run` do all set-up themselves.
-GO      ?= go
-BIN     := bin
+# mayfly. `make test` and `make run` do all set-up themselves on Debian.
+export PATH := /usr/local/go/bin:$(PATH)
+GO       ?= go
+BIN      := bin
+FUZZTIME ?= 30s
 
-.PHONY: all setup build test run bench lint fuzz generate clean
+.PHONY: all setup build test run bench fuzz lint generate clean
 
 all: build
 
+## setup: install the Debian packages and VM image inputs the tests and demo use
 setup:
 	@scripts/setup.sh
 
+## build: build the mayfly binary into bin/
 build:
-	$(GO) build -o $(BIN)/ ./cmd/... 
+	$(GO) build -o $(BIN)/ ./cmd/mayfly
 
+## test: set up, vet, and run every test with the race detector
 test: setup
 	$(GO) vet ./...
-	$(GO) test -race -count=1 ./...
+	$(GO) test -race -count=1 -timeout 15m ./...
 
+## run: set up, build, and run the local demo
+run: setup build
+	$(BIN)/mayfly verify --config testdata/local.toml
+
+## bench: run the Go benchmarks and print their figures
 bench: setup
 	$(GO) test -run '^$$' -bench . -benchmem ./...
 
+## fuzz: run every fuzz target for FUZZTIME each
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzParsePeriod$$' -fuzztime $(FUZZTIME) ./schedule/
+	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) -parallel 1 ./manager/config/
+
+## lint: gofmt and go vet
 lint:
-	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); exit 1; }
+	@out=$$(gofmt -l $$(git ls-files '*.go')); test -z "$$out" || { echo "gofmt would change:"; echo "$$out"; exit 1; }
 	$(GO) vet ./...
+
+## generate: regenerate the provider protocol's protobuf code
+generate:
+	providers/proto/generate.sh
 
 clean:
 	rm -rf $(BIN)

@@ -381,6 +381,9 @@ type RunnerOptions struct {
 	Paused            bool
 	AccessLevel       string // "", not_protected or ref_protected
 	MaximumTimeout    int    // seconds; 0 or at least 600
+	// Token, when set, is the runner's authentication token instead of a
+	// random one, so a config file can name a runner before it exists.
+	Token string
 }
 
 // RegisterRunner registers a runner as POST /api/v4/runners does and returns
@@ -405,8 +408,14 @@ func (s *Server) RegisterRunner(opts RunnerOptions) (RunnerRecord, error) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	token := opts.Token
+	if token == "" {
+		token = newToken()
+	} else if _, taken := s.runnersByToken[token]; taken {
+		return RunnerRecord{}, &FieldError{Field: "token", Msg: "is already used by another runner"}
+	}
 	r := &runner{
-		token:          newToken(),
+		token:          token,
 		description:    opts.Description,
 		tags:           tags,
 		runUntagged:    opts.RunUntagged,

@@ -1,0 +1,91 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mayfly-ci/mayfly/manager/gitlab"
+	"github.com/mayfly-ci/mayfly/manager/runnerapi"
+)
+
+// TestCoordinatorCommand runs `mayfly coordinator` with the demo pipeline and
+// a preregistered runner token, drives every job through the real API client,
+// and checks that --exit-when-done ends the command by itself.
+func TestCoordinatorCommand(t *testing.T) {
+	outR, outW := io.Pipe()
+	done := make(chan int, 1)
+	go func() {
+		code := run([]string{"coordinator", "--listen", "127.0.0.1:0",
+			"--pipeline", "../../manager/coordinator/testdata/demo-pipeline.yaml",
+			"--runner-token", "cli-test-token", "--exit-when-done"}, outW, io.Discard)
+		outW.Close()
+		done <- code
+	}()
+	lines := make(chan string, 16)
+	go func() {
+		defer close(lines)
+		sc := bufio.NewScanner(outR)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+	}()
+	var addr string
+	deadline := time.After(10 * time.Second)
+	for addr == "" {
+		select {
+		case l, ok := <-lines:
+			if !ok {
+				t.Fatalf("coordinator exited early with %d", <-done)
+			}
+			if rest, found := strings.CutPrefix(l, "coordinator on http://"); found {
+				addr, _, _ = strings.Cut(rest, " ")
+			}
+		case <-deadline:
+			t.Fatal("coordinator did not print its address")
+		}
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := gitlab.New(gitlab.Config{URL: "http://" + addr, Info: runnerapi.VersionInfo{Name: "mayfly-test"}, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ran := 0
+	for attempt := 0; attempt < 100 && ran < 5; attempt++ {
+		res, err := c.RequestJob(ctx, "cli-test-token", gitlab.RequestOptions{})
+		if err != nil {
+			t.Fatalf("RequestJob: %v", err)
+		}
+		if res.Outcome != gitlab.JobReceived {
+			time.Sleep(20 * time.Millisecond)
+			continue
+		}
+		tr, err := c.StartJobTrace(ctx, res.Job.ID, res.Job.Token, gitlab.TraceOptions{Interval: 10 * time.Millisecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprintf(tr, "job %s ran\n", res.Job.JobInfo.Name)
+		if err := tr.Finish(ctx, runnerapi.StateSuccess, "", 0); err != nil {
+			t.Fatalf("Finish job %d: %v", res.Job.ID, err)
+		}
+		ran++
+	}
+	if ran != 5 {
+		t.Fatalf("ran %d jobs, want the demo pipeline's 5", ran)
+	}
+	select {
+	case code := <-done:
+		if code != 0 {
+			t.Errorf("coordinator exited with %d", code)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("coordinator did not exit after every job finished")
+	}
+}
