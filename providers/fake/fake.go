@@ -1,0 +1,659 @@
+// Package fake is an in-memory providers.Provider for tests of the fleet,
+// with scriptable faults: slow creates and boots on an injected clock,
+// failed creates, quota errors, rate limits with retry-after, instances
+// that vanish or get preempted, deletes that fail N times, and counters of
+// calls per operation.
+//
+// With a state directory it keeps its instances in a file, so a restarted
+// plugin process (cmd/mayfly-plugin-fake) still lists what it created.
+package fake
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/crypto/ssh"
+
+	"github.com/mayfly-ci/mayfly/providers"
+)
+
+// Version is the version the fake reports from Init.
+const Version = "fake/1"
+
+// Op names a Provider operation, for counters and faults.
+type Op string
+
+// Operations.
+const (
+	OpInit        Op = "init"
+	OpCreate      Op = "create"
+	OpDelete      Op = "delete"
+	OpList        Op = "list"
+	OpConnectInfo Op = "connect_info"
+	OpHeartbeat   Op = "heartbeat"
+	OpShutdown    Op = "shutdown"
+)
+
+var allOps = []Op{OpInit, OpCreate, OpDelete, OpList, OpConnectInfo, OpHeartbeat, OpShutdown}
+
+// Options configure a Fake. The zero value is a usable, instant fake.
+type Options struct {
+	// ID is reported by Init (default "fake"); it also prefixes instance ids.
+	ID string
+	// MaxSize is reported by Init.
+	MaxSize int
+	// Quota caps the instances that may exist at once; 0 means no cap.
+	// Create makes what fits and returns a quota error for the rest.
+	Quota int
+	// Now is the clock for boot and delete delays (default time.Now).
+	Now func() time.Time
+	// Sleep waits for CreateDelay (default: a timer honouring ctx). Tests
+	// can pass a function that blocks on a channel.
+	Sleep func(ctx context.Context, d time.Duration) error
+	// CreateDelay is how long each Create call takes, after the instances
+	// are recorded (as when a cloud accepts a request and answers late).
+	CreateDelay time.Duration
+	// BootDelay is how long (on Now) a new instance stays creating.
+	BootDelay time.Duration
+	// DeleteDelay is how long (on Now) a deleted instance stays deleting
+	// before it leaves List.
+	DeleteDelay time.Duration
+	// StateDir, if set, holds state.json with the instances.
+	StateDir string
+	// Protocol, OS, Arch and Username fill ConnectInfo (defaults ssh,
+	// linux, amd64, root).
+	Protocol providers.Protocol
+	OS       string
+	Arch     string
+	Username string
+	// ConnectInfo, if set, replaces the generated connect info, e.g. to
+	// point at a test SSH server.
+	ConnectInfo func(id string) (providers.ConnectInfo, error)
+	// Logger receives a record per operation (default: discard).
+	Logger *slog.Logger
+}
+
+// Settings are the JSON settings Init accepts. Zero fields keep the value
+// from Options.
+type Settings struct {
+	ID          string             `json:"id"`
+	MaxSize     int                `json:"max_size"`
+	Quota       int                `json:"quota"`
+	CreateDelay providers.Duration `json:"create_delay"`
+	BootDelay   providers.Duration `json:"boot_delay"`
+	DeleteDelay providers.Duration `json:"delete_delay"`
+	StateDir    string             `json:"state_dir"`
+	Protocol    string             `json:"protocol"`
+	OS          string             `json:"os"`
+	Faults      []FaultSpec        `json:"faults"`
+}
+
+// FaultSpec scripts a fault from settings.
+type FaultSpec struct {
+	// Op is the failing operation.
+	Op Op `json:"op"`
+	// Kind is a providers.Kind name: "rate_limited", "quota_exceeded",
+	// "capacity_exhausted", "not_found", "permanent", "transient",
+	// "invalid_argument".
+	Kind string `json:"kind"`
+	// Times is how many calls fail (default 1; negative: every call).
+	Times int `json:"times"`
+	// RetryAfter goes with rate_limited.
+	RetryAfter providers.Duration `json:"retry_after"`
+	// Scope goes with quota_exceeded and capacity_exhausted.
+	Scope string `json:"scope"`
+	// ID limits a delete fault to this instance.
+	ID string `json:"id"`
+}
+
+type fault struct {
+	op        Op
+	id        string // delete only: the instance whose deletion fails
+	remaining int    // < 0: forever
+	err       error
+}
+
+// instance is the stored form of an instance.
+type instance struct {
+	ID         string            `json:"id"`
+	Labels     map[string]string `json:"labels,omitempty"`
+	CreatedAt  time.Time         `json:"created_at"`
+	State      providers.State   `json:"state"`
+	Reason     string            `json:"reason,omitempty"`
+	FailBoot   bool              `json:"fail_boot,omitempty"`
+	DeletedAt  time.Time         `json:"deleted_at,omitzero"`
+	Port       int               `json:"port"`
+	PrivateKey string            `json:"private_key,omitempty"`
+	HostKey    string            `json:"host_key,omitempty"`
+}
+
+type stateFile struct {
+	NextSeq   int         `json:"next_seq"`
+	Instances []*instance `json:"instances"`
+}
+
+// Fake is an in-memory provider. It is safe for concurrent use.
+type Fake struct {
+	mu        sync.Mutex
+	opts      Options
+	seq       int
+	instances map[string]*instance
+	faults    []*fault
+	failBoots int
+	holds     map[Op]chan struct{}
+	calls     map[Op]int
+	closed    bool
+}
+
+var _ providers.Provider = (*Fake)(nil)
+
+// New returns a fake configured by opts. With opts.StateDir it loads the
+// instances stored there.
+func New(opts Options) (*Fake, error) {
+	f := &Fake{
+		opts:      opts,
+		instances: map[string]*instance{},
+		holds:     map[Op]chan struct{}{},
+		calls:     map[Op]int{},
+	}
+	f.defaults()
+	if f.opts.StateDir != "" {
+		if err := f.load(); err != nil {
+			return nil, err
+		}
+	}
+	return f, nil
+}
+
+func (f *Fake) defaults() {
+	o := &f.opts
+	if o.ID == "" {
+		o.ID = "fake"
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.Sleep == nil {
+		o.Sleep = sleep
+	}
+	if o.Protocol == "" {
+		o.Protocol = providers.ProtocolSSH
+	}
+	if o.OS == "" {
+		o.OS = "linux"
+	}
+	if o.Arch == "" {
+		o.Arch = "amd64"
+	}
+	if o.Username == "" {
+		o.Username = "root"
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+}
+
+func sleep(ctx context.Context, d time.Duration) error {
+	if d <= 0 {
+		return nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// begin counts a call of op, waits while op is held, and returns the
+// injected error for the call, if any. It is called without f.mu held.
+func (f *Fake) begin(ctx context.Context, op Op) error {
+	f.mu.Lock()
+	f.calls[op]++
+	hold := f.holds[op]
+	closed := f.closed && op != OpShutdown
+	f.mu.Unlock()
+	if closed {
+		return providers.Permanent(fmt.Errorf("%s: %w", op, providers.ErrClosed))
+	}
+	if hold != nil {
+		select {
+		case <-hold:
+		case <-ctx.Done():
+			return providers.Transient(fmt.Errorf("%s: %w", op, ctx.Err()))
+		}
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.takeFault(op, "")
+}
+
+// takeFault consumes and returns the first matching fault. f.mu is held.
+func (f *Fake) takeFault(op Op, id string) error {
+	for i, ft := range f.faults {
+		if ft.op != op || ft.id != id || ft.remaining == 0 {
+			continue
+		}
+		if ft.remaining > 0 {
+			ft.remaining--
+			if ft.remaining == 0 {
+				f.faults = slices.Delete(f.faults, i, i+1)
+			}
+		}
+		return ft.err
+	}
+	return nil
+}
+
+// Init implements providers.Provider. It applies Settings over Options.
+func (f *Fake) Init(ctx context.Context, raw json.RawMessage) (providers.Info, error) {
+	if err := f.begin(ctx, OpInit); err != nil {
+		return providers.Info{}, err
+	}
+	var s Settings
+	if err := providers.DecodeSettings(raw, &s); err != nil {
+		return providers.Info{}, fmt.Errorf("fake init: %w", err)
+	}
+	faults := make([]*fault, 0, len(s.Faults))
+	for i, spec := range s.Faults {
+		ft, err := spec.fault()
+		if err != nil {
+			return providers.Info{}, providers.InvalidArgument(fmt.Errorf("fake init: settings key \"faults[%d]\": %w", i, err))
+		}
+		faults = append(faults, ft)
+	}
+	if s.Protocol != "" && s.Protocol != string(providers.ProtocolSSH) && s.Protocol != string(providers.ProtocolWinRM) {
+		return providers.Info{}, providers.InvalidArgument(fmt.Errorf("fake init: settings key \"protocol\": %q is not ssh or winrm", s.Protocol))
+	}
+	if s.MaxSize < 0 || s.Quota < 0 {
+		return providers.Info{}, providers.InvalidArgument(errors.New("fake init: settings keys \"max_size\" and \"quota\" must not be negative"))
+	}
+
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	o := &f.opts
+	setIf(&o.ID, s.ID)
+	setIf(&o.MaxSize, s.MaxSize)
+	setIf(&o.Quota, s.Quota)
+	setIf(&o.CreateDelay, time.Duration(s.CreateDelay))
+	setIf(&o.BootDelay, time.Duration(s.BootDelay))
+	setIf(&o.DeleteDelay, time.Duration(s.DeleteDelay))
+	setIf(&o.Protocol, providers.Protocol(s.Protocol))
+	setIf(&o.OS, s.OS)
+	if s.OS == "windows" && s.Protocol == "" {
+		o.Protocol = providers.ProtocolWinRM
+	}
+	f.faults = append(f.faults, faults...)
+	if s.StateDir != "" && s.StateDir != o.StateDir {
+		o.StateDir = s.StateDir
+		if err := f.load(); err != nil {
+			return providers.Info{}, err
+		}
+	}
+	o.Logger.Info("fake provider initialised", "id", o.ID, "state_dir", o.StateDir, "instances", len(f.instances))
+	return providers.Info{ID: o.ID, MaxSize: o.MaxSize, Version: Version}, nil
+}
+
+func setIf[T comparable](dst *T, v T) {
+	var zero T
+	if v != zero {
+		*dst = v
+	}
+}
+
+func (s FaultSpec) fault() (*fault, error) {
+	if !slices.Contains(allOps, s.Op) {
+		return nil, fmt.Errorf("op %q is not one of %v", s.Op, allOps)
+	}
+	kind, err := providers.ParseKind(s.Kind)
+	if err != nil {
+		return nil, err
+	}
+	if s.ID != "" && s.Op != OpDelete {
+		return nil, fmt.Errorf("id is only allowed with op %q", OpDelete)
+	}
+	times := s.Times
+	if times == 0 {
+		times = 1
+	}
+	return &fault{op: s.Op, id: s.ID, remaining: times, err: KindError(kind, time.Duration(s.RetryAfter), s.Scope)}, nil
+}
+
+// KindError returns an injected error of kind, as faults from settings do.
+func KindError(kind providers.Kind, retryAfter time.Duration, scope string) error {
+	cause := errors.New("injected by fake")
+	switch kind {
+	case providers.KindNotFound:
+		return providers.NotFound("injected")
+	case providers.KindQuotaExceeded:
+		return providers.QuotaExceeded(scope, cause)
+	case providers.KindRateLimited:
+		return providers.RateLimited(retryAfter, cause)
+	case providers.KindCapacityExhausted:
+		return providers.CapacityExhausted(scope, cause)
+	case providers.KindPermanent:
+		return providers.Permanent(cause)
+	case providers.KindTransient:
+		return providers.Transient(cause)
+	case providers.KindInvalidArgument:
+		return providers.InvalidArgument(cause)
+	}
+	return cause
+}
+
+// Create implements providers.Provider.
+func (f *Fake) Create(ctx context.Context, n int, labels map[string]string) ([]string, error) {
+	if err := f.begin(ctx, OpCreate); err != nil {
+		return nil, fmt.Errorf("fake create: %w", err)
+	}
+	if n < 0 {
+		return nil, providers.InvalidArgument(fmt.Errorf("fake create: count %d is negative", n))
+	}
+	if n == 0 {
+		return nil, nil
+	}
+
+	f.mu.Lock()
+	now := f.opts.Now()
+	f.advance(now)
+	want := n
+	var quotaErr error
+	if q := f.opts.Quota; q > 0 {
+		if free := q - len(f.instances); free < n {
+			n = max(free, 0)
+			quotaErr = providers.QuotaExceeded("fake", fmt.Errorf("%d of %d instances in use, %d more requested", len(f.instances), q, want))
+		}
+	}
+	ids := make([]string, 0, n)
+	for range n {
+		f.seq++
+		in := &instance{
+			ID:        fmt.Sprintf("%s-%06d", f.opts.ID, f.seq),
+			Labels:    maps.Clone(labels),
+			CreatedAt: now,
+			State:     providers.StateCreating,
+			Port:      20000 + f.seq%40000,
+		}
+		if f.failBoots > 0 {
+			f.failBoots--
+			in.FailBoot = true
+		}
+		f.instances[in.ID] = in
+		ids = append(ids, in.ID)
+	}
+	f.advance(now) // a zero BootDelay makes them running at once
+	err := f.save()
+	delay := f.opts.CreateDelay
+	sleepFn := f.opts.Sleep
+	f.opts.Logger.Info("fake create", "requested", want, "created", len(ids))
+	f.mu.Unlock()
+
+	if err != nil {
+		return ids, fmt.Errorf("fake create: %w", err)
+	}
+	if err := sleepFn(ctx, delay); err != nil {
+		return ids, providers.Transient(fmt.Errorf("fake create: %w", err))
+	}
+	if quotaErr != nil {
+		return ids, fmt.Errorf("fake create: %w", quotaErr)
+	}
+	return ids, nil
+}
+
+// Delete implements providers.Provider. Unknown ids count as deleted.
+func (f *Fake) Delete(ctx context.Context, ids []string) ([]string, error) {
+	if err := f.begin(ctx, OpDelete); err != nil {
+		return nil, fmt.Errorf("fake delete: %w", err)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	now := f.opts.Now()
+	f.advance(now)
+	deleted := make([]string, 0, len(ids))
+	var errs []error
+	for _, id := range ids {
+		if err := f.takeFault(OpDelete, id); err != nil {
+			errs = append(errs, fmt.Errorf("delete %s: %w", id, err))
+			continue
+		}
+		if in, ok := f.instances[id]; ok && in.State != providers.StateDeleting {
+			in.State = providers.StateDeleting
+			in.Reason = ""
+			in.DeletedAt = now
+		}
+		deleted = append(deleted, id)
+	}
+	f.advance(now)
+	if err := f.save(); err != nil {
+		errs = append(errs, err)
+	}
+	f.opts.Logger.Info("fake delete", "requested", len(ids), "deleted", len(deleted))
+	if len(errs) > 0 {
+		return deleted, fmt.Errorf("fake delete: %w", errors.Join(errs...))
+	}
+	return deleted, nil
+}
+
+// List implements providers.Provider. Instances are sorted by id.
+func (f *Fake) List(ctx context.Context) ([]providers.Instance, error) {
+	if err := f.begin(ctx, OpList); err != nil {
+		return nil, fmt.Errorf("fake list: %w", err)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.advance(f.opts.Now()) {
+		if err := f.save(); err != nil {
+			return nil, fmt.Errorf("fake list: %w", err)
+		}
+	}
+	return f.snapshot(), nil
+}
+
+// ConnectInfo implements providers.Provider.
+func (f *Fake) ConnectInfo(ctx context.Context, id string) (providers.ConnectInfo, error) {
+	if err := f.begin(ctx, OpConnectInfo); err != nil {
+		return providers.ConnectInfo{}, fmt.Errorf("fake connect info: %w", err)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.advance(f.opts.Now())
+	in, ok := f.instances[id]
+	if !ok {
+		return providers.ConnectInfo{}, providers.NotFound(id)
+	}
+	if f.opts.ConnectInfo != nil {
+		return f.opts.ConnectInfo(id)
+	}
+	if in.PrivateKey == "" {
+		priv, host, err := newKeys()
+		if err != nil {
+			return providers.ConnectInfo{}, providers.Transient(fmt.Errorf("fake connect info %s: %w", id, err))
+		}
+		in.PrivateKey, in.HostKey = priv, host
+		if err := f.save(); err != nil {
+			return providers.ConnectInfo{}, fmt.Errorf("fake connect info %s: %w", id, err)
+		}
+	}
+	ci := providers.ConnectInfo{
+		ID:       id,
+		Address:  "127.0.0.1",
+		Port:     in.Port,
+		Protocol: f.opts.Protocol,
+		OS:       f.opts.OS,
+		Arch:     f.opts.Arch,
+		Username: f.opts.Username,
+		HostKey:  in.HostKey,
+	}
+	if ci.Protocol == providers.ProtocolWinRM {
+		ci.Password = "fake-" + id
+	} else {
+		ci.PrivateKey = []byte(in.PrivateKey)
+	}
+	return ci, nil
+}
+
+// newKeys returns a PEM private login key and an authorized_keys host key.
+func newKeys() (private, host string, err error) {
+	_, login, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return "", "", err
+	}
+	block, err := ssh.MarshalPrivateKey(login, "mayfly-fake")
+	if err != nil {
+		return "", "", err
+	}
+	hostPub, _, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return "", "", err
+	}
+	pub, err := ssh.NewPublicKey(hostPub)
+	if err != nil {
+		return "", "", err
+	}
+	return string(pem.EncodeToMemory(block)), string(ssh.MarshalAuthorizedKey(pub)), nil
+}
+
+// Heartbeat implements providers.Provider: nil for a running instance.
+func (f *Fake) Heartbeat(ctx context.Context, id string) error {
+	if err := f.begin(ctx, OpHeartbeat); err != nil {
+		return fmt.Errorf("fake heartbeat: %w", err)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.advance(f.opts.Now())
+	in, ok := f.instances[id]
+	switch {
+	case !ok:
+		return providers.NotFound(id)
+	case in.State == providers.StateRunning:
+		return nil
+	case in.State == providers.StateCreating:
+		return providers.Transient(fmt.Errorf("fake heartbeat %s: still creating", id))
+	}
+	return providers.Permanent(fmt.Errorf("fake heartbeat %s: instance is %s %s", id, in.State, in.Reason))
+}
+
+// Shutdown implements providers.Provider. Later calls fail with ErrClosed.
+func (f *Fake) Shutdown(ctx context.Context) error {
+	if err := f.begin(ctx, OpShutdown); err != nil {
+		return fmt.Errorf("fake shutdown: %w", err)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.closed = true
+	return nil
+}
+
+// advance moves instances along their delays at now and reports whether
+// anything changed. f.mu is held.
+func (f *Fake) advance(now time.Time) bool {
+	changed := false
+	for id, in := range f.instances {
+		switch in.State {
+		case providers.StateCreating:
+			if !now.Before(in.CreatedAt.Add(f.opts.BootDelay)) {
+				in.State = providers.StateRunning
+				if in.FailBoot {
+					in.State, in.Reason = providers.StateFailed, "boot failed"
+				}
+				changed = true
+			}
+		case providers.StateDeleting:
+			if !now.Before(in.DeletedAt.Add(f.opts.DeleteDelay)) {
+				delete(f.instances, id)
+				changed = true
+			}
+		}
+	}
+	return changed
+}
+
+func (f *Fake) snapshot() []providers.Instance {
+	out := make([]providers.Instance, 0, len(f.instances))
+	for _, in := range f.instances {
+		out = append(out, providers.Instance{
+			ID:        in.ID,
+			State:     in.State,
+			Labels:    maps.Clone(in.Labels),
+			CreatedAt: in.CreatedAt,
+			Reason:    in.Reason,
+		})
+	}
+	slices.SortFunc(out, func(a, b providers.Instance) int { return strings.Compare(a.ID, b.ID) })
+	return out
+}
+
+const stateFileName = "state.json"
+
+// load reads the state file, if any. f.mu is held (or f is unshared).
+func (f *Fake) load() error {
+	path := filepath.Join(f.opts.StateDir, stateFileName)
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("fake: load state: %w", err)
+	}
+	var st stateFile
+	if err := json.Unmarshal(b, &st); err != nil {
+		return fmt.Errorf("fake: load state %s: %w", path, err)
+	}
+	f.seq = max(f.seq, st.NextSeq)
+	for _, in := range st.Instances {
+		if !in.State.Valid() {
+			return fmt.Errorf("fake: load state %s: instance %s has invalid state %q", path, in.ID, in.State)
+		}
+		f.instances[in.ID] = in
+	}
+	return nil
+}
+
+// save writes the state file atomically. f.mu is held.
+func (f *Fake) save() error {
+	if f.opts.StateDir == "" {
+		return nil
+	}
+	st := stateFile{NextSeq: f.seq, Instances: slices.Collect(maps.Values(f.instances))}
+	slices.SortFunc(st.Instances, func(a, b *instance) int { return strings.Compare(a.ID, b.ID) })
+	b, err := json.MarshalIndent(st, "", "  ")
+	if err != nil {
+		return fmt.Errorf("fake: save state: %w", err)
+	}
+	if err := os.MkdirAll(f.opts.StateDir, 0o700); err != nil {
+		return fmt.Errorf("fake: save state: %w", err)
+	}
+	tmp, err := os.CreateTemp(f.opts.StateDir, stateFileName+".*")
+	if err != nil {
+		return fmt.Errorf("fake: save state: %w", err)
+	}
+	if _, err := tmp.Write(b); err != nil {
+		tmp.Close()
+		os.Remove(tmp.Name())
+		return fmt.Errorf("fake: save state: %w", err)
+	}
+	if err := tmp.Close(); err != nil {
+		os.Remove(tmp.Name())
+		return fmt.Errorf("fake: save state: %w", err)
+	}
+	if err := os.Rename(tmp.Name(), filepath.Join(f.opts.StateDir, stateFileName)); err != nil {
+		os.Remove(tmp.Name())
+		return fmt.Errorf("fake: save state: %w", err)
+	}
+	return nil
+}
