@@ -39,8 +39,10 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); test -z "$$out" || { echo "gofmt would change:"; echo "$$out"; exit 1; }
 	$(GO) vet ./...
 
-## generate: regenerate the provider protocol's protobuf code
+## generate: regenerate the provider protocol's protobuf code (needs Debian's protobuf-compiler)
 generate:
+	$(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
+	$(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.2
 	providers/proto/generate.sh
 
 clean:
