@@ -93,4 +93,3 @@ func TestCaptureBodiesDecode(t *testing.T) {
 		t.Errorf("capture did not contain the expected requests: %v", seen)
 	}
 }
-
