@@ -1,0 +1,669 @@
+// Package sshexec runs scripts and uploads files on a machine over SSH.
+//
+// The server's host key is always pinned; there is no trust on first use. A
+// script is sent on the session's stdin to "SHELL -s" started through setsid,
+// so it runs in its own process group; when the context ends that group is
+// killed through a second session, because neither OpenSSH nor dropbear
+// reliably deliver signals to the remote command. Only POSIX sh, setsid, kill,
+// cat, wc, chmod, mv and mkdir are needed remotely: busybox is enough.
+package sshexec
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/crypto/ssh"
+
+	"github.com/mayfly-ci/mayfly/vmexec"
+)
+
+// Defaults applied to zero fields of Target.
+const (
+	DefaultConnectTimeout    = 2 * time.Minute
+	DefaultAttemptTimeout    = 15 * time.Second
+	DefaultKeepaliveInterval = 10 * time.Second
+	DefaultKillGrace         = 2 * time.Second
+	DefaultDrainTimeout      = 5 * time.Second
+)
+
+const (
+	minBackoff = 100 * time.Millisecond
+	maxBackoff = 2 * time.Second
+	maxStderr  = 4 << 10 // stderr kept from helper commands for error messages
+)
+
+// Target says where and how to connect.
+type Target struct {
+	// Addr is host:port of the SSH server.
+	Addr string
+	// User is the login name.
+	User string
+	// Signer is the client key. When nil, PrivateKey is parsed instead.
+	Signer ssh.Signer
+	// PrivateKey is an unencrypted PEM or OpenSSH private key.
+	PrivateKey []byte
+	// HostKey is the server's public host key in authorized_keys format
+	// ("ssh-ed25519 AAAA... comment"). Any other key is refused.
+	HostKey string
+
+	// ConnectTimeout bounds Dial including all retries (default 2m).
+	ConnectTimeout time.Duration
+	// AttemptTimeout bounds one TCP connect plus SSH handshake (default 15s).
+	AttemptTimeout time.Duration
+	// RetryAuth keeps retrying while the server rejects the client key, for
+	// images that install keys after sshd starts. By default it fails at once.
+	RetryAuth bool
+
+	// KeepaliveInterval is the time between keepalive@openssh.com requests
+	// (default 10s; negative disables keepalives).
+	KeepaliveInterval time.Duration
+	// KeepaliveTimeout is how long a keepalive may stay unanswered before the
+	// connection is declared dead and closed (default 3 × KeepaliveInterval).
+	KeepaliveTimeout time.Duration
+
+	// KillGrace is how long an aborted script's process group gets between
+	// SIGTERM and SIGKILL, rounded up to whole seconds (default 2s).
+	KillGrace time.Duration
+	// KillTimeout bounds the whole abort procedure (default KillGrace + 15s).
+	KillTimeout time.Duration
+	// DrainTimeout is how long output may stay open after the script exited
+	// (held by background processes) before the leftover process group is
+	// killed (default 5s).
+	DrainTimeout time.Duration
+
+	// Logger receives connection events; nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// HostKeyError reports that the server presented a host key other than the pinned one.
+type HostKeyError struct {
+	Addr string
+	// Want and Got are SHA256 fingerprints (ssh.FingerprintSHA256).
+	Want, Got string
+	// GotType is the algorithm of the presented key.
+	GotType string
+}
+
+// Error implements error.
+func (e *HostKeyError) Error() string {
+	return fmt.Sprintf("host key mismatch for %s: expected %s, got %s %s", e.Addr, e.Want, e.GotType, e.Got)
+}
+
+// ErrAuth is wrapped by Dial errors when the server rejected the client key.
+var ErrAuth = errors.New("ssh authentication failed")
+
+// ErrConnectionLost is wrapped when an established connection died.
+var ErrConnectionLost = errors.New("ssh connection lost")
+
+// ErrClosed is wrapped by operations on a closed Client.
+var ErrClosed = errors.New("ssh client closed")
+
+// Client is one SSH connection to a machine. It implements vmexec.Executor and
+// is safe for concurrent use; concurrent Runs use separate sessions.
+type Client struct {
+	t      Target
+	log    *slog.Logger
+	client *ssh.Client
+
+	done   chan struct{} // closed when the connection is gone
+	stopKA chan struct{}
+	wg     sync.WaitGroup
+	once   sync.Once
+
+	mu  sync.Mutex
+	err error // why the connection is gone
+}
+
+var _ vmexec.Executor = (*Client)(nil)
+
+func (t *Target) setDefaults() {
+	if t.ConnectTimeout <= 0 {
+		t.ConnectTimeout = DefaultConnectTimeout
+	}
+	if t.AttemptTimeout <= 0 {
+		t.AttemptTimeout = DefaultAttemptTimeout
+	}
+	if t.KeepaliveInterval == 0 {
+		t.KeepaliveInterval = DefaultKeepaliveInterval
+	}
+	if t.KeepaliveTimeout <= 0 {
+		t.KeepaliveTimeout = 3 * t.KeepaliveInterval
+	}
+	if t.KillGrace <= 0 {
+		t.KillGrace = DefaultKillGrace
+	}
+	if t.KillTimeout <= 0 {
+		t.KillTimeout = t.KillGrace + 15*time.Second
+	}
+	if t.DrainTimeout <= 0 {
+		t.DrainTimeout = DefaultDrainTimeout
+	}
+	if t.Logger == nil {
+		t.Logger = slog.Default()
+	}
+}
+
+// clientConfig checks t and builds the handshake configuration.
+func (t *Target) clientConfig() (*ssh.ClientConfig, ssh.PublicKey, error) {
+	if t.Addr == "" {
+		return nil, nil, errors.New("Target.Addr is empty")
+	}
+	if _, _, err := net.SplitHostPort(t.Addr); err != nil {
+		return nil, nil, fmt.Errorf("Target.Addr %q: %w", t.Addr, err)
+	}
+	if t.User == "" {
+		return nil, nil, errors.New("Target.User is empty")
+	}
+	signer := t.Signer
+	if signer == nil {
+		if len(t.PrivateKey) == 0 {
+			return nil, nil, errors.New("Target.Signer and Target.PrivateKey are both empty")
+		}
+		s, err := ssh.ParsePrivateKey(t.PrivateKey)
+		if err != nil {
+			return nil, nil, fmt.Errorf("Target.PrivateKey: %w", err)
+		}
+		signer = s
+	}
+	if strings.TrimSpace(t.HostKey) == "" {
+		return nil, nil, errors.New("Target.HostKey is empty: the host key must be pinned")
+	}
+	pinned, _, _, _, err := ssh.ParseAuthorizedKey([]byte(t.HostKey))
+	if err != nil {
+		return nil, nil, fmt.Errorf("Target.HostKey: %w", err)
+	}
+	if _, ok := pinned.(*ssh.Certificate); ok {
+		return nil, nil, errors.New("Target.HostKey: certificates are not supported, pin the plain key")
+	}
+	algos := []string{pinned.Type()}
+	if pinned.Type() == ssh.KeyAlgoRSA {
+		algos = []string{ssh.KeyAlgoRSASHA512, ssh.KeyAlgoRSASHA256, ssh.KeyAlgoRSA}
+	}
+	want := string(pinned.Marshal())
+	addr := t.Addr
+	cfg := &ssh.ClientConfig{
+		User: t.User,
+		Auth: []ssh.AuthMethod{ssh.PublicKeys(signer)},
+		HostKeyCallback: func(_ string, _ net.Addr, got ssh.PublicKey) error {
+			if string(got.Marshal()) == want {
+				return nil
+			}
+			return &HostKeyError{
+				Addr:    addr,
+				Want:    ssh.FingerprintSHA256(pinned),
+				Got:     ssh.FingerprintSHA256(got),
+				GotType: got.Type(),
+			}
+		},
+		HostKeyAlgorithms: algos,
+		Timeout:           t.AttemptTimeout,
+	}
+	return cfg, pinned, nil
+}
+
+// Dial connects to t.Addr, retrying with backoff until the server accepts or
+// t.ConnectTimeout passes. A host key mismatch is never retried; an
+// authentication failure only with t.RetryAuth. Failures are *vmexec.SystemError
+// unless ctx ended, in which case the error wraps context.Cause(ctx).
+func Dial(ctx context.Context, t Target) (*Client, error) {
+	t.setDefaults()
+	op := "ssh dial " + t.Addr
+	cfg, _, err := t.clientConfig()
+	if err != nil {
+		return nil, &vmexec.SystemError{Op: op, Err: err}
+	}
+	log := t.Logger.With("addr", t.Addr, "user", t.User)
+	dctx, cancel := context.WithTimeout(ctx, t.ConnectTimeout)
+	defer cancel()
+	start := time.Now()
+	backoff := minBackoff
+	var lastErr error
+	for attempt := 1; ; attempt++ {
+		sc, chans, reqs, err := dialOnce(dctx, t.Addr, cfg, t.AttemptTimeout)
+		if err == nil {
+			log.Debug("ssh connected", "attempts", attempt, "elapsed", time.Since(start))
+			return newClient(t, log, ssh.NewClient(sc, chans, reqs)), nil
+		}
+		var hk *HostKeyError
+		if errors.As(err, &hk) {
+			return nil, &vmexec.SystemError{Op: op, Err: err}
+		}
+		if isAuthError(err) {
+			err = fmt.Errorf("%w: %w", ErrAuth, err)
+			if !t.RetryAuth {
+				return nil, &vmexec.SystemError{Op: op, Err: err}
+			}
+		}
+		// An attempt cut short by the deadline says less than the one before it.
+		if dctx.Err() == nil || lastErr == nil {
+			lastErr = err
+		}
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("%s: %w (last error: %v)", op, context.Cause(ctx), lastErr)
+		}
+		if dctx.Err() == nil {
+			log.Debug("ssh dial failed, retrying", "attempt", attempt, "backoff", backoff, "err", err)
+			// Jitter of ±20% keeps many managers from retrying in lockstep.
+			sleep := backoff - backoff/5 + rand.N(backoff*2/5+1)
+			tm := time.NewTimer(sleep)
+			select {
+			case <-tm.C:
+			case <-dctx.Done():
+				tm.Stop()
+			}
+			backoff = min(2*backoff, maxBackoff)
+		}
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("%s: %w (last error: %v)", op, context.Cause(ctx), lastErr)
+		}
+		if dctx.Err() != nil {
+			return nil, &vmexec.SystemError{Op: op, Err: fmt.Errorf(
+				"no connection within %s after %d attempts: %w", t.ConnectTimeout, attempt, lastErr)}
+		}
+	}
+}
+
+func isAuthError(err error) bool {
+	return strings.Contains(err.Error(), "unable to authenticate")
+}
+
+// dialOnce makes one TCP connection and SSH handshake bounded by timeout.
+func dialOnce(ctx context.Context, addr string, cfg *ssh.ClientConfig, timeout time.Duration) (ssh.Conn, <-chan ssh.NewChannel, <-chan *ssh.Request, error) {
+	actx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	var d net.Dialer
+	conn, err := d.DialContext(actx, "tcp", addr)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	if dl, ok := actx.Deadline(); ok {
+		conn.SetDeadline(dl)
+	}
+	stop := context.AfterFunc(actx, func() { conn.Close() })
+	sc, chans, reqs, err := ssh.NewClientConn(conn, addr, cfg)
+	if !stop() {
+		if err == nil {
+			sc.Close()
+		}
+		return nil, nil, nil, fmt.Errorf("ssh handshake: %w", context.Cause(actx))
+	}
+	if err != nil {
+		conn.Close()
+		return nil, nil, nil, err
+	}
+	conn.SetDeadline(time.Time{})
+	return sc, chans, reqs, nil
+}
+
+func newClient(t Target, log *slog.Logger, sc *ssh.Client) *Client {
+	c := &Client{
+		t:      t,
+		log:    log,
+		client: sc,
+		done:   make(chan struct{}),
+		stopKA: make(chan struct{}),
+	}
+	c.wg.Add(1)
+	go func() { // owner of done: ends when the connection closes
+		defer c.wg.Done()
+		err := sc.Wait()
+		c.setErr(fmt.Errorf("%w: %v", ErrConnectionLost, errOrEOF(err)))
+		close(c.done)
+	}()
+	if t.KeepaliveInterval > 0 {
+		c.wg.Add(1)
+		go func() { defer c.wg.Done(); c.keepalive() }()
+	}
+	return c
+}
+
+func errOrEOF(err error) error {
+	if err == nil {
+		return io.EOF
+	}
+	return err
+}
+
+// setErr records the first reason the connection is gone.
+func (c *Client) setErr(err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err == nil {
+		c.err = err
+	}
+}
+
+// fail records err and closes the connection, which ends every session.
+func (c *Client) fail(err error) {
+	c.setErr(err)
+	c.client.Close()
+}
+
+// keepalive sends keepalive@openssh.com requests and closes the connection
+// when one stays unanswered for KeepaliveTimeout. Any reply, also a failure
+// reply, proves the server is alive.
+func (c *Client) keepalive() {
+	tick := time.NewTicker(c.t.KeepaliveInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-tick.C:
+		case <-c.stopKA:
+			return
+		case <-c.done:
+			return
+		}
+		res := make(chan error, 1)
+		go func() { // ends when the reply arrives or the connection closes
+			_, _, err := c.client.SendRequest("keepalive@openssh.com", true, nil)
+			res <- err
+		}()
+		tm := time.NewTimer(c.t.KeepaliveTimeout)
+		select {
+		case err := <-res:
+			tm.Stop()
+			if err != nil {
+				c.fail(fmt.Errorf("%w: keepalive: %v", ErrConnectionLost, err))
+				return
+			}
+		case <-tm.C:
+			c.log.Warn("ssh keepalive unanswered, closing connection", "timeout", c.t.KeepaliveTimeout)
+			c.fail(fmt.Errorf("%w: no keepalive reply within %s", ErrConnectionLost, c.t.KeepaliveTimeout))
+			return
+		case <-c.stopKA:
+			tm.Stop()
+			return
+		}
+	}
+}
+
+// Done is closed when the connection is gone, by Close or by failure.
+func (c *Client) Done() <-chan struct{} { return c.done }
+
+// Err returns why the connection is gone, or nil while it is up.
+func (c *Client) Err() error {
+	select {
+	case <-c.done:
+	default:
+		return nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
+}
+
+// Close closes the connection and waits for the client's goroutines.
+func (c *Client) Close() error {
+	c.once.Do(func() {
+		c.setErr(ErrClosed)
+		close(c.stopKA)
+		c.client.Close()
+	})
+	c.wg.Wait()
+	return nil
+}
+
+// probe checks the connection answers a keepalive within AttemptTimeout, so
+// that a channel closed by a dying connection is reported as ErrConnectionLost.
+func (c *Client) probe() error {
+	res := make(chan error, 1)
+	go func() { // ends when the reply arrives or the connection closes
+		_, _, err := c.client.SendRequest("keepalive@openssh.com", true, nil)
+		res <- err
+	}()
+	tm := time.NewTimer(c.t.AttemptTimeout)
+	defer tm.Stop()
+	select {
+	case err := <-res:
+		if err != nil {
+			c.fail(fmt.Errorf("%w: %v", ErrConnectionLost, err))
+			<-c.done
+			return c.Err()
+		}
+		return nil
+	case <-tm.C:
+		c.fail(fmt.Errorf("%w: no keepalive reply within %s", ErrConnectionLost, c.t.AttemptTimeout))
+		<-c.done
+		return c.Err()
+	case <-c.done:
+		return c.Err()
+	}
+}
+
+// endedWithoutStatus explains a channel that closed without an exit status.
+func (c *Client) endedWithoutStatus() error {
+	if err := c.probe(); err != nil {
+		return err
+	}
+	return errors.New("remote command ended without an exit status")
+}
+
+// connErr returns the connection's failure if it is gone, else err.
+func (c *Client) connErr(err error) error {
+	if e := c.Err(); e != nil {
+		return e
+	}
+	return err
+}
+
+// session is one exec channel with its exit status watched.
+type session struct {
+	ch     ssh.Channel
+	got    chan struct{} // closed when exit-status or exit-signal arrived
+	closed chan struct{} // closed when the channel's requests ended (channel closed)
+	code   int
+	signal string
+}
+
+// openExec opens a session channel and starts command, giving up when ctx ends.
+func (c *Client) openExec(ctx context.Context, op, command string) (*session, error) {
+	type result struct {
+		s   *session
+		err error
+	}
+	r := make(chan result, 1)
+	go func() { // ends when the server answers or the connection closes
+		ch, reqs, err := c.client.OpenChannel("session", nil)
+		if err != nil {
+			r <- result{nil, err}
+			return
+		}
+		s := watch(ch, reqs)
+		ok, err := ch.SendRequest("exec", true, ssh.Marshal(struct{ Command string }{command}))
+		if err == nil && !ok {
+			err = errors.New("server refused the exec request")
+		}
+		if err != nil {
+			ch.Close()
+			r <- result{nil, err}
+			return
+		}
+		r <- result{s, nil}
+	}()
+	select {
+	case x := <-r:
+		if x.err != nil {
+			return nil, &vmexec.SystemError{Op: op, Err: c.connErr(x.err)}
+		}
+		return x.s, nil
+	case <-ctx.Done():
+		go func() { // close the channel if it opens after all
+			if x := <-r; x.s != nil {
+				x.s.ch.Close()
+			}
+		}()
+		return nil, &vmexec.AbortedError{Cause: context.Cause(ctx), Killed: true}
+	case <-c.done:
+		return nil, &vmexec.SystemError{Op: op, Err: c.Err()}
+	}
+}
+
+// watch consumes the channel's requests, which must always be read, and
+// records the exit status or signal.
+func watch(ch ssh.Channel, reqs <-chan *ssh.Request) *session {
+	s := &session{ch: ch, got: make(chan struct{}), closed: make(chan struct{})}
+	go func() { // ends when the channel closes
+		defer close(s.closed)
+		seen := false
+		for req := range reqs {
+			switch req.Type {
+			case "exit-status":
+				if !seen && len(req.Payload) >= 4 {
+					s.code = int(binary.BigEndian.Uint32(req.Payload))
+					seen = true
+					close(s.got)
+				}
+			case "exit-signal":
+				var sig struct {
+					Signal     string
+					CoreDumped bool
+					Error      string
+					Lang       string
+				}
+				if !seen && ssh.Unmarshal(req.Payload, &sig) == nil {
+					s.code, s.signal = 128+signalNumber(sig.Signal), sig.Signal
+					seen = true
+					close(s.got)
+				}
+			}
+			if req.WantReply {
+				req.Reply(false, nil)
+			}
+		}
+	}()
+	return s
+}
+
+// exited reports whether the exit status arrived.
+func (s *session) exited() bool {
+	select {
+	case <-s.got:
+		return true
+	default:
+		return false
+	}
+}
+
+// signalNumber maps RFC 4254 signal names to Linux numbers; unknown gives 0.
+func signalNumber(name string) int {
+	switch name {
+	case "HUP":
+		return 1
+	case "INT":
+		return 2
+	case "QUIT":
+		return 3
+	case "ILL":
+		return 4
+	case "ABRT":
+		return 6
+	case "FPE":
+		return 8
+	case "KILL":
+		return 9
+	case "USR1":
+		return 10
+	case "SEGV":
+		return 11
+	case "USR2":
+		return 12
+	case "PIPE":
+		return 13
+	case "ALRM":
+		return 14
+	case "TERM":
+		return 15
+	}
+	return 0
+}
+
+// exec runs a helper command with stdin, collecting a bounded amount of stderr.
+func (c *Client) exec(ctx context.Context, op, command string, stdin []byte) (code int, stderr string, err error) {
+	s, err := c.openExec(ctx, op, command)
+	if err != nil {
+		return -1, "", err
+	}
+	defer s.ch.Close()
+	var mu sync.Mutex
+	errBuf := &capWriter{max: maxStderr}
+	outDone, errDone := make(chan struct{}), make(chan struct{})
+	go func() { io.Copy(io.Discard, s.ch); close(outDone) }()
+	go func() {
+		w := &syncWriter{mu: &mu, w: errBuf}
+		io.Copy(w, s.ch.Stderr())
+		close(errDone)
+	}()
+	go func() { // ends when written or the channel closes
+		if len(stdin) > 0 {
+			s.ch.Write(stdin)
+		}
+		s.ch.CloseWrite()
+	}()
+	select {
+	case <-s.got:
+		// Let stderr drain for the error message, briefly.
+		tm := time.NewTimer(time.Second)
+		select {
+		case <-errDone:
+		case <-tm.C:
+		case <-c.done:
+		}
+		tm.Stop()
+		mu.Lock()
+		defer mu.Unlock()
+		return s.code, errBuf.String(), nil
+	case <-s.closed:
+		if s.exited() {
+			mu.Lock()
+			defer mu.Unlock()
+			return s.code, errBuf.String(), nil
+		}
+		return -1, "", &vmexec.SystemError{Op: op, Err: c.endedWithoutStatus()}
+	case <-ctx.Done():
+		return -1, "", &vmexec.AbortedError{Cause: context.Cause(ctx)}
+	case <-c.done:
+		return -1, "", &vmexec.SystemError{Op: op, Err: c.Err()}
+	}
+}
+
+// capWriter keeps the first max bytes written to it.
+type capWriter struct {
+	max int
+	b   []byte
+}
+
+func (w *capWriter) Write(p []byte) (int, error) {
+	if room := w.max - len(w.b); room > 0 {
+		w.b = append(w.b, p[:min(room, len(p))]...)
+	}
+	return len(p), nil
+}
+
+func (w *capWriter) String() string { return strings.TrimSpace(string(w.b)) }
+
+// Upload writes content to path with the permission bits of mode, through a
+// temporary file renamed into place only when every byte arrived.
+func (c *Client) Upload(ctx context.Context, path string, content []byte, mode fs.FileMode) error {
+	if err := validateUploadPath(path); err != nil {
+		return &vmexec.SystemError{Op: "upload", Err: err}
+	}
+	op := "upload " + path
+	code, stderr, err := c.exec(ctx, op, uploadCommand(path, len(content), uint32(mode.Perm())), content)
+	if err != nil {
+		return err
+	}
+	if code != 0 {
+		return &vmexec.SystemError{Op: op, Err: fmt.Errorf("remote exit status %d: %s", code, stderr)}
+	}
+	return nil
+}
