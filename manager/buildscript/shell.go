@@ -1,0 +1,253 @@
+package buildscript
+
+import (
+	"strings"
+)
+
+// ANSI sequences as gitlab-runner writes them.
+const (
+	ansiBoldGreen = "\x1b[32;1m"
+	ansiBoldRed   = "\x1b[31;1m"
+	ansiBoldCyan  = "\x1b[36;1m"
+	ansiYellow    = "\x1b[0;33m"
+	ansiReset     = "\x1b[0;m"
+	ansiClear     = "\x1b[0K"
+)
+
+// shellWriter writes one stage script for one shell. Every method that runs
+// something stops the script with that thing's exit code when it fails.
+type shellWriter interface {
+	// export sets an environment variable for the rest of the script.
+	export(key, value string)
+	// notice prints text in bold green, warning in yellow.
+	notice(text string)
+	warning(text string)
+	// hostLine prints "Running on <hostname>..." (with " via <via>" if set).
+	hostLine(via string)
+	// userCommand echoes "$ <first line>" in green and runs cmd as written.
+	userCommand(cmd string)
+	// run runs a program with literal arguments.
+	run(prog string, args ...string)
+	cd(dir string)
+	mkdir(dir string)
+	rmdir(dir string)
+	rmfile(path string)
+	// gitRemote points remote origin at url, adding it if it is missing.
+	gitRemote(url string)
+	// finish returns the whole script.
+	finish() string
+}
+
+// commandEcho is what the trace shows for a user command: its first line.
+func commandEcho(cmd string) string {
+	first, _, multi := strings.Cut(cmd, "\n")
+	first = strings.TrimSuffix(first, "\r")
+	if multi {
+		return "$ " + first + " # collapsed multi-line command"
+	}
+	return "$ " + first
+}
+
+// posixWriter writes bash, or POSIX sh when bash is false.
+type posixWriter struct {
+	bash bool
+	b    strings.Builder
+}
+
+func newPosixWriter(bash bool) *posixWriter { return &posixWriter{bash: bash} }
+
+// shQuote returns s as one single-quoted POSIX shell word. It is exact for
+// every byte but NUL: newlines, $, backslashes, quotes and UTF-8 stay literal.
+func shQuote(s string) string {
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+func (w *posixWriter) line(s string) { w.b.WriteString(s + "\n") }
+
+func (w *posixWriter) export(key, value string) {
+	w.line("export " + key + "=" + shQuote(value))
+}
+
+func (w *posixWriter) colored(color, text string) {
+	// printf's format turns \033 into ESC; the text is a plain %s argument.
+	w.line(`printf '` + strings.ReplaceAll(color, "\x1b", `\033`) + `%s\033[0;m\n' ` + shQuote(text))
+}
+
+func (w *posixWriter) notice(text string)  { w.colored(ansiBoldGreen, text) }
+func (w *posixWriter) warning(text string) { w.colored(ansiYellow, text) }
+
+func (w *posixWriter) hostLine(via string) {
+	if via == "" {
+		w.line(`printf 'Running on %s...\n' "$(hostname)"`)
+		return
+	}
+	w.line(`printf 'Running on %s via %s...\n' "$(hostname)" ` + shQuote(via))
+}
+
+func (w *posixWriter) userCommand(cmd string) {
+	cmd = strings.TrimSpace(cmd)
+	if cmd == "" {
+		w.line("echo")
+		return
+	}
+	w.notice(commandEcho(cmd))
+	w.line(cmd)
+}
+
+func (w *posixWriter) run(prog string, args ...string) {
+	words := []string{shQuote(prog)}
+	for _, a := range args {
+		words = append(words, shQuote(a))
+	}
+	w.line(strings.Join(words, " "))
+}
+
+func (w *posixWriter) cd(dir string)      { w.run("cd", dir) }
+func (w *posixWriter) mkdir(dir string)   { w.run("mkdir", "-p", dir) }
+func (w *posixWriter) rmdir(dir string)   { w.run("rm", "-r", "-f", dir) }
+func (w *posixWriter) rmfile(path string) { w.run("rm", "-f", path) }
+
+func (w *posixWriter) gitRemote(url string) {
+	w.line("if git remote add origin " + shQuote(url) + " >/dev/null 2>&1; then")
+	w.notice("Created fresh repository.")
+	w.line("else")
+	w.run("git", "remote", "set-url", "origin", url)
+	w.line("fi")
+}
+
+// finish wraps the body in a brace group: the shell parses all of it before
+// running any, and commands read /dev/null instead of the rest of the script
+// when it arrives on stdin. errexit stops at the first failing command with
+// its exit code; pipefail makes a pipeline fail when any part fails.
+func (w *posixWriter) finish() string {
+	var s strings.Builder
+	if w.bash {
+		s.WriteString("set -eo pipefail\n")
+	} else {
+		s.WriteString("set -e\nif set -o | grep -q pipefail; then set -o pipefail; fi\n")
+	}
+	s.WriteString("set +o noclobber\n{\n")
+	s.WriteString(w.b.String())
+	s.WriteString("} </dev/null\n")
+	return s.String()
+}
+
+// psWriter writes PowerShell: Windows PowerShell 5.1 (powershell) or 7+ (pwsh).
+type psWriter struct {
+	eol string
+	b   strings.Builder
+}
+
+func newPSWriter(windowsPowerShell bool) *psWriter {
+	if windowsPowerShell {
+		return &psWriter{eol: "\r\n"}
+	}
+	return &psWriter{eol: "\n"}
+}
+
+// psQuote returns s as a PowerShell single-quoted string, in which nothing is
+// expanded. PowerShell takes the typographic quotes ‘ ’ ‚ ‛ as single quotes
+// too, so each of them is doubled like '. Newlines stay literal.
+func psQuote(s string) string {
+	var b strings.Builder
+	b.Grow(len(s) + 2)
+	b.WriteByte('\'')
+	for _, r := range s {
+		switch r {
+		case '\'', '\u2018', '\u2019', '\u201a', '\u201b':
+			b.WriteRune(r)
+		}
+		b.WriteRune(r)
+	}
+	b.WriteByte('\'')
+	return b.String()
+}
+
+// psCheck stops the script when the last command failed, with the native
+// exit code when there is one (gitlab-runner's check).
+const psCheck = "if(!$?) { Exit &{if($LASTEXITCODE) {$LASTEXITCODE} else {1}} }"
+
+func (w *psWriter) line(s string) { w.b.WriteString(s + w.eol) }
+
+func (w *psWriter) export(key, value string) {
+	w.line("$env:" + key + " = " + psQuote(value))
+}
+
+// colored writes text between ANSI sequences built from [char]27, which both
+// Windows PowerShell 5.1 and pwsh understand (`e is pwsh only).
+func (w *psWriter) colored(color, text string) {
+	w.line("Write-Output ($__mayfly_esc + " + psQuote(strings.TrimPrefix(color, "\x1b")) +
+		" + " + psQuote(text) + " + $__mayfly_esc + " + psQuote(strings.TrimPrefix(ansiReset, "\x1b")) + ")")
+}
+
+func (w *psWriter) notice(text string)  { w.colored(ansiBoldGreen, text) }
+func (w *psWriter) warning(text string) { w.colored(ansiYellow, text) }
+
+func (w *psWriter) hostLine(via string) {
+	if via == "" {
+		w.line("Write-Output ('Running on ' + [Environment]::MachineName + '...')")
+		return
+	}
+	w.line("Write-Output ('Running on ' + [Environment]::MachineName + ' via ' + " + psQuote(via) + " + '...')")
+}
+
+func (w *psWriter) userCommand(cmd string) {
+	cmd = strings.TrimSpace(cmd)
+	if cmd == "" {
+		w.line(`Write-Output ""`)
+		return
+	}
+	cmd = strings.ReplaceAll(cmd, "\r\n", "\n")
+	w.notice(commandEcho(cmd))
+	w.line(strings.ReplaceAll(cmd, "\n", w.eol))
+	w.line(psCheck)
+}
+
+func (w *psWriter) run(prog string, args ...string) {
+	words := []string{"&", psQuote(prog)}
+	for _, a := range args {
+		words = append(words, psQuote(a))
+	}
+	w.line(strings.Join(words, " "))
+	w.line(psCheck)
+}
+
+func (w *psWriter) cd(dir string) {
+	w.line("Set-Location -LiteralPath " + psQuote(dir))
+	w.line(psCheck)
+}
+
+func (w *psWriter) mkdir(dir string) {
+	w.line("New-Item -ItemType Directory -Force -Path " + psQuote(dir) + " | Out-Null")
+}
+
+func (w *psWriter) rmdir(dir string) {
+	w.line("if (Test-Path -LiteralPath " + psQuote(dir) + ") { Remove-Item -LiteralPath " + psQuote(dir) + " -Recurse -Force }")
+}
+
+func (w *psWriter) rmfile(path string) {
+	w.line("if (Test-Path -LiteralPath " + psQuote(path) + ") { Remove-Item -LiteralPath " + psQuote(path) + " -Force }")
+}
+
+func (w *psWriter) gitRemote(url string) {
+	// Native stderr under $ErrorActionPreference=Stop can throw in 5.1: try/catch.
+	w.line("$__mayfly_added = $false")
+	w.line("try { & 'git' 'remote' 'add' 'origin' " + psQuote(url) + " 2>$null; $__mayfly_added = ($LASTEXITCODE -eq 0) } catch { }")
+	w.line("if ($__mayfly_added) {")
+	w.notice("Created fresh repository.")
+	w.line("} else {")
+	w.run("git", "remote", "set-url", "origin", url)
+	w.line("}")
+}
+
+// finish wraps the body in a script block, as gitlab-runner does, with
+// $ErrorActionPreference = "Stop" so failing cmdlets end the script.
+func (w *psWriter) finish() string {
+	var s strings.Builder
+	s.WriteString("& {" + w.eol)
+	s.WriteString(`$ErrorActionPreference = "Stop"` + w.eol)
+	s.WriteString("$__mayfly_esc = [char]27" + w.eol)
+	s.WriteString(w.b.String())
+	s.WriteString("}" + w.eol)
+	return s.String()
+}
