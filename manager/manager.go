@@ -1,0 +1,319 @@
+// Package manager is the runner manager: it asks GitLab for jobs for each
+// [[runners]] entry, runs each job on an instance of that runner's fleet,
+// streams its trace back and reports its result.
+//
+// A job is only requested when the fleet has a ready instance to hand out, so
+// a job is never accepted that then waits for a VM to boot.
+package manager
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/mayfly-ci/mayfly/manager/config"
+	"github.com/mayfly-ci/mayfly/manager/gitlab"
+	"github.com/mayfly-ci/mayfly/manager/runnerapi"
+)
+
+// acquireTimeout bounds waiting for an instance the fleet said was ready.
+const acquireTimeout = 5 * time.Second
+
+// ErrAborted is the cause of a job context ended by Abort.
+var ErrAborted = errors.New("runner manager aborted: shutting down")
+
+// Options configure a Manager.
+type Options struct {
+	Config *config.Config
+	// Fleets holds the fleet of each runner, by runner name.
+	Fleets map[string]Fleet
+	// Version is mayfly's version, shown to GitLab and in traces.
+	Version    string
+	Registerer prometheus.Registerer
+	Logger     *slog.Logger
+	// NewClient makes the GitLab client of a runner; nil means gitlab.New.
+	NewClient func(gitlab.Config) (*gitlab.Client, error)
+	// Now is the clock for job timings; nil means time.Now.
+	Now func() time.Time
+	// TraceInterval is how often a job's trace is sent until GitLab says
+	// otherwise; 0 means the client's default (3 s).
+	TraceInterval time.Duration
+}
+
+// Manager runs jobs for every configured runner.
+type Manager struct {
+	cfg           *config.Config
+	version       string
+	log           *slog.Logger
+	metrics       *metrics
+	now           func() time.Time
+	runners       []*runner
+	slots         chan struct{} // one per job allowed by concurrent
+	traceInterval time.Duration
+
+	drainOnce sync.Once
+	drain     chan struct{} // closed by Drain
+	abortOnce sync.Once
+	abortJobs context.CancelCauseFunc
+	jobsCtx   context.Context
+	jobs      sync.WaitGroup
+}
+
+// runner is one [[runners]] entry at run time.
+type runner struct {
+	cfg    config.Runner
+	client *gitlab.Client
+	fleet  Fleet
+	slots  chan struct{} // one per job allowed by limit; nil = no limit
+}
+
+// New checks opts and builds a Manager.
+func New(opts Options) (*Manager, error) {
+	if opts.Config == nil {
+		return nil, errors.New("manager: no config")
+	}
+	m := &Manager{
+		cfg:           opts.Config,
+		version:       opts.Version,
+		log:           opts.Logger,
+		now:           opts.Now,
+		slots:         make(chan struct{}, opts.Config.Concurrent),
+		traceInterval: opts.TraceInterval,
+		drain:         make(chan struct{}),
+	}
+	if m.log == nil {
+		m.log = slog.Default()
+	}
+	if m.now == nil {
+		m.now = time.Now
+	}
+	if m.version == "" {
+		m.version = "dev"
+	}
+	var err error
+	if m.metrics, err = newMetrics(opts.Registerer); err != nil {
+		return nil, fmt.Errorf("manager metrics: %w", err)
+	}
+	m.metrics.concurrent.Set(float64(opts.Config.Concurrent))
+	newClient := opts.NewClient
+	if newClient == nil {
+		newClient = gitlab.New
+	}
+	for _, rc := range opts.Config.Runners {
+		f := opts.Fleets[rc.Name]
+		if f == nil {
+			return nil, fmt.Errorf("manager: runner %q has no fleet", rc.Name)
+		}
+		c, err := newClient(gitlab.Config{
+			URL:        rc.URL,
+			Version:    m.version,
+			Info:       m.versionInfo(rc),
+			Registerer: opts.Registerer,
+			Logger:     m.log.With("runner", rc.Name),
+		})
+		if err != nil {
+			return nil, fmt.Errorf("manager: runner %q: %w", rc.Name, err)
+		}
+		r := &runner{cfg: rc, client: c, fleet: f}
+		if rc.Limit > 0 {
+			r.slots = make(chan struct{}, rc.Limit)
+		}
+		m.metrics.limit.WithLabelValues(rc.Name).Set(float64(rc.Limit))
+		m.runners = append(m.runners, r)
+	}
+	m.jobsCtx, m.abortJobs = context.WithCancelCause(context.Background())
+	return m, nil
+}
+
+// versionInfo is the "info" mayfly sends to GitLab: the features it supports.
+func (m *Manager) versionInfo(rc config.Runner) runnerapi.VersionInfo {
+	return runnerapi.VersionInfo{
+		Name:         "mayfly",
+		Version:      m.version,
+		Platform:     rc.Fleet.Connector.OS,
+		Architecture: rc.Fleet.Connector.Arch,
+		Executor:     rc.Executor,
+		Shell:        rc.Shell,
+		Features: runnerapi.FeaturesInfo{
+			Variables:       true,
+			Shared:          true,
+			Refspecs:        true,
+			Masking:         true,
+			RawVariables:    true,
+			MultiBuildSteps: true,
+			TraceReset:      true,
+			TraceChecksum:   true,
+			TraceSize:       true,
+			Cancelable:      true,
+			ReturnExitCode:  true,
+		},
+	}
+}
+
+// Run asks for and runs jobs until ctx ends or Drain or Abort is called, then
+// waits for the jobs still running. When ctx ends, running jobs are aborted.
+func (m *Manager) Run(ctx context.Context) error {
+	pollCtx, stopPolling := context.WithCancel(ctx)
+	defer stopPolling()
+	go func() {
+		select {
+		case <-m.drain:
+			stopPolling()
+		case <-pollCtx.Done():
+		}
+	}()
+	var pollers sync.WaitGroup
+	for _, r := range m.runners {
+		m.log.Info("runner started", "runner", r.cfg.Name, "url", r.cfg.URL, "request_concurrency", r.cfg.RequestConcurrency, "limit", r.cfg.Limit)
+		for i := 0; i < r.cfg.RequestConcurrency; i++ {
+			pollers.Add(1)
+			go func() {
+				defer pollers.Done()
+				m.poll(pollCtx, r)
+			}()
+		}
+	}
+	pollers.Wait()
+	if ctx.Err() != nil {
+		m.Abort()
+	}
+	m.jobs.Wait()
+	m.log.Info("runner manager stopped")
+	return nil
+}
+
+// Drain stops asking for jobs; Run returns once the running jobs finish.
+func (m *Manager) Drain() {
+	m.drainOnce.Do(func() {
+		m.log.Info("draining: no new jobs; running jobs finish")
+		close(m.drain)
+	})
+}
+
+// Abort stops asking for jobs and stops the running ones, which are reported
+// to GitLab as failed with runner_system_failure.
+func (m *Manager) Abort() {
+	m.Drain()
+	m.abortOnce.Do(func() {
+		m.log.Warn("aborting running jobs")
+		m.abortJobs(ErrAborted)
+	})
+}
+
+// poll is one job-request loop of runner r.
+func (m *Manager) poll(ctx context.Context, r *runner) {
+	wait := func() bool {
+		t := time.NewTimer(m.cfg.CheckInterval)
+		defer t.Stop()
+		select {
+		case <-ctx.Done():
+			return false
+		case <-t.C:
+			return true
+		}
+	}
+	for ctx.Err() == nil {
+		started, reason := m.tryRequest(ctx, r)
+		if started {
+			continue // as gitlab-runner: ask again at once after a job arrives
+		}
+		if reason != "" {
+			m.metrics.requestsSkipped.WithLabelValues(r.cfg.Name, reason).Inc()
+		}
+		if !wait() {
+			return
+		}
+	}
+}
+
+// tryRequest asks GitLab for one job if a slot and a ready instance are free,
+// and starts the job. It returns whether a job started, or why no request
+// was made.
+func (m *Manager) tryRequest(ctx context.Context, r *runner) (started bool, skipped string) {
+	if !takeSlot(m.slots) {
+		return false, "concurrent"
+	}
+	if r.slots != nil && !takeSlot(r.slots) {
+		<-m.slots
+		return false, "limit"
+	}
+	release := func() {
+		if r.slots != nil {
+			<-r.slots
+		}
+		<-m.slots
+	}
+	if r.fleet.Available() == 0 {
+		release()
+		return false, "no_ready_instance"
+	}
+	actx, cancel := context.WithTimeout(ctx, acquireTimeout)
+	lease, err := r.fleet.Acquire(actx)
+	cancel()
+	if err != nil {
+		release()
+		if ctx.Err() == nil {
+			m.log.Warn("acquire instance", "runner", r.cfg.Name, "err", err)
+		}
+		return false, "acquire_failed"
+	}
+	res, err := r.client.RequestJob(ctx, r.cfg.Token, gitlab.RequestOptions{})
+	m.metrics.requests.WithLabelValues(r.cfg.Name, res.Outcome.String()).Inc()
+	if res.Outcome != gitlab.JobReceived {
+		lease.Unused()
+		release()
+		var payloadErr *gitlab.JobPayloadError
+		switch {
+		case errors.As(err, &payloadErr):
+			// GitLab handed out a job we cannot read: fail it, never the manager.
+			m.failUnreadableJob(r, payloadErr)
+		case err != nil && ctx.Err() == nil:
+			m.log.Warn("job request failed", "runner", r.cfg.Name, "outcome", res.Outcome, "err", err)
+		case res.Outcome == gitlab.RunnerForbidden:
+			m.log.Error("GitLab rejects the runner token", "runner", r.cfg.Name)
+		}
+		return false, ""
+	}
+	received := m.now()
+	m.jobs.Add(1)
+	go func() {
+		defer m.jobs.Done()
+		defer release()
+		m.runJob(r, res.Job, lease, received)
+	}()
+	return true, ""
+}
+
+func takeSlot(slots chan struct{}) bool {
+	select {
+	case slots <- struct{}{}:
+		return true
+	default:
+		return false
+	}
+}
+
+// failUnreadableJob reports a job whose payload could not be used as failed
+// with runner_system_failure, when its id and token could be read.
+func (m *Manager) failUnreadableJob(r *runner, e *gitlab.JobPayloadError) {
+	m.log.Error("unusable job payload", "runner", r.cfg.Name, "job", e.JobID, "err", e.Err)
+	m.metrics.systemFailures.WithLabelValues(r.cfg.Name).Inc()
+	if e.JobID <= 0 || e.Token == "" {
+		return
+	}
+	ctx, cancel := context.WithTimeout(m.jobsCtx, time.Minute)
+	defer cancel()
+	tr, err := r.client.StartJobTrace(ctx, e.JobID, e.Token, gitlab.TraceOptions{Interval: m.traceInterval})
+	if err != nil {
+		return
+	}
+	fmt.Fprintf(tr, "ERROR: Job failed (system failure): the job payload could not be read: %v\n", e.Err)
+	if err := tr.Finish(ctx, runnerapi.StateFailed, runnerapi.FailureRunnerSystemFailure, 0); err != nil {
+		m.log.Warn("report unusable job", "job", e.JobID, "err", err)
+	}
+}
