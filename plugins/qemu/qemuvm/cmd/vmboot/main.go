@@ -22,8 +22,8 @@ import (
 
 	"golang.org/x/crypto/ssh"
 
+	"github.com/mayfly-ci/mayfly/plugins/qemu/qemuvm"
 	"github.com/mayfly-ci/mayfly/provisioner/image"
-	"github.com/mayfly-ci/mayfly/provisioner/qemuvm"
 )
 
 var (
