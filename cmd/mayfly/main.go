@@ -19,6 +19,7 @@ type command struct {
 func commands() []command {
 	return []command{
 		{"coordinator", "serve an in-memory GitLab (runner API) for tests and the local demo", runCoordinator},
+		{"image", "build the microVM image (image build) from Debian packages", runImage},
 		{"verify", "load a config, check it and print each runner's fleet and idle policy", runVerify},
 		{"version", "print the version", runVersion},
 	}

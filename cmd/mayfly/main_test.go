@@ -81,3 +81,20 @@ func TestCLIUsage(t *testing.T) {
 		})
 	}
 }
+
+func TestImageBuildUsage(t *testing.T) {
+	for _, tt := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"image"}, 2, "Usage: mayfly image build"},
+		{[]string{"image", "build", "--help"}, 0, "Debian packages only"},
+		{[]string{"image", "build", "--cache-dir", "/nonexistent-mayfly-cache"}, 1, "mayfly image build:"},
+	} {
+		code, out, errOut := runCLI(tt.args...)
+		if code != tt.code || !strings.Contains(out+errOut, tt.want) {
+			t.Errorf("%v: exit %d (want %d), output %q, want it to contain %q", tt.args, code, tt.code, out+errOut, tt.want)
+		}
+	}
+}
