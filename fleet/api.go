@@ -1,0 +1,162 @@
+package fleet
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"maps"
+	"sync"
+	"time"
+
+	"golang.org/x/time/rate"
+
+	"github.com/mayfly-ci/mayfly/providers"
+)
+
+// Provider operations, as metric label values.
+const (
+	OpCreate      = "create"
+	OpDelete      = "delete"
+	OpList        = "list"
+	OpConnectInfo = "connect_info"
+)
+
+// api is the one budget through which every call to a provider goes: a
+// token bucket on the injected clock, a pause when the provider says it is
+// rate limited (for as long as it asked, or a doubling wait when it gave
+// no hint), a timeout on every call, and counters per operation.
+type api struct {
+	prov    providers.Provider
+	runner  string
+	clock   Clock
+	sleep   func(ctx context.Context, d time.Duration) error
+	timeout time.Duration
+	m       *metrics
+	log     *slog.Logger
+	lim     *rate.Limiter
+
+	mu         sync.Mutex
+	pauseUntil time.Time
+	limited    int // consecutive rate-limited answers
+	calls      map[string]int
+}
+
+// wait blocks until the budget allows one more call.
+func (a *api) wait(ctx context.Context) error {
+	for {
+		now := a.clock.Now()
+		a.mu.Lock()
+		pause := a.pauseUntil.Sub(now)
+		a.mu.Unlock()
+		if pause > 0 {
+			if err := a.sleep(ctx, pause); err != nil {
+				return err
+			}
+			continue
+		}
+		r := a.lim.ReserveN(now, 1)
+		if !r.OK() {
+			return fmt.Errorf("api budget: burst is 0")
+		}
+		d := r.DelayFrom(now)
+		if d <= 0 {
+			return nil
+		}
+		if err := a.sleep(ctx, d); err != nil {
+			r.CancelAt(a.clock.Now())
+			return err
+		}
+		return nil
+	}
+}
+
+// call spends one unit of budget on fn.
+func (a *api) call(ctx context.Context, op string, fn func(ctx context.Context) error) error {
+	if err := a.wait(ctx); err != nil {
+		return fmt.Errorf("%s: waiting for the API budget: %w", op, err)
+	}
+	a.mu.Lock()
+	a.calls[op]++
+	a.mu.Unlock()
+	a.m.calls.WithLabelValues(a.runner, op).Inc()
+
+	cctx, cancel := context.WithTimeout(ctx, a.timeout)
+	err := fn(cctx)
+	cancel()
+	if err == nil {
+		a.mu.Lock()
+		a.limited = 0
+		a.mu.Unlock()
+		return nil
+	}
+	kind := providers.KindOf(err)
+	a.m.errors.WithLabelValues(a.runner, op, kind.String()).Inc()
+	if retryAfter, ok := providers.IsRateLimited(err); ok {
+		a.pause(op, retryAfter)
+	}
+	return err
+}
+
+// pause stops all calls for retryAfter, or for a doubling wait when the
+// provider gave no hint.
+func (a *api) pause(op string, retryAfter time.Duration) {
+	now := a.clock.Now()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.limited++
+	d := retryAfter
+	if d <= 0 {
+		d = Backoff(time.Second, time.Minute, a.limited)
+	}
+	if until := now.Add(d); until.After(a.pauseUntil) {
+		a.pauseUntil = until
+	}
+	a.log.Warn("provider rate limited; pausing calls", "op", op, "for", d, "consecutive", a.limited)
+}
+
+// Calls returns the number of calls made per operation.
+func (a *api) Calls() map[string]int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return maps.Clone(a.calls)
+}
+
+func (a *api) Create(ctx context.Context, n int, labels map[string]string) ([]string, error) {
+	var ids []string
+	err := a.call(ctx, OpCreate, func(ctx context.Context) error {
+		var err error
+		ids, err = a.prov.Create(ctx, n, labels)
+		return err
+	})
+	return ids, err
+}
+
+func (a *api) Delete(ctx context.Context, ids []string) ([]string, error) {
+	var done []string
+	err := a.call(ctx, OpDelete, func(ctx context.Context) error {
+		var err error
+		done, err = a.prov.Delete(ctx, ids)
+		return err
+	})
+	return done, err
+}
+
+func (a *api) List(ctx context.Context) ([]providers.Instance, error) {
+	var list []providers.Instance
+	err := a.call(ctx, OpList, func(ctx context.Context) error {
+		var err error
+		list, err = a.prov.List(ctx)
+		return err
+	})
+	return list, err
+}
+
+func (a *api) ConnectInfo(ctx context.Context, id string) (providers.ConnectInfo, error) {
+	var ci providers.ConnectInfo
+	err := a.call(ctx, OpConnectInfo, func(ctx context.Context) error {
+		var err error
+		ci, err = a.prov.ConnectInfo(ctx, id)
+		return err
+	})
+	return ci, err
+}
