@@ -1,0 +1,118 @@
+package ec2provider
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mayfly-ci/mayfly/providers"
+)
+
+func TestParseSettingsErrors(t *testing.T) {
+	base := `"region":"us-east-1","ami":"ami-0123456789abcdef0","instance_type":"t3.micro"`
+	tests := []struct {
+		json string
+		key  string
+	}{
+		{`{"ami":"ami-0123456789abcdef0","instance_type":"t3.micro"}`, `"region"`},
+		{`{"region":"moon-1"` + `,"ami":"ami-0123456789abcdef0","instance_type":"t3.micro"}`, `"region"`},
+		{`{"region":"us-east-1","instance_type":"t3.micro"}`, `"ami"`},
+		{`{"region":"us-east-1","ami":"ami-0123456789abcdef0"}`, `"instance_type"`},
+		{`{` + base + `,"colour":"red"}`, `"colour"`},
+		{`{` + base + `,"subnet_ids":"subnet-0aaaaaaaaaaaaaaaa"}`, `"subnet_ids"`},
+		{`{` + base + `,"subnet_ids":["subnet-1"]}`, `"subnet_ids"`},
+		{`{` + base + `,"subnet_ids":["subnet-0aaaaaaaaaaaaaaaa","subnet-0aaaaaaaaaaaaaaaa"]}`, `"subnet_ids"`},
+		{`{` + base + `,"security_group_ids":["default"]}`, `"security_group_ids"`},
+		{`{` + base + `,"endpoint":"localhost:80"}`, `"endpoint"`},
+		{`{` + base + `,"access_key_id":"AKID"}`, `"access_key_id"`},
+		{`{` + base + `,"spot_max_price":"0.1"}`, `"spot_max_price"`},
+		{`{` + base + `,"spot":true,"spot_max_price":"cheap"}`, `"spot_max_price"`},
+		{`{` + base + `,"os":"plan9"}`, `"os"`},
+		{`{` + base + `,"user_data":"echo hi"}`, `"user_data"`},
+		{`{` + base + `,"page_size":3}`, `"page_size"`},
+		{`{` + base + `,"name_prefix":"bad prefix"}`, `"name_prefix"`},
+		{`{` + base + `,"windows_key_file":"/k.pem"}`, `"windows_key_file"`},
+		{`{` + base + `,"cache_ttl":"soon"}`, `"cache_ttl"`},
+		{`{` + base + `,"rate_limit":{"throttle_backoff":"2m"}}`, `"rate_limit"`},
+		{`{"region":"us-east-1","launch_template":{}}`, `"launch_template"`},
+		{`{"region":"us-east-1","launch_template":{"id":"lt-0123456789abcdef0","name":"x"}}`, `"launch_template"`},
+		{`{"region":"us-east-1","launch_template":{"name":"x","version":"newest"}}`, `"launch_template"`},
+		{`{` + base + `,"manager":"` + strings.Repeat("m", 300) + `"}`, `"manager"`},
+	}
+	for _, tt := range tests {
+		_, err := parseSettings(json.RawMessage(tt.json))
+		if err == nil {
+			t.Errorf("parseSettings(%s) succeeded, want an error naming %s", tt.json, tt.key)
+			continue
+		}
+		if !strings.Contains(err.Error(), tt.key) {
+			t.Errorf("parseSettings(%s) = %q, want it to name %s", tt.json, err, tt.key)
+		}
+		if providers.KindOf(err) != providers.KindInvalidArgument {
+			t.Errorf("parseSettings(%s) error kind %s, want invalid_argument", tt.json, providers.KindOf(err))
+		}
+	}
+}
+
+func TestParseSettingsDefaults(t *testing.T) {
+	c, err := parseSettings(json.RawMessage(`{"region":"eu-west-1","launch_template":{"name":"runners"}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	switch {
+	case c.os != "linux", c.Username != "ec2-user", c.NamePrefix != "mayfly", c.PageSize != 1000,
+		c.CreateConcurrency != 4, !c.hostKeyFromConsole, c.cacheTTL != 10*time.Second,
+		c.capacityCooldown != time.Minute, c.apiTimeout != 30*time.Second:
+		t.Errorf("defaults: %+v", c)
+	}
+	r := c.RateLimit
+	if r.DescribeRate != 10 || r.DescribeBurst != 50 || r.MutatingRate != 2.5 || r.MutatingBurst != 25 ||
+		r.LaunchRate != 1 || r.LaunchBurst != 500 || time.Duration(r.ThrottleBackoff) != time.Second {
+		t.Errorf("rate limit defaults: %+v", r)
+	}
+	w, err := parseSettings(json.RawMessage(`{"region":"eu-west-1","ami":"ami-0123456789abcdef0","instance_type":"m5.large","os":"windows","cache_ttl":"0s"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w.Username != "Administrator" || w.cacheTTL != 0 {
+		t.Errorf("windows defaults: user %q cache %s", w.Username, w.cacheTTL)
+	}
+}
+
+func TestKeySecretFile(t *testing.T) {
+	dir := t.TempDir()
+	short := filepath.Join(dir, "short")
+	good := filepath.Join(dir, "good")
+	if err := os.WriteFile(short, []byte("tiny"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(good, []byte(strings.Repeat("s", 40)+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := newSSHKeys(short); err == nil || !strings.Contains(err.Error(), "key_secret_file") {
+		t.Errorf("short secret: %v", err)
+	}
+	if _, err := newSSHKeys(filepath.Join(dir, "missing")); err == nil || !strings.Contains(err.Error(), "key_secret_file") {
+		t.Errorf("missing secret: %v", err)
+	}
+	a, err := newSSHKeys(good)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := newSSHKeys(good)
+	r, _ := newSSHKeys("")
+	if a.id != b.id || a.id == r.id {
+		t.Errorf("key ids: file %s/%s, random %s", a.id, b.id, r.id)
+	}
+	n1, n2 := newNonce(), newNonce()
+	k1, _ := a.authorizedKey(n1)
+	k1b, _ := b.authorizedKey(n1)
+	k2, _ := a.authorizedKey(n2)
+	kr, _ := r.authorizedKey(n1)
+	if k1 != k1b || k1 == k2 || k1 == kr {
+		t.Errorf("derived keys: same secret+nonce equal %t, other nonce differs %t, other secret differs %t", k1 == k1b, k1 != k2, k1 != kr)
+	}
+}
