@@ -19,7 +19,9 @@ type command struct {
 func commands() []command {
 	return []command{
 		{"coordinator", "serve an in-memory GitLab (runner API) for tests and the local demo", runCoordinator},
+		{"fleet", "show the fleets of a running manager (fleet status)", runFleet},
 		{"image", "build the microVM image (image build) from Debian packages", runImage},
+		{"run", "run the runner manager: jobs from GitLab, each in a fresh VM", runRun},
 		{"verify", "load a config, check it and print each runner's fleet and idle policy", runVerify},
 		{"version", "print the version", runVersion},
 	}

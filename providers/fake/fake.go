@@ -99,6 +99,18 @@ type Settings struct {
 	Protocol    string             `json:"protocol"`
 	OS          string             `json:"os"`
 	Faults      []FaultSpec        `json:"faults"`
+	// Connect, when set, makes every instance's ConnectInfo point at one
+	// real server, so tests can run jobs through the fake.
+	Connect *ConnectSpec `json:"connect"`
+}
+
+// ConnectSpec is the server every instance's ConnectInfo points at.
+type ConnectSpec struct {
+	Address    string `json:"address"`
+	Port       int    `json:"port"`
+	Username   string `json:"username"`
+	PrivateKey string `json:"private_key"` // PEM
+	HostKey    string `json:"host_key"`    // authorized_keys format
 }
 
 // FaultSpec scripts a fault from settings.
@@ -295,6 +307,16 @@ func (f *Fake) Init(ctx context.Context, raw json.RawMessage) (providers.Info, e
 	setIf(&o.DeleteDelay, time.Duration(s.DeleteDelay))
 	setIf(&o.Protocol, providers.Protocol(s.Protocol))
 	setIf(&o.OS, s.OS)
+	if c := s.Connect; c != nil {
+		if c.Address == "" || c.Port <= 0 || c.Username == "" {
+			return providers.Info{}, providers.InvalidArgument(errors.New("fake init: settings key \"connect\": address, port and username are required"))
+		}
+		spec := *c
+		o.ConnectInfo = func(id string) (providers.ConnectInfo, error) {
+			return providers.ConnectInfo{ID: id, Address: spec.Address, Port: spec.Port, Protocol: providers.ProtocolSSH, OS: "linux", Arch: "amd64",
+				Username: spec.Username, PrivateKey: []byte(spec.PrivateKey), HostKey: spec.HostKey}, nil
+		}
+	}
 	if s.OS == "windows" && s.Protocol == "" {
 		o.Protocol = providers.ProtocolWinRM
 	}

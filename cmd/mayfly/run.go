@@ -1,0 +1,337 @@
+package main
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/mayfly-ci/mayfly/fleet"
+	"github.com/mayfly-ci/mayfly/manager"
+	"github.com/mayfly-ci/mayfly/manager/config"
+	"github.com/mayfly-ci/mayfly/providers"
+	"github.com/mayfly-ci/mayfly/providers/host"
+	"github.com/mayfly-ci/mayfly/provisioner"
+	"github.com/mayfly-ci/mayfly/vmexec"
+)
+
+// runFlags are the flags of mayfly run.
+type runFlags struct {
+	config, pluginDir, stateDir, managerID string
+	view                                   time.Duration
+}
+
+func runRun(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("run", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var f runFlags
+	fs.StringVar(&f.config, "config", "config.toml", "config file (gitlab-runner config.toml format)")
+	fs.StringVar(&f.pluginDir, "plugin-dir", "", "directory of provider plugins (default: next to the mayfly binary, then PATH)")
+	fs.StringVar(&f.stateDir, "state-dir", ".cache/mayfly/state", "where the fleet journals of acquired instances are kept")
+	fs.StringVar(&f.managerID, "manager-id", "", "identity carried by every instance this manager creates (default: host name and config path)")
+	fs.DurationVar(&f.view, "view", 0, "print the fleet and jobs every interval (0 = off)")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: mayfly run --config FILE [flags]\n\nRuns the runner manager: asks GitLab for jobs for every [[runners]] entry and\nruns each in a fresh VM of that runner's fleet.\n\nSignals: SIGQUIT drains (no new jobs; running ones finish), SIGTERM or\nSIGINT abort (running jobs are stopped and reported as runner_system_failure).\n\nFlags:\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	// SIGQUIT drains; SIGTERM and SIGINT abort.
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	quit := make(chan os.Signal, 1)
+	signal.Notify(quit, syscall.SIGQUIT)
+	defer signal.Stop(quit)
+	drain := make(chan struct{})
+	go func() {
+		select {
+		case <-quit:
+			close(drain)
+		case <-ctx.Done():
+		}
+	}()
+	if err := runManager(ctx, drain, f, stdout, stderr); err != nil {
+		fmt.Fprintf(stderr, "mayfly run: %v\n", err)
+		return 1
+	}
+	return 0
+}
+
+func newLogger(cfg *config.Config, w io.Writer) *slog.Logger {
+	level := slog.LevelInfo
+	switch cfg.LogLevel {
+	case "debug":
+		level = slog.LevelDebug
+	case "warn", "warning":
+		level = slog.LevelWarn
+	case "error", "fatal", "panic":
+		level = slog.LevelError
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	if cfg.LogFormat == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+// defaultManagerID names this manager by host and config file, so a
+// restarted manager recognises (and cleans up) its own instances.
+func defaultManagerID(configPath string) string {
+	host, _ := os.Hostname()
+	abs, err := filepath.Abs(configPath)
+	if err != nil {
+		abs = configPath
+	}
+	sum := sha256.Sum256([]byte(abs))
+	return fmt.Sprintf("%s-%x", strings.ToLower(host), sum[:4])
+}
+
+// fleetRun is one runner's plugin and fleet.
+type fleetRun struct {
+	name   string
+	plugin *host.Plugin
+	fleet  *fleet.Fleet
+}
+
+// runManager runs the manager until ctx ends (running jobs are aborted) or
+// drain is closed (running jobs finish), then stops the fleets.
+func runManager(ctx context.Context, drain <-chan struct{}, f runFlags, stdout, stderr io.Writer) error {
+	store, err := config.NewStore(f.config, nil)
+	if err != nil {
+		return err
+	}
+	cfg := store.Current()
+	log := newLogger(cfg, stderr)
+	for _, w := range cfg.Warnings {
+		log.Warn("config", "warning", w.String())
+	}
+	if f.managerID == "" {
+		f.managerID = defaultManagerID(f.config)
+	}
+	if err := os.MkdirAll(f.stateDir, 0o700); err != nil {
+		return fmt.Errorf("state dir: %w", err)
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	// Provider plugins and fleets, one per runner.
+	pluginDirs := []string{}
+	if f.pluginDir != "" {
+		pluginDirs = append(pluginDirs, f.pluginDir)
+	}
+	if exe, err := os.Executable(); err == nil {
+		pluginDirs = append(pluginDirs, filepath.Dir(exe))
+	}
+	var fleets []*fleetRun
+	defer func() {
+		for _, fr := range fleets {
+			sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			_ = fr.plugin.Shutdown(sctx)
+			cancel()
+			fr.plugin.Close()
+		}
+	}()
+	managerFleets := map[string]manager.Fleet{}
+	for _, r := range cfg.Runners {
+		fr, err := startFleet(ctx, r, f, pluginDirs, reg, log)
+		if err != nil {
+			return fmt.Errorf("runner %q: %w", r.Name, err)
+		}
+		fleets = append(fleets, fr)
+		timeout := r.Fleet.Connector.Timeout
+		managerFleets[r.Name] = manager.FromFleet(fr.fleet, func(ctx context.Context, ci providers.ConnectInfo) (vmexec.Executor, error) {
+			return provisioner.Connect(ctx, ci, timeout, log)
+		})
+	}
+	m, err := manager.New(manager.Options{Config: cfg, Fleets: managerFleets, Version: versionString(), Registerer: reg, Logger: log})
+	if err != nil {
+		return err
+	}
+
+	// Fleets run until the manager is done with their instances.
+	fleetCtx, stopFleets := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	for _, fr := range fleets {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := fr.fleet.Run(fleetCtx); err != nil {
+				log.Error("fleet stopped", "runner", fr.name, "err", err)
+				m.Abort()
+			}
+		}()
+	}
+	defer func() { stopFleets(); wg.Wait() }()
+
+	statusSrv := serveStatus(cfg.ListenAddress, reg, fleets, log)
+	defer func() {
+		if statusSrv != nil {
+			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			_ = statusSrv.Shutdown(sctx)
+			cancel()
+		}
+	}()
+
+	watchCtx, stopWatch := context.WithCancel(context.Background())
+	defer stopWatch()
+	go func() {
+		select {
+		case <-drain:
+			m.Drain()
+		case <-watchCtx.Done():
+		}
+	}()
+	go store.Watch(watchCtx, 3*time.Second, func(*config.Config) {
+		log.Warn("config file changed: the new config is valid and will be used at the next start; mayfly does not yet apply changes to a running fleet")
+	})
+	if f.view > 0 {
+		go printView(watchCtx, stdout, f.view, fleets)
+	}
+
+	log.Info("runner manager started", "manager_id", f.managerID, "runners", len(cfg.Runners), "concurrent", cfg.Concurrent)
+	return m.Run(ctx)
+}
+
+func startFleet(ctx context.Context, r config.Runner, f runFlags, dirs []string, reg prometheus.Registerer, log *slog.Logger) (*fleetRun, error) {
+	plugin, err := host.Start(ctx, host.Config{Name: r.Fleet.Provider, Dirs: dirs, Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	settings := any(r.Fleet.ProviderConfig)
+	if r.Fleet.Block == "runners.machine" {
+		settings = r.Fleet.ProviderOptions
+	}
+	raw, err := json.Marshal(settings)
+	if err != nil {
+		plugin.Close()
+		return nil, fmt.Errorf("provider settings: %w", err)
+	}
+	ictx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	info, err := plugin.Init(ictx, raw)
+	cancel()
+	if err != nil {
+		plugin.Close()
+		return nil, fmt.Errorf("init provider %s: %w", r.Fleet.Provider, err)
+	}
+	fl, err := fleet.New(fleet.Config{
+		Name:             r.Name,
+		ManagerID:        f.managerID,
+		Provider:         plugin,
+		ProviderMaxSize:  info.MaxSize,
+		Schedule:         r.Fleet.Schedule,
+		MaxUses:          r.Fleet.MaxUses,
+		MaxGrowthRate:    r.Fleet.MaxGrowthRate,
+		MaxInstances:     r.Fleet.MaxInstances,
+		BootTimeout:      r.Fleet.Connector.Timeout,
+		DeleteOnShutdown: r.Fleet.DeleteOnShutdown,
+		Provisioner:      &provisioner.Ready{Timeout: r.Fleet.Connector.Timeout, Command: r.Fleet.InstanceReadyCommand, Shell: r.Shell, Logger: log},
+		JournalPath:      filepath.Join(f.stateDir, sanitize(r.Name)+".journal"),
+		Logger:           log.With("runner", r.Name),
+		Registerer:       reg,
+	})
+	if err != nil {
+		plugin.Close()
+		return nil, err
+	}
+	log.Info("provider ready", "runner", r.Name, "provider", r.Fleet.Provider, "id", info.ID, "version", info.Version)
+	return &fleetRun{name: r.Name, plugin: plugin, fleet: fl}, nil
+}
+
+func sanitize(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r == '/' || r == os.PathSeparator || r < ' ' {
+			return '_'
+		}
+		return r
+	}, s)
+}
+
+// serveStatus serves /metrics and /fleet/status on addr, when set.
+func serveStatus(addr string, reg *prometheus.Registry, fleets []*fleetRun, log *slog.Logger) *http.Server {
+	if addr == "" {
+		return nil
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/fleet/status", func(w http.ResponseWriter, r *http.Request) {
+		var out []fleet.Status
+		for _, fr := range fleets {
+			out = append(out, fr.fleet.Status())
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(out)
+	})
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		log.Error("metrics listener", "addr", addr, "err", err)
+		return nil
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("metrics server", "err", err)
+		}
+	}()
+	log.Info("serving metrics", "url", "http://"+ln.Addr().String()+"/metrics")
+	return srv
+}
+
+// printView prints one line per fleet every interval until ctx ends.
+func printView(ctx context.Context, w io.Writer, every time.Duration, fleets []*fleetRun) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		for _, fr := range fleets {
+			fmt.Fprintln(w, statusLine(fr.fleet.Status()))
+		}
+	}
+}
+
+// statusLine summarises a fleet's status in one line.
+func statusLine(st fleet.Status) string {
+	var parts []string
+	for state, n := range st.Counts {
+		if n > 0 {
+			parts = append(parts, fmt.Sprintf("%d %s", n, state))
+		}
+	}
+	sort.Strings(parts)
+	if len(parts) == 0 {
+		parts = []string{"no instances"}
+	}
+	line := fmt.Sprintf("%s fleet %s: %s; idle target %d", st.Time.Format("15:04:05"), st.Runner, strings.Join(parts, ", "), st.IdleTarget)
+	if st.Waiting > 0 {
+		line += fmt.Sprintf(", %d waiting", st.Waiting)
+	}
+	if st.Held != "" {
+		line += ", held: " + st.Held
+	}
+	return line
+}

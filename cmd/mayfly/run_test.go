@@ -1,0 +1,176 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mayfly-ci/mayfly/manager/coordinator"
+	"github.com/mayfly-ci/mayfly/vmexec/sshtest"
+)
+
+// TestRunEndToEnd runs `mayfly run` against the built-in coordinator with
+// the fake provider plugin as a real plugin process, whose instances all
+// point at one real dropbear: jobs go through the plugin host, the fleet
+// and its journal, SSH readiness, the SSH executor, and the trace upload.
+func TestRunEndToEnd(t *testing.T) {
+	ssh := sshtest.Run(t, sshtest.Dropbear)
+	dir := t.TempDir()
+
+	pluginDir := filepath.Join(dir, "plugins")
+	build := exec.Command("go", "build", "-o", pluginDir+"/", "github.com/mayfly-ci/mayfly/providers/fake/cmd/mayfly-plugin-fake")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build the fake plugin: %v\n%s", err, out)
+	}
+
+	srv, err := coordinator.New(coordinator.Config{Logger: slog.New(slog.DiscardHandler), TraceUpdateInterval: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srvCtx, stopSrv := context.WithCancel(context.Background())
+	defer stopSrv()
+	go func() { _ = srv.Serve(srvCtx, ln) }()
+	if _, err := srv.RegisterRunner(coordinator.RunnerOptions{RegistrationToken: srv.RegistrationToken(), RunUntagged: true, Token: "run-test-token"}); err != nil {
+		t.Fatal(err)
+	}
+	pipeline, err := coordinator.ParsePipelineFile("e2e.yaml", []byte(`
+projects:
+  - name: web
+    pipelines:
+      - variables:
+          - {key: GIT_STRATEGY, value: none}
+          - {key: SECRET_X, value: s3cr3t-value-123, masked: true}
+        jobs:
+          - {name: one, script: ["echo hello-$CI_JOB_NAME"]}
+          - {name: two, script: ["echo secret=$SECRET_X"]}
+          - {name: three, script: ["echo about to fail", "exit 3"]}
+  - name: api
+    pipelines:
+      - variables: [{key: GIT_STRATEGY, value: none}]
+        jobs:
+          - {name: four, script: ["echo hello-$CI_JOB_NAME"]}
+          - {name: five, script: ["echo hello-$CI_JOB_NAME"], after_script: ["echo cleanup-$CI_JOB_STATUS"]}
+          - {name: six, script: ["uname -s"]}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := srv.Apply(pipeline); err != nil {
+		t.Fatal(err)
+	}
+
+	host, port, _ := net.SplitHostPort(ssh.Addr)
+	stateDir := filepath.Join(dir, "fake-state")
+	cfg := fmt.Sprintf(`concurrent = 3
+check_interval = 1
+log_level = "warn"
+
+[[runners]]
+  name = "fake-fleet"
+  url = "http://%s"
+  token = "run-test-token"
+  executor = "instance"
+  shell = "sh"
+  builds_dir = %q
+  [runners.autoscaler]
+    plugin = "fake"
+    max_instances = 4
+    delete_instances_on_shutdown = true
+    [runners.autoscaler.plugin_config]
+      state_dir = %q
+      boot_delay = "100ms"
+      [runners.autoscaler.plugin_config.connect]
+        address = %q
+        port = %s
+        username = %q
+        host_key = %q
+        private_key = '''
+%s'''
+    [runners.autoscaler.connector_config]
+      timeout = "30s"
+    [[runners.autoscaler.policy]]
+      idle_count = 2
+`, ln.Addr(), filepath.Join(dir, "builds"), stateDir, host, port, ssh.User, ssh.HostKey, ssh.ClientKeyPEM)
+	cfgPath := filepath.Join(dir, "config.toml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	drain := make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		done <- runManager(ctx, drain, runFlags{config: cfgPath, pluginDir: pluginDir, stateDir: filepath.Join(dir, "state"), managerID: "e2e"}, io.Discard, io.Discard)
+	}()
+	waitCtx, stopWait := context.WithTimeout(ctx, 2*time.Minute)
+	defer stopWait()
+	if err := srv.WaitAllFinished(waitCtx); err != nil {
+		select {
+		case err := <-done:
+			t.Fatalf("mayfly run ended early: %v", err)
+		default:
+		}
+		t.Fatalf("jobs did not finish: %v", err)
+	}
+	close(drain)
+	if err := <-done; err != nil {
+		t.Fatalf("mayfly run: %v", err)
+	}
+
+	want := map[string]struct {
+		status, reason, output string
+	}{
+		"one":   {"success", "", "\nhello-one\n"},
+		"two":   {"success", "", "\nsecret=[MASKED]\n"},
+		"three": {"failed", "script_failure", "\nabout to fail\n"},
+		"four":  {"success", "", "\nhello-four\n"},
+		"five":  {"success", "", "\ncleanup-success\n"},
+		"six":   {"success", "", "\nLinux\n"},
+	}
+	for _, j := range srv.Jobs() {
+		w := want[j.Name]
+		if j.Status != w.status || j.FailureReason != w.reason || !strings.Contains(string(j.Trace), w.output) {
+			t.Errorf("job %s: %s %q, want %s %q with %q in the trace:\n%s", j.Name, j.Status, j.FailureReason, w.status, w.reason, w.output, j.Trace)
+		}
+		if strings.Contains(string(j.Trace), "s3cr3t") {
+			t.Errorf("job %s: the masked value leaked into the trace", j.Name)
+		}
+		if j.TraceVerified == nil || !*j.TraceVerified {
+			t.Errorf("job %s: the stored trace does not match the reported checksum", j.Name)
+		}
+	}
+
+	// Nothing leaked: every instance was deleted (used ones after their job,
+	// idle ones at shutdown), and each job had its own.
+	var state struct {
+		NextSeq   int               `json:"next_seq"`
+		Instances []json.RawMessage `json:"instances"`
+	}
+	b, err := os.ReadFile(filepath.Join(stateDir, "state.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(b, &state); err != nil {
+		t.Fatal(err)
+	}
+	if len(state.Instances) != 0 {
+		t.Errorf("instances left at the provider after shutdown: %s", b)
+	}
+	if state.NextSeq < len(want) {
+		t.Errorf("the provider created %d instances for %d jobs: an instance ran more than one job", state.NextSeq, len(want))
+	}
+}
