@@ -12,9 +12,9 @@ all: build
 setup:
 	@scripts/setup.sh
 
-## build: build the mayfly binary into bin/
+## build: build mayfly and every provider plugin into bin/
 build:
-	$(GO) build -o $(BIN)/ ./cmd/mayfly
+	$(GO) build -o $(BIN)/ ./cmd/mayfly $(wildcard ./plugins/*/cmd/mayfly-plugin-*)
 
 ## test: set up, vet, and run every test with the race detector
 test: setup
