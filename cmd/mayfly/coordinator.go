@@ -33,6 +33,7 @@ func runCoordinator(args []string, stdout, stderr io.Writer) int {
 	fs.Var(&pipelines, "pipeline", "enqueue the pipelines of this YAML or JSON file at start; repeatable")
 	longPoll := fs.Duration("long-poll", 0, "hold job requests this long while no job is queued (0 = off)")
 	exitWhenDone := fs.Bool("exit-when-done", false, "exit once every enqueued job has finished")
+	progress := fs.Bool("progress", false, "print each job's outcome as it finishes, the queue, and a summary at exit")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: mayfly coordinator [--listen ADDR] [--pipeline FILE]... [--runner-token TOKEN]...\n\nServes an in-memory GitLab that speaks the runner API (/api/v4/...), for\ntests and the local demo, and an admin API under /-/mayfly/ to enqueue\npipelines, cancel jobs and read traces. Stops on SIGINT or SIGTERM.\n\nFlags:\n")
 		fs.PrintDefaults()
@@ -77,6 +78,16 @@ func runCoordinator(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	fmt.Fprintf(stdout, "coordinator on http://%s (registration token %s)\n", ln.Addr(), srv.RegistrationToken())
+	if *progress {
+		progressDone := make(chan struct{})
+		progressCtx, stopProgress := context.WithCancel(ctx)
+		go func() { defer close(progressDone); printProgress(progressCtx, stdout, srv) }()
+		defer func() {
+			stopProgress()
+			<-progressDone
+			printSummary(stdout, srv.Jobs())
+		}()
+	}
 	if *exitWhenDone {
 		serveCtx, cancel := context.WithCancel(ctx)
 		defer cancel()
@@ -98,4 +109,63 @@ func runCoordinator(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	return 0
+}
+
+// printProgress prints each job as it finishes and the queue when it
+// changes, until ctx ends.
+func printProgress(ctx context.Context, w io.Writer, srv *coordinator.Server) {
+	reported := map[int64]bool{}
+	lastQueue := ""
+	t := time.NewTicker(500 * time.Millisecond)
+	defer t.Stop()
+	for {
+		pending, running := 0, 0
+		for _, j := range srv.Jobs() {
+			switch {
+			case coordinator.IsFinal(j.Status) && !reported[j.ID]:
+				reported[j.ID] = true
+				fmt.Fprintf(w, "%s job %d %s/%s: %s\n", time.Now().Format("15:04:05"), j.ID, j.ProjectPath, j.Name, outcome(j))
+			case j.Status == "pending":
+				pending++
+			case j.Status == "running" || j.Status == "canceling":
+				running++
+			}
+		}
+		if q := fmt.Sprintf("%d pending, %d running", pending, running); q != lastQueue {
+			fmt.Fprintf(w, "%s queue: %s\n", time.Now().Format("15:04:05"), q)
+			lastQueue = q
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func outcome(j coordinator.JobRecord) string {
+	s := j.Status
+	if j.FailureReason != "" {
+		s += " (" + j.FailureReason
+		if j.ExitCode != 0 {
+			s += fmt.Sprintf(", exit code %d", j.ExitCode)
+		}
+		s += ")"
+	}
+	if j.AllowFailure && j.Status == "failed" {
+		s += ", allowed to fail"
+	}
+	return s
+}
+
+// printSummary prints one line per job.
+func printSummary(w io.Writer, jobs []coordinator.JobRecord) {
+	fmt.Fprintf(w, "\n%-4s %-22s %-10s %s\n", "JOB", "PROJECT/NAME", "DURATION", "OUTCOME")
+	for _, j := range jobs {
+		d := "-"
+		if !j.StartedAt.IsZero() && !j.FinishedAt.IsZero() {
+			d = j.FinishedAt.Sub(j.StartedAt).Round(100 * time.Millisecond).String()
+		}
+		fmt.Fprintf(w, "%-4d %-22s %-10s %s\n", j.ID, j.ProjectPath+"/"+j.Name, d, outcome(j))
+	}
 }

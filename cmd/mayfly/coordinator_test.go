@@ -23,16 +23,24 @@ func TestCoordinatorCommand(t *testing.T) {
 	go func() {
 		code := run([]string{"coordinator", "--listen", "127.0.0.1:0",
 			"--pipeline", "../../manager/coordinator/testdata/demo-pipeline.yaml",
-			"--runner-token", "cli-test-token", "--exit-when-done"}, outW, io.Discard)
+			"--runner-token", "cli-test-token", "--exit-when-done", "--progress"}, outW, io.Discard)
 		outW.Close()
 		done <- code
 	}()
-	lines := make(chan string, 16)
+	// Every output line goes to lines (never blocking the command) and to all.
+	lines := make(chan string, 1024)
+	var all strings.Builder
+	scanned := make(chan struct{})
 	go func() {
+		defer close(scanned)
 		defer close(lines)
 		sc := bufio.NewScanner(outR)
 		for sc.Scan() {
-			lines <- sc.Text()
+			all.WriteString(sc.Text() + "\n")
+			select {
+			case lines <- sc.Text():
+			default:
+			}
 		}
 	}()
 	var addr string
@@ -87,5 +95,12 @@ func TestCoordinatorCommand(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("coordinator did not exit after every job finished")
+	}
+	<-scanned
+	out := all.String()
+	for _, want := range []string{"queue: 3 pending, 0 running", "demo/web/build: success", "JOB  PROJECT/NAME", "every job has finished"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
 	}
 }
