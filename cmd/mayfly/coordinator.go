@@ -116,9 +116,7 @@ func runCoordinator(args []string, stdout, stderr io.Writer) int {
 func printProgress(ctx context.Context, w io.Writer, srv *coordinator.Server) {
 	reported := map[int64]bool{}
 	lastQueue := ""
-	t := time.NewTicker(500 * time.Millisecond)
-	defer t.Stop()
-	for {
+	scan := func() {
 		pending, running := 0, 0
 		for _, j := range srv.Jobs() {
 			switch {
@@ -135,8 +133,14 @@ func printProgress(ctx context.Context, w io.Writer, srv *coordinator.Server) {
 			fmt.Fprintf(w, "%s queue: %s\n", time.Now().Format("15:04:05"), q)
 			lastQueue = q
 		}
+	}
+	t := time.NewTicker(500 * time.Millisecond)
+	defer t.Stop()
+	for {
+		scan()
 		select {
 		case <-ctx.Done():
+			scan() // what finished since the last tick
 			return
 		case <-t.C:
 		}

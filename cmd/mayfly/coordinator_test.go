@@ -98,7 +98,7 @@ func TestCoordinatorCommand(t *testing.T) {
 	}
 	<-scanned
 	out := all.String()
-	for _, want := range []string{"queue: 3 pending, 0 running", "demo/web/build: success", "JOB  PROJECT/NAME", "every job has finished"} {
+	for _, want := range []string{"queue: 0 pending, 0 running", "demo/web/build: success", "demo/api/slow: success", "JOB  PROJECT/NAME", "every job has finished"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %q:\n%s", want, out)
 		}
