@@ -9,15 +9,19 @@ import (
 	"bytes"
 	"context"
 	"crypto/ed25519"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"maps"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -36,6 +40,14 @@ const (
 	QEMULogFile  = "qemu.log"
 	initrdFile   = "initrd.gz"
 )
+
+// reservedFiles are the state directory's own files, not allowed in Options.Files.
+var reservedFiles = map[string]bool{PIDFile: true, MetadataFile: true, ConsoleFile: true, QEMULogFile: true, initrdFile: true}
+
+func reservedList() string {
+	names := slices.Sorted(maps.Keys(reservedFiles))
+	return strings.Join(names, ", ")
+}
 
 // Defaults for Options.
 const (
@@ -72,6 +84,10 @@ type Options struct {
 	Accel string
 	// Labels are stored in the metadata file (e.g. the owning manager's identity).
 	Labels map[string]string
+	// Files are written into the state directory with mode 0600 before qemu
+	// starts, e.g. what a later process needs to reach the VM. Keys are
+	// plain file names that do not clash with the files qemuvm keeps there.
+	Files map[string][]byte
 	// Logger receives lifecycle events; default slog.Default().
 	Logger *slog.Logger
 }
@@ -145,8 +161,13 @@ type VM struct {
 	Labels map[string]string `json:"labels,omitempty"`
 	// StartedAt is when qemu was started.
 	StartedAt time.Time `json:"started_at"`
+	// BootDeadline is when the guest must be ready (StartedAt plus
+	// Options.BootTimeout); Check enforces it for VMs found with Open.
+	BootDeadline time.Time `json:"boot_deadline"`
 	// ReadyAfter is the time from qemu start to the ready marker.
 	ReadyAfter time.Duration `json:"ready_after_ns,omitempty"`
+	// FailReason is set when the boot failed (see Check).
+	FailReason string `json:"fail_reason,omitempty"`
 
 	HostKeyLine string `json:"host_key"` // authorized_keys form of HostKey
 
@@ -171,6 +192,9 @@ type BootError struct {
 	PID   int   // the qemu process, already killed
 	Cause error // ErrBootTimeout, ErrExited, ErrGuestFailed or the context's error
 	After time.Duration
+	// Reason is a one-line summary: the cause, the time, and the last line
+	// qemu or the guest's /init printed (as VM.FailReason).
+	Reason string
 	// Detail is the tail of the console log and of qemu's own output.
 	Detail string
 }
@@ -250,6 +274,12 @@ func (o *Options) validate() error {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
+	for name := range o.Files {
+		if name == "" || name != filepath.Base(name) || name == "." || name == ".." || reservedFiles[name] ||
+			strings.HasSuffix(name, ".tmp") {
+			return fmt.Errorf("vm %s options: Files[%q]: want a plain file name other than %s", o.Name, name, reservedList())
+		}
+	}
 	if o.HostKey == nil {
 		if o.HostKey, err = image.NewHostKey(); err != nil {
 			return fmt.Errorf("vm %s: %w", o.Name, err)
@@ -298,8 +328,30 @@ func DetectAccel() string {
 // print image.ReadyMarker on its console (after dropbear listens). On any
 // failure the VM is killed, its state directory removed, and the error is a
 // *BootError (or an options error). The VM outlives ctx and the calling
-// process: stop it with Stop.
+// process: stop it with Stop. Start is Launch followed by WaitReady.
 func Start(ctx context.Context, opts Options) (*VM, error) {
+	vm, err := Launch(ctx, opts)
+	if err != nil {
+		return nil, err
+	}
+	if err := vm.WaitReady(ctx); err != nil {
+		be, ok := errors.AsType[*BootError](err)
+		if !ok { // ctx ended: WaitReady left the VM alone
+			be = vm.failBoot(err)
+		}
+		_ = os.RemoveAll(vm.StateDir)
+		return nil, be
+	}
+	return vm, nil
+}
+
+// Launch starts a VM's qemu process and returns as soon as qemu listens on
+// the SSH forward, without waiting for the guest: call WaitReady for that,
+// or Check from any process later. The boot deadline (now plus
+// Options.BootTimeout) is recorded in the metadata. On failure nothing is
+// left behind: the process is killed, the state directory removed, and the
+// error is a *BootError (or an options error).
+func Launch(ctx context.Context, opts Options) (*VM, error) {
 	if err := opts.validate(); err != nil {
 		return nil, err
 	}
@@ -312,6 +364,9 @@ func Start(ctx context.Context, opts Options) (*VM, error) {
 	id := opts.identity()
 	hostPub, err := id.HostPublicKey()
 	if err == nil {
+		err = writeFiles(opts.StateDir, opts.Files)
+	}
+	if err == nil {
 		err = image.WriteInstanceInitrd(filepath.Join(opts.StateDir, initrdFile), opts.Initrd, id)
 	}
 	if err != nil {
@@ -322,18 +377,28 @@ func Start(ctx context.Context, opts Options) (*VM, error) {
 	// then exits at once with a hostfwd error and we try another port.
 	const attempts = 3
 	for attempt := 1; ; attempt++ {
-		vm, err := start(ctx, opts, hostPub)
-		var be *BootError
-		if err != nil && attempt < attempts && errors.As(err, &be) && errors.Is(be, ErrExited) &&
-			strings.Contains(be.Detail, "host forwarding rule") {
-			opts.Logger.Warn("ssh forward port taken, retrying", "vm", opts.Name, "attempt", attempt)
-			continue
+		vm, err := launch(ctx, opts, hostPub)
+		if err != nil && attempt < attempts && errors.Is(err, ErrExited) {
+			if be, ok := errors.AsType[*BootError](err); ok && strings.Contains(be.Detail, "host forwarding rule") {
+				opts.Logger.Warn("ssh forward port taken, retrying", "vm", opts.Name, "attempt", attempt)
+				continue
+			}
 		}
 		if err != nil {
 			os.RemoveAll(opts.StateDir)
 		}
 		return vm, err
 	}
+}
+
+// writeFiles writes Options.Files into the state directory, mode 0600.
+func writeFiles(dir string, files map[string][]byte) error {
+	for name, data := range files {
+		if err := os.WriteFile(filepath.Join(dir, name), data, 0o600); err != nil {
+			return fmt.Errorf("write %s: %w", name, err)
+		}
+	}
+	return nil
 }
 
 func freePort() (int, error) {
@@ -380,7 +445,8 @@ func (o Options) Args(sshPort int) []string {
 	}
 }
 
-func start(ctx context.Context, opts Options, hostPub ssh.PublicKey) (*VM, error) {
+// launch starts qemu once and waits until it listens on the SSH forward.
+func launch(ctx context.Context, opts Options, hostPub ssh.PublicKey) (*VM, error) {
 	port, err := freePort()
 	if err != nil {
 		return nil, fmt.Errorf("start vm %s: pick ssh port: %w", opts.Name, err)
@@ -402,68 +468,218 @@ func start(ctx context.Context, opts Options, hostPub ssh.PublicKey) (*VM, error
 		return nil, fmt.Errorf("start vm %s: %w", opts.Name, err)
 	}
 	vm := &VM{
-		Name:        opts.Name,
-		StateDir:    opts.StateDir,
-		PID:         cmd.Process.Pid,
-		SSHAddr:     net.JoinHostPort("127.0.0.1", strconv.Itoa(port)),
-		HostKey:     hostPub,
-		HostKeyLine: strings.TrimSpace(string(ssh.MarshalAuthorizedKey(hostPub))),
-		Accel:       opts.Accel,
-		Network:     opts.Network.String(),
-		Labels:      opts.Labels,
-		StartedAt:   started,
-		log:         opts.Logger,
-		exited:      make(chan struct{}),
+		Name:         opts.Name,
+		StateDir:     opts.StateDir,
+		PID:          cmd.Process.Pid,
+		SSHAddr:      net.JoinHostPort("127.0.0.1", strconv.Itoa(port)),
+		HostKey:      hostPub,
+		HostKeyLine:  strings.TrimSpace(string(ssh.MarshalAuthorizedKey(hostPub))),
+		Accel:        opts.Accel,
+		Network:      opts.Network.String(),
+		Labels:       opts.Labels,
+		StartedAt:    started,
+		BootDeadline: started.Add(opts.BootTimeout),
+		log:          opts.Logger,
+		exited:       make(chan struct{}),
 	}
 	go func() { // owned by vm: ends when qemu exits, which Stop guarantees
 		_ = cmd.Wait()
 		close(vm.exited)
 	}()
-	log := opts.Logger.With("vm", opts.Name, "pid", vm.PID)
-	fail := func(cause error) (*VM, error) {
-		after := time.Since(started)
-		stopCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := vm.kill(stopCtx); err != nil {
-			log.Error("kill vm after failed boot", "err", err)
-		}
-		detail := tail(filepath.Join(opts.StateDir, ConsoleFile), 15) + tail(filepath.Join(opts.StateDir, QEMULogFile), 5)
-		log.Warn("vm boot failed", "cause", cause, "after", after)
-		return nil, &BootError{Name: opts.Name, PID: vm.PID, Cause: cause, After: after, Detail: strings.TrimSpace(detail)}
-	}
 	if err := vm.writeState(); err != nil {
-		return fail(err)
+		return nil, vm.failBoot(err)
 	}
-	log.Info("vm starting", "ssh", vm.SSHAddr, "accel", opts.Accel, "network", opts.Network)
+	vm.log.Info("vm starting", "vm", vm.Name, "pid", vm.PID, "ssh", vm.SSHAddr, "accel", opts.Accel, "network", opts.Network.String())
 
+	// qemu sets up its network backends, and so the forward, before it
+	// loads the kernel; until it listens the SSH address is not usable.
 	watchdog := time.NewTimer(opts.BootTimeout)
 	defer watchdog.Stop()
-	tick := time.NewTicker(50 * time.Millisecond)
+	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()
-	console := filepath.Join(opts.StateDir, ConsoleFile)
+	want := netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), uint16(port))
 	for {
 		select {
 		case <-ctx.Done():
-			return fail(ctx.Err())
+			return nil, vm.failBoot(ctx.Err())
 		case <-watchdog.C:
-			return fail(ErrBootTimeout)
+			return nil, vm.failBoot(ErrBootTimeout)
 		case <-vm.exited:
-			return fail(ErrExited)
+			return nil, vm.failBoot(ErrExited)
 		case <-tick.C:
 		}
-		b, _ := os.ReadFile(console)
-		if bytes.Contains(b, []byte(image.FailedMarker)) {
-			return fail(ErrGuestFailed)
-		}
-		if bytes.Contains(b, []byte(image.ReadyMarker)) {
-			vm.ReadyAfter = time.Since(started)
-			if err := vm.writeState(); err != nil {
-				return fail(err)
-			}
-			log.Info("vm ready", "after", vm.ReadyAfter.Round(time.Millisecond))
+		addrs, err := ListeningTCP(vm.PID)
+		if err == nil && slices.Contains(addrs, want) {
 			return vm, nil
 		}
 	}
+}
+
+// WaitReady waits until the guest prints image.ReadyMarker, and records the
+// time it took in the metadata. When the boot deadline passes first, qemu
+// exits, or the guest reports a failure, WaitReady kills qemu, records the
+// reason in the metadata (see Check) and returns a *BootError; the state
+// directory stays for the caller to remove. When ctx ends first it returns
+// ctx's error and leaves the VM alone (a later Check or WaitReady decides).
+func (vm *VM) WaitReady(ctx context.Context) error {
+	watchdog := time.NewTimer(time.Until(vm.BootDeadline))
+	defer watchdog.Stop()
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	exited := vm.exited
+	if exited == nil { // found with Open: poll the process instead
+		exited = make(chan struct{})
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-watchdog.C:
+			return vm.failBoot(ErrBootTimeout)
+		case <-exited:
+			return vm.failBoot(ErrExited)
+		case <-tick.C:
+		}
+		switch markers(vm.StateDir) {
+		case markerFailed:
+			return vm.failBoot(ErrGuestFailed)
+		case markerReady:
+			vm.ReadyAfter = time.Since(vm.StartedAt)
+			if err := vm.writeState(); err != nil {
+				return vm.failBoot(err)
+			}
+			vm.log.Info("vm ready", "vm", vm.Name, "pid", vm.PID, "after", vm.ReadyAfter.Round(time.Millisecond).String())
+			return nil
+		}
+		if vm.exited == nil && !vm.Running() {
+			return vm.failBoot(ErrExited)
+		}
+	}
+}
+
+type marker int
+
+const (
+	markerNone marker = iota
+	markerReady
+	markerFailed
+)
+
+// markers reports which boot marker the console log of the VM in dir holds.
+func markers(dir string) marker {
+	b, _ := os.ReadFile(filepath.Join(dir, ConsoleFile))
+	switch {
+	case bytes.Contains(b, []byte(image.FailedMarker)):
+		return markerFailed
+	case bytes.Contains(b, []byte(image.ReadyMarker)):
+		return markerReady
+	}
+	return markerNone
+}
+
+// failBoot kills the VM after a failed boot, records why in its metadata and
+// returns the error describing it.
+func (vm *VM) failBoot(cause error) *BootError {
+	after := time.Since(vm.StartedAt)
+	stopCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := vm.kill(stopCtx); err != nil {
+		vm.log.Error("kill vm after failed boot", "vm", vm.Name, "pid", vm.PID, "err", err)
+	}
+	detail := tail(filepath.Join(vm.StateDir, ConsoleFile), 15) + tail(filepath.Join(vm.StateDir, QEMULogFile), 5)
+	vm.FailReason = fmt.Sprintf("%v after %v", cause, after.Round(time.Millisecond))
+	if last := vm.lastOutput(); last != "" {
+		vm.FailReason += ": " + last
+	}
+	if _, err := os.Stat(vm.StateDir); err == nil {
+		if err := vm.writeState(); err != nil {
+			vm.log.Warn("record failed boot", "vm", vm.Name, "err", err)
+		}
+	}
+	vm.log.Warn("vm boot failed", "vm", vm.Name, "pid", vm.PID, "cause", cause, "after", after.Round(time.Millisecond).String())
+	return &BootError{Name: vm.Name, PID: vm.PID, Cause: cause, After: after, Reason: vm.FailReason,
+		Detail: strings.TrimSpace(detail)}
+}
+
+// lastOutput returns the last line /init or qemu printed, for a short
+// failure reason.
+func (vm *VM) lastOutput() string {
+	for _, f := range []string{QEMULogFile, ConsoleFile} {
+		b, _ := os.ReadFile(filepath.Join(vm.StateDir, f))
+		lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+		for i := len(lines) - 1; i >= 0; i-- {
+			l := strings.TrimSpace(lines[i])
+			if f == ConsoleFile && !strings.HasPrefix(l, "mayfly-init:") {
+				continue
+			}
+			if l != "" {
+				if len(l) > 200 {
+					l = l[:200]
+				}
+				return l
+			}
+		}
+	}
+	return ""
+}
+
+// Condition is what a VM's metadata, process and console log say about it.
+type Condition string
+
+// Conditions reported by Check.
+const (
+	// Booting: qemu runs, the guest is not ready yet, the deadline is ahead.
+	Booting Condition = "booting"
+	// Ready: qemu runs and the guest printed the ready marker.
+	Ready Condition = "ready"
+	// Failed: the boot failed or timed out, or qemu is gone.
+	Failed Condition = "failed"
+)
+
+// Check tells whether the VM is booting, ready or failed, and why it
+// failed. It works on a VM found with Open, e.g. by a process that did not
+// start it. A Failed VM whose qemu still runs (a passed boot deadline
+// nobody enforced) should be stopped by the caller, e.g. with Fail.
+func (vm *VM) Check() (Condition, string) {
+	if vm.FailReason != "" {
+		return Failed, vm.FailReason
+	}
+	running := vm.Running()
+	switch m := markers(vm.StateDir); {
+	case m == markerFailed:
+		reason := ErrGuestFailed.Error()
+		if last := vm.lastOutput(); last != "" {
+			reason += ": " + last
+		}
+		return Failed, reason
+	case (m == markerReady || vm.ReadyAfter > 0) && running:
+		return Ready, ""
+	case m == markerReady || vm.ReadyAfter > 0:
+		return Failed, fmt.Sprintf("qemu (pid %d) exited after the guest was ready", vm.PID)
+	case !running:
+		reason := fmt.Sprintf("%v (pid %d)", ErrExited, vm.PID)
+		if last := vm.lastOutput(); last != "" {
+			reason += ": " + last
+		}
+		return Failed, reason
+	case !vm.BootDeadline.IsZero() && time.Now().After(vm.BootDeadline):
+		return Failed, fmt.Sprintf("%v by %s", ErrBootTimeout, vm.BootDeadline.Format(time.RFC3339))
+	}
+	return Booting, ""
+}
+
+// Fail kills the VM's qemu and records reason in its metadata, so that Check
+// reports it failed from then on. The state directory stays.
+func (vm *VM) Fail(ctx context.Context, reason string) error {
+	if err := vm.kill(ctx); err != nil {
+		return err
+	}
+	vm.FailReason = reason
+	if err := vm.writeState(); err != nil {
+		return fmt.Errorf("fail vm %s: %w", vm.Name, err)
+	}
+	vm.log.Warn("vm failed", "vm", vm.Name, "pid", vm.PID, "reason", reason)
+	return nil
 }
 
 // writeState writes the pid file and the metadata file, each atomically.
@@ -633,4 +849,143 @@ func (vm *VM) SSHConfig(signer ssh.Signer, timeout time.Duration) *ssh.ClientCon
 		HostKeyAlgorithms: []string{vm.HostKey.Type()},
 		Timeout:           timeout,
 	}
+}
+
+// SetLogger sets the logger of a VM found with Open (default slog.Default()).
+func (vm *VM) SetLogger(l *slog.Logger) {
+	if l != nil {
+		vm.log = l
+	}
+}
+
+// Remove stops the VM whose state directory is dir and removes dir. Unlike
+// Open followed by Stop it also handles a directory whose metadata was never
+// written (a process that died while starting the VM): every qemu process
+// whose command line names dir's console file is killed. A missing dir is
+// not an error.
+func Remove(ctx context.Context, dir string) error {
+	dir = filepath.Clean(dir)
+	if vm, err := Open(dir); err == nil {
+		if err := vm.kill(ctx); err != nil {
+			return err
+		}
+	}
+	for _, pid := range processesUsing(dir) {
+		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+			return fmt.Errorf("remove vm %s: kill %d: %w", dir, pid, err)
+		}
+	}
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for len(processesUsing(dir)) > 0 {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("remove vm %s: processes still running: %w", dir, ctx.Err())
+		case <-tick.C:
+		}
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("remove vm %s: %w", dir, err)
+	}
+	return nil
+}
+
+// processesUsing returns the live (non-zombie) qemu processes of the VM whose
+// state directory is dir: those whose command line has its console file.
+func processesUsing(dir string) []int {
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	needle := []byte("\x00file:" + filepath.Join(dir, ConsoleFile) + "\x00")
+	var pids []int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		cmdline, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err == nil && bytes.Contains(cmdline, needle) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// ListeningTCP returns the addresses on which process pid has listening TCP
+// sockets, read from /proc (the sockets among its open files). It needs the
+// right to read /proc/<pid>/fd: the same user, or root.
+func ListeningTCP(pid int) ([]netip.AddrPort, error) {
+	fdDir := filepath.Join("/proc", strconv.Itoa(pid), "fd")
+	fds, err := os.ReadDir(fdDir)
+	if err != nil {
+		return nil, fmt.Errorf("listening sockets of %d: %w", pid, err)
+	}
+	inodes := make(map[string]bool)
+	for _, fd := range fds {
+		link, err := os.Readlink(filepath.Join(fdDir, fd.Name()))
+		if err == nil && strings.HasPrefix(link, "socket:[") {
+			inodes[strings.TrimSuffix(strings.TrimPrefix(link, "socket:["), "]")] = true
+		}
+	}
+	var addrs []netip.AddrPort
+	for _, table := range []string{"tcp", "tcp6"} {
+		b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "net", table))
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("listening sockets of %d: %w", pid, err)
+		}
+		found, err := parseProcNetTCP(b, inodes)
+		if err != nil {
+			return nil, fmt.Errorf("listening sockets of %d: %s: %w", pid, table, err)
+		}
+		addrs = append(addrs, found...)
+	}
+	return addrs, nil
+}
+
+// tcpListen is the st column value of a listening socket in /proc/net/tcp.
+const tcpListen = "0A"
+
+// parseProcNetTCP returns the local addresses of the listening sockets in a
+// /proc/net/tcp or tcp6 table whose inode is in inodes.
+func parseProcNetTCP(table []byte, inodes map[string]bool) ([]netip.AddrPort, error) {
+	var addrs []netip.AddrPort
+	lines := strings.Split(strings.TrimSpace(string(table)), "\n")
+	for _, line := range lines[1:] { // the first line is the header
+		f := strings.Fields(line)
+		if len(f) < 10 || f[3] != tcpListen || !inodes[f[9]] {
+			continue
+		}
+		ap, err := parseHexAddrPort(f[1])
+		if err != nil {
+			return nil, err
+		}
+		addrs = append(addrs, ap)
+	}
+	return addrs, nil
+}
+
+// parseHexAddrPort parses /proc/net/tcp's "0100007F:1F90": the address as
+// 32-bit words in host (little-endian) byte order, the port big-endian.
+func parseHexAddrPort(s string) (netip.AddrPort, error) {
+	host, port, ok := strings.Cut(s, ":")
+	if !ok || (len(host) != 8 && len(host) != 32) {
+		return netip.AddrPort{}, fmt.Errorf("bad address %q", s)
+	}
+	raw, err := hex.DecodeString(host)
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("bad address %q: %w", s, err)
+	}
+	for i := 0; i < len(raw); i += 4 {
+		raw[i], raw[i+1], raw[i+2], raw[i+3] = raw[i+3], raw[i+2], raw[i+1], raw[i]
+	}
+	p, err := strconv.ParseUint(port, 16, 16)
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("bad port in %q: %w", s, err)
+	}
+	addr, _ := netip.AddrFromSlice(raw)
+	return netip.AddrPortFrom(addr.Unmap(), uint16(p)), nil
 }

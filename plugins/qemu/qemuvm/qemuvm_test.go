@@ -143,6 +143,8 @@ func TestOptionsValidation(t *testing.T) {
 		}, "Command"},
 		{"bad hostname", func(o *Options) { o.Name = "a_b" }, "Hostname"},
 		{"no authorized keys", func(o *Options) { o.AuthorizedKeys = nil }, "AuthorizedKeys"},
+		{"file with a path", func(o *Options) { o.Files = map[string][]byte{"../x": nil} }, "Files"},
+		{"file clashing with metadata", func(o *Options) { o.Files = map[string][]byte{MetadataFile: nil} }, "Files"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

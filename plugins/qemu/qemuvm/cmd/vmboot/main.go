@@ -2,7 +2,7 @@
 // boot-to-SSH-ready: from qemu's start to the first successful `echo ok`
 // over SSH with the host key pinned. It prints each run and the median.
 //
-//	go run ./provisioner/qemuvm/cmd/vmboot -n 5
+//	go run ./plugins/qemu/qemuvm/cmd/vmboot -n 5
 //
 // With -exec it runs a command in each VM and prints its output instead.
 package main
