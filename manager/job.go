@@ -214,6 +214,7 @@ func endedResult(ctx context.Context, timeout time.Duration) (jobResult, bool) {
 // whose script is about to start.
 func (m *Manager) observeStart(r *runner, job *runnerapi.JobResponse, received time.Time) {
 	pickup := m.now().Sub(received).Seconds()
+	m.log.Info("job script starting", "runner", r.cfg.Name, "job", job.ID, "pickup_to_start_seconds", pickup, "time_in_queue_seconds", job.JobInfo.TimeInQueueSeconds)
 	m.metrics.pickupToStart.WithLabelValues(r.cfg.Name).Observe(pickup)
 	m.metrics.queueToStart.WithLabelValues(r.cfg.Name).Observe(job.JobInfo.TimeInQueueSeconds + pickup)
 }

@@ -233,7 +233,7 @@ func TestLocalConfig(t *testing.T) {
 	}
 	f := cfg.Runners[0].Fleet
 	p, _ := f.Schedule.At(time.Now())
-	if f.Provider != "qemu" || f.Connector.Protocol != "ssh" || f.Connector.Timeout != 2*time.Minute || p.IdleCount != 2 || p.IdleTime != 10*time.Minute || !p.PreemptiveMode {
+	if f.Provider != "qemu" || f.Connector.Protocol != "ssh" || f.Connector.Timeout != 90*time.Second || p.IdleCount != 2 || p.IdleTime != 10*time.Minute || !p.PreemptiveMode {
 		t.Errorf("local fleet = %+v, policy %+v", f, p)
 	}
 }

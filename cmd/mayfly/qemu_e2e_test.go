@@ -1,0 +1,258 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mayfly-ci/mayfly/manager/coordinator"
+	"github.com/mayfly-ci/mayfly/provisioner/image"
+)
+
+// requireQEMU skips when qemu or the kernel package is missing, and fails
+// instead in CI, where they must be there.
+func requireQEMU(t *testing.T, cacheDir string) {
+	t.Helper()
+	var missing []string
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		missing = append(missing, "qemu-system-x86_64")
+	}
+	if _, err := image.FindKernelDeb(filepath.Join(cacheDir, "debs")); err != nil {
+		missing = append(missing, "the kernel .deb in "+cacheDir+"/debs")
+	}
+	if len(missing) == 0 {
+		return
+	}
+	msg := fmt.Sprintf("needs %s: run make setup", strings.Join(missing, " and "))
+	if os.Getenv("CI") == "true" {
+		t.Fatal(msg)
+	}
+	t.Skip(msg)
+}
+
+// qemuProcesses returns the command lines of qemu processes that mention s.
+func qemuProcesses(s string) []string {
+	var out []string
+	dirs, _ := os.ReadDir("/proc")
+	for _, d := range dirs {
+		b, err := os.ReadFile(filepath.Join("/proc", d.Name(), "cmdline"))
+		if err != nil || !bytes.Contains(b, []byte("qemu-system")) || !bytes.Contains(b, []byte(s)) {
+			continue
+		}
+		out = append(out, string(bytes.ReplaceAll(b, []byte{0}, []byte{' '})))
+	}
+	return out
+}
+
+// syncBuffer is a bytes.Buffer safe for concurrent writers.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+var runningOn = regexp.MustCompile(`Running on (\S+) via (\S+)\.\.\.`)
+
+// TestQEMUEndToEnd runs jobs through the built-in coordinator on real
+// microVMs: every job on its own VM, each VM deleted after its job, a job
+// over the hard timeout stopped and its VM killed, and no qemu left.
+func TestQEMUEndToEnd(t *testing.T) {
+	repo, err := filepath.Abs("../..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cacheDir := filepath.Join(repo, ".cache", "mayfly")
+	requireQEMU(t, cacheDir)
+	dir := t.TempDir()
+
+	pluginDir := filepath.Join(dir, "plugins")
+	build := exec.Command("go", "build", "-o", pluginDir+"/", "github.com/mayfly-ci/mayfly/plugins/qemu/cmd/mayfly-plugin-qemu")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build the qemu plugin: %v\n%s", err, out)
+	}
+
+	srv, err := coordinator.New(coordinator.Config{Logger: slog.New(slog.DiscardHandler), TraceUpdateInterval: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srvCtx, stopSrv := context.WithCancel(context.Background())
+	defer stopSrv()
+	go func() { _ = srv.Serve(srvCtx, ln) }()
+	if _, err := srv.RegisterRunner(coordinator.RunnerOptions{RegistrationToken: srv.RegistrationToken(), RunUntagged: true, Token: "qemu-e2e-token"}); err != nil {
+		t.Fatal(err)
+	}
+	pipeline, err := coordinator.ParsePipelineFile("qemu-e2e.yaml", []byte(`
+projects:
+  - name: web
+    pipelines:
+      - variables:
+          - {key: GIT_STRATEGY, value: none}
+          - {key: SECRET_X, value: s3cr3t-value-123, masked: true}
+        jobs:
+          - {name: kernel, script: ["uname -sr"]}
+          - {name: secret, script: ["echo secret=$SECRET_X"]}
+          - {name: fails, script: ["echo about to fail", "exit 3"]}
+          - {name: files, script: ["echo data > f.txt", "cat f.txt", "test -f f.txt"]}
+  - name: api
+    pipelines:
+      - variables: [{key: GIT_STRATEGY, value: none}]
+        jobs:
+          - {name: env, script: ["echo project=$CI_PROJECT_NAME"]}
+          - {name: after, script: ["echo main"], after_script: ["echo after-$CI_JOB_STATUS"]}
+          - {name: hangs, script: ["echo going to sleep", "sleep 600"]}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := srv.Apply(pipeline); err != nil {
+		t.Fatal(err)
+	}
+
+	stateDir := filepath.Join(dir, "qemu")
+	cfg := fmt.Sprintf(`concurrent = 3
+check_interval = 1
+log_level = "info"
+log_format = "json"
+
+[[runners]]
+  name = "qemu-e2e"
+  url = "http://%s"
+  token = "qemu-e2e-token"
+  executor = "instance"
+  shell = "sh"
+  builds_dir = "/builds"
+  max_job_timeout = 40
+  [runners.autoscaler]
+    plugin = "qemu"
+    max_instances = 3
+    max_growth_rate = 2
+    delete_instances_on_shutdown = true
+    instance_ready_command = "test -d /proc"
+    [runners.autoscaler.plugin_config]
+      state_dir = %q
+      image_cache_dir = %q
+      memory_mb = 256
+      boot_timeout = "120s"
+    [runners.autoscaler.connector_config]
+      timeout = "2m"
+    [[runners.autoscaler.policy]]
+      idle_count = 2
+      idle_time = "10m"
+`, ln.Addr(), stateDir, cacheDir)
+	cfgPath := filepath.Join(dir, "config.toml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	logs := &syncBuffer{}
+	drain := make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		done <- runManager(ctx, drain, runFlags{config: cfgPath, pluginDir: pluginDir, stateDir: filepath.Join(dir, "state"), managerID: "qemu-e2e"}, io.Discard, logs)
+	}()
+	defer func() {
+		if t.Failed() {
+			t.Logf("mayfly run logs:\n%s", logs.String())
+		}
+	}()
+	waitCtx, stopWait := context.WithTimeout(ctx, 7*time.Minute)
+	defer stopWait()
+	if err := srv.WaitAllFinished(waitCtx); err != nil {
+		t.Fatalf("jobs did not finish: %v", err)
+	}
+	close(drain)
+	if err := <-done; err != nil {
+		t.Fatalf("mayfly run: %v", err)
+	}
+
+	want := map[string]struct{ status, reason, output string }{
+		"kernel": {"success", "", "\nLinux 6."},
+		"secret": {"success", "", "\nsecret=[MASKED]\n"},
+		"fails":  {"failed", "script_failure", "\nabout to fail\n"},
+		"files":  {"success", "", "\ndata\n"},
+		"env":    {"success", "", "\nproject=api\n"},
+		"after":  {"success", "", "\nafter-success\n"},
+		"hangs":  {"failed", "job_execution_timeout", "\ngoing to sleep\n"},
+	}
+	vms := map[string]string{}
+	var hangVM string
+	for _, j := range srv.Jobs() {
+		w := want[j.Name]
+		tr := string(j.Trace)
+		if j.Status != w.status || j.FailureReason != w.reason || !strings.Contains(tr, w.output) {
+			t.Errorf("job %s: %s %q, want %s %q with %q in the trace:\n%s", j.Name, j.Status, j.FailureReason, w.status, w.reason, w.output, tr)
+		}
+		if strings.Contains(tr, "s3cr3t") {
+			t.Errorf("job %s: the masked value leaked", j.Name)
+		}
+		if j.TraceVerified == nil || !*j.TraceVerified {
+			t.Errorf("job %s: the stored trace does not match the reported checksum", j.Name)
+		}
+		m := runningOn.FindStringSubmatch(tr)
+		if m == nil {
+			t.Errorf("job %s: no 'Running on' line in the trace", j.Name)
+			continue
+		}
+		// The VM's host name is its instance id: one VM per job.
+		if prev, dup := vms[m[1]]; dup {
+			t.Errorf("jobs %s and %s ran on the same VM %s", prev, j.Name, m[1])
+		}
+		vms[m[1]] = j.Name
+		if j.Name == "hangs" {
+			hangVM = m[1]
+		}
+	}
+	if hangVM == "" {
+		t.Fatal("the timed-out job's VM is unknown")
+	}
+	// Every VM is gone: the timed-out job's, every used one, and the idle ones.
+	if left := qemuProcesses(hangVM); len(left) > 0 {
+		t.Errorf("the timed-out job's VM %s still runs: %v", hangVM, left)
+	}
+	if left := qemuProcesses(stateDir); len(left) > 0 {
+		t.Errorf("qemu processes left after shutdown: %v", left)
+	}
+	if entries, _ := filepath.Glob(filepath.Join(stateDir, "*", "mayfly-*")); len(entries) > 0 {
+		t.Errorf("VM state dirs left after shutdown: %v", entries)
+	}
+	// The overhead mayfly adds on a warm VM, from the manager's own log.
+	t.Logf("pickup-to-start per job (s): %v", pickupTimes(logs.String()))
+}
+
+var pickupRE = regexp.MustCompile(`"pickup_to_start_seconds":([0-9.e-]+)`)
+
+func pickupTimes(logs string) []string {
+	var out []string
+	for _, m := range pickupRE.FindAllStringSubmatch(logs, -1) {
+		out = append(out, m[1])
+	}
+	return out
+}
