@@ -21,9 +21,10 @@ test: setup
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 15m ./...
 
-## run: set up, build, and run the local demo
-run: setup build
-	$(BIN)/mayfly verify --config testdata/local.toml
+## run: set up, build, and run the local demo on real microVMs (scripts/demo.sh)
+run: setup
+	$(GO) build -o $(BIN)/ ./cmd/mayfly ./plugins/qemu/cmd/mayfly-plugin-qemu
+	scripts/demo.sh
 
 ## bench: run the Go benchmarks and print their figures
 bench: setup

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mayfly-ci/mayfly/manager/coordinator"
 	"github.com/mayfly-ci/mayfly/manager/gitlab"
 	"github.com/mayfly-ci/mayfly/manager/runnerapi"
 )
@@ -102,5 +103,22 @@ func TestCoordinatorCommand(t *testing.T) {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %q:\n%s", want, out)
 		}
+	}
+}
+
+// The pipeline make run enqueues must stay valid.
+func TestDemoPipelineParses(t *testing.T) {
+	f, err := coordinator.LoadPipelineFile("../../testdata/pipelines/demo.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	jobs := 0
+	for _, p := range f.Projects {
+		for _, pl := range p.Pipelines {
+			jobs += len(pl.Jobs)
+		}
+	}
+	if len(f.Projects) < 2 || jobs < 6 {
+		t.Errorf("demo pipeline has %d projects and %d jobs, want at least 2 and 6", len(f.Projects), jobs)
 	}
 }
