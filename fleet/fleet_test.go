@@ -420,6 +420,12 @@ func TestOrphanWithOurLabelsDeleted(t *testing.T) {
 	if got := testutil.ToFloat64(h.f.m.deletions.WithLabelValues("linux", string(ReasonOrphan))); got != 1 {
 		t.Errorf("deletions{orphan} = %v", got)
 	}
+	// The provider's count of our instances matches the books again: the
+	// orphan is gone, and the other manager's instance is not ours.
+	h.advance(2*time.Minute, 10*time.Second)
+	if got := testutil.ToFloat64(h.f.m.atProvider.WithLabelValues("linux")); got != 1 {
+		t.Errorf("provider_instances = %v, want 1", got)
+	}
 	if h.f.Available() != 1 {
 		t.Errorf("available %d, want the pool untouched", h.f.Available())
 	}

@@ -23,6 +23,7 @@ type metrics struct {
 	idleActual   *prometheus.GaugeVec     // runner
 	deletions    *prometheus.CounterVec   // runner, reason
 	acquisitions *prometheus.CounterVec   // runner
+	atProvider   *prometheus.GaugeVec     // runner: our instances in the provider's last list
 }
 
 // creationBuckets span a microVM's seconds to a Windows VM's minutes.
@@ -63,6 +64,9 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		acquisitions: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "mayfly_fleet_acquisitions_total", Help: "Instances handed out to jobs.",
 		}, []string{"runner"}),
+		atProvider: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "mayfly_fleet_provider_instances", Help: "Instances carrying this fleet's labels in the provider's last list, deleting and gone ones excluded; above the books' count means instances leak.",
+		}, []string{"runner"}),
 	}
 	if reg == nil {
 		return m, nil
@@ -71,7 +75,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		register(reg, &m.states), register(reg, &m.creation), register(reg, &m.removal),
 		register(reg, &m.errors), register(reg, &m.calls), register(reg, &m.waits),
 		register(reg, &m.waitSeconds), register(reg, &m.idleTarget), register(reg, &m.idleActual),
-		register(reg, &m.deletions), register(reg, &m.acquisitions),
+		register(reg, &m.deletions), register(reg, &m.acquisitions), register(reg, &m.atProvider),
 	)
 	if err != nil {
 		return nil, fmt.Errorf("register fleet metrics: %w", err)

@@ -126,10 +126,14 @@ func (f *Fleet) applyListLocked(list []providers.Instance, err error, startSeq, 
 	f.listGen++
 	gen := f.listGen
 	seen := make(map[string]bool, len(f.suspects))
+	atProvider := 0
 	for i := range list {
 		pi := &list[i]
 		if !f.ours(pi) {
 			continue
+		}
+		if pi.State != providers.StateDeleting && pi.State != providers.StateGone {
+			atProvider++
 		}
 		in := f.books[pi.ID]
 		if in == nil {
@@ -169,6 +173,8 @@ func (f *Fleet) applyListLocked(list []providers.Instance, err error, startSeq, 
 			}
 		}
 	}
+	f.m.atProvider.WithLabelValues(f.cfg.Name).Set(float64(atProvider))
+
 	for id := range f.suspects {
 		if !seen[id] {
 			delete(f.suspects, id)
