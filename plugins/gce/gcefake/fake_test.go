@@ -1,0 +1,345 @@
+package gcefake
+
+import (
+	"bytes"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha1"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math/big"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"cloud.google.com/go/compute/apiv1/computepb"
+	"google.golang.org/protobuf/proto"
+)
+
+const base = "/compute/v1/projects/p"
+
+type client struct {
+	t   *testing.T
+	url string
+}
+
+func newClient(t *testing.T, opts Options) (*Server, *client) {
+	t.Helper()
+	opts.Project = "p"
+	s := New(opts)
+	srv := httptest.NewServer(s)
+	t.Cleanup(srv.Close)
+	return s, &client{t: t, url: srv.URL}
+}
+
+// do sends a request and decodes the JSON answer into a generic map, so
+// the tests see the wire format, not the SDK's types.
+func (c *client) do(method, path, body string) (int, map[string]any, http.Header) {
+	c.t.Helper()
+	req, err := http.NewRequest(method, c.url+path, strings.NewReader(body))
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	var m map[string]any
+	if err := json.Unmarshal(b, &m); err != nil {
+		c.t.Fatalf("%s %s: answer is not JSON: %q", method, path, b)
+	}
+	return resp.StatusCode, m, resp.Header
+}
+
+func instanceJSON(name string, extra string) string {
+	return fmt.Sprintf(`{"name": %q, "machineType": "zones/us-east1-b/machineTypes/n1-standard-1",
+		"disks": [{"boot": true, "autoDelete": true, "initializeParams": {"sourceImage": "projects/debian-cloud/global/images/family/debian-12"}}],
+		"networkInterfaces": [{"network": "global/networks/default", "accessConfigs": [{"type": "ONE_TO_ONE_NAT", "name": "External NAT"}]}],
+		"labels": {"mayfly-manager": "m1"}%s}`, name, extra)
+}
+
+func errorReason(m map[string]any) (int, string) {
+	e, _ := m["error"].(map[string]any)
+	code, _ := e["code"].(float64)
+	errs, _ := e["errors"].([]any)
+	if len(errs) == 0 {
+		return int(code), ""
+	}
+	first, _ := errs[0].(map[string]any)
+	reason, _ := first["reason"].(string)
+	return int(code), reason
+}
+
+func TestInsertGetDeleteWireFormat(t *testing.T) {
+	s, c := newClient(t, Options{DeleteDelay: time.Hour})
+	code, op, _ := c.do("POST", base+"/zones/us-east1-b/instances", instanceJSON("vm-1", ""))
+	if code != 200 || op["kind"] != "compute#operation" || op["status"] != "RUNNING" || op["operationType"] != "insert" {
+		t.Fatalf("insert answer %d %v", code, op)
+	}
+	if _, ok := op["targetId"].(string); !ok {
+		t.Errorf("targetId %v is not a JSON string (uint64 fields are strings)", op["targetId"])
+	}
+	code, op, _ = c.do("GET", base+"/zones/us-east1-b/operations/"+op["name"].(string), "")
+	if code != 200 || op["status"] != "DONE" || op["progress"] != float64(100) {
+		t.Errorf("operation %d %v, want DONE", code, op)
+	}
+
+	code, in, _ := c.do("GET", base+"/zones/us-east1-b/instances/vm-1", "")
+	if code != 200 {
+		t.Fatalf("get %d %v", code, in)
+	}
+	if _, err := time.Parse(time.RFC3339, in["creationTimestamp"].(string)); err != nil {
+		t.Errorf("creationTimestamp: %v", err)
+	}
+	if in["status"] != "RUNNING" || in["kind"] != "compute#instance" || !strings.HasSuffix(in["zone"].(string), "/zones/us-east1-b") {
+		t.Errorf("instance %v", in)
+	}
+	nic := in["networkInterfaces"].([]any)[0].(map[string]any)
+	ac := nic["accessConfigs"].([]any)[0].(map[string]any)
+	if nic["networkIP"] == "" || ac["natIP"] == nil {
+		t.Errorf("network interface %v lacks addresses", nic)
+	}
+
+	code, m, _ := c.do("POST", base+"/zones/us-east1-b/instances", instanceJSON("vm-1", ""))
+	if c, r := errorReason(m); code != 409 || c != 409 || r != "alreadyExists" {
+		t.Errorf("duplicate insert %d %v", code, m)
+	}
+	code, _, _ = c.do("DELETE", base+"/zones/us-east1-b/instances/vm-1", "")
+	if code != 200 {
+		t.Fatalf("delete %d", code)
+	}
+	if got := s.Instances(); len(got) != 1 || got[0].Status != "STOPPING" {
+		t.Errorf("after delete: %+v, want STOPPING", got)
+	}
+	code, m, _ = c.do("GET", base+"/zones/us-east1-b/instances/nope", "")
+	if c, r := errorReason(m); code != 404 || c != 404 || r != "notFound" {
+		t.Errorf("get unknown %d %v", code, m)
+	}
+	code, m, _ = c.do("GET", "/compute/v1/projects/other/zones/us-east1-b/instances/vm-1", "")
+	if code != 404 {
+		t.Errorf("other project answered %d %v", code, m)
+	}
+}
+
+func TestInsertValidation(t *testing.T) {
+	_, c := newClient(t, Options{})
+	tests := []struct{ name, body, field string }{
+		{"bad name", instanceJSON("VM_1", ""), "resource.name"},
+		{"bad label value", strings.Replace(instanceJSON("vm-1", ""), `"m1"`, `"M 1"`, 1), "resource.labels"},
+		{"bad label key", strings.Replace(instanceJSON("vm-1", ""), `"mayfly-manager"`, `"Mayfly"`, 1), "resource.labels"},
+		{"machine type of another zone", strings.Replace(instanceJSON("vm-1", ""), "zones/us-east1-b/machineTypes", "zones/us-east1-c/machineTypes", 1), "resource.machineType"},
+		{"preemptible restarting", instanceJSON("vm-1", `, "scheduling": {"preemptible": true, "automaticRestart": true, "onHostMaintenance": "TERMINATE"}`), "automaticRestart"},
+		{"unknown field", instanceJSON("vm-1", `, "colour": "blue"`), "Invalid JSON payload"},
+	}
+	for _, tt := range tests {
+		code, m, _ := c.do("POST", base+"/zones/us-east1-b/instances", tt.body)
+		msg, _ := m["error"].(map[string]any)["message"].(string)
+		if code != 400 || !strings.Contains(msg, tt.field) {
+			t.Errorf("%s: %d %q, want 400 naming %s", tt.name, code, msg, tt.field)
+		}
+	}
+}
+
+func TestListFilterAndPaging(t *testing.T) {
+	s, c := newClient(t, Options{})
+	for i := range 5 {
+		c.do("POST", base+"/zones/us-east1-b/instances", instanceJSON(fmt.Sprintf("vm-%d", i), ""))
+	}
+	c.do("POST", base+"/zones/us-east1-c/instances", strings.Replace(instanceJSON("vm-c", ""), "us-east1-b", "us-east1-c", 1))
+	c.do("POST", base+"/zones/us-east1-b/instances", strings.Replace(instanceJSON("other", ""), `"mayfly-manager": "m1"`, `"team": "x"`, 1))
+
+	var names []string
+	token := ""
+	pages := 0
+	for {
+		path := base + "/zones/us-east1-b/instances?maxResults=2&filter=" + "labels.mayfly-manager%3A*"
+		if token != "" {
+			path += "&pageToken=" + token
+		}
+		code, m, _ := c.do("GET", path, "")
+		if code != 200 {
+			t.Fatalf("list %d %v", code, m)
+		}
+		pages++
+		items, _ := m["items"].([]any)
+		if len(items) > 2 {
+			t.Errorf("page of %d items with maxResults=2", len(items))
+		}
+		for _, it := range items {
+			names = append(names, it.(map[string]any)["name"].(string))
+		}
+		token, _ = m["nextPageToken"].(string)
+		if token == "" {
+			break
+		}
+	}
+	if strings.Join(names, ",") != "vm-0,vm-1,vm-2,vm-3,vm-4" || pages != 3 {
+		t.Errorf("listed %v in %d pages", names, pages)
+	}
+
+	code, m, _ := c.do("GET", base+"/aggregated/instances?filter=labels.mayfly-manager+%3D+%22m1%22&maxResults=500", "")
+	items := m["items"].(map[string]any)
+	if code != 200 || len(items["zones/us-east1-b"].(map[string]any)["instances"].([]any)) != 5 ||
+		len(items["zones/us-east1-c"].(map[string]any)["instances"].([]any)) != 1 {
+		t.Errorf("aggregated list %d %v", code, m)
+	}
+	s.SetUnreachable("us-east1-d", true)
+	_, m, _ = c.do("GET", base+"/aggregated/instances", "")
+	w := m["items"].(map[string]any)["zones/us-east1-d"].(map[string]any)["warning"].(map[string]any)
+	if w["code"] != "UNREACHABLE" {
+		t.Errorf("unreachable zone warning %v", w)
+	}
+
+	for _, bad := range []string{"maxResults=501", "filter=bogus+stuff", "filter=disks.type+%3D+x", "pageToken=%21%21"} {
+		code, m, _ := c.do("GET", base+"/zones/us-east1-b/instances?"+bad, "")
+		if c, r := errorReason(m); code != 400 || c != 400 || r != "invalid" {
+			t.Errorf("list ?%s answered %d %v, want 400 invalid", bad, code, m)
+		}
+	}
+}
+
+func TestParseFilter(t *testing.T) {
+	in := &computepb.Instance{Name: proto.String("vm-1"), Status: proto.String("RUNNING"), Labels: map[string]string{"a": "x", "b": "yz"}}
+	tests := []struct {
+		filter string
+		want   bool
+	}{
+		{"", true},
+		{"labels.a:*", true},
+		{"labels.c:*", false},
+		{`labels.a = "x"`, true},
+		{`labels.a = x`, true},
+		{`labels.a = "y"`, false},
+		{`labels.b != "yz"`, false},
+		{`labels.b:y`, true},
+		{`(labels.a = "x") (status = RUNNING)`, true},
+		{`(labels.a = "x") AND (status = "STOPPING")`, false},
+		{`name = "vm-1"`, true},
+	}
+	for _, tt := range tests {
+		match, err := parseFilter(tt.filter)
+		if err != nil {
+			t.Errorf("parseFilter(%q): %v", tt.filter, err)
+			continue
+		}
+		if got := match(in); got != tt.want {
+			t.Errorf("filter %q matched %v, want %v", tt.filter, got, tt.want)
+		}
+	}
+	for _, bad := range []string{"(labels.a = x", "labels.a", "cpuPlatform = x", `labels.a = "x`} {
+		if _, err := parseFilter(bad); err == nil {
+			t.Errorf("parseFilter(%q) accepted", bad)
+		}
+	}
+}
+
+func TestFaults(t *testing.T) {
+	s, c := newClient(t, Options{})
+	s.FailNext(Fault{Method: "instances.insert", Status: 429, Reason: "rateLimitExceeded", RetryAfter: "3"})
+	code, m, h := c.do("POST", base+"/zones/us-east1-b/instances", instanceJSON("vm-1", ""))
+	if c, r := errorReason(m); code != 429 || c != 429 || r != "rateLimitExceeded" || h.Get("Retry-After") != "3" {
+		t.Errorf("429 fault: %d %v %v", code, m, h)
+	}
+	if e := m["error"].(map[string]any); e["status"] != "RESOURCE_EXHAUSTED" || e["errors"].([]any)[0].(map[string]any)["domain"] != "usageLimits" {
+		t.Errorf("429 error body %v", e)
+	}
+
+	s.ExhaustZone("us-east1-b", 1)
+	_, op, _ := c.do("POST", base+"/zones/us-east1-b/instances", instanceJSON("vm-1", ""))
+	_, op, _ = c.do("POST", base+"/zones/us-east1-b/operations/"+op["name"].(string)+"/wait", "")
+	errs := op["error"].(map[string]any)["errors"].([]any)
+	if op["status"] != "DONE" || errs[0].(map[string]any)["code"] != "ZONE_RESOURCE_POOL_EXHAUSTED" || op["httpErrorStatusCode"] != float64(503) {
+		t.Errorf("exhausted zone operation %v", op)
+	}
+	if len(s.Instances()) != 0 {
+		t.Error("a failed insert left an instance")
+	}
+
+	s.SetQuota("us-east1", 1)
+	c.do("POST", base+"/zones/us-east1-b/instances", instanceJSON("vm-1", ""))
+	_, op, _ = c.do("POST", base+"/zones/us-east1-b/instances", instanceJSON("vm-2", ""))
+	_, op, _ = c.do("GET", base+"/zones/us-east1-b/operations/"+op["name"].(string), "")
+	e := op["error"].(map[string]any)["errors"].([]any)[0].(map[string]any)
+	if e["code"] != "QUOTA_EXCEEDED" || !strings.Contains(e["message"].(string), "in region us-east1") {
+		t.Errorf("quota operation error %v", e)
+	}
+	if err := s.Preempt("us-east1-b", "vm-1"); err == nil {
+		t.Error("preempted a standard instance")
+	}
+}
+
+func TestSlowOperationWait(t *testing.T) {
+	_, c := newClient(t, Options{OperationDelay: 300 * time.Millisecond, MaxWait: 50 * time.Millisecond})
+	_, op, _ := c.do("POST", base+"/zones/us-east1-b/instances", instanceJSON("vm-1", ""))
+	_, op, _ = c.do("POST", base+"/zones/us-east1-b/operations/"+op["name"].(string)+"/wait", "")
+	if op["status"] != "RUNNING" {
+		t.Errorf("wait returned %v before MaxWait ran out", op["status"])
+	}
+}
+
+// TestWindowsAgent drives the password reset by hand, as the docs
+// describe it: setMetadata with a windows-keys entry, read serial port 4,
+// decrypt with RSA-OAEP SHA-1.
+func TestWindowsAgent(t *testing.T) {
+	s, c := newClient(t, Options{})
+	body := strings.Replace(instanceJSON("win-1", ""), "debian-cloud/global/images/family/debian-12", "windows-cloud/global/images/family/windows-2022", 1)
+	if code, m, _ := c.do("POST", base+"/zones/us-east1-b/instances", body); code != 200 {
+		t.Fatalf("insert %d %v", code, m)
+	}
+	_, in, _ := c.do("GET", base+"/zones/us-east1-b/instances/win-1", "")
+	fp := in["metadata"].(map[string]any)["fingerprint"].(string)
+
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	entry, _ := json.Marshal(map[string]string{
+		"userName": "admin", "email": "a@example.com",
+		"modulus":  base64.StdEncoding.EncodeToString(key.N.Bytes()),
+		"exponent": base64.StdEncoding.EncodeToString(big.NewInt(int64(key.E)).Bytes()),
+		"expireOn": time.Now().Add(time.Hour).UTC().Format(time.RFC3339),
+	})
+	md, _ := json.Marshal(map[string]any{"fingerprint": fp, "items": []map[string]string{{"key": "windows-keys", "value": string(entry)}}})
+	if code, m, _ := c.do("POST", base+"/zones/us-east1-b/instances/win-1/setMetadata", "{\"fingerprint\": \"stale\"}"); code != 412 {
+		t.Errorf("setMetadata with a stale fingerprint: %d %v", code, m)
+	}
+	if code, m, _ := c.do("POST", base+"/zones/us-east1-b/instances/win-1/setMetadata", string(md)); code != 200 {
+		t.Fatalf("setMetadata %d %v", code, m)
+	}
+	_, out, _ := c.do("GET", base+"/zones/us-east1-b/instances/win-1/serialPort?port=4", "")
+	line, _, _ := strings.Cut(out["contents"].(string), "\n")
+	var creds struct {
+		EncryptedPassword string `json:"encryptedPassword"`
+		PasswordFound     bool   `json:"passwordFound"`
+		UserName          string `json:"userName"`
+		Modulus           string `json:"modulus"`
+	}
+	if err := json.Unmarshal([]byte(line), &creds); err != nil || !creds.PasswordFound || creds.UserName != "admin" {
+		t.Fatalf("serial port 4 line %q: %v", line, err)
+	}
+	ct, _ := base64.StdEncoding.DecodeString(creds.EncryptedPassword)
+	pt, err := rsa.DecryptOAEP(sha1.New(), nil, key, ct, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(pt) != s.WindowsPassword("us-east1-b", "win-1", "admin") {
+		t.Errorf("decrypted %q, agent set %q", pt, s.WindowsPassword("us-east1-b", "win-1", "admin"))
+	}
+	if out["next"] != fmt.Sprint(len(line)+1) {
+		t.Errorf("next = %v, want %d (as a JSON string)", out["next"], len(line)+1)
+	}
+	// The same entry again is not answered twice.
+	_, in, _ = c.do("GET", base+"/zones/us-east1-b/instances/win-1", "")
+	md = bytes.Replace(md, []byte(fp), []byte(in["metadata"].(map[string]any)["fingerprint"].(string)), 1)
+	c.do("POST", base+"/zones/us-east1-b/instances/win-1/setMetadata", string(md))
+	_, out, _ = c.do("GET", base+"/zones/us-east1-b/instances/win-1/serialPort?port=4&start="+fmt.Sprint(len(line)+1), "")
+	if out["contents"] != "" {
+		t.Errorf("entry answered twice: %q", out["contents"])
+	}
+}
