@@ -1103,6 +1103,13 @@ func (f *Fleet) provision(ctx context.Context, in *instance, inst providers.Inst
 	op := OpConnectInfo
 	for attempt := 1; ; attempt++ {
 		ci, err = f.api.ConnectInfo(ctx, in.id)
+		if err == nil && ci.Protocol == providers.ProtocolSSH && ci.HostKey == "" {
+			// Some clouds publish the SSH host key only after boot (GCE guest
+			// attributes, EC2 console output). The key is pinned, never trusted
+			// on first use, so ask again until it appears or the boot watchdog
+			// gives up.
+			err = providers.Transient(fmt.Errorf("instance %s: no SSH host key published yet", in.id))
+		}
 		if err == nil || !providers.IsTransient(err) || ctx.Err() != nil {
 			break
 		}

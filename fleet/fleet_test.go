@@ -2,8 +2,13 @@ package fleet
 
 import (
 	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/pem"
 	"errors"
+	"golang.org/x/crypto/ssh"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -660,4 +665,59 @@ func contains(ids []string, id string) bool {
 		}
 	}
 	return false
+}
+
+// An SSH host key published only after boot is waited for, never skipped:
+// the instance becomes ready once the key appears, and an instance whose key
+// never appears is deleted by the boot watchdog.
+func TestWaitsForPublishedHostKey(t *testing.T) {
+	tests := []struct {
+		name      string
+		emptyFor  int // ConnectInfo calls answered without a host key
+		wantReady bool
+	}{
+		{"key appears on the fourth call", 3, true},
+		{"key never appears", 1 << 30, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			pub, priv, err := ed25519.GenerateKey(rand.Reader)
+			if err != nil {
+				t.Fatal(err)
+			}
+			block, err := ssh.MarshalPrivateKey(priv, "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			privPEM := pem.EncodeToMemory(block)
+			sshPub, err := ssh.NewPublicKey(pub)
+			if err != nil {
+				t.Fatal(err)
+			}
+			hostKey := strings.TrimSpace(string(ssh.MarshalAuthorizedKey(sshPub)))
+			var mu sync.Mutex
+			calls := map[string]int{}
+			ci := func(id string) (providers.ConnectInfo, error) {
+				mu.Lock()
+				defer mu.Unlock()
+				calls[id]++
+				c := providers.ConnectInfo{ID: id, Address: "127.0.0.1", Port: 22, Protocol: providers.ProtocolSSH, OS: "linux", Arch: "amd64", Username: "root", PrivateKey: privPEM}
+				if calls[id] > tt.emptyFor {
+					c.HostKey = hostKey
+				}
+				return c, nil
+			}
+			h := newHarness(t, Config{Schedule: idlePolicy(schedule.Policy{IdleCount: 1}), BootTimeout: 5 * time.Minute}, fake.Options{ConnectInfo: ci})
+			h.start()
+			first := h.providerIDs("")
+			h.advance(6*time.Minute, 10*time.Second)
+			ready := h.f.Available() == 1 && contains(h.providerIDs(""), first[0])
+			if ready != tt.wantReady {
+				t.Errorf("first instance ready = %v, want %v (ConnectInfo calls %v)", ready, tt.wantReady, calls)
+			}
+			if !tt.wantReady && contains(h.providerIDs(""), first[0]) {
+				t.Errorf("instance without a host key was not deleted")
+			}
+		})
+	}
 }
