@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"sort"
 	"strings"
 	"sync"
 	"testing"
@@ -22,7 +23,7 @@ import (
 
 // requireQEMU skips when qemu or the kernel package is missing, and fails
 // instead in CI, where they must be there.
-func requireQEMU(t *testing.T, cacheDir string) {
+func requireQEMU(t testing.TB, cacheDir string) {
 	t.Helper()
 	var missing []string
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
@@ -75,10 +76,17 @@ func (s *syncBuffer) String() string {
 
 var runningOn = regexp.MustCompile(`Running on (\S+) via (\S+)\.\.\.`)
 
-// TestQEMUEndToEnd runs jobs through the built-in coordinator on real
-// microVMs: every job on its own VM, each VM deleted after its job, a job
-// over the hard timeout stopped and its VM killed, and no qemu left.
-func TestQEMUEndToEnd(t *testing.T) {
+// qemuRun is mayfly run on the qemu plugin against an in-process coordinator.
+type qemuRun struct {
+	srv      *coordinator.Server
+	stateDir string
+	logs     *syncBuffer
+}
+
+// runQEMU enqueues pipeline, runs mayfly run on real microVMs until every job
+// has finished, drains it and returns. concurrent and idle shape the fleet.
+func runQEMU(t testing.TB, pipeline string, concurrent, idle int) *qemuRun {
+	t.Helper()
 	repo, err := filepath.Abs("../..")
 	if err != nil {
 		t.Fatal(err)
@@ -102,12 +110,81 @@ func TestQEMUEndToEnd(t *testing.T) {
 		t.Fatal(err)
 	}
 	srvCtx, stopSrv := context.WithCancel(context.Background())
-	defer stopSrv()
+	t.Cleanup(stopSrv)
 	go func() { _ = srv.Serve(srvCtx, ln) }()
 	if _, err := srv.RegisterRunner(coordinator.RunnerOptions{RegistrationToken: srv.RegistrationToken(), RunUntagged: true, Token: "qemu-e2e-token"}); err != nil {
 		t.Fatal(err)
 	}
-	pipeline, err := coordinator.ParsePipelineFile("qemu-e2e.yaml", []byte(`
+	pf, err := coordinator.ParsePipelineFile("qemu.yaml", []byte(pipeline))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := srv.Apply(pf); err != nil {
+		t.Fatal(err)
+	}
+
+	stateDir := filepath.Join(dir, "qemu")
+	cfg := fmt.Sprintf(`concurrent = %d
+check_interval = 1
+log_level = "info"
+log_format = "json"
+
+[[runners]]
+  name = "qemu-e2e"
+  url = "http://%s"
+  token = "qemu-e2e-token"
+  executor = "instance"
+  shell = "sh"
+  builds_dir = "/builds"
+  max_job_timeout = 40
+  [runners.autoscaler]
+    plugin = "qemu"
+    max_instances = %d
+    max_growth_rate = 2
+    delete_instances_on_shutdown = true
+    instance_ready_command = "test -d /proc"
+    [runners.autoscaler.plugin_config]
+      state_dir = %q
+      image_cache_dir = %q
+      memory_mb = 256
+      boot_timeout = "120s"
+    [runners.autoscaler.connector_config]
+      timeout = "2m"
+    [[runners.autoscaler.policy]]
+      idle_count = %d
+      idle_time = "10m"
+`, concurrent, ln.Addr(), concurrent+idle, stateDir, cacheDir, idle)
+	cfgPath := filepath.Join(dir, "config.toml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 12*time.Minute)
+	defer cancel()
+	r := &qemuRun{srv: srv, stateDir: stateDir, logs: &syncBuffer{}}
+	drain := make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		done <- runManager(ctx, drain, runFlags{config: cfgPath, pluginDir: pluginDir, stateDir: filepath.Join(dir, "state"), managerID: "qemu-e2e"}, io.Discard, r.logs)
+	}()
+	waitCtx, stopWait := context.WithTimeout(ctx, 11*time.Minute)
+	defer stopWait()
+	if err := srv.WaitAllFinished(waitCtx); err != nil {
+		t.Logf("mayfly run logs:\n%s", r.logs.String())
+		t.Fatalf("jobs did not finish: %v", err)
+	}
+	close(drain)
+	if err := <-done; err != nil {
+		t.Fatalf("mayfly run: %v", err)
+	}
+	return r
+}
+
+// TestQEMUEndToEnd runs jobs through the built-in coordinator on real
+// microVMs: every job on its own VM, each VM deleted after its job, a job
+// over the hard timeout stopped and its VM killed, and no qemu left.
+func TestQEMUEndToEnd(t *testing.T) {
+	r := runQEMU(t, `
 projects:
   - name: web
     pipelines:
@@ -126,72 +203,13 @@ projects:
           - {name: env, script: ["echo project=$CI_PROJECT_NAME"]}
           - {name: after, script: ["echo main"], after_script: ["echo after-$CI_JOB_STATUS"]}
           - {name: hangs, script: ["echo going to sleep", "sleep 600"]}
-`))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := srv.Apply(pipeline); err != nil {
-		t.Fatal(err)
-	}
-
-	stateDir := filepath.Join(dir, "qemu")
-	cfg := fmt.Sprintf(`concurrent = 3
-check_interval = 1
-log_level = "info"
-log_format = "json"
-
-[[runners]]
-  name = "qemu-e2e"
-  url = "http://%s"
-  token = "qemu-e2e-token"
-  executor = "instance"
-  shell = "sh"
-  builds_dir = "/builds"
-  max_job_timeout = 40
-  [runners.autoscaler]
-    plugin = "qemu"
-    max_instances = 3
-    max_growth_rate = 2
-    delete_instances_on_shutdown = true
-    instance_ready_command = "test -d /proc"
-    [runners.autoscaler.plugin_config]
-      state_dir = %q
-      image_cache_dir = %q
-      memory_mb = 256
-      boot_timeout = "120s"
-    [runners.autoscaler.connector_config]
-      timeout = "2m"
-    [[runners.autoscaler.policy]]
-      idle_count = 2
-      idle_time = "10m"
-`, ln.Addr(), stateDir, cacheDir)
-	cfgPath := filepath.Join(dir, "config.toml")
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
-		t.Fatal(err)
-	}
-
-	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
-	defer cancel()
-	logs := &syncBuffer{}
-	drain := make(chan struct{})
-	done := make(chan error, 1)
-	go func() {
-		done <- runManager(ctx, drain, runFlags{config: cfgPath, pluginDir: pluginDir, stateDir: filepath.Join(dir, "state"), managerID: "qemu-e2e"}, io.Discard, logs)
-	}()
+`, 3, 2)
+	srv, stateDir, logs := r.srv, r.stateDir, r.logs
 	defer func() {
 		if t.Failed() {
 			t.Logf("mayfly run logs:\n%s", logs.String())
 		}
 	}()
-	waitCtx, stopWait := context.WithTimeout(ctx, 7*time.Minute)
-	defer stopWait()
-	if err := srv.WaitAllFinished(waitCtx); err != nil {
-		t.Fatalf("jobs did not finish: %v", err)
-	}
-	close(drain)
-	if err := <-done; err != nil {
-		t.Fatalf("mayfly run: %v", err)
-	}
 
 	want := map[string]struct{ status, reason, output string }{
 		"kernel": {"success", "", "\nLinux 6."},
@@ -255,4 +273,31 @@ func pickupTimes(logs string) []string {
 		out = append(out, m[1])
 	}
 	return out
+}
+
+// BenchmarkWarmVMOverhead runs 20 jobs one at a time with an idle pool of 2,
+// so each job lands on a warm VM, and reports the median time from the job
+// being received to its script starting: mayfly's own overhead.
+func BenchmarkWarmVMOverhead(b *testing.B) {
+	const jobs = 20
+	var pipeline strings.Builder
+	pipeline.WriteString("projects:\n  - name: warm\n    pipelines:\n      - variables: [{key: GIT_STRATEGY, value: none}]\n        jobs:\n")
+	for i := 0; i < jobs; i++ {
+		fmt.Fprintf(&pipeline, "          - {name: j%d, script: [\"true\"]}\n", i)
+	}
+	for i := 0; i < b.N; i++ {
+		r := runQEMU(b, pipeline.String(), 1, 2)
+		var secs []float64
+		for _, v := range pickupTimes(r.logs.String()) {
+			var f float64
+			fmt.Sscan(v, &f)
+			secs = append(secs, f)
+		}
+		if len(secs) != jobs {
+			b.Fatalf("%d pickup times for %d jobs", len(secs), jobs)
+		}
+		sort.Float64s(secs)
+		b.ReportMetric((secs[jobs/2-1]+secs[jobs/2])/2*1000, "ms-median-pickup-to-start")
+		b.ReportMetric(secs[jobs*9/10-1]*1000, "ms-p90-pickup-to-start")
+	}
 }

@@ -73,6 +73,20 @@ type Options struct {
 	LaunchTemplates []LaunchTemplate
 	// Logger receives a record per request (default: discard).
 	Logger *slog.Logger
+
+	// Address, if set, is every instance's private and public IP address
+	// instead of a made-up one: tests point the instances at a local server
+	// playing them (e.g. "127.0.0.1").
+	Address string
+	// HostKey, if set, is the SSH host key (authorized_keys form) every
+	// Linux instance prints to its console instead of a generated one: the
+	// key of the local SSH server playing the instances.
+	HostKey string
+	// OnLaunch, if set, is called with each instance RunInstances launched,
+	// outside the server's lock and before that call's answer is sent.
+	// Tests play cloud-init with it, e.g. authorising the SSH key in the
+	// user data on the server playing the instance.
+	OnLaunch func(Instance)
 }
 
 // LaunchTemplate is a stored launch template (one version, $Default and
@@ -153,6 +167,7 @@ type Server struct {
 	faults        []*fault
 	calls         map[string]int
 	requests      []url.Values
+	launched      map[string][]Instance // request id → instances for Options.OnLaunch
 }
 
 // New returns a fake EC2 endpoint.
@@ -181,6 +196,7 @@ func New(opts Options) *Server {
 		keyPairs:     map[string]*keyPair{},
 		capacity:     map[string]int{},
 		calls:        map[string]int{},
+		launched:     map[string][]Instance{},
 	}
 }
 
@@ -429,6 +445,15 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	reqID := newID("", 32)
 	reqID = reqID[:8] + "-" + reqID[8:12] + "-" + reqID[12:16] + "-" + reqID[16:20] + "-" + reqID[20:]
 	resp, apiErr := s.serve(r, reqID)
+	if s.opts.OnLaunch != nil {
+		s.mu.Lock()
+		launched := s.launched[reqID]
+		delete(s.launched, reqID)
+		s.mu.Unlock()
+		for _, in := range launched {
+			s.opts.OnLaunch(in)
+		}
+	}
 	if apiErr != nil {
 		s.log.Info("ec2fake error", "code", apiErr.code, "message", apiErr.message)
 		writeXML(w, apiErr.status, xmlErrorResponse{
@@ -792,6 +817,8 @@ func (s *Server) runInstances(q query, now time.Time, reqID string) (any, *apiEr
 					in.password, in.passwordData = pw, data
 				}
 			}
+		} else if s.opts.HostKey != "" {
+			in.HostKey = s.opts.HostKey
 		} else {
 			pub, _, err := ed25519.GenerateKey(rand.Reader)
 			if err == nil {
@@ -800,8 +827,14 @@ func (s *Server) runInstances(q query, now time.Time, reqID string) (any, *apiEr
 				}
 			}
 		}
+		if s.opts.Address != "" {
+			in.PrivateIP, in.PublicIP = s.opts.Address, s.opts.Address
+		}
 		s.instances[in.ID] = in
 		ids = append(ids, in.ID)
+		if s.opts.OnLaunch != nil {
+			s.launched[reqID] = append(s.launched[reqID], in.snapshot())
+		}
 	}
 	s.reservations[rid] = ids
 	if token := q.get("ClientToken"); token != "" {

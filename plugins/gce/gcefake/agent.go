@@ -96,18 +96,18 @@ func (s *Server) queueWindowsKeysLocked(in *instance, from time.Time) {
 			continue
 		}
 		in.answered[id] = true
-		in.agentDue = append(in.agentDue, agentTask{at: from.Add(s.opts.AgentDelay), run: func(in *instance) { answerWindowsKey(in, k) }})
+		in.agentDue = append(in.agentDue, agentTask{at: from.Add(s.opts.AgentDelay), run: func(in *instance) { answerWindowsKey(in, k, s.opts.WindowsPassword) }})
 	}
 }
 
-// answerWindowsKey sets a new password for the key's user and writes it,
-// encrypted to the key, to serial port 4.
-func answerWindowsKey(in *instance, k windowsKey) {
+// answerWindowsKey sets a new password for the key's user (fixed, when
+// fixed is not empty) and writes it, encrypted to the key, to serial port 4.
+func answerWindowsKey(in *instance, k windowsKey, fixed string) {
 	if exp, err := time.Parse(time.RFC3339, k.ExpireOn); err != nil || exp.Before(time.Now()) {
 		return // expired or unreadable: ignored, as by the real agent
 	}
 	creds := credentials{UserName: k.UserName, Modulus: k.Modulus, Exponent: k.Exponent, HashFunction: k.HashFunction}
-	pw, enc, err := encryptNewPassword(k)
+	pw, enc, err := encryptNewPassword(k, fixed)
 	if err != nil {
 		creds.ErrorMessage = err.Error()
 	} else {
@@ -122,7 +122,7 @@ func answerWindowsKey(in *instance, k windowsKey) {
 	in.serial[4] = append(append(in.serial[4], b...), '\n')
 }
 
-func encryptNewPassword(k windowsKey) (pw, enc string, err error) {
+func encryptNewPassword(k windowsKey, fixed string) (pw, enc string, err error) {
 	mod, err := base64.StdEncoding.DecodeString(k.Modulus)
 	if err != nil {
 		return "", "", fmt.Errorf("error decoding modulus: %w", err)
@@ -147,9 +147,11 @@ func encryptNewPassword(k windowsKey) (pw, enc string, err error) {
 	default:
 		return "", "", fmt.Errorf("unknown hash function requested: %q", k.HashFunction)
 	}
-	pw, err = newPassword()
-	if err != nil {
-		return "", "", err
+	pw = fixed
+	if pw == "" {
+		if pw, err = newPassword(); err != nil {
+			return "", "", err
+		}
 	}
 	ct, err := rsa.EncryptOAEP(h, rand.Reader, pub, []byte(pw), nil)
 	if err != nil {

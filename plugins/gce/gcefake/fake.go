@@ -66,6 +66,15 @@ type Options struct {
 	// AgentDelay is how long the guest agent takes to publish host keys or
 	// answer a windows-keys entry once the instance runs.
 	AgentDelay time.Duration
+
+	// Address, if set, is every instance's internal and external IP address
+	// instead of a made-up one: tests point the instances at a local server
+	// playing them (e.g. "127.0.0.1").
+	Address string
+	// WindowsPassword, if set, is the password the Windows guest agent sets
+	// (and encrypts to serial port 4) instead of a random one: the password
+	// the local WinRM server playing the instances accepts.
+	WindowsPassword string
 }
 
 // Fault makes requests fail with an HTTP error.

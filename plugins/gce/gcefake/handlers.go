@@ -376,6 +376,9 @@ func (s *Server) insert(w http.ResponseWriter, r *http.Request, project, zone st
 		nic.Kind = proto.String("compute#networkInterface")
 		nic.Name = proto.String(fmt.Sprintf("nic%d", i))
 		nic.NetworkIP = proto.String(fmt.Sprintf("10.128.%d.%d", s.ipSeq/250, s.ipSeq%250+2))
+		if s.opts.Address != "" {
+			nic.NetworkIP = proto.String(s.opts.Address)
+		}
 		if !strings.HasPrefix(nic.GetNetwork(), "http") && nic.GetNetwork() != "" {
 			nic.Network = proto.String(base + "/" + nic.GetNetwork())
 		}
@@ -383,6 +386,9 @@ func (s *Server) insert(w http.ResponseWriter, r *http.Request, project, zone st
 			ac.Kind = proto.String("compute#accessConfig")
 			// TEST-NET-3 addresses: data only, the tests never connect.
 			ac.NatIP = proto.String(fmt.Sprintf("203.0.113.%d", s.ipSeq%250+2))
+			if s.opts.Address != "" {
+				ac.NatIP = proto.String(s.opts.Address)
+			}
 			ac.NetworkTier = proto.String("PREMIUM")
 		}
 	}

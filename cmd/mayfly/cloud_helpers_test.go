@@ -1,0 +1,187 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mayfly-ci/mayfly/manager/coordinator"
+)
+
+// buildPlugin builds a plugin command into dir.
+func buildPlugin(t *testing.T, dir, pkg string) {
+	t.Helper()
+	build := exec.Command("go", "build", "-o", dir+"/", pkg)
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build %s: %v\n%s", pkg, err, out)
+	}
+}
+
+// startCoordinator serves the built-in coordinator on 127.0.0.1 with the
+// pipeline applied and a runner registered with token.
+func startCoordinator(t *testing.T, token, pipelineYAML string) (*coordinator.Server, string) {
+	t.Helper()
+	srv, err := coordinator.New(coordinator.Config{Logger: slog.New(slog.DiscardHandler), TraceUpdateInterval: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = srv.Serve(ctx, ln) }()
+	t.Cleanup(func() { cancel(); <-done })
+	if _, err := srv.RegisterRunner(coordinator.RunnerOptions{RegistrationToken: srv.RegistrationToken(), RunUntagged: true, Token: token}); err != nil {
+		t.Fatal(err)
+	}
+	pipeline, err := coordinator.ParsePipelineFile("cloud-e2e.yaml", []byte(pipelineYAML))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := srv.Apply(pipeline); err != nil {
+		t.Fatal(err)
+	}
+	return srv, "http://" + ln.Addr().String()
+}
+
+// listenLoopback listens on port of a random address in 127.0.0.0/8. The
+// cloud plugins report fixed ports (22 for SSH, 5986 for WinRM), so the
+// local server playing the instances needs an address of its own on which
+// that port is free; binding a port below 1024 needs root.
+func listenLoopback(t *testing.T, port int) net.Listener {
+	t.Helper()
+	var lastErr error
+	for range 20 {
+		ip := fmt.Sprintf("127.%d.%d.%d", 10+rand.IntN(240), rand.IntN(256), 1+rand.IntN(254))
+		ln, err := net.Listen("tcp", net.JoinHostPort(ip, fmt.Sprint(port)))
+		if err == nil {
+			t.Cleanup(func() { ln.Close() })
+			return ln
+		}
+		lastErr = err
+	}
+	t.Fatalf("no free loopback address for port %d: %v", port, lastErr)
+	return nil
+}
+
+// forward relays every connection accepted on ln to target until the test
+// ends.
+func forward(t *testing.T, ln net.Listener, target string) {
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var conns []net.Conn
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return // ln closed at cleanup
+			}
+			up, err := net.DialTimeout("tcp", target, 5*time.Second)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			mu.Lock()
+			conns = append(conns, c, up)
+			mu.Unlock()
+			wg.Add(2)
+			go func() { defer wg.Done(); _, _ = io.Copy(up, c); closeWrite(up) }()
+			go func() { defer wg.Done(); _, _ = io.Copy(c, up); closeWrite(c) }()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+}
+
+func closeWrite(c net.Conn) {
+	if tc, ok := c.(*net.TCPConn); ok {
+		_ = tc.CloseWrite()
+	}
+}
+
+// runCloudFleet runs mayfly run with cfg until every job of srv finished, then
+// drains it and waits for it to stop.
+func runCloudFleet(t *testing.T, srv *coordinator.Server, dir, pluginDir, cfg string, within time.Duration) {
+	t.Helper()
+	cfgPath := filepath.Join(dir, "config.toml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), within+time.Minute)
+	defer cancel()
+	drain := make(chan struct{})
+	done := make(chan error, 1)
+	logs := &cloudLog{}
+	go func() {
+		done <- runManager(ctx, drain, runFlags{config: cfgPath, pluginDir: pluginDir, stateDir: filepath.Join(dir, "state"), managerID: "e2e"}, io.Discard, logs)
+	}()
+	waitCtx, stopWait := context.WithTimeout(ctx, within)
+	defer stopWait()
+	if err := srv.WaitAllFinished(waitCtx); err != nil {
+		select {
+		case err := <-done:
+			t.Fatalf("mayfly run ended early: %v\n%s", err, logs.String())
+		default:
+		}
+		cancel()
+		<-done
+		t.Fatalf("jobs did not finish: %v\nmanager log:\n%s", err, logs.String())
+	}
+	close(drain)
+	if err := <-done; err != nil && !errors.Is(err, context.Canceled) {
+		t.Fatalf("mayfly run: %v\n%s", err, logs.String())
+	}
+}
+
+// cloudLog is a goroutine-safe log sink.
+type cloudLog struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *cloudLog) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *cloudLog) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// callsPerJob formats API call counts and their total per job.
+func callsPerJob(calls map[string]int, jobs int) (string, float64) {
+	total := 0
+	var parts []string
+	for k, n := range calls {
+		total += n
+		parts = append(parts, fmt.Sprintf("%s=%d", k, n))
+	}
+	sort.Strings(parts)
+	return strings.Join(parts, " "), float64(total) / float64(jobs)
+}

@@ -1,0 +1,164 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mayfly-ci/mayfly/plugins/gce/gcefake"
+	"github.com/mayfly-ci/mayfly/vmexec/winrm/wsmantest"
+)
+
+// TestGCEWindowsFleetEndToEnd runs `mayfly run` with the real
+// mayfly-plugin-gce process against the GCE fake. Every instance is played
+// by one in-repo WinRM server on a loopback address of its own, port 5986
+// as the plugin reports. The password reaches the manager through the real
+// flow: the plugin's windows-keys metadata entry, the fake guest agent's
+// RSA-OAEP answer on serial port 4, the plugin's decryption.
+//
+// Limits, measured: the GCE plugin reports no WinRM certificate (TLSCert is
+// empty), and provisioner.Connect then speaks plain HTTP to port 5986, so
+// the test server serves plain HTTP there; and without pwsh the test server
+// runs PowerShell programs with sh, so the instance-ready command (sh-
+// compatible text, run with shell powershell) runs, but the job's generated
+// PowerShell stages ("& { ... }") do not parse under sh: the job is expected
+// to fail in its first stage, with sh's syntax error in the trace.
+// winrmLoader is vmexec/winrm's loader body (its loaderBody), which reads
+// the program from stdin; the test server runs it as "sh -s" of the
+// translated program. It must stay the same text as vmexec/winrm's.
+const winrmLoader = `. ([ScriptBlock]::Create([Text.Encoding]::UTF8.GetString([Convert]::FromBase64String(((@($input) -join '') -replace '\s', '')))))`
+
+func TestGCEWindowsFleetEndToEnd(t *testing.T) {
+	const user, password = "mayfly", "E2e-Wind0ws-Pass!"
+	vm := listenLoopback(t, 5986)
+	vmIP, _, _ := net.SplitHostPort(vm.Addr().String())
+	winrm, err := wsmantest.New(wsmantest.Config{
+		Username: user, Password: password, Interpreter: wsmantest.Sh, Dir: t.TempDir(),
+		Shims: map[string]wsmantest.Shim{winrmLoader: {StdinProgram: true}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := &http.Server{Handler: winrm, ReadHeaderTimeout: 10 * time.Second}
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		if err := hs.Serve(vm); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			t.Errorf("winrm server: %v", err)
+		}
+	}()
+	t.Cleanup(func() { winrm.Close(); hs.Close(); <-served })
+
+	fake := gcefake.New(gcefake.Options{
+		Project: "e2e-project", BootDelay: 300 * time.Millisecond, AgentDelay: 300 * time.Millisecond,
+		Address: vmIP, WindowsPassword: password,
+	})
+	api := httptest.NewServer(fake)
+	t.Cleanup(api.Close)
+
+	dir := t.TempDir()
+	pluginDir := filepath.Join(dir, "plugins")
+	buildPlugin(t, pluginDir, "github.com/mayfly-ci/mayfly/plugins/gce/cmd/mayfly-plugin-gce")
+	srv, url := startCoordinator(t, cloudToken, `
+projects:
+  - name: win
+    pipelines:
+      - variables: [{key: GIT_STRATEGY, value: none}]
+        jobs:
+          - {name: win-one, script: ["Write-Output hello"]}
+          - {name: win-two, script: ["Write-Output hello"]}
+`)
+	cfg := fmt.Sprintf(`concurrent = 2
+check_interval = 1
+log_level = "info"
+
+[[runners]]
+  name = "gce-windows"
+  url = %q
+  token = %q
+  executor = "instance"
+  shell = "powershell"
+  builds_dir = 'C:\builds'
+  [runners.autoscaler]
+    plugin = "gce"
+    max_use_count = 1
+    max_instances = 3
+    delete_instances_on_shutdown = true
+    instance_ready_command = "echo mayfly-ready"
+    [runners.autoscaler.plugin_config]
+      project = "e2e-project"
+      zones = ["us-east1-b", "us-east1-c"]
+      machine_type = "n1-standard-2"
+      os = "windows"
+      username = %q
+      endpoint = %q
+      without_authentication = true
+      poll_interval = "100ms"
+      password_timeout = "10s"
+      rate_limit = 50.0
+      rate_burst = 20
+    [runners.autoscaler.connector_config]
+      os = "windows"
+      protocol = "winrm"
+      timeout = "30s"
+    [[runners.autoscaler.policy]]
+      idle_count = 1
+      idle_time = "1m"
+`, url, cloudToken, user, api.URL)
+	runCloudFleet(t, srv, dir, pluginDir, cfg, 45*time.Second)
+
+	jobs := srv.Jobs()
+	if len(jobs) != 2 {
+		t.Errorf("%d jobs at the coordinator, want 2", len(jobs))
+	}
+	for _, j := range jobs {
+		trace := string(j.Trace)
+		// The stage ran on the WinRM server (sh's parse error of the
+		// PowerShell stage is in the trace) and the failure was reported.
+		if j.Status != "failed" || !strings.Contains(strings.ToLower(trace), "syntax error") {
+			t.Errorf("job %s: %s %q, want failed with sh's syntax error for the PowerShell stage in the trace:\n%s", j.Name, j.Status, j.FailureReason, trace)
+		}
+		if !strings.Contains(trace, "Preparing environment") {
+			t.Errorf("job %s: no prepare section in the trace:\n%s", j.Name, trace)
+		}
+	}
+	// Every command came as powershell -EncodedCommand over WinRM: the
+	// ready commands and the stages.
+	var ready, stages int
+	for _, c := range winrm.Commands() {
+		if !strings.HasPrefix(strings.ToLower(c.CommandLine), "powershell ") || !strings.Contains(c.CommandLine, "-EncodedCommand") {
+			t.Errorf("command %q is not powershell -EncodedCommand", c.CommandLine)
+		}
+		if c.Exited && c.ExitCode == 0 {
+			ready++
+		} else {
+			stages++
+		}
+	}
+	if ready < len(jobs) || stages < len(jobs) {
+		t.Errorf("%d commands exited 0 (ready commands) and %d did not (stages); want at least %d of each", ready, stages, len(jobs))
+	}
+	insts := fake.Instances()
+	if len(insts) != 0 {
+		for _, in := range insts {
+			t.Errorf("instance %s/%s is %s after shutdown, want deleted", in.Zone, in.Name, in.Status)
+		}
+	}
+	created := 0
+	for _, r := range fake.Requests() {
+		if r.Method == "instances.insert" && r.Status == http.StatusOK {
+			created++
+		}
+	}
+	if created < len(jobs) {
+		t.Errorf("%d instances inserted for %d jobs", created, len(jobs))
+	}
+	calls, perJob := callsPerJob(fake.Calls(), len(jobs))
+	t.Logf("GCE Windows: %d jobs, %d instances inserted, API calls %s: %.1f calls per job", len(jobs), created, calls, perJob)
+}
