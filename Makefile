@@ -26,9 +26,12 @@ run: setup
 	$(GO) build -o $(BIN)/ ./cmd/mayfly ./plugins/qemu/cmd/mayfly-plugin-qemu
 	scripts/demo.sh
 
-## bench: run the Go benchmarks and print their figures
-bench: setup
-	$(GO) test -run '^$$' -bench . -benchmem ./...
+## bench: the simulator on every trace with every policy, then the Go benchmarks
+bench: setup build
+	@for t in weekly nightly monorepo; do \
+		$(BIN)/mayfly simulate --config testdata/hosted-gcp-linux.toml --trace testdata/traces/$$t.csv 2>/dev/null | sed -n '1,6p'; echo; done
+	@$(BIN)/mayfly simulate --config testdata/gce-windows.toml --trace testdata/traces/weekly-windows.csv 2>/dev/null | sed -n '1,6p'; echo
+	$(GO) test -run '^$$' -bench . -benchmem -benchtime 1x ./cmd/... ./fleet/... ./schedule/... ./manager/... ./providers/... ./vmexec/... ./plugins/...
 
 ## fuzz: run every fuzz target for FUZZTIME each
 fuzz:

@@ -22,6 +22,7 @@ func commands() []command {
 		{"fleet", "show the fleets of a running manager (fleet status)", runFleet},
 		{"image", "build the microVM image (image build) from Debian packages", runImage},
 		{"run", "run the runner manager: jobs from GitLab, each in a fresh VM", runRun},
+		{"simulate", "replay a job-arrival trace through fleet policies and report latency and cost", runSimulate},
 		{"verify", "load a config, check it and print each runner's fleet and idle policy", runVerify},
 		{"version", "print the version", runVersion},
 	}

@@ -98,3 +98,21 @@ func TestImageBuildUsage(t *testing.T) {
 		}
 	}
 }
+
+func TestSimulate(t *testing.T) {
+	code, out, errOut := runCLI("simulate", "--config", "../../testdata/hosted-gcp-linux.toml", "--trace", "../../testdata/traces/nightly.csv", "--policy", "mayfly", "--json")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errOut)
+	}
+	for _, want := range []string{`"policy": "mayfly"`, `"trace": "nightly.csv"`} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %s:\n%.400s", want, out)
+		}
+	}
+	if code, _, errOut := runCLI("simulate", "--config", "../../testdata/hosted-gcp-linux.toml"); code != 2 || !strings.Contains(errOut, "--trace is required") {
+		t.Errorf("without --trace: exit %d, %q", code, errOut)
+	}
+	if code, _, errOut := runCLI("simulate", "--config", "../../testdata/hosted-gcp-linux.toml", "--trace", "../../testdata/traces/nightly.csv", "--policy", "nope"); code != 1 || !strings.Contains(errOut, "nope") {
+		t.Errorf("bad policy: exit %d, %q", code, errOut)
+	}
+}

@@ -1,0 +1,177 @@
+package sim
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/mayfly-ci/mayfly/manager/config"
+	"github.com/mayfly-ci/mayfly/schedule"
+)
+
+const traceDir = "../../testdata/traces"
+
+func loadTrace(tb testing.TB, name string) []Job {
+	tb.Helper()
+	jobs, err := LoadTrace(filepath.Join(traceDir, name))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return jobs
+}
+
+// hostedOptions is the hosted Linux config on the nightly trace (one day).
+func hostedOptions(tb testing.TB, policy string) Options {
+	tb.Helper()
+	cfg, err := config.Load("../../testdata/hosted-gcp-linux.toml")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	o := Options{Policy: policy, Trace: "nightly.csv", Jobs: loadTrace(tb, "nightly.csv"), Provider: DefaultProvider("linux")}
+	if err := FromConfig(cfg, 0, &o); err != nil {
+		tb.Fatal(err)
+	}
+	return o
+}
+
+// BenchmarkHostedDay replays one simulated day (the nightly trace) with the
+// hosted GitLab.com Linux config under each policy.
+//
+//	go test -run '^$' -bench HostedDay ./fleet/sim/
+func BenchmarkHostedDay(b *testing.B) {
+	for _, p := range Policies {
+		b.Run(p, func(b *testing.B) {
+			o := hostedOptions(b, p)
+			var r Report
+			for b.Loop() {
+				var err error
+				if r, err = Run(o); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportMetric(float64(len(o.Jobs)), "jobs")
+			b.ReportMetric(r.IdleVMHours, "idle-VM-h")
+			b.ReportMetric(r.LatencyP90, "p90-s")
+		})
+	}
+}
+
+func TestHostedConfigRuns(t *testing.T) {
+	for _, p := range Policies {
+		o := hostedOptions(t, p)
+		r, err := Run(o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.Started != r.Jobs {
+			t.Errorf("%s: started %d of %d", p, r.Started, r.Jobs)
+		}
+		if p == PolicyDockerMachine || p == PolicyMayfly {
+			// The 700-VM nightly period must show up in the peak.
+			if r.PeakInstances < 700 {
+				t.Errorf("%s: peak %d instances, want ≥ 700 for the nightly period", p, r.PeakInstances)
+			}
+		}
+	}
+}
+
+// compareTraces are the traces of the comparison with their OS.
+var compareTraces = []struct{ name, os string }{
+	{"weekly.csv", "linux"},
+	{"nightly.csv", "linux"},
+	{"monorepo.csv", "linux"},
+	{"weekly-windows.csv", "windows"},
+}
+
+// tune returns the report of the smallest flat IdleCount in [0, hi] with
+// which policy meets the SLO share, or the report at hi when none does.
+// IdleCount 0 is tried first (docker+machine and taskscaler then create on
+// demand); above it a binary search assumes that a larger pool does not do
+// worse.
+func tune(base Options, share float64, hi int) (Report, int, error) {
+	run := func(n int) (Report, error) {
+		o := base
+		o.Schedule = schedule.Schedule{Default: schedule.Policy{Style: schedule.DockerMachine, IdleCount: n, IdleTime: base.Schedule.Default.IdleTime}}
+		if base.Policy == PolicyTaskscaler {
+			o.Schedule.Default.Style = schedule.Taskscaler
+			o.Schedule.Default.PreemptiveMode = n > 0
+		}
+		return Run(o)
+	}
+	if r, err := run(0); err != nil || r.WithinSLO >= share {
+		return r, 0, err
+	}
+	best, err := run(hi)
+	if err != nil || best.WithinSLO < share {
+		return best, hi, err
+	}
+	lo, bestN := 1, hi
+	for lo < bestN {
+		mid := (lo + bestN) / 2
+		r, err := run(mid)
+		if err != nil {
+			return r, mid, err
+		}
+		if r.WithinSLO >= share {
+			best, bestN = r, mid
+		} else {
+			lo = mid + 1
+		}
+	}
+	return best, bestN, nil
+}
+
+// BenchmarkCompare prints, for every trace, each baseline tuned to the
+// smallest IdleCount that starts 90 % of jobs within 120 s, against the
+// predictive policy (ceiling 1000) and the oracle. It prints figures and
+// asserts nothing about them.
+//
+//	go test -run '^$' -bench Compare -benchtime 1x ./fleet/sim/
+func BenchmarkCompare(b *testing.B) {
+	for b.Loop() {
+		var rows []Report
+		for _, tr := range compareTraces {
+			jobs := loadTrace(b, tr.name)
+			base := Options{
+				Trace:         tr.name,
+				Jobs:          jobs,
+				Schedule:      schedule.Schedule{Default: schedule.Policy{IdleTime: 10 * time.Minute}},
+				MaxUses:       1,
+				MaxGrowthRate: 100,
+				CheckInterval: 3 * time.Second,
+				Provider:      DefaultProvider(tr.os),
+			}
+			for _, p := range []string{PolicyDockerMachine, PolicyTaskscaler, PolicyMayfly} {
+				o := base
+				o.Policy = p
+				r, n, err := tune(o, 0.9, 1024)
+				if err != nil {
+					b.Fatal(err)
+				}
+				r.Policy = fmt.Sprintf("%s IdleCount=%d", p, n)
+				rows = append(rows, r)
+			}
+			for _, p := range []string{PolicyPredictive, PolicyOracle} {
+				o := base
+				o.Policy = p
+				o.Schedule.Default.IdleCount = 1000
+				r, err := Run(o)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if p == PolicyPredictive {
+					r.Policy = "predictive ceiling=1000"
+				}
+				rows = append(rows, r)
+			}
+		}
+		for i := range rows {
+			rows[i].Assumptions = nil
+		}
+		if err := WriteTable(os.Stdout, rows...); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

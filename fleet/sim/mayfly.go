@@ -1,0 +1,234 @@
+package sim
+
+import (
+	"strconv"
+	"time"
+
+	"github.com/mayfly-ci/mayfly/fleet"
+	"github.com/mayfly-ci/mayfly/schedule"
+)
+
+// Backoff bounds of the runtime fleet's creation breaker (fleet.Config
+// defaults).
+const (
+	createBackoff    = 5 * time.Second
+	createBackoffMax = 5 * time.Minute
+)
+
+// mayfly drives fleet.Decide the way fleet.Fleet's scaler pass does: a
+// pass after every event that kicks the runtime scaler (acquisition,
+// release, instance ready or failed, deletion confirmed) and at the plan's
+// Wake and the next policy change. The manager side follows
+// manager.tryRequest: each CheckInterval it asks for jobs while the fleet
+// has an idle instance, and again at once after a job arrived.
+type mayfly struct {
+	w       *world
+	limits  fleet.Limits
+	sched   *policyCache
+	breaker fleet.Breaker
+	byID    map[string]*vm
+	vms     []*vm // the books, in creation order
+	idleQ   []*vm // longest idle first
+	views   []fleet.InstanceView
+	dirty   bool
+	// released are VMs whose lease ended with their uses spent: deleted by
+	// Lease.Release, dispatched in the next pass's Delete batch.
+	released  []*vm
+	wakeAt    time.Time
+	pred      *predictor // nil: plain mayfly
+	maxTarget int        // the highest idle target of any pass
+}
+
+func newMayfly(w *world, predictive bool) *mayfly {
+	m := &mayfly{
+		w:      w,
+		limits: fleet.Limits{MaxUses: w.o.MaxUses, MaxGrowthRate: w.o.MaxGrowthRate, MaxInstances: w.o.MaxInstances, BootTimeout: w.o.BootTimeout},
+		sched:  newPolicyCache(w.o.Schedule),
+		byID:   map[string]*vm{},
+		dirty:  true,
+	}
+	if predictive {
+		m.pred = newPredictor(w.o.Predictive, w.o.CheckInterval)
+	}
+	return m
+}
+
+func (m *mayfly) polls() bool { return true }
+
+func (m *mayfly) assumptions() []string {
+	a := []string{
+		"scaler passes run fleet.Decide (production code) on every kick, at Plan.Wake and at policy changes",
+		"a VM is ready when its boot time is over (the runtime fleet notices at its next list, up to PollInterval 2s later: not modelled)",
+		"Create(n) and each pass's Delete batch are one provider call; List is counted every 2s while instances are being created, else every 1m",
+		"the manager asks for a job only when Available() > 0, so with an idle target of 0 no job ever starts",
+	}
+	if m.pred != nil {
+		a = append(a, m.pred.describe())
+	}
+	return a
+}
+
+func (m *mayfly) tick(now time.Time) {
+	w := m.w
+	got := false
+	for w.canRun() && w.hasPending() {
+		v := m.popIdle()
+		if v == nil {
+			if m.pred != nil && got {
+				// The runner got a job and would ask again at once, but the
+				// pool is empty: demand outran supply.
+				m.pred.missed(now)
+			}
+			return // Available() == 0: no job request
+		}
+		got = true
+		w.startJob(v, w.takeJob())
+		if m.pred != nil {
+			m.pred.acquired(now)
+		}
+		m.dirty = true
+	}
+}
+
+func (m *mayfly) popIdle() *vm {
+	for len(m.idleQ) > 0 {
+		v := m.idleQ[0]
+		m.idleQ[0] = nil
+		m.idleQ = m.idleQ[1:]
+		if v.state == vmIdle {
+			return v
+		}
+	}
+	return nil
+}
+
+func (m *mayfly) booted(v *vm, now time.Time) {
+	m.dirty = true
+	if v.state == vmFailed {
+		m.breaker.Fail(now, false, createBackoff, createBackoffMax)
+		return
+	}
+	m.breaker.Succeed(v.createdAt)
+	if m.pred != nil {
+		m.pred.booted(now.Sub(v.createdAt))
+	}
+	m.idleQ = append(m.idleQ, v)
+}
+
+func (m *mayfly) jobEnded(v *vm, now time.Time) {
+	m.dirty = true
+	if v.uses >= m.w.o.MaxUses {
+		v.released = true
+		m.released = append(m.released, v)
+		return
+	}
+	m.w.backToIdle(v)
+	m.idleQ = append(m.idleQ, v)
+}
+
+func (m *mayfly) remove(vs []*vm) {
+	for _, v := range vs {
+		delete(m.byID, v.name)
+	}
+	m.w.remove(vs, true)
+}
+
+func (m *mayfly) wake(now time.Time) {
+	if !m.wakeAt.IsZero() && !now.Before(m.wakeAt) {
+		m.dirty = true
+	}
+}
+
+func (m *mayfly) settle(now time.Time) {
+	if m.dirty {
+		m.dirty = false
+		m.pass(now)
+	}
+}
+
+var stateOf = [numVMStates]fleet.State{
+	vmRequested: fleet.StateRequested,
+	vmCreating:  fleet.StateCreating,
+	vmIdle:      fleet.StateIdle,
+	vmBusy:      fleet.StateAcquired,
+	vmFailed:    fleet.StateFailed,
+	vmDeleting:  fleet.StateDeleting,
+	vmGone:      fleet.StateGone,
+}
+
+// policy returns the policy of the pass at now.
+func (m *mayfly) policy(now time.Time) schedule.Policy {
+	p := m.sched.at(now)
+	if m.pred != nil {
+		p.IdleCount = m.pred.target(now, p)
+		p.ScaleFactor = 0
+	}
+	return p
+}
+
+// pass is fleet.Fleet.pass without the provider: snapshot, Decide, apply.
+func (m *mayfly) pass(now time.Time) {
+	w := m.w
+	views := m.views[:0]
+	requested := 0
+	live := m.vms[:0]
+	for _, v := range m.vms {
+		if v.state == vmGone {
+			continue
+		}
+		live = append(live, v)
+	}
+	clear(m.vms[len(live):])
+	m.vms = live
+	for _, v := range m.vms {
+		if v.state == vmRequested {
+			requested++
+			continue
+		}
+		st := stateOf[v.state]
+		if v.released {
+			st = fleet.StateDeleting
+		}
+		views = append(views, fleet.InstanceView{ID: v.name, State: st, CreatedAt: v.createdAt, IdleSince: v.idleSince, Uses: v.uses})
+	}
+	m.views = views
+	snap := fleet.Snapshot{Now: now, Instances: views, Requested: requested, Breaker: m.breaker}
+	p := m.policy(now)
+	plan := fleet.Decide(snap, p, m.limits)
+	m.maxTarget = max(m.maxTarget, plan.IdleTarget)
+	if len(plan.Delete)+len(m.released) > 0 {
+		doomed := append(make([]*vm, 0, len(plan.Delete)+len(m.released)), m.released...)
+		clear(m.released)
+		m.released = m.released[:0]
+		for _, d := range plan.Delete {
+			v := m.byID[d.ID]
+			if v == nil {
+				continue
+			}
+			if d.Reason == fleet.ReasonBootTimeout {
+				m.breaker.Fail(now, false, createBackoff, createBackoffMax)
+			}
+			doomed = append(doomed, v)
+		}
+		m.remove(doomed)
+	}
+	if plan.Create > 0 {
+		for _, v := range w.create(plan.Create, true) {
+			v.name = "i" + strconv.Itoa(v.id)
+			m.byID[v.name] = v
+			m.vms = append(m.vms, v)
+		}
+	}
+	wake := plan.Wake
+	if m.sched.valid && (wake.IsZero() || m.sched.until.Before(wake)) {
+		wake = m.sched.until
+	}
+	if m.pred != nil {
+		// The predicted target changes as arrivals age out of the window.
+		if t := now.Add(m.pred.o.Reevaluate); wake.IsZero() || t.Before(wake) {
+			wake = t
+		}
+	}
+	m.wakeAt = wake
+	w.wakeAt(wake)
+}
