@@ -9,7 +9,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -18,20 +17,23 @@ import (
 	"time"
 
 	"github.com/mayfly-ci/mayfly/manager/coordinator"
+	"github.com/mayfly-ci/mayfly/providers/plugintest"
 )
 
 // buildPlugin builds a plugin command into dir.
-func buildPlugin(t *testing.T, dir, pkg string) {
+func buildPlugin(t testing.TB, dir, pkg string) {
 	t.Helper()
-	build := exec.Command("go", "build", "-o", dir+"/", pkg)
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build %s: %v\n%s", pkg, err, out)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := plugintest.Build(dir, pkg); err != nil {
+		t.Fatal(err)
 	}
 }
 
 // startCoordinator serves the built-in coordinator on 127.0.0.1 with the
 // pipeline applied and a runner registered with token.
-func startCoordinator(t *testing.T, token, pipelineYAML string) (*coordinator.Server, string) {
+func startCoordinator(t testing.TB, token, pipelineYAML string) (*coordinator.Server, string) {
 	t.Helper()
 	srv, err := coordinator.New(coordinator.Config{Logger: slog.New(slog.DiscardHandler), TraceUpdateInterval: time.Second})
 	if err != nil {

@@ -5,8 +5,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"log/slog"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -96,32 +94,8 @@ func runQEMU(t testing.TB, pipeline string, concurrent, idle int) *qemuRun {
 	dir := t.TempDir()
 
 	pluginDir := filepath.Join(dir, "plugins")
-	build := exec.Command("go", "build", "-o", pluginDir+"/", "github.com/mayfly-ci/mayfly/plugins/qemu/cmd/mayfly-plugin-qemu")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build the qemu plugin: %v\n%s", err, out)
-	}
-
-	srv, err := coordinator.New(coordinator.Config{Logger: slog.New(slog.DiscardHandler), TraceUpdateInterval: time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srvCtx, stopSrv := context.WithCancel(context.Background())
-	t.Cleanup(stopSrv)
-	go func() { _ = srv.Serve(srvCtx, ln) }()
-	if _, err := srv.RegisterRunner(coordinator.RunnerOptions{RegistrationToken: srv.RegistrationToken(), RunUntagged: true, Token: "qemu-e2e-token"}); err != nil {
-		t.Fatal(err)
-	}
-	pf, err := coordinator.ParsePipelineFile("qemu.yaml", []byte(pipeline))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := srv.Apply(pf); err != nil {
-		t.Fatal(err)
-	}
+	buildPlugin(t, pluginDir, "github.com/mayfly-ci/mayfly/plugins/qemu/cmd/mayfly-plugin-qemu")
+	srv, url := startCoordinator(t, "qemu-e2e-token", pipeline)
 
 	stateDir := filepath.Join(dir, "qemu")
 	cfg := fmt.Sprintf(`concurrent = %d
@@ -131,7 +105,7 @@ log_format = "json"
 
 [[runners]]
   name = "qemu-e2e"
-  url = "http://%s"
+  url = %q
   token = "qemu-e2e-token"
   executor = "instance"
   shell = "sh"
@@ -153,7 +127,7 @@ log_format = "json"
     [[runners.autoscaler.policy]]
       idle_count = %d
       idle_time = "10m"
-`, concurrent, ln.Addr(), concurrent+idle, stateDir, cacheDir, idle)
+`, concurrent, url, concurrent+idle, stateDir, cacheDir, idle)
 	cfgPath := filepath.Join(dir, "config.toml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)

@@ -5,16 +5,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/mayfly-ci/mayfly/manager/coordinator"
 	"github.com/mayfly-ci/mayfly/vmexec/sshtest"
 )
 
@@ -27,26 +24,8 @@ func TestRunEndToEnd(t *testing.T) {
 	dir := t.TempDir()
 
 	pluginDir := filepath.Join(dir, "plugins")
-	build := exec.Command("go", "build", "-o", pluginDir+"/", "github.com/mayfly-ci/mayfly/providers/fake/cmd/mayfly-plugin-fake")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build the fake plugin: %v\n%s", err, out)
-	}
-
-	srv, err := coordinator.New(coordinator.Config{Logger: slog.New(slog.DiscardHandler), TraceUpdateInterval: time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srvCtx, stopSrv := context.WithCancel(context.Background())
-	defer stopSrv()
-	go func() { _ = srv.Serve(srvCtx, ln) }()
-	if _, err := srv.RegisterRunner(coordinator.RunnerOptions{RegistrationToken: srv.RegistrationToken(), RunUntagged: true, Token: "run-test-token"}); err != nil {
-		t.Fatal(err)
-	}
-	pipeline, err := coordinator.ParsePipelineFile("e2e.yaml", []byte(`
+	buildPlugin(t, pluginDir, "github.com/mayfly-ci/mayfly/providers/fake/cmd/mayfly-plugin-fake")
+	srv, url := startCoordinator(t, "run-test-token", `
 projects:
   - name: web
     pipelines:
@@ -64,13 +43,7 @@ projects:
           - {name: four, script: ["echo hello-$CI_JOB_NAME"]}
           - {name: five, script: ["echo hello-$CI_JOB_NAME"], after_script: ["echo cleanup-$CI_JOB_STATUS"]}
           - {name: six, script: ["uname -s"]}
-`))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := srv.Apply(pipeline); err != nil {
-		t.Fatal(err)
-	}
+`)
 
 	host, port, _ := net.SplitHostPort(ssh.Addr)
 	stateDir := filepath.Join(dir, "fake-state")
@@ -80,7 +53,7 @@ log_level = "warn"
 
 [[runners]]
   name = "fake-fleet"
-  url = "http://%s"
+  url = %q
   token = "run-test-token"
   executor = "instance"
   shell = "sh"
@@ -103,7 +76,7 @@ log_level = "warn"
       timeout = "30s"
     [[runners.autoscaler.policy]]
       idle_count = 2
-`, ln.Addr(), filepath.Join(dir, "builds"), stateDir, host, port, ssh.User, ssh.HostKey, ssh.ClientKeyPEM)
+`, url, filepath.Join(dir, "builds"), stateDir, host, port, ssh.User, ssh.HostKey, ssh.ClientKeyPEM)
 	cfgPath := filepath.Join(dir, "config.toml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)

@@ -3,13 +3,10 @@ package gce_test
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"log/slog"
 	"maps"
 	"net/http/httptest"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -17,6 +14,7 @@ import (
 	"github.com/mayfly-ci/mayfly/plugins/gce/gcefake"
 	"github.com/mayfly-ci/mayfly/providers"
 	"github.com/mayfly-ci/mayfly/providers/host"
+	"github.com/mayfly-ci/mayfly/providers/plugintest"
 )
 
 const testProject = "mayfly-test"
@@ -24,22 +22,7 @@ const testProject = "mayfly-test"
 var pluginBinary string
 
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "mayfly-gce-test-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	pluginBinary = filepath.Join(dir, "mayfly-plugin-gce")
-	cmd := exec.Command("go", "build", "-o", pluginBinary, "github.com/mayfly-ci/mayfly/plugins/gce/cmd/mayfly-plugin-gce")
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "build gce plugin:", err)
-		os.RemoveAll(dir)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
+	plugintest.Main(m, "github.com/mayfly-ci/mayfly/plugins/gce/cmd/mayfly-plugin-gce", &pluginBinary)
 }
 
 // startFake serves a fake GCE API on 127.0.0.1 for the test.

@@ -4,10 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -16,30 +14,13 @@ import (
 	"github.com/mayfly-ci/mayfly/providers/conformance"
 	"github.com/mayfly-ci/mayfly/providers/fake"
 	"github.com/mayfly-ci/mayfly/providers/host"
+	"github.com/mayfly-ci/mayfly/providers/plugintest"
 )
 
 var pluginBinary string
 
 func TestMain(m *testing.M) {
-	if os.Getenv("MAYFLY_CONFORMANCE_DEFECT") != "" {
-		os.Exit(m.Run()) // child of TestKitCatchesDefects: in-process only
-	}
-	dir, err := os.MkdirTemp("", "mayfly-conformance-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	pluginBinary = filepath.Join(dir, "mayfly-plugin-fake")
-	cmd := exec.Command("go", "build", "-o", pluginBinary, "github.com/mayfly-ci/mayfly/providers/fake/cmd/mayfly-plugin-fake")
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "build fake plugin:", err)
-		os.RemoveAll(dir)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
+	plugintest.Main(m, "github.com/mayfly-ci/mayfly/providers/fake/cmd/mayfly-plugin-fake", &pluginBinary)
 }
 
 func settings(t *testing.T, extra string) json.RawMessage {

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -20,27 +19,13 @@ import (
 
 	"github.com/mayfly-ci/mayfly/providers"
 	"github.com/mayfly-ci/mayfly/providers/host"
+	"github.com/mayfly-ci/mayfly/providers/plugintest"
 )
 
 var pluginBinary string
 
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "mayfly-host-test-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	pluginBinary = filepath.Join(dir, "mayfly-plugin-fake")
-	cmd := exec.Command("go", "build", "-o", pluginBinary, "github.com/mayfly-ci/mayfly/providers/fake/cmd/mayfly-plugin-fake")
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "build fake plugin:", err)
-		os.RemoveAll(dir)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
+	plugintest.Main(m, "github.com/mayfly-ci/mayfly/providers/fake/cmd/mayfly-plugin-fake", &pluginBinary)
 }
 
 // recorder is a slog.Handler keeping every record, for assertions.

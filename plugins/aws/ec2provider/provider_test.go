@@ -8,12 +8,10 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"encoding/pem"
-	"fmt"
 	"log/slog"
 	"maps"
 	"net/http/httptest"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -27,6 +25,7 @@ import (
 	"github.com/mayfly-ci/mayfly/providers"
 	"github.com/mayfly-ci/mayfly/providers/conformance"
 	"github.com/mayfly-ci/mayfly/providers/host"
+	"github.com/mayfly-ci/mayfly/providers/plugintest"
 )
 
 const (
@@ -42,22 +41,7 @@ const (
 var pluginBinary string
 
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "mayfly-aws-test-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	pluginBinary = filepath.Join(dir, "mayfly-plugin-aws")
-	cmd := exec.Command("go", "build", "-o", pluginBinary, "github.com/mayfly-ci/mayfly/plugins/aws/cmd/mayfly-plugin-aws")
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "build aws plugin:", err)
-		os.RemoveAll(dir)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
+	plugintest.Main(m, "github.com/mayfly-ci/mayfly/plugins/aws/cmd/mayfly-plugin-aws", &pluginBinary)
 }
 
 // env is one fake EC2 endpoint and the settings that reach it.
