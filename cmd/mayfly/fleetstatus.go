@@ -15,13 +15,8 @@ import (
 )
 
 func runFleet(args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 || args[0] != "status" {
-		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help") {
-			fmt.Fprintln(stdout, "Usage: mayfly fleet status [--config FILE | --addr HOST:PORT] [--json]\n\nShows the fleets of a running manager.")
-			return 0
-		}
-		fmt.Fprintln(stderr, "Usage: mayfly fleet status [--config FILE | --addr HOST:PORT] [--json]")
-		return 2
+	if code, ok := verb(args, "status", "mayfly fleet status [--config FILE | --addr HOST:PORT] [--json]", "Shows the fleets of a running manager.", stdout, stderr); !ok {
+		return code
 	}
 	fs := flag.NewFlagSet("fleet status", flag.ContinueOnError)
 	fs.SetOutput(stderr)

@@ -17,13 +17,8 @@ import (
 )
 
 func runImage(args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 || args[0] != "build" {
-		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help") {
-			fmt.Fprintln(stdout, "Usage: mayfly image build [flags]\n\nBuilds the microVM image (kernel + initramfs) from Debian packages.")
-			return 0
-		}
-		fmt.Fprintln(stderr, "Usage: mayfly image build [flags]")
-		return 2
+	if code, ok := verb(args, "build", "mayfly image build [flags]", "Builds the microVM image (kernel + initramfs) from Debian packages.", stdout, stderr); !ok {
+		return code
 	}
 	fs := flag.NewFlagSet("image build", flag.ContinueOnError)
 	fs.SetOutput(stderr)

@@ -57,3 +57,17 @@ func usage(w io.Writer) {
 	}
 	fmt.Fprintf(w, "\nRun 'mayfly <command> --help' for a command's flags.\n")
 }
+
+// verb checks that a command with one sub-verb (such as "image build") was
+// given it. It returns the exit code to use when it was not, with ok false.
+func verb(args []string, want, usage, summary string, stdout, stderr io.Writer) (code int, ok bool) {
+	switch {
+	case len(args) > 0 && args[0] == want:
+		return 0, true
+	case len(args) > 0 && (args[0] == "-h" || args[0] == "--help"):
+		fmt.Fprintf(stdout, "Usage: %s\n\n%s\n", usage, summary)
+		return 0, false
+	}
+	fmt.Fprintf(stderr, "Usage: %s\n", usage)
+	return 2, false
+}

@@ -116,3 +116,20 @@ func TestSimulate(t *testing.T) {
 		t.Errorf("bad policy: exit %d, %q", code, errOut)
 	}
 }
+
+func TestFleetStatusUsage(t *testing.T) {
+	for _, tt := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"fleet"}, 2, "Usage: mayfly fleet status"},
+		{[]string{"fleet", "--help"}, 0, "Shows the fleets"},
+		{[]string{"fleet", "status", "--addr", "127.0.0.1:1"}, 1, "is mayfly run serving on 127.0.0.1:1?"},
+	} {
+		code, out, errOut := runCLI(tt.args...)
+		if code != tt.code || !strings.Contains(out+errOut, tt.want) {
+			t.Errorf("%v: exit %d (want %d), output %q, want it to contain %q", tt.args, code, tt.code, out+errOut, tt.want)
+		}
+	}
+}
