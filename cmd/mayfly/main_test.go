@@ -109,6 +109,12 @@ func TestSimulate(t *testing.T) {
 			t.Errorf("output lacks %s:\n%.400s", want, out)
 		}
 	}
+	png := filepath.Join(t.TempDir(), "sim.png")
+	if code, _, errOut := runCLI("simulate", "--config", "../../testdata/hosted-gcp-linux.toml", "--trace", "../../testdata/traces/nightly.csv", "--policy", "docker-machine", "--plot", png); code != 0 {
+		t.Errorf("--plot: exit %d: %s", code, errOut)
+	} else if st, err := os.Stat(png); err != nil || st.Size() < 1000 {
+		t.Errorf("--plot wrote no picture: %v", err)
+	}
 	if code, _, errOut := runCLI("simulate", "--config", "../../testdata/hosted-gcp-linux.toml"); code != 2 || !strings.Contains(errOut, "--trace is required") {
 		t.Errorf("without --trace: exit %d, %q", code, errOut)
 	}

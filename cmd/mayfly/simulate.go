@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/mayfly-ci/mayfly/fleet/sim"
+	"github.com/mayfly-ci/mayfly/fleet/simplot"
 	"github.com/mayfly-ci/mayfly/manager/config"
 )
 
@@ -25,6 +26,7 @@ func runSimulate(args []string, stdout, stderr io.Writer) int {
 	apiRate := fs.Float64("api-rate", 0, "provider API calls per second (0 = unlimited)")
 	seed := fs.Uint64("seed", 1, "random seed")
 	asJSON := fs.Bool("json", false, "print the reports as JSON")
+	plotPath := fs.String("plot", "", "draw instances by state and queue wait over time into this PNG (one per policy: NAME-POLICY.png when several)")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: mayfly simulate --config FILE --trace FILE [flags]\n\nReplays a job-arrival trace through a fleet policy with a simulated provider\nand reports queue-to-start latency, the share of jobs started within 120 s,\nidle and total VM-hours, API calls per job and peak instances. The mayfly\npolicy runs the fleet's own decision code.\n\nFlags:\n")
 		fs.PrintDefaults()
@@ -69,6 +71,10 @@ func runSimulate(args []string, stdout, stderr io.Writer) int {
 		opts.Provider.FailureRate = *failure
 		opts.Provider.APIRate = *apiRate
 		opts.Provider.Seed = *seed
+		if *plotPath != "" && len(jobs) > 0 {
+			span := jobs[len(jobs)-1].Arrival.Sub(jobs[0].Arrival)
+			opts.SeriesStep = max(10*time.Second, span/2000)
+		}
 		start := time.Now()
 		r, err := sim.Run(opts)
 		if err != nil {
@@ -77,6 +83,19 @@ func runSimulate(args []string, stdout, stderr io.Writer) int {
 		}
 		if !*asJSON {
 			fmt.Fprintf(stderr, "simulated %s with %s in %s\n", opts.Trace, p, time.Since(start).Round(time.Millisecond))
+		}
+		if *plotPath != "" && len(r.Series) == 0 {
+			fmt.Fprintf(stderr, "policy %s records no series over time; not drawn\n", p)
+		} else if *plotPath != "" {
+			out := *plotPath
+			if len(policies) > 1 {
+				out = strings.TrimSuffix(out, ".png") + "-" + p + ".png"
+			}
+			if err := simplot.WritePNG(out, r); err != nil {
+				fmt.Fprintf(stderr, "mayfly simulate: %v\n", err)
+				return 1
+			}
+			fmt.Fprintf(stderr, "drew %s\n", out)
 		}
 		reports = append(reports, r)
 	}
