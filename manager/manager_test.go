@@ -2,6 +2,7 @@ package manager_test
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net"
 	"path/filepath"
@@ -32,7 +33,7 @@ type env struct {
 }
 
 // newEnv starts everything; edit may change the runner's config first.
-func newEnv(t *testing.T, jobs []coordinator.JobSpec, edit func(*config.Runner)) *env {
+func newEnv(t *testing.T, jobs []coordinator.JobSpec, edit func(*config.Runner), faults ...coordinator.Fault) *env {
 	t.Helper()
 	srv, err := coordinator.New(coordinator.Config{Logger: slog.New(slog.DiscardHandler), TraceUpdateInterval: time.Second})
 	if err != nil {
@@ -59,6 +60,11 @@ func newEnv(t *testing.T, jobs []coordinator.JobSpec, edit func(*config.Runner))
 		}
 	}
 
+	for _, f := range faults {
+		if err := srv.InjectFault(f); err != nil {
+			t.Fatal(err)
+		}
+	}
 	dir := t.TempDir()
 	fleet := localfleet.New(filepath.Join(dir, "vms"), 2)
 	t.Cleanup(fleet.Close)
@@ -403,4 +409,42 @@ func counterSum(t *testing.T, reg *prometheus.Registry, name string) float64 {
 		}
 	}
 	return sum
+}
+
+// GitLab answers trace PATCHes with 416 and the size it really has: the
+// manager resends from there and the stored trace is complete and verified.
+func TestTrace416Recovery(t *testing.T) {
+	e := newEnv(t, []coordinator.JobSpec{{Name: "resync", Script: []string{"for i in 1 2 3 4 5; do echo line $i; sleep 0.1; done"}}}, nil,
+		coordinator.Fault{Endpoint: coordinator.FaultPatchTrace, Status: 416, Times: 2})
+	j := e.job("resync")
+	tr := traceOf(t, j)
+	if j.Status != "success" {
+		t.Errorf("job = %s %s", j.Status, j.FailureReason)
+	}
+	for i := 1; i <= 5; i++ {
+		if !strings.Contains(tr, fmt.Sprintf("\nline %d\n", i)) {
+			t.Errorf("trace lacks line %d:\n%s", i, tr)
+		}
+	}
+	if n := e.srv.FaultsServed(); n != 2 {
+		t.Errorf("faults served = %d, want the 2 injected 416s", n)
+	}
+}
+
+// A GitLab that answers job requests with 503 and 429 slows the manager down
+// but loses nothing: the job still runs once the answers are good again.
+func TestRequestBackoff(t *testing.T) {
+	e := newEnv(t, []coordinator.JobSpec{{Name: "later", Script: []string{"echo made it"}}}, nil,
+		coordinator.Fault{Endpoint: coordinator.FaultRequestJob, Status: 503, Times: 3},
+		coordinator.Fault{Endpoint: coordinator.FaultRequestJob, Status: 429, Times: 1, RetryAfter: time.Second})
+	j := e.job("later")
+	if j.Status != "success" || !strings.Contains(traceOf(t, j), "\nmade it\n") {
+		t.Errorf("job = %s %s:\n%s", j.Status, j.FailureReason, j.Trace)
+	}
+	if n := e.srv.FaultsServed(); n != 4 {
+		t.Errorf("faults served = %d, want 4", n)
+	}
+	if got := counterSum(t, e.reg, "gitlab_runner_api_request_statuses_total"); got < 5 {
+		t.Errorf("API request statuses counted = %v, want the faults and the successes", got)
+	}
 }

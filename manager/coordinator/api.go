@@ -224,6 +224,9 @@ func noContent(lastUpdate string) *reply {
 // with the job id appended, which never equals a current version, so the
 // runner's next request looks at the queue again.
 func (s *Server) handleJobRequest(w http.ResponseWriter, r *http.Request) {
+	if s.applyFault(w, r, FaultRequestJob) {
+		return
+	}
 	s.mu.Lock()
 	w.Header().Set(runnerapi.HeaderLastUpdate, s.versionString()) // also on 400/413
 	s.mu.Unlock()
@@ -349,6 +352,9 @@ func parseContentRange(v string) (start, end int64, err error) {
 
 // handleTrace is PATCH /api/v4/jobs/:id/trace.
 func (s *Server) handleTrace(w http.ResponseWriter, r *http.Request) {
+	if s.applyFault(w, r, FaultPatchTrace) {
+		return
+	}
 	id, ok := pathJobID(r)
 	if !ok {
 		writeMessage(w, http.StatusNotFound, "404 Job Not Found")
@@ -410,6 +416,9 @@ func (s *Server) appendTrace(id int64, token, contentRange string, body []byte) 
 
 // handleUpdate is PUT /api/v4/jobs/:id.
 func (s *Server) handleUpdate(w http.ResponseWriter, r *http.Request) {
+	if s.applyFault(w, r, FaultUpdateJob) {
+		return
+	}
 	id, ok := pathJobID(r)
 	if !ok {
 		writeMessage(w, http.StatusNotFound, "404 Job Not Found")

@@ -72,6 +72,8 @@ type Server struct {
 	held     atomic.Int64 // job requests held in a long poll right now
 
 	mu              sync.Mutex
+	faults          []*fault // armed by InjectFault
+	faultsServed    int
 	nextID          map[string]int64
 	groups          map[int64]*group
 	groupsByPath    map[string]*group
