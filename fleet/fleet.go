@@ -65,8 +65,12 @@ type Config struct {
 	// ProviderMaxSize is providers.Info.MaxSize (0: none); it caps the
 	// fleet like MaxInstances.
 	ProviderMaxSize int
-	// Schedule gives the idle policy in force at each time.
+	// Schedule gives the idle policy in force at each time; SetSchedule
+	// replaces it while the fleet runs.
 	Schedule schedule.Schedule
+	// CheckInterval is how often the runner asks for jobs (check_interval):
+	// part of the lead time of the predictive policy (default 3s).
+	CheckInterval time.Duration
 	// MaxUses is how many jobs an instance runs before it is deleted
 	// (MaxBuilds, max_use_count). 0 means 1.
 	MaxUses int
@@ -143,7 +147,7 @@ func (c *Config) validate() error {
 		name string
 		v    time.Duration
 	}{
-		{"BootTimeout", c.BootTimeout}, {"ReconcileInterval", c.ReconcileInterval}, {"PollInterval", c.PollInterval},
+		{"BootTimeout", c.BootTimeout}, {"CheckInterval", c.CheckInterval}, {"ReconcileInterval", c.ReconcileInterval}, {"PollInterval", c.PollInterval},
 		{"OrphanGrace", c.OrphanGrace}, {"ShutdownTimeout", c.ShutdownTimeout}, {"CallTimeout", c.CallTimeout},
 		{"CreateBackoff", c.CreateBackoff}, {"CreateBackoffMax", c.CreateBackoffMax},
 		{"DeleteBackoff", c.DeleteBackoff}, {"DeleteBackoffMax", c.DeleteBackoffMax},
@@ -166,6 +170,7 @@ func (c *Config) defaults() {
 		}
 	}
 	setDur(&c.BootTimeout, 10*time.Minute)
+	setDur(&c.CheckInterval, DefaultCheckInterval)
 	setDur(&c.ReconcileInterval, time.Minute)
 	setDur(&c.PollInterval, 2*time.Second)
 	setDur(&c.OrphanGrace, 10*time.Minute)
@@ -276,6 +281,7 @@ type Fleet struct {
 	firstCreating time.Time // earliest createdAt of a creating instance, as of the last pass
 	boots         [bootSamples]time.Duration
 	bootN         int
+	demand        DemandMeter // acquisitions and boots, for the predictive policy
 }
 
 // New checks cfg and returns a fleet. Nothing happens until Run.
@@ -299,6 +305,7 @@ func New(cfg Config) (*Fleet, error) {
 			MaxGrowthRate: cfg.MaxGrowthRate,
 			MaxInstances:  minPositive(cfg.MaxInstances, cfg.ProviderMaxSize),
 			BootTimeout:   cfg.BootTimeout,
+			CheckInterval: cfg.CheckInterval,
 		},
 		wakeCh:   make(chan struct{}, 1),
 		stopCh:   make(chan struct{}),
@@ -735,6 +742,7 @@ func (f *Fleet) Acquire(ctx context.Context) (*Lease, error) {
 			return nil, err
 		}
 		if in := f.popIdleLocked(); in != nil {
+			f.demand.Acquired(f.clock.Now())
 			f.setStateLocked(in, StateAcquired)
 			in.lost = make(chan struct{})
 			in.lostClosed = false
@@ -747,6 +755,8 @@ func (f *Fleet) Acquire(ctx context.Context) (*Lease, error) {
 		if !waited {
 			waited = true
 			waitStart = f.clock.Now()
+			// A job found the pool empty: demand outran supply.
+			f.demand.Missed(waitStart, f.limits.CheckInterval)
 			f.waiting++
 			f.m.waits.WithLabelValues(f.cfg.Name).Inc()
 			f.kick() // the scaler counts waiters as demand
@@ -863,6 +873,18 @@ func (f *Fleet) deleteOnShutdown() {
 	}
 }
 
+// SetSchedule replaces the schedule of idle policies, for a configuration
+// reload. It is safe for concurrent use and takes effect at the next
+// scaler pass, which it asks for. s must not be modified afterwards.
+func (f *Fleet) SetSchedule(s schedule.Schedule) {
+	f.mu.Lock()
+	f.cfg.Schedule = s
+	f.policyUntil = time.Time{} // look the policy up again
+	f.mu.Unlock()
+	f.log.Info("schedule replaced", "entries", len(s.Entries))
+	f.kick()
+}
+
 // pass runs one scaler pass and returns when the next one is due.
 func (f *Fleet) pass(ctx context.Context) time.Time {
 	now := f.clock.Now()
@@ -967,6 +989,7 @@ func (f *Fleet) bootLead() time.Duration {
 func (f *Fleet) observeBootLocked(d time.Duration) {
 	f.boots[f.bootN%bootSamples] = d
 	f.bootN++
+	f.demand.Booted(d)
 }
 
 // snapshotLocked copies the books for Decide.
@@ -983,7 +1006,11 @@ func (f *Fleet) snapshotLocked(now time.Time) Snapshot {
 	if cap(views) > 4*len(views)+64 {
 		f.snapBuf = nil // the fleet shrank a lot: let the big buffer go
 	}
-	return Snapshot{Now: now, Instances: views, Requested: f.requested, Waiting: f.waiting, Breaker: f.breaker}
+	snap := Snapshot{Now: now, Instances: views, Requested: f.requested, Waiting: f.waiting, Breaker: f.breaker}
+	if f.policy.Predictive {
+		snap.Demand = f.demand.Demand(now)
+	}
+	return snap
 }
 
 func (f *Fleet) updateGaugesLocked(plan Plan) {
@@ -1103,12 +1130,17 @@ func (f *Fleet) provision(ctx context.Context, in *instance, inst providers.Inst
 	op := OpConnectInfo
 	for attempt := 1; ; attempt++ {
 		ci, err = f.api.ConnectInfo(ctx, in.id)
-		if err == nil && ci.Protocol == providers.ProtocolSSH && ci.HostKey == "" {
+		switch {
+		case err == nil && ci.Protocol == providers.ProtocolSSH && ci.HostKey == "":
 			// Some clouds publish the SSH host key only after boot (GCE guest
 			// attributes, EC2 console output). The key is pinned, never trusted
 			// on first use, so ask again until it appears or the boot watchdog
 			// gives up.
 			err = providers.Transient(fmt.Errorf("instance %s: no SSH host key published yet", in.id))
+		case err == nil && ci.Protocol == providers.ProtocolWinRM && len(ci.TLSCert) == 0:
+			// The same for the WinRM certificate, which the startup script
+			// publishes once the HTTPS listener exists.
+			err = providers.Transient(fmt.Errorf("instance %s: no WinRM certificate published yet", in.id))
 		}
 		if err == nil || !providers.IsTransient(err) || ctx.Err() != nil {
 			break

@@ -35,6 +35,8 @@ type Snapshot struct {
 	Waiting int
 	// Breaker is the creation circuit breaker of the provider.
 	Breaker Breaker
+	// Demand is the measured traffic, used when the policy is Predictive.
+	Demand Demand
 }
 
 // Limits are the fleet's fixed bounds, from its configuration and the
@@ -50,6 +52,9 @@ type Limits struct {
 	// BootTimeout is how long an instance may take from creation to ready
 	// before the watchdog deletes it; 0 = forever.
 	BootTimeout time.Duration
+	// CheckInterval is how often the runner asks for jobs: part of the
+	// predictive policy's lead time (0: DefaultCheckInterval).
+	CheckInterval time.Duration
 }
 
 // Reason says why an instance is deleted. It is a metric label value.
@@ -110,7 +115,9 @@ type Plan struct {
 //   - failed instances, instances not ready within BootTimeout and idle
 //     instances that have used up MaxUses are deleted;
 //   - available = idle + requested + creating + provisioning; the idle
-//     target is policy.IdleTarget(acquired) plus blocked Acquire calls;
+//     target is policy.IdleTarget(acquired) (or PredictiveTarget from
+//     s.Demand when policy.Predictive is set, recomputed at least every
+//     PredictiveReevaluate) plus blocked Acquire calls;
 //   - while available is above the target, idle instances idle for longer
 //     than IdleTime are deleted, the longest idle first;
 //   - while available is below the target, instances are created, bounded
@@ -163,7 +170,10 @@ func Decide(s Snapshot, p schedule.Policy, l Limits) Plan {
 		}
 	}
 
-	plan.IdleTarget = max(p.IdleTarget(inUse), 0)
+	plan.IdleTarget = idleTarget(&s, p, l, inUse)
+	if p.Predictive {
+		wake(now.Add(PredictiveReevaluate)) // arrivals age out of the rate windows
+	}
 	want := plan.IdleTarget + s.Waiting
 	avail := len(idle) + inflight
 

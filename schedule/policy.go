@@ -35,6 +35,28 @@ type Policy struct {
 	ScaleFactorLimit int           // Taskscaler: ceiling of the scaled target; 0 = none
 	IdleTime         time.Duration // how long a surplus idle instance may live
 	PreemptiveMode   bool          // Taskscaler: ask for jobs only when an instance is free
+	// Predictive sizes the idle pool from the measured acquisition rate
+	// and boot time instead of IdleTarget: the PredictiveQuantile quantile
+	// of the acquisitions expected within one boot time plus one check
+	// interval, at least 1 and at most IdleCount (the ceiling with either
+	// Style). ScaleFactor, IdleCountMin and ScaleFactorLimit are ignored.
+	Predictive bool
+	// PredictiveQuantile is the probability that the predicted pool covers
+	// the acquisitions of one lead time, in (0,1); 0 means
+	// DefaultPredictiveQuantile.
+	PredictiveQuantile float64
+}
+
+// DefaultPredictiveQuantile is the PredictiveQuantile used when it is 0.
+const DefaultPredictiveQuantile = 0.95
+
+// Quantile returns PredictiveQuantile, or DefaultPredictiveQuantile when
+// it is 0.
+func (p Policy) Quantile() float64 {
+	if p.PredictiveQuantile == 0 {
+		return DefaultPredictiveQuantile
+	}
+	return p.PredictiveQuantile
 }
 
 // IdleTarget returns how many idle instances the policy asks for while

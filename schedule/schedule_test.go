@@ -304,3 +304,13 @@ func FuzzParsePeriod(f *testing.F) {
 		}
 	})
 }
+
+func TestPolicyQuantile(t *testing.T) {
+	for _, tt := range []struct {
+		q, want float64
+	}{{0, DefaultPredictiveQuantile}, {0.5, 0.5}, {0.99, 0.99}} {
+		if got := (Policy{Predictive: true, PredictiveQuantile: tt.q}).Quantile(); got != tt.want {
+			t.Errorf("Quantile() with PredictiveQuantile %v = %v, want %v", tt.q, got, tt.want)
+		}
+	}
+}

@@ -37,6 +37,7 @@ import (
 type runFlags struct {
 	config, pluginDir, stateDir, managerID string
 	view                                   time.Duration
+	checkInterval                          time.Duration // set from the config
 }
 
 func runRun(args []string, stdout, stderr io.Writer) int {
@@ -203,9 +204,7 @@ func runManager(ctx context.Context, drain <-chan struct{}, f runFlags, stdout, 
 		case <-watchCtx.Done():
 		}
 	}()
-	go store.Watch(watchCtx, 3*time.Second, func(*config.Config) {
-		log.Warn("config file changed: the new config is valid and will be used at the next start; mayfly does not yet apply changes to a running fleet")
-	})
+	go store.Watch(watchCtx, 3*time.Second, func(next *config.Config) { applyReload(next, fleets, log) })
 	if f.view > 0 {
 		go printView(watchCtx, stdout, f.view, fleets)
 	}
@@ -215,6 +214,7 @@ func runManager(ctx context.Context, drain <-chan struct{}, f runFlags, stdout, 
 }
 
 func startFleet(ctx context.Context, r config.Runner, f runFlags, dirs []string, reg prometheus.Registerer, log *slog.Logger) (*fleetRun, error) {
+	f.checkInterval = checkIntervalOf(f.config)
 	plugin, err := host.Start(ctx, host.Config{Name: r.Fleet.Provider, Dirs: dirs, Logger: log})
 	if err != nil {
 		return nil, err
@@ -244,6 +244,7 @@ func startFleet(ctx context.Context, r config.Runner, f runFlags, dirs []string,
 		MaxUses:          r.Fleet.MaxUses,
 		MaxGrowthRate:    r.Fleet.MaxGrowthRate,
 		MaxInstances:     r.Fleet.MaxInstances,
+		CheckInterval:    f.checkInterval,
 		BootTimeout:      r.Fleet.Connector.Timeout,
 		DeleteOnShutdown: r.Fleet.DeleteOnShutdown,
 		Provisioner:      &provisioner.Ready{Timeout: r.Fleet.Connector.Timeout, Command: r.Fleet.InstanceReadyCommand, Shell: r.Shell, Logger: log},
@@ -334,4 +335,32 @@ func statusLine(st fleet.Status) string {
 		line += ", held: " + st.Held
 	}
 	return line
+}
+
+// checkIntervalOf is the config's check_interval (the predictive policy's
+// lead time includes it); the config was validated already.
+func checkIntervalOf(path string) time.Duration {
+	cfg, err := config.Load(path)
+	if err != nil {
+		return config.DefaultCheckInterval
+	}
+	return cfg.CheckInterval
+}
+
+// applyReload gives each running fleet the idle policy of its runner in the
+// reloaded config. Other changes take effect at the next start.
+func applyReload(next *config.Config, fleets []*fleetRun, log *slog.Logger) {
+	for _, fr := range fleets {
+		found := false
+		for _, r := range next.Runners {
+			if r.Name == fr.name {
+				fr.fleet.SetSchedule(r.Fleet.Schedule)
+				found = true
+			}
+		}
+		if !found {
+			log.Warn("config reloaded without this runner; it keeps running until the next start", "runner", fr.name)
+		}
+	}
+	log.Info("config reloaded: idle policies applied to the running fleets; other changes take effect at the next start")
 }

@@ -35,20 +35,20 @@ type mayfly struct {
 	// Lease.Release, dispatched in the next pass's Delete batch.
 	released  []*vm
 	wakeAt    time.Time
-	pred      *predictor // nil: plain mayfly
-	maxTarget int        // the highest idle target of any pass
+	pred      *fleet.DemandMeter // nil: plain mayfly
+	maxTarget int                // the highest idle target of any pass
 }
 
 func newMayfly(w *world, predictive bool) *mayfly {
 	m := &mayfly{
 		w:      w,
-		limits: fleet.Limits{MaxUses: w.o.MaxUses, MaxGrowthRate: w.o.MaxGrowthRate, MaxInstances: w.o.MaxInstances, BootTimeout: w.o.BootTimeout},
+		limits: fleet.Limits{MaxUses: w.o.MaxUses, MaxGrowthRate: w.o.MaxGrowthRate, MaxInstances: w.o.MaxInstances, BootTimeout: w.o.BootTimeout, CheckInterval: w.o.CheckInterval},
 		sched:  newPolicyCache(w.o.Schedule),
 		byID:   map[string]*vm{},
 		dirty:  true,
 	}
 	if predictive {
-		m.pred = newPredictor(w.o.Predictive, w.o.CheckInterval)
+		m.pred = new(fleet.DemandMeter)
 	}
 	return m
 }
@@ -63,7 +63,7 @@ func (m *mayfly) assumptions() []string {
 		"the manager asks for a job only when Available() > 0, so with an idle target of 0 no job ever starts",
 	}
 	if m.pred != nil {
-		a = append(a, m.pred.describe())
+		a = append(a, m.w.o.Predictive.describe(m.w.o.CheckInterval))
 	}
 	return a
 }
@@ -77,14 +77,14 @@ func (m *mayfly) tick(now time.Time) {
 			if m.pred != nil && got {
 				// The runner got a job and would ask again at once, but the
 				// pool is empty: demand outran supply.
-				m.pred.missed(now)
+				m.pred.Missed(now, m.w.o.CheckInterval)
 			}
 			return // Available() == 0: no job request
 		}
 		got = true
 		w.startJob(v, w.takeJob())
 		if m.pred != nil {
-			m.pred.acquired(now)
+			m.pred.Acquired(now)
 		}
 		m.dirty = true
 	}
@@ -110,7 +110,7 @@ func (m *mayfly) booted(v *vm, now time.Time) {
 	}
 	m.breaker.Succeed(v.createdAt)
 	if m.pred != nil {
-		m.pred.booted(now.Sub(v.createdAt))
+		m.pred.Booted(now.Sub(v.createdAt))
 	}
 	m.idleQ = append(m.idleQ, v)
 }
@@ -160,8 +160,7 @@ var stateOf = [numVMStates]fleet.State{
 func (m *mayfly) policy(now time.Time) schedule.Policy {
 	p := m.sched.at(now)
 	if m.pred != nil {
-		p.IdleCount = m.pred.target(now, p)
-		p.ScaleFactor = 0
+		p = m.w.o.Predictive.apply(p)
 	}
 	return p
 }
@@ -194,6 +193,9 @@ func (m *mayfly) pass(now time.Time) {
 	m.views = views
 	snap := fleet.Snapshot{Now: now, Instances: views, Requested: requested, Breaker: m.breaker}
 	p := m.policy(now)
+	if m.pred != nil {
+		snap.Demand = m.pred.Demand(now)
+	}
 	plan := fleet.Decide(snap, p, m.limits)
 	m.maxTarget = max(m.maxTarget, plan.IdleTarget)
 	if len(plan.Delete)+len(m.released) > 0 {
@@ -222,12 +224,6 @@ func (m *mayfly) pass(now time.Time) {
 	wake := plan.Wake
 	if m.sched.valid && (wake.IsZero() || m.sched.until.Before(wake)) {
 		wake = m.sched.until
-	}
-	if m.pred != nil {
-		// The predicted target changes as arrivals age out of the window.
-		if t := now.Add(m.pred.o.Reevaluate); wake.IsZero() || t.Before(wake) {
-			wake = t
-		}
 	}
 	m.wakeAt = wake
 	w.wakeAt(wake)

@@ -193,24 +193,6 @@ func TestPredictiveSizesFromRate(t *testing.T) {
 	}
 }
 
-func TestPoissonQuantile(t *testing.T) {
-	tests := []struct {
-		mu, q float64
-		want  int
-	}{
-		{0, 0.95, 0},
-		{1, 0.5, 1},    // P(X≤0)=0.368, P(X≤1)=0.736
-		{1, 0.95, 3},   // P(X≤2)=0.920, P(X≤3)=0.981
-		{10, 0.95, 15}, // P(X≤14)=0.917, P(X≤15)=0.951
-		{10000, 0.5, 10000},
-	}
-	for _, tt := range tests {
-		if got := PoissonQuantile(tt.mu, tt.q); got != tt.want {
-			t.Errorf("PoissonQuantile(%v, %v) = %d, want %d", tt.mu, tt.q, got, tt.want)
-		}
-	}
-}
-
 func TestDeterminism(t *testing.T) {
 	for _, p := range Policies {
 		o := Options{

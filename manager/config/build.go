@@ -328,10 +328,12 @@ func (b *builder) machine(key string, m *fileMachine, limit int) Fleet {
 	f.MaxUses = b.maxUses(k("MaxBuilds"), m.MaxBuilds)
 
 	f.Schedule.Default = b.machinePolicy(key, m.IdleCount, m.IdleCountMin, m.IdleScaleFactor, m.IdleTime)
+	b.predictive(&f.Schedule.Default, key, "IdlePredictive", "IdlePredictiveQuantile", m.IdlePredictive, m.IdlePredictiveQuantile)
 	for j := range m.Autoscaling {
 		a := &m.Autoscaling[j]
 		ak := fmt.Sprintf("%s[%d]", k("autoscaling"), j)
 		e := schedule.Entry{Policy: b.machinePolicy(ak, a.IdleCount, a.IdleCountMin, a.IdleScaleFactor, a.IdleTime)}
+		b.predictive(&e.Policy, ak, "IdlePredictive", "IdlePredictiveQuantile", a.IdlePredictive, a.IdlePredictiveQuantile)
 		e.Periods = b.periods(ak, "Periods", "Timezone", a.Periods, a.Timezone, schedule.DockerMachine)
 		f.Schedule.Entries = append(f.Schedule.Entries, e)
 	}
@@ -364,6 +366,27 @@ func (b *builder) machinePolicy(key string, idleCount, idleCountMin *int, factor
 		}
 	}
 	return p
+}
+
+// predictive reads the predictive-mode keys of one policy (key.onKey and
+// key.qKey). The quantile must be in (0,1); it defaults to
+// schedule.DefaultPredictiveQuantile.
+func (b *builder) predictive(p *schedule.Policy, key, onKey, qKey string, on *bool, q *float64) {
+	p.Predictive = on != nil && *on
+	if q == nil {
+		if p.Predictive {
+			p.PredictiveQuantile = schedule.DefaultPredictiveQuantile
+		}
+		return
+	}
+	if !(*q > 0 && *q < 1) {
+		b.errorf(key+"."+qKey, "must be in (0,1), got %g", *q)
+		return
+	}
+	p.PredictiveQuantile = *q
+	if !p.Predictive {
+		b.warnf(key+"."+qKey, "has no effect unless %s is true", onKey)
+	}
 }
 
 // maxUses reads MaxBuilds or max_use_count. Unset or 0 means unlimited reuse
@@ -429,6 +452,7 @@ func (b *builder) autoscaler(key string, a *fileAutoscaler) Fleet {
 		if p.PreemptiveMode != nil {
 			pol.PreemptiveMode = *p.PreemptiveMode
 		}
+		b.predictive(&pol, pk, "predictive", "predictive_quantile", p.Predictive, p.PredictiveQuantile)
 		periods := p.Periods
 		if len(periods) == 0 {
 			periods = []string{"* * * * *"}

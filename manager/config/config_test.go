@@ -3,6 +3,7 @@ package config
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -108,6 +109,14 @@ func TestParseErrors(t *testing.T) {
 		{"concurrent zero", strings.Replace(machineDoc, "concurrent = 10", "concurrent = 0", 1), 1, "concurrent", "must be at least 1"},
 		{"bad log level", "log_level = \"loud\"\n" + machineDoc, 1, "log_level", `"loud" is not one of`},
 		{"no runners", "concurrent = 1\n", 0, "runners", "no [[runners]] entry"},
+		{"predictive quantile out of range", strings.Replace(machineDoc, "IdleTime = 600", "IdleTime = 600\n    IdlePredictive = true\n    IdlePredictiveQuantile = 1.5", 1), 11, "runners[0].machine.IdlePredictiveQuantile", "must be in (0,1), got 1.5"},
+		{"predictive wrong type", strings.Replace(machineDoc, "IdleTime = 600", "IdleTime = 600\n    IdlePredictive = 1", 1), 10, "runners.machine.IdlePredictive", "wrong type"},
+		{"predictive quantile 0 in a period", machineDoc + `    [[runners.machine.autoscaling]]
+      Periods = ["* * * * * sat,sun *"]
+      IdlePredictive = true
+      IdlePredictiveQuantile = 0.0
+`, 16, "runners[0].machine.autoscaling[0].IdlePredictiveQuantile", "must be in (0,1), got 0"},
+		{"policy predictive_quantile negative", strings.Replace(autoscalerDoc, "idle_count = 2", "idle_count = 2\n      predictive = true\n      predictive_quantile = -0.1", 1), 15, "runners[0].autoscaler.policy[0].predictive_quantile", "must be in (0,1), got -0.1"},
 		{"bad environment", strings.Replace(machineDoc, `executor =`, "environment = [\"=x\"]\n  executor =", 1), 6, "runners[0].environment[0]", "want KEY=value"},
 	}
 	for _, tt := range tests {
@@ -373,4 +382,65 @@ func FuzzParse(f *testing.F) {
 			}
 		}
 	})
+}
+
+func TestPredictiveKeys(t *testing.T) {
+	tests := []struct {
+		name     string
+		doc      string
+		at       string // a time in the entry's period
+		want     bool
+		wantQ    float64
+		wantWarn string // key of an expected warning
+	}{
+		{"off by default", machineDoc, "2026-11-23T12:00:00Z", false, 0, ""},
+		{"machine default quantile", strings.Replace(machineDoc, "IdleTime = 600", "IdleTime = 600\n    IdlePredictive = true", 1), "2026-11-23T12:00:00Z", true, 0.95, ""},
+		{"machine quantile", strings.Replace(machineDoc, "IdleTime = 600", "IdleTime = 600\n    IdlePredictive = true\n    IdlePredictiveQuantile = 0.99", 1), "2026-11-23T12:00:00Z", true, 0.99, ""},
+		{"quantile without predictive warns", strings.Replace(machineDoc, "IdleTime = 600", "IdleTime = 600\n    IdlePredictiveQuantile = 0.9", 1), "2026-11-23T12:00:00Z", false, 0.9, "runners[0].machine.IdlePredictiveQuantile"},
+		{"autoscaling entry", machineDoc + `    [[runners.machine.autoscaling]]
+      Periods = ["* * * * * sat,sun *"]
+      IdleCount = 40
+      IdlePredictive = true
+      IdlePredictiveQuantile = 0.8
+`, "2026-11-21T12:00:00Z", true, 0.8, ""},
+		{"autoscaling entry does not inherit", strings.Replace(machineDoc, "IdleTime = 600", "IdleTime = 600\n    IdlePredictive = true", 1) + `    [[runners.machine.autoscaling]]
+      Periods = ["* * * * * sat,sun *"]
+      IdleCount = 40
+`, "2026-11-21T12:00:00Z", false, 0, ""},
+		{"autoscaler policy", strings.Replace(autoscalerDoc, "idle_count = 2", "idle_count = 2\n      predictive = true\n      predictive_quantile = 0.9", 1), "2026-11-23T12:00:00Z", true, 0.9, ""},
+		{"autoscaler policy default quantile", strings.Replace(autoscalerDoc, "idle_count = 2", "idle_count = 2\n      predictive = true", 1), "2026-11-23T12:00:00Z", true, 0.95, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := Parse("c.toml", []byte(tt.doc))
+			if err != nil {
+				t.Fatalf("Parse: %v", err)
+			}
+			at, _ := time.Parse(time.RFC3339, tt.at)
+			p, _ := cfg.Runners[0].Fleet.Schedule.At(at)
+			if p.Predictive != tt.want || p.PredictiveQuantile != tt.wantQ {
+				t.Errorf("policy = Predictive %v quantile %v, want %v %v", p.Predictive, p.PredictiveQuantile, tt.want, tt.wantQ)
+			}
+			warned := false
+			for _, w := range cfg.Warnings {
+				warned = warned || (tt.wantWarn != "" && w.Key == tt.wantWarn)
+			}
+			if tt.wantWarn != "" && !warned {
+				t.Errorf("no warning for %s in %v", tt.wantWarn, cfg.Warnings)
+			}
+			var sum strings.Builder
+			if err := WriteSummary(&sum, cfg, at); err != nil {
+				t.Fatal(err)
+			}
+			var nowLine string
+			for line := range strings.Lines(sum.String()) {
+				if strings.HasPrefix(line, "  now ") {
+					nowLine = line
+				}
+			}
+			if got := strings.Contains(nowLine, fmt.Sprintf("predictive, quantile %g", tt.wantQ)); got != tt.want {
+				t.Errorf("summary line %q mentions predictive = %v, want %v", nowLine, got, tt.want)
+			}
+		})
+	}
 }

@@ -40,25 +40,29 @@ type fileRunner struct {
 }
 
 type fileMachine struct {
-	IdleCount       *int                     `toml:"IdleCount"`
-	IdleCountMin    *int                     `toml:"IdleCountMin"`
-	IdleScaleFactor *float64                 `toml:"IdleScaleFactor"`
-	IdleTime        *int                     `toml:"IdleTime"`
-	MaxGrowthRate   *int                     `toml:"MaxGrowthRate"`
-	MaxBuilds       *int                     `toml:"MaxBuilds"`
-	MachineName     string                   `toml:"MachineName"`
-	MachineDriver   string                   `toml:"MachineDriver"`
-	MachineOptions  []string                 `toml:"MachineOptions"`
-	Autoscaling     []fileMachineAutoscaling `toml:"autoscaling"`
+	IdleCount              *int                     `toml:"IdleCount"`
+	IdleCountMin           *int                     `toml:"IdleCountMin"`
+	IdleScaleFactor        *float64                 `toml:"IdleScaleFactor"`
+	IdleTime               *int                     `toml:"IdleTime"`
+	IdlePredictive         *bool                    `toml:"IdlePredictive"`
+	IdlePredictiveQuantile *float64                 `toml:"IdlePredictiveQuantile"`
+	MaxGrowthRate          *int                     `toml:"MaxGrowthRate"`
+	MaxBuilds              *int                     `toml:"MaxBuilds"`
+	MachineName            string                   `toml:"MachineName"`
+	MachineDriver          string                   `toml:"MachineDriver"`
+	MachineOptions         []string                 `toml:"MachineOptions"`
+	Autoscaling            []fileMachineAutoscaling `toml:"autoscaling"`
 }
 
 type fileMachineAutoscaling struct {
-	Periods         []string `toml:"Periods"`
-	Timezone        string   `toml:"Timezone"`
-	IdleCount       *int     `toml:"IdleCount"`
-	IdleCountMin    *int     `toml:"IdleCountMin"`
-	IdleScaleFactor *float64 `toml:"IdleScaleFactor"`
-	IdleTime        *int     `toml:"IdleTime"`
+	Periods                []string `toml:"Periods"`
+	Timezone               string   `toml:"Timezone"`
+	IdleCount              *int     `toml:"IdleCount"`
+	IdleCountMin           *int     `toml:"IdleCountMin"`
+	IdleScaleFactor        *float64 `toml:"IdleScaleFactor"`
+	IdleTime               *int     `toml:"IdleTime"`
+	IdlePredictive         *bool    `toml:"IdlePredictive"`
+	IdlePredictiveQuantile *float64 `toml:"IdlePredictiveQuantile"`
 }
 
 type fileAutoscaler struct {
@@ -87,13 +91,15 @@ type fileConnector struct {
 }
 
 type filePolicy struct {
-	Periods          []string  `toml:"periods"`
-	Timezone         string    `toml:"timezone"`
-	IdleCount        *int      `toml:"idle_count"`
-	IdleTime         *duration `toml:"idle_time"`
-	ScaleFactor      *float64  `toml:"scale_factor"`
-	ScaleFactorLimit *int      `toml:"scale_factor_limit"`
-	PreemptiveMode   *bool     `toml:"preemptive_mode"`
+	Periods            []string  `toml:"periods"`
+	Timezone           string    `toml:"timezone"`
+	IdleCount          *int      `toml:"idle_count"`
+	IdleTime           *duration `toml:"idle_time"`
+	ScaleFactor        *float64  `toml:"scale_factor"`
+	ScaleFactorLimit   *int      `toml:"scale_factor_limit"`
+	PreemptiveMode     *bool     `toml:"preemptive_mode"`
+	Predictive         *bool     `toml:"predictive"`
+	PredictiveQuantile *float64  `toml:"predictive_quantile"`
 }
 
 // duration is a Go duration written as a TOML string ("20m", "1h30m"), the

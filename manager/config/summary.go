@@ -54,7 +54,9 @@ func WriteSummary(w io.Writer, cfg *Config, now time.Time) error {
 func policyText(p schedule.Policy, from string) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "idle %d", p.IdleCount)
-	if p.ScaleFactor > 0 {
+	if p.Predictive {
+		fmt.Fprintf(&b, " (at most; predictive, quantile %g of the acquisitions expected within one boot time)", p.Quantile())
+	} else if p.ScaleFactor > 0 {
 		if p.Style == schedule.Taskscaler {
 			fmt.Fprintf(&b, " (at least; %g per instance in use", p.ScaleFactor)
 			if p.ScaleFactorLimit > 0 {
