@@ -45,10 +45,17 @@ func Connect(ctx context.Context, ci providers.ConnectInfo, timeout time.Duratio
 		}
 		return c, nil
 	case providers.ProtocolWinRM:
+		// WinRM always runs over HTTPS with the provider's certificate
+		// pinned: without one, the password would cross the network in
+		// cleartext (HTTP) or go to whoever answers first (unpinned TLS
+		// against a self-signed certificate).
+		if len(ci.TLSCert) == 0 {
+			return nil, fmt.Errorf("connect %s: the provider reported no WinRM certificate to pin; mayfly does not trust on first use", ci.ID)
+		}
 		c, err := winrm.Dial(ctx, winrm.Target{
 			Addr:           ci.Address,
 			Port:           ci.Port,
-			HTTPS:          len(ci.TLSCert) > 0,
+			HTTPS:          true,
 			Username:       ci.Username,
 			Password:       ci.Password,
 			ServerCertPEM:  ci.TLSCert,

@@ -1,34 +1,41 @@
 package main
 
 import (
-	"errors"
+	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/mayfly-ci/mayfly/plugins/gce/gcefake"
+	"github.com/mayfly-ci/mayfly/providers"
+	"github.com/mayfly-ci/mayfly/provisioner"
 	"github.com/mayfly-ci/mayfly/vmexec/winrm/wsmantest"
 )
 
 // TestGCEWindowsFleetEndToEnd runs `mayfly run` with the real
 // mayfly-plugin-gce process against the GCE fake. Every instance is played
-// by one in-repo WinRM server on a loopback address of its own, port 5986
-// as the plugin reports. The password reaches the manager through the real
-// flow: the plugin's windows-keys metadata entry, the fake guest agent's
-// RSA-OAEP answer on serial port 4, the plugin's decryption.
+// by one in-repo WinRM HTTPS server (wsmantest.StartTLS), reached through a
+// relay on a loopback address of its own, port 5986 as the plugin reports.
+// The password reaches the manager through the real flow: the plugin's
+// windows-keys metadata entry, the fake guest agent's RSA-OAEP answer on
+// serial port 4, the plugin's decryption. The certificate too: the fake
+// plays mayfly's startup script by publishing the server's certificate in
+// guest attribute mayfly/winrm-cert, the plugin reads it and the manager
+// pins it; the relay checks that every connection was TLS, and a different
+// certificate (or none) is refused.
 //
-// Limits, measured: the GCE plugin reports no WinRM certificate (TLSCert is
-// empty), and provisioner.Connect then speaks plain HTTP to port 5986, so
-// the test server serves plain HTTP there; and without pwsh the test server
-// runs PowerShell programs with sh, so the instance-ready command (sh-
-// compatible text, run with shell powershell) runs, but the job's generated
-// PowerShell stages ("& { ... }") do not parse under sh: the job is expected
-// to fail in its first stage, with sh's syntax error in the trace.
+// Limit, measured: without pwsh the test server runs PowerShell programs
+// with sh, so the instance-ready command (sh-compatible text, run with
+// shell powershell) runs, but the job's generated PowerShell stages
+// ("& { ... }") do not parse under sh: the job is expected to fail in its
+// first stage, with sh's syntax error in the trace.
 // winrmLoader is vmexec/winrm's loader body (its loaderBody), which reads
 // the program from stdin; the test server runs it as "sh -s" of the
 // translated program. It must stay the same text as vmexec/winrm's.
@@ -36,28 +43,17 @@ const winrmLoader = `. ([ScriptBlock]::Create([Text.Encoding]::UTF8.GetString([C
 
 func TestGCEWindowsFleetEndToEnd(t *testing.T) {
 	const user, password = "mayfly", "E2e-Wind0ws-Pass!"
-	vm := listenLoopback(t, 5986)
-	vmIP, _, _ := net.SplitHostPort(vm.Addr().String())
-	winrm, err := wsmantest.New(wsmantest.Config{
+	winrm := wsmantest.StartTLS(t, wsmantest.Config{
 		Username: user, Password: password, Interpreter: wsmantest.Sh, Dir: t.TempDir(),
 		Shims: map[string]wsmantest.Shim{winrmLoader: {StdinProgram: true}},
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	hs := &http.Server{Handler: winrm, ReadHeaderTimeout: 10 * time.Second}
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		if err := hs.Serve(vm); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			t.Errorf("winrm server: %v", err)
-		}
-	}()
-	t.Cleanup(func() { winrm.Close(); hs.Close(); <-served })
+	vm := listenLoopback(t, 5986)
+	vmIP, _, _ := net.SplitHostPort(vm.Addr().String())
+	conns := relayRecordingTLS(t, vm, winrm.Addr())
 
 	fake := gcefake.New(gcefake.Options{
 		Project: "e2e-project", BootDelay: 300 * time.Millisecond, AgentDelay: 300 * time.Millisecond,
-		Address: vmIP, WindowsPassword: password,
+		Address: vmIP, WindowsPassword: password, WindowsCertPEM: winrm.CertPEM,
 	})
 	api := httptest.NewServer(fake)
 	t.Cleanup(api.Close)
@@ -159,6 +155,100 @@ log_level = "info"
 	if created < len(jobs) {
 		t.Errorf("%d instances inserted for %d jobs", created, len(jobs))
 	}
+	// WinRM ran over TLS only: every connection to port 5986 began with a
+	// TLS handshake record.
+	tlsConns, plainConns := conns()
+	if tlsConns == 0 || plainConns != 0 {
+		t.Errorf("connections to the WinRM port: %d TLS, %d not TLS; want only TLS", tlsConns, plainConns)
+	}
+	if fake.Calls()["instances.getGuestAttributes"] == 0 {
+		t.Errorf("the WinRM certificate was never read from guest attributes")
+	}
+	// The pin is enforced on the same path: another certificate, or none,
+	// is refused before any WS-Man request.
+	_, otherPEM, err := wsmantest.SelfSignedCert(wsmantest.CertName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := len(winrm.Events())
+	for _, cert := range [][]byte{otherPEM, nil} {
+		ci := providers.ConnectInfo{ID: "pin-check", Address: vmIP, Port: 5986, Protocol: providers.ProtocolWinRM,
+			OS: "windows", Arch: "amd64", Username: user, Password: password, TLSCert: cert}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		exec, err := provisioner.Connect(ctx, ci, 2*time.Second, nil)
+		cancel()
+		if err == nil {
+			exec.Close()
+			t.Errorf("Connect with certificate %q succeeded, want it refused", cert)
+		}
+	}
+	if n := len(winrm.Events()) - before; n != 0 {
+		t.Errorf("refused connections reached the WinRM server with %d requests", n)
+	}
 	calls, perJob := callsPerJob(fake.Calls(), len(jobs))
 	t.Logf("GCE Windows: %d jobs, %d instances inserted, API calls %s: %.1f calls per job", len(jobs), created, calls, perJob)
+}
+
+// relayRecordingTLS relays every connection accepted on ln to target until
+// the test ends and returns a func counting the connections whose first
+// byte was a TLS handshake record (0x16) and the others.
+func relayRecordingTLS(t *testing.T, ln net.Listener, target string) func() (tlsConns, other int) {
+	var mu sync.Mutex
+	var conns []net.Conn
+	var nTLS, nOther int
+	var wg sync.WaitGroup
+	track := func(c ...net.Conn) {
+		mu.Lock()
+		conns = append(conns, c...)
+		mu.Unlock()
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return // ln closed at cleanup
+			}
+			up, err := net.DialTimeout("tcp", target, 5*time.Second)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			track(c, up)
+			wg.Add(2)
+			go func() {
+				defer wg.Done()
+				first := make([]byte, 1)
+				if _, err := io.ReadFull(c, first); err == nil {
+					mu.Lock()
+					if first[0] == 0x16 {
+						nTLS++
+					} else {
+						nOther++
+					}
+					mu.Unlock()
+					if _, err := up.Write(first); err == nil {
+						_, _ = io.Copy(up, c)
+					}
+				}
+				closeWrite(up)
+			}()
+			go func() { defer wg.Done(); _, _ = io.Copy(c, up); closeWrite(c) }()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	return func() (int, int) {
+		mu.Lock()
+		defer mu.Unlock()
+		return nTLS, nOther
+	}
 }

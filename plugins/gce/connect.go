@@ -59,7 +59,9 @@ type secret struct {
 	sshPub  string // authorized_keys form, without comment
 	hostKey string
 
-	// Windows: the RSA key of the password-reset request and its result.
+	// Windows: the RSA key of the password-reset request and its result,
+	// and the pinned WinRM certificate (PEM) once known.
+	tlsCert    []byte
 	rsaKey     *rsa.PrivateKey
 	password   string
 	serialNext int64
@@ -230,8 +232,11 @@ func address(inst *computepb.Instance, internal bool) string {
 // guest agent set in answer to the windows-keys entry (put in metadata at
 // creation), read from serial port 4 and decrypted with RSA-OAEP. It waits
 // at most PasswordTimeout and then fails with a transient error: Windows
-// takes minutes to boot and the caller retries. TLSCert is empty: GCE does
-// not publish the WinRM certificate.
+// takes minutes to boot and the caller retries. TLSCert is the certificate
+// of the WinRM HTTPS listener, which the startup script (winrmCertScript)
+// makes and publishes in the guest attribute mayfly/winrm-cert (one
+// getGuestAttributes call until found); it is empty while not published,
+// as HostKey on Linux.
 //
 // After a plugin restart the keys are gone from memory; ConnectInfo then
 // installs new ones with instances.setMetadata (ssh-keys or windows-keys).
@@ -263,7 +268,15 @@ func (p *Provider) ConnectInfo(ctx context.Context, id string) (providers.Connec
 		if err != nil {
 			return providers.ConnectInfo{}, fmt.Errorf("connect info %s: %w", id, err)
 		}
+		if sec.tlsCert == nil {
+			cert, err := p.winrmCert(ctx, s, zone, name)
+			if err != nil {
+				return providers.ConnectInfo{}, fmt.Errorf("connect info %s: %w", id, err)
+			}
+			sec.tlsCert = cert
+		}
 		ci.Protocol, ci.Port, ci.Password = providers.ProtocolWinRM, winrmHTTPSPort, pw
+		ci.TLSCert = sec.tlsCert
 		return ci, nil
 	}
 	if sec.sshPriv == nil {

@@ -461,10 +461,13 @@ func (p *Provider) instanceResource(s Settings, zone, name string, labels map[st
 		if err != nil {
 			return nil, err
 		}
-		items = append(items, &computepb.Items{Key: proto.String(metadataWindowsKeys), Value: proto.String(entry)})
-		if s.StartupScript != "" {
-			items = append(items, &computepb.Items{Key: proto.String("windows-startup-script-ps1"), Value: proto.String(s.StartupScript)})
-		}
+		items = append(items,
+			&computepb.Items{Key: proto.String(metadataWindowsKeys), Value: proto.String(entry)},
+			// The startup script creates the WinRM HTTPS listener and
+			// publishes its certificate in guest attributes.
+			&computepb.Items{Key: proto.String("windows-startup-script-ps1"), Value: proto.String(windowsStartupScript(s.StartupScript))},
+			&computepb.Items{Key: proto.String(metadataGuestAttributes), Value: proto.String("TRUE")},
+		)
 	} else {
 		items = append(items,
 			&computepb.Items{Key: proto.String(metadataSSHKeys), Value: proto.String(sec.sshKeysEntry(s.Username))},

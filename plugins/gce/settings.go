@@ -63,7 +63,8 @@ type Settings struct {
 	// Username is the login user (default "mayfly").
 	Username string `json:"username"`
 	// StartupScript runs at boot (metadata startup-script, or
-	// windows-startup-script-ps1 on Windows).
+	// windows-startup-script-ps1 on Windows, after mayfly's script that sets
+	// up WinRM over HTTPS and publishes its certificate).
 	StartupScript string `json:"startup_script"`
 	// Manager, if set, restricts List to instances whose mayfly-manager
 	// label is this value, and Create refuses other values.

@@ -56,12 +56,21 @@ func metadata(in *instance, key string) string {
 func (s *Server) bootAgentLocked(in *instance) {
 	if in.windows {
 		s.queueWindowsKeysLocked(in, in.runningAt)
+		if len(s.opts.WindowsCertPEM) > 0 && strings.EqualFold(metadata(in, "enable-guest-attributes"), "true") &&
+			strings.Contains(metadata(in, "windows-startup-script-ps1"), "guest-attributes/"+WinRMCertAttribute) {
+			cert := string(s.opts.WindowsCertPEM)
+			in.agentDue = append(in.agentDue, agentTask{at: in.runningAt.Add(s.opts.AgentDelay), run: func(in *instance) { in.attrs[WinRMCertAttribute] = cert }})
+		}
 		return
 	}
 	if strings.EqualFold(metadata(in, "enable-guest-attributes"), "true") {
 		in.agentDue = append(in.agentDue, agentTask{at: in.runningAt.Add(s.opts.AgentDelay), run: publishHostKeys})
 	}
 }
+
+// WinRMCertAttribute is the guest attribute (namespace/key) where mayfly's
+// Windows startup script publishes the WinRM certificate.
+const WinRMCertAttribute = "mayfly/winrm-cert"
 
 // publishHostKeys makes host keys and publishes them as guest attributes
 // hostkeys/<type> = <base64 blob>, as the Linux guest agent does.

@@ -27,7 +27,9 @@
 // enable-guest-attributes is TRUE, and on Windows images answers
 // windows-keys metadata entries (at boot and on setMetadata) by writing the
 // RSA-OAEP encrypted password of the user as a JSON line to serial port 4,
-// as the real agent does.
+// as the real agent does. Windows instances play mayfly's startup script
+// by publishing Options.WindowsCertPEM in guest attribute
+// mayfly/winrm-cert.
 //
 // Faults are scriptable: HTTP errors per method and zone (429, 403
 // rateLimitExceeded / quotaExceeded, 5xx), zone capacity exhaustion,
@@ -75,6 +77,13 @@ type Options struct {
 	// (and encrypts to serial port 4) instead of a random one: the password
 	// the local WinRM server playing the instances accepts.
 	WindowsPassword string
+	// WindowsCertPEM, if set, is the WinRM certificate (PEM) that Windows
+	// instances publish in guest attribute mayfly/winrm-cert AgentDelay
+	// after boot, playing mayfly's startup script: only instances with
+	// enable-guest-attributes TRUE whose windows-startup-script-ps1 writes
+	// that attribute do. Tests give the certificate of the local WinRM
+	// server playing the instances.
+	WindowsCertPEM []byte
 }
 
 // Fault makes requests fail with an HTTP error.
