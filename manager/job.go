@@ -23,16 +23,12 @@ var (
 	errInstanceLost = errors.New("the job's VM disappeared")
 )
 
-// jobTimeout is the job's own timeout capped by the runner's hard cap.
-func jobTimeout(job *runnerapi.JobResponse, hardCap time.Duration) time.Duration {
-	t := time.Duration(job.RunnerInfo.Timeout) * time.Second
-	if t <= 0 {
-		t = buildscript.DefaultJobTimeout
+// capTimeout is the job's own timeout capped by the runner's hard cap.
+func capTimeout(jobTimeout, hardCap time.Duration) time.Duration {
+	if hardCap > 0 && jobTimeout > hardCap {
+		return hardCap
 	}
-	if hardCap > 0 && t > hardCap {
-		t = hardCap
-	}
-	return t
+	return jobTimeout
 }
 
 // secrets lists what must never appear in a trace: masked variable values
@@ -141,7 +137,7 @@ func (m *Manager) execute(r *runner, job *runnerapi.JobResponse, plan *buildscri
 	for _, w := range plan.Warnings {
 		fmt.Fprint(out, buildscript.WarningLine(w))
 	}
-	plan.JobTimeout = jobTimeout(job, r.cfg.MaxJobTimeout)
+	plan.JobTimeout = capTimeout(plan.JobTimeout, r.cfg.MaxJobTimeout)
 
 	// The job's context ends at the job timeout, on a cancel from GitLab, on
 	// loss of the VM, or when the whole manager aborts.

@@ -118,7 +118,7 @@ log_level = "info"
       idle_count = 1
       idle_time = "1m"
 `, url, cloudToken, filepath.Join(dir, "builds"), api.URL, e2eKeyID, e2eSecret, e2eAMI, sshd.User, secretFile)
-	runCloudFleet(t, srv, dir, pluginDir, cfg, 90*time.Second)
+	runUntilDone(t, srv, dir, pluginDir, cfg, 90*time.Second)
 
 	want := map[string]struct{ status, reason, output string }{
 		"one":   {"success", "", "\nhello-one\n"},

@@ -124,9 +124,9 @@ func closeWrite(c net.Conn) {
 	}
 }
 
-// runCloudFleet runs mayfly run with cfg until every job of srv finished, then
+// runUntilDone runs mayfly run with cfg until every job of srv finished, then
 // drains it and waits for it to stop.
-func runCloudFleet(t *testing.T, srv *coordinator.Server, dir, pluginDir, cfg string, within time.Duration) {
+func runUntilDone(t testing.TB, srv *coordinator.Server, dir, pluginDir, cfg string, within time.Duration) string {
 	t.Helper()
 	cfgPath := filepath.Join(dir, "config.toml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
@@ -156,6 +156,7 @@ func runCloudFleet(t *testing.T, srv *coordinator.Server, dir, pluginDir, cfg st
 	if err := <-done; err != nil && !errors.Is(err, context.Canceled) {
 		t.Fatalf("mayfly run: %v\n%s", err, logs.String())
 	}
+	return logs.String()
 }
 
 // cloudLog is a goroutine-safe log sink.

@@ -107,7 +107,7 @@ log_level = "info"
       idle_count = 1
       idle_time = "1m"
 `, url, cloudToken, user, api.URL)
-	runCloudFleet(t, srv, dir, pluginDir, cfg, 45*time.Second)
+	runUntilDone(t, srv, dir, pluginDir, cfg, 45*time.Second)
 
 	jobs := srv.Jobs()
 	if len(jobs) != 2 {

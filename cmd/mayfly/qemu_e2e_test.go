@@ -2,16 +2,13 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"sort"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -54,31 +51,13 @@ func qemuProcesses(s string) []string {
 	return out
 }
 
-// syncBuffer is a bytes.Buffer safe for concurrent writers.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 var runningOn = regexp.MustCompile(`Running on (\S+) via (\S+)\.\.\.`)
 
 // qemuRun is mayfly run on the qemu plugin against an in-process coordinator.
 type qemuRun struct {
 	srv      *coordinator.Server
 	stateDir string
-	logs     *syncBuffer
+	logs     string
 }
 
 // runQEMU enqueues pipeline, runs mayfly run on real microVMs until every job
@@ -128,30 +107,8 @@ log_format = "json"
       idle_count = %d
       idle_time = "10m"
 `, concurrent, url, concurrent+idle, stateDir, cacheDir, idle)
-	cfgPath := filepath.Join(dir, "config.toml")
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
-		t.Fatal(err)
-	}
-
-	ctx, cancel := context.WithTimeout(context.Background(), 12*time.Minute)
-	defer cancel()
-	r := &qemuRun{srv: srv, stateDir: stateDir, logs: &syncBuffer{}}
-	drain := make(chan struct{})
-	done := make(chan error, 1)
-	go func() {
-		done <- runManager(ctx, drain, runFlags{config: cfgPath, pluginDir: pluginDir, stateDir: filepath.Join(dir, "state"), managerID: "qemu-e2e"}, io.Discard, r.logs)
-	}()
-	waitCtx, stopWait := context.WithTimeout(ctx, 11*time.Minute)
-	defer stopWait()
-	if err := srv.WaitAllFinished(waitCtx); err != nil {
-		t.Logf("mayfly run logs:\n%s", r.logs.String())
-		t.Fatalf("jobs did not finish: %v", err)
-	}
-	close(drain)
-	if err := <-done; err != nil {
-		t.Fatalf("mayfly run: %v", err)
-	}
-	return r
+	logs := runUntilDone(t, srv, dir, pluginDir, cfg, 11*time.Minute)
+	return &qemuRun{srv: srv, stateDir: stateDir, logs: logs}
 }
 
 // TestQEMUEndToEnd runs jobs through the built-in coordinator on real
@@ -181,7 +138,7 @@ projects:
 	srv, stateDir, logs := r.srv, r.stateDir, r.logs
 	defer func() {
 		if t.Failed() {
-			t.Logf("mayfly run logs:\n%s", logs.String())
+			t.Logf("mayfly run logs:\n%s", logs)
 		}
 	}()
 
@@ -236,7 +193,7 @@ projects:
 		t.Errorf("VM state dirs left after shutdown: %v", entries)
 	}
 	// The overhead mayfly adds on a warm VM, from the manager's own log.
-	t.Logf("pickup-to-start per job (s): %v", pickupTimes(logs.String()))
+	t.Logf("pickup-to-start per job (s): %v", pickupTimes(logs))
 }
 
 var pickupRE = regexp.MustCompile(`"pickup_to_start_seconds":([0-9.e-]+)`)
@@ -262,7 +219,7 @@ func BenchmarkWarmVMOverhead(b *testing.B) {
 	for i := 0; i < b.N; i++ {
 		r := runQEMU(b, pipeline.String(), 1, 2)
 		var secs []float64
-		for _, v := range pickupTimes(r.logs.String()) {
+		for _, v := range pickupTimes(r.logs) {
 			var f float64
 			fmt.Sscan(v, &f)
 			secs = append(secs, f)

@@ -37,7 +37,6 @@ import (
 type runFlags struct {
 	config, pluginDir, stateDir, managerID string
 	view                                   time.Duration
-	checkInterval                          time.Duration // set from the config
 }
 
 func runRun(args []string, stdout, stderr io.Writer) int {
@@ -156,7 +155,7 @@ func runManager(ctx context.Context, drain <-chan struct{}, f runFlags, stdout, 
 	}()
 	managerFleets := map[string]manager.Fleet{}
 	for _, r := range cfg.Runners {
-		fr, err := startFleet(ctx, r, f, pluginDirs, reg, log)
+		fr, err := startFleet(ctx, r, cfg.CheckInterval, f, pluginDirs, reg, log)
 		if err != nil {
 			return fmt.Errorf("runner %q: %w", r.Name, err)
 		}
@@ -213,8 +212,7 @@ func runManager(ctx context.Context, drain <-chan struct{}, f runFlags, stdout, 
 	return m.Run(ctx)
 }
 
-func startFleet(ctx context.Context, r config.Runner, f runFlags, dirs []string, reg prometheus.Registerer, log *slog.Logger) (*fleetRun, error) {
-	f.checkInterval = checkIntervalOf(f.config)
+func startFleet(ctx context.Context, r config.Runner, checkInterval time.Duration, f runFlags, dirs []string, reg prometheus.Registerer, log *slog.Logger) (*fleetRun, error) {
 	plugin, err := host.Start(ctx, host.Config{Name: r.Fleet.Provider, Dirs: dirs, Logger: log})
 	if err != nil {
 		return nil, err
@@ -244,7 +242,7 @@ func startFleet(ctx context.Context, r config.Runner, f runFlags, dirs []string,
 		MaxUses:          r.Fleet.MaxUses,
 		MaxGrowthRate:    r.Fleet.MaxGrowthRate,
 		MaxInstances:     r.Fleet.MaxInstances,
-		CheckInterval:    f.checkInterval,
+		CheckInterval:    checkInterval,
 		BootTimeout:      r.Fleet.Connector.Timeout,
 		DeleteOnShutdown: r.Fleet.DeleteOnShutdown,
 		Provisioner:      &provisioner.Ready{Timeout: r.Fleet.Connector.Timeout, Command: r.Fleet.InstanceReadyCommand, Shell: r.Shell, Logger: log},
@@ -335,16 +333,6 @@ func statusLine(st fleet.Status) string {
 		line += ", held: " + st.Held
 	}
 	return line
-}
-
-// checkIntervalOf is the config's check_interval (the predictive policy's
-// lead time includes it); the config was validated already.
-func checkIntervalOf(path string) time.Duration {
-	cfg, err := config.Load(path)
-	if err != nil {
-		return config.DefaultCheckInterval
-	}
-	return cfg.CheckInterval
 }
 
 // applyReload gives each running fleet the idle policy of its runner in the

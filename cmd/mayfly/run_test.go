@@ -1,10 +1,8 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -77,32 +75,7 @@ log_level = "warn"
     [[runners.autoscaler.policy]]
       idle_count = 2
 `, url, filepath.Join(dir, "builds"), stateDir, host, port, ssh.User, ssh.HostKey, ssh.ClientKeyPEM)
-	cfgPath := filepath.Join(dir, "config.toml")
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
-		t.Fatal(err)
-	}
-
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	drain := make(chan struct{})
-	done := make(chan error, 1)
-	go func() {
-		done <- runManager(ctx, drain, runFlags{config: cfgPath, pluginDir: pluginDir, stateDir: filepath.Join(dir, "state"), managerID: "e2e"}, io.Discard, io.Discard)
-	}()
-	waitCtx, stopWait := context.WithTimeout(ctx, 2*time.Minute)
-	defer stopWait()
-	if err := srv.WaitAllFinished(waitCtx); err != nil {
-		select {
-		case err := <-done:
-			t.Fatalf("mayfly run ended early: %v", err)
-		default:
-		}
-		t.Fatalf("jobs did not finish: %v", err)
-	}
-	close(drain)
-	if err := <-done; err != nil {
-		t.Fatalf("mayfly run: %v", err)
-	}
+	runUntilDone(t, srv, dir, pluginDir, cfg, 2*time.Minute)
 
 	want := map[string]struct {
 		status, reason, output string
