@@ -44,8 +44,8 @@ func (s *Server) adminRoutes(mux *http.ServeMux) {
 		mux.HandleFunc(method+" "+AdminPrefix+path, s.adminAuth(f))
 	}
 	h("GET /info", s.adminInfo)
-	h("POST /groups", s.adminCreateGroup)
-	h("POST /projects", s.adminCreateProject)
+	h("POST /groups", adminCreate(s.CreateGroup))
+	h("POST /projects", adminCreate(s.CreateProject))
 	h("GET /projects", func(w http.ResponseWriter, r *http.Request) { writeJSON(w, http.StatusOK, s.Projects()) })
 	h("POST /projects/{id}/pipelines", s.adminEnqueue)
 	h("POST /pipelines", s.adminApply)
@@ -109,30 +109,20 @@ func (s *Server) adminInfo(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, info)
 }
 
-func (s *Server) adminCreateGroup(w http.ResponseWriter, r *http.Request) {
-	var gs GroupSpec
-	if !decodeSpec(w, r, &gs) {
-		return
+// adminCreate decodes a spec, creates it and answers 201 with the record.
+func adminCreate[S, R any](create func(S) (R, error)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		var spec S
+		if !decodeSpec(w, r, &spec) {
+			return
+		}
+		rec, err := create(spec)
+		if err != nil {
+			writeErr(w, err)
+			return
+		}
+		writeJSON(w, http.StatusCreated, rec)
 	}
-	rec, err := s.CreateGroup(gs)
-	if err != nil {
-		writeErr(w, err)
-		return
-	}
-	writeJSON(w, http.StatusCreated, rec)
-}
-
-func (s *Server) adminCreateProject(w http.ResponseWriter, r *http.Request) {
-	var ps ProjectSpec
-	if !decodeSpec(w, r, &ps) {
-		return
-	}
-	rec, err := s.CreateProject(ps)
-	if err != nil {
-		writeErr(w, err)
-		return
-	}
-	writeJSON(w, http.StatusCreated, rec)
 }
 
 func (s *Server) adminEnqueue(w http.ResponseWriter, r *http.Request) {
