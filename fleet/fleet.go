@@ -79,6 +79,10 @@ type Config struct {
 	// MaxInstances caps instances in every state (limit, max_instances);
 	// 0 = no cap.
 	MaxInstances int
+	// OnDemandWithin lets Reserve promise a job an instance that is not
+	// idle yet but expected within this time (see Reservable); 0 = only
+	// idle ones, unless IdleCount is 0.
+	OnDemandWithin time.Duration
 	// BootTimeout bounds creation to ready; a slower instance is deleted and
 	// counted as a provider failure (default 10m).
 	BootTimeout time.Duration
@@ -147,7 +151,7 @@ func (c *Config) validate() error {
 		name string
 		v    time.Duration
 	}{
-		{"BootTimeout", c.BootTimeout}, {"CheckInterval", c.CheckInterval}, {"ReconcileInterval", c.ReconcileInterval}, {"PollInterval", c.PollInterval},
+		{"BootTimeout", c.BootTimeout}, {"CheckInterval", c.CheckInterval}, {"OnDemandWithin", c.OnDemandWithin}, {"ReconcileInterval", c.ReconcileInterval}, {"PollInterval", c.PollInterval},
 		{"OrphanGrace", c.OrphanGrace}, {"ShutdownTimeout", c.ShutdownTimeout}, {"CallTimeout", c.CallTimeout},
 		{"CreateBackoff", c.CreateBackoff}, {"CreateBackoffMax", c.CreateBackoffMax},
 		{"DeleteBackoff", c.DeleteBackoff}, {"DeleteBackoffMax", c.DeleteBackoffMax},
@@ -260,7 +264,8 @@ type Fleet struct {
 	counts        [NumStates]int // by state, requested included
 	idleQ         deque
 	avail         chan struct{} // closed and replaced when an instance becomes idle
-	waiting       int
+	reserved      int           // promises not yet handed an instance: Reservations and blocked Acquires
+	lastPromise   time.Time     // the last Reserve that succeeded and was not canceled
 	requested     int
 	breaker       Breaker
 	seq           uint64
@@ -278,10 +283,8 @@ type Fleet struct {
 	lastPlan      Plan
 	goneIDs       []string // to record in the journal, outside mu
 	snapBuf       []InstanceView
-	firstCreating time.Time // earliest createdAt of a creating instance, as of the last pass
-	boots         [bootSamples]time.Duration
-	bootN         int
-	demand        DemandMeter // acquisitions and boots, for the predictive policy
+	firstCreating time.Time   // earliest createdAt of a creating instance, as of the last pass
+	demand        DemandMeter // acquisitions and boot times
 }
 
 // New checks cfg and returns a fleet. Nothing happens until Run.
@@ -301,11 +304,12 @@ func New(cfg Config) (*Fleet, error) {
 		m:      m,
 		labels: map[string]string{providers.LabelManager: cfg.ManagerID, providers.LabelRunner: cfg.Name},
 		limits: Limits{
-			MaxUses:       cfg.MaxUses,
-			MaxGrowthRate: cfg.MaxGrowthRate,
-			MaxInstances:  minPositive(cfg.MaxInstances, cfg.ProviderMaxSize),
-			BootTimeout:   cfg.BootTimeout,
-			CheckInterval: cfg.CheckInterval,
+			MaxUses:        cfg.MaxUses,
+			MaxGrowthRate:  cfg.MaxGrowthRate,
+			MaxInstances:   minPositive(cfg.MaxInstances, cfg.ProviderMaxSize),
+			BootTimeout:    cfg.BootTimeout,
+			CheckInterval:  cfg.CheckInterval,
+			OnDemandWithin: cfg.OnDemandWithin,
 		},
 		wakeCh:   make(chan struct{}, 1),
 		stopCh:   make(chan struct{}),
@@ -631,15 +635,75 @@ func (f *Fleet) instanceOf(in *instance) providers.Instance {
 // ours reports whether a listed instance carries this fleet's labels.
 func (f *Fleet) ours(pi *providers.Instance) bool { return pi.HasLabels(f.labels) }
 
-// Available returns how many ready instances Acquire could hand out now
-// without waiting. The manager asks for a job only when it is above zero.
+// Available returns how many ready instances are not promised to a job:
+// how many Acquire calls could be served now without waiting.
 func (f *Fleet) Available() int {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.stopped {
 		return 0
 	}
-	return max(f.counts[StateIdle]-f.waiting, 0)
+	return max(f.counts[StateIdle]-f.reserved, 0)
+}
+
+// Reservation is an instance promised to one job by Reserve: ready now or
+// expected soon. Exactly one of Acquire and Cancel ends it.
+type Reservation struct {
+	f    *Fleet
+	done atomic.Bool
+}
+
+// Reserve promises an instance to one job, if one is idle and not promised
+// to another or, on demand, expected within Config.OnDemandWithin (see
+// Reservable). wait is the expected wait, 0 for an idle instance. The
+// manager reserves before it asks GitLab for a job, and cancels the
+// reservation when GitLab has none.
+func (f *Fleet) Reserve() (r *Reservation, wait time.Duration, ok bool) {
+	now := f.clock.Now()
+	f.mu.Lock()
+	if f.stopped {
+		f.mu.Unlock()
+		return nil, 0, false
+	}
+	snap := f.snapshotLocked(now, false)
+	wait, ok = Reservable(snap, f.policy, f.limits, f.demand.BootMedian())
+	if !ok {
+		if now.Sub(f.lastPromise) < f.limits.CheckInterval {
+			// The runner got a job and asks again at once, but nothing
+			// can be promised: demand outran supply.
+			f.demand.Missed(now, f.limits.CheckInterval)
+		}
+		f.mu.Unlock()
+		return nil, 0, false
+	}
+	f.lastPromise = now
+	beyondIdle := f.reserved >= f.counts[StateIdle]
+	f.reserved++
+	f.mu.Unlock()
+	if beyondIdle {
+		f.kick() // demand the scaler creates an instance for
+	}
+	return &Reservation{f: f}, wait, true
+}
+
+// Acquire takes the promised instance, waiting for it until ctx ends.
+func (r *Reservation) Acquire(ctx context.Context) (*Lease, error) {
+	if r.done.Swap(true) {
+		return nil, errors.New("acquire: reservation already ended")
+	}
+	return r.f.acquire(ctx)
+}
+
+// Cancel gives the promise back: the job it was for did not come.
+func (r *Reservation) Cancel() {
+	if r.done.Swap(true) {
+		return
+	}
+	r.f.mu.Lock()
+	r.f.reserved--
+	r.f.lastPromise = time.Time{} // no job came: a refusal next is no sign of demand
+	r.f.mu.Unlock()
+	r.f.kick()
 }
 
 // Outcome is how the job on a leased instance ended.
@@ -720,14 +784,25 @@ func (l *Lease) end(used bool, o Outcome) {
 
 // Acquire hands out the longest idle ready instance, waiting for one until
 // ctx ends. The instance is recorded as acquired in the journal, on disk,
-// before Acquire returns, and no other Acquire gets it while leased.
+// before Acquire returns, and no other Acquire gets it while leased. A
+// blocked Acquire is demand: the scaler creates an instance for it.
 func (f *Fleet) Acquire(ctx context.Context) (*Lease, error) {
+	f.mu.Lock()
+	f.reserved++
+	f.mu.Unlock()
+	return f.acquire(ctx)
+}
+
+// acquire serves one promise counted in f.reserved, which it gives back
+// whatever happens.
+func (f *Fleet) acquire(ctx context.Context) (*Lease, error) {
 	var waitStart time.Time
 	waited := false
+	served := false
 	defer func() {
-		if waited {
+		if !served {
 			f.mu.Lock()
-			f.waiting--
+			f.reserved--
 			f.mu.Unlock()
 		}
 	}()
@@ -742,6 +817,8 @@ func (f *Fleet) Acquire(ctx context.Context) (*Lease, error) {
 			return nil, err
 		}
 		if in := f.popIdleLocked(); in != nil {
+			served = true
+			f.reserved--
 			f.demand.Acquired(f.clock.Now())
 			f.setStateLocked(in, StateAcquired)
 			in.lost = make(chan struct{})
@@ -757,9 +834,8 @@ func (f *Fleet) Acquire(ctx context.Context) (*Lease, error) {
 			waitStart = f.clock.Now()
 			// A job found the pool empty: demand outran supply.
 			f.demand.Missed(waitStart, f.limits.CheckInterval)
-			f.waiting++
 			f.m.waits.WithLabelValues(f.cfg.Name).Inc()
-			f.kick() // the scaler counts waiters as demand
+			f.kick() // the scaler counts promises beyond the idle instances as demand
 		}
 		ch := f.avail
 		f.mu.Unlock()
@@ -906,7 +982,7 @@ func (f *Fleet) pass(ctx context.Context) time.Time {
 	}
 
 	f.mu.Lock()
-	snap := f.snapshotLocked(now)
+	snap := f.snapshotLocked(now, true)
 	plan := Decide(snap, f.policy, f.limits)
 	for _, d := range plan.Delete {
 		in := f.books[d.ID]
@@ -968,32 +1044,28 @@ func (f *Fleet) nextListLocked() time.Time {
 	return next
 }
 
-// bootSamples is how many recent boot times bootLead looks at.
+// bootSamples is how many recent boot times BootTimes keeps.
 const bootSamples = 16
 
 // bootLead is how long after creation a list is first worth reading: the
 // shortest of the recent boot times (creation to seen running), less one
 // PollInterval since a boot is seen up to that late. f.mu is held.
 func (f *Fleet) bootLead() time.Duration {
-	if f.bootN == 0 {
+	shortest := f.demand.BootShortest()
+	if shortest == 0 {
 		return 0
-	}
-	shortest := f.boots[0]
-	for _, d := range f.boots[1:min(f.bootN, bootSamples)] {
-		shortest = min(shortest, d)
 	}
 	return max(shortest-f.cfg.PollInterval, 0)
 }
 
 // observeBootLocked records how long an instance took to run. f.mu is held.
 func (f *Fleet) observeBootLocked(d time.Duration) {
-	f.boots[f.bootN%bootSamples] = d
-	f.bootN++
 	f.demand.Booted(d)
 }
 
-// snapshotLocked copies the books for Decide.
-func (f *Fleet) snapshotLocked(now time.Time) Snapshot {
+// snapshotLocked copies the books for Decide (with the measured demand)
+// or Reservable (without). f.mu is held.
+func (f *Fleet) snapshotLocked(now time.Time, withDemand bool) Snapshot {
 	views := f.snapBuf[:0] // reused: Decide keeps nothing of it
 	f.firstCreating = time.Time{}
 	for _, in := range f.books {
@@ -1006,9 +1078,9 @@ func (f *Fleet) snapshotLocked(now time.Time) Snapshot {
 	if cap(views) > 4*len(views)+64 {
 		f.snapBuf = nil // the fleet shrank a lot: let the big buffer go
 	}
-	snap := Snapshot{Now: now, Instances: views, Requested: f.requested, Waiting: f.waiting, Breaker: f.breaker}
-	if f.policy.Predictive {
-		snap.Demand = f.demand.Demand(now)
+	snap := Snapshot{Now: now, Instances: views, Requested: f.requested, Reserved: f.reserved, Breaker: f.breaker}
+	if withDemand && f.policy.Predictive {
+		snap.Demand = f.demand.Demand(now, f.limits.CheckInterval)
 	}
 	return snap
 }
@@ -1221,7 +1293,7 @@ type Status struct {
 	IdleTarget  int              `json:"idle_target"`
 	Held        string           `json:"held,omitempty"`
 	Counts      map[string]int   `json:"counts"`
-	Waiting     int              `json:"waiting"`
+	Reserved    int              `json:"reserved"` // jobs promised an instance not yet handed out
 	Breaker     Breaker          `json:"breaker"`
 	APICalls    map[string]int   `json:"api_calls"`
 	Instances   []InstanceStatus `json:"instances"`
@@ -1238,7 +1310,7 @@ func (f *Fleet) Status() Status {
 		IdleTarget:  f.lastPlan.IdleTarget,
 		Held:        f.lastPlan.Held,
 		Counts:      make(map[string]int, NumStates),
-		Waiting:     f.waiting,
+		Reserved:    f.reserved,
 		Breaker:     f.breaker,
 		Instances:   make([]InstanceStatus, 0, len(f.books)),
 	}

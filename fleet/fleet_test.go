@@ -608,7 +608,7 @@ func TestAcquireWaitsAndCounts(t *testing.T) {
 	}()
 	// The waiter is demand: one instance is created although IdleCount is 0.
 	deadline := time.Now().Add(5 * time.Second)
-	for h.f.Status().Waiting == 0 && time.Now().Before(deadline) {
+	for h.f.Status().Reserved == 0 && time.Now().Before(deadline) {
 		time.Sleep(100 * time.Microsecond)
 	}
 	h.settle()

@@ -31,8 +31,10 @@ type Snapshot struct {
 	// Requested is the number of instances asked for by Create calls that
 	// have not returned.
 	Requested int
-	// Waiting is the number of Acquire calls blocked for an instance.
-	Waiting int
+	// Reserved is the number of jobs promised an instance and not yet
+	// handed one (reservations and blocked Acquire calls). Those beyond
+	// the idle instances are demand the scaler creates instances for.
+	Reserved int
 	// Breaker is the creation circuit breaker of the provider.
 	Breaker Breaker
 	// Demand is the measured traffic, used when the policy is Predictive.
@@ -55,6 +57,10 @@ type Limits struct {
 	// CheckInterval is how often the runner asks for jobs: part of the
 	// predictive policy's lead time (0: DefaultCheckInterval).
 	CheckInterval time.Duration
+	// OnDemandWithin is how soon an instance must be expected for a job to
+	// be taken before one is idle (see Reservable); 0 = never, unless
+	// IdleCount is 0.
+	OnDemandWithin time.Duration
 }
 
 // Reason says why an instance is deleted. It is a metric label value.
@@ -117,7 +123,8 @@ type Plan struct {
 //   - available = idle + requested + creating + provisioning; the idle
 //     target is policy.IdleTarget(acquired) (or PredictiveTarget from
 //     s.Demand when policy.Predictive is set, recomputed at least every
-//     PredictiveReevaluate) plus blocked Acquire calls;
+//     PredictiveReevaluate) plus the reservations beyond the idle
+//     instances (jobs taken on demand, blocked Acquire calls);
 //   - while available is above the target, idle instances idle for longer
 //     than IdleTime are deleted, the longest idle first;
 //   - while available is below the target, instances are created, bounded
@@ -174,7 +181,7 @@ func Decide(s Snapshot, p schedule.Policy, l Limits) Plan {
 	if p.Predictive {
 		wake(now.Add(PredictiveReevaluate)) // arrivals age out of the rate windows
 	}
-	want := plan.IdleTarget + s.Waiting
+	want := plan.IdleTarget + max(s.Reserved-len(idle), 0)
 	avail := len(idle) + inflight
 
 	byIdleSince := func(a, b int) int {

@@ -89,7 +89,7 @@ func TestDecide(t *testing.T) {
 		},
 		{
 			name:       "blocked acquisitions add demand",
-			snap:       Snapshot{Instances: books("creating"), Waiting: 3},
+			snap:       Snapshot{Instances: books("creating"), Reserved: 3},
 			policy:     idle5,
 			wantTarget: 5, wantCreate: 7,
 		},

@@ -33,6 +33,10 @@ type Demand struct {
 	BootMean time.Duration
 	// Boost is the catch-up target while demand outruns supply (0: none).
 	Boost int
+	// Peak is the most acquisitions seen within one lead time (BootMean
+	// plus the check interval) over the last 30 minutes: a burst, such as
+	// a pipeline of 50 parallel jobs, that a Poisson rate understates.
+	Peak int
 }
 
 // PredictiveTarget is the predictive idle target: the Poisson quantile
@@ -71,8 +75,7 @@ func PoissonQuantile(mu, q float64) int {
 type DemandMeter struct {
 	acq   []time.Time // acquisition times within the longest window, ascending
 	head  int
-	boots [bootSamples]time.Duration
-	bootN int
+	boots BootTimes
 	// boost is the target while demand outruns supply: doubled at most
 	// once per lead time while the pool keeps running dry.
 	boost      int
@@ -99,23 +102,18 @@ func (d *DemandMeter) forget(now time.Time) {
 }
 
 // Booted records an instance that took b from creation to running.
-func (d *DemandMeter) Booted(b time.Duration) {
-	d.boots[d.bootN%len(d.boots)] = b
-	d.bootN++
-}
+func (d *DemandMeter) Booted(b time.Duration) { d.boots.Observe(b) }
 
 // BootMean returns the mean of the recent boot times (0 before the first).
-func (d *DemandMeter) BootMean() time.Duration {
-	n := min(d.bootN, len(d.boots))
-	if n == 0 {
-		return 0
-	}
-	var sum time.Duration
-	for _, b := range d.boots[:n] {
-		sum += b
-	}
-	return sum / time.Duration(n)
-}
+func (d *DemandMeter) BootMean() time.Duration { return d.boots.Mean() }
+
+// BootMedian returns the median of the recent boot times (0 before the
+// first): the expected boot time of the next instance.
+func (d *DemandMeter) BootMedian() time.Duration { return d.boots.Median() }
+
+// BootShortest returns the shortest of the recent boot times (0 before the
+// first).
+func (d *DemandMeter) BootShortest() time.Duration { return d.boots.Shortest() }
 
 // Missed records that a job found the pool empty at now. Acquisitions then
 // measure supply, not demand, so the target is raised to twice the
@@ -155,13 +153,29 @@ func (d *DemandMeter) Rate(now time.Time) float64 {
 	return best
 }
 
-// Demand returns the measurements at now for a Snapshot.
-func (d *DemandMeter) Demand(now time.Time) Demand {
+// Demand returns the measurements at now for a Snapshot; check is the
+// runner's check interval, part of the lead time.
+func (d *DemandMeter) Demand(now time.Time, check time.Duration) Demand {
 	dm := Demand{Rate: d.Rate(now), BootMean: d.BootMean()}
 	if now.Before(d.boostUntil) {
 		dm.Boost = d.boost
 	}
+	dm.Peak = d.peak(dm.BootMean + check)
 	return dm
+}
+
+// peak returns the most acquisitions within any span of length lead among
+// those remembered (the longest rate window).
+func (d *DemandMeter) peak(lead time.Duration) int {
+	live := d.acq[d.head:]
+	best, lo := 0, 0
+	for hi, t := range live {
+		for t.Sub(live[lo]) >= lead {
+			lo++
+		}
+		best = max(best, hi-lo+1)
+	}
+	return best
 }
 
 // idleTarget is the idle target of policy p for a pass on snapshot s.
@@ -174,8 +188,6 @@ func idleTarget(s *Snapshot, p schedule.Policy, l Limits, inUse int) int {
 		check = DefaultCheckInterval
 	}
 	t := PredictiveTarget(p, s.Demand.Rate, s.Demand.BootMean, check)
-	if s.Demand.Boost > 0 {
-		t = max(t, min(s.Demand.Boost, p.IdleCount))
-	}
+	t = max(t, min(s.Demand.Peak, p.IdleCount), min(s.Demand.Boost, p.IdleCount))
 	return t
 }

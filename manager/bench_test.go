@@ -27,7 +27,9 @@ type noopFleet struct {
 	hold    chan struct{}
 }
 
-func (f *noopFleet) Available() int { return 1 << 20 }
+func (f *noopFleet) Reserve() (manager.Reservation, time.Duration, bool) { return f, 0, true }
+
+func (f *noopFleet) Cancel() {}
 
 func (f *noopFleet) Acquire(context.Context) (manager.Lease, error) {
 	return &noopLease{id: fmt.Sprintf("noop-%d", f.next.Add(1)), f: f}, nil
@@ -39,7 +41,6 @@ type noopLease struct {
 }
 
 func (l *noopLease) ID() string                                       { return l.id }
-func (l *noopLease) Unused()                                          {}
 func (l *noopLease) Release(bool)                                     {}
 func (l *noopLease) Lost() <-chan struct{}                            { return nil }
 func (l *noopLease) Connect(context.Context) (vmexec.Executor, error) { return noopExec{l.f}, nil }

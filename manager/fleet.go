@@ -2,27 +2,35 @@ package manager
 
 import (
 	"context"
+	"time"
 
 	"github.com/mayfly-ci/mayfly/vmexec"
 )
 
 // Fleet is what the manager needs from the fleet of one [[runners]] entry.
 type Fleet interface {
-	// Available returns how many ready instances could be handed out now.
-	// The manager asks GitLab for a job only when this is above zero.
-	Available() int
-	// Acquire reserves a ready instance. It blocks until one is ready or ctx ends.
-	Acquire(ctx context.Context) (Lease, error)
+	// Reserve promises an instance to one job: a ready one (wait 0) or one
+	// expected within wait. ok is false when the fleet can promise none;
+	// the manager then does not ask GitLab for a job.
+	Reserve() (r Reservation, wait time.Duration, ok bool)
 }
 
-// Lease is one acquired instance. Exactly one of Unused or Release is called.
+// Reservation is an instance promised to one job. Exactly one of Acquire
+// or Cancel is called.
+type Reservation interface {
+	// Acquire takes the promised instance, waiting until it is ready or
+	// ctx ends.
+	Acquire(ctx context.Context) (Lease, error)
+	// Cancel gives the promise back: GitLab had no job.
+	Cancel()
+}
+
+// Lease is one acquired instance.
 type Lease interface {
 	// ID names the instance, for logs and traces.
 	ID() string
 	// Connect opens an executor on the instance.
 	Connect(ctx context.Context) (vmexec.Executor, error)
-	// Unused gives the instance back: GitLab had no job, so nothing ran on it.
-	Unused()
 	// Release ends the lease after a job was started on the instance, whatever
 	// its outcome. The fleet deletes the instance when its uses are spent.
 	Release(jobFailed bool)

@@ -2,6 +2,7 @@ package manager
 
 import (
 	"context"
+	"time"
 
 	"github.com/mayfly-ci/mayfly/fleet"
 	"github.com/mayfly-ci/mayfly/providers"
@@ -22,14 +23,27 @@ type fleetAdapter struct {
 	connect ConnectFunc
 }
 
-func (a fleetAdapter) Available() int { return a.f.Available() }
+func (a fleetAdapter) Reserve() (Reservation, time.Duration, bool) {
+	r, wait, ok := a.f.Reserve()
+	if !ok {
+		return nil, 0, false
+	}
+	return fleetReservation{r: r, connect: a.connect}, wait, true
+}
 
-func (a fleetAdapter) Acquire(ctx context.Context) (Lease, error) {
-	l, err := a.f.Acquire(ctx)
+type fleetReservation struct {
+	r       *fleet.Reservation
+	connect ConnectFunc
+}
+
+func (r fleetReservation) Cancel() { r.r.Cancel() }
+
+func (r fleetReservation) Acquire(ctx context.Context) (Lease, error) {
+	l, err := r.r.Acquire(ctx)
 	if err != nil {
 		return nil, err
 	}
-	return fleetLease{l: l, connect: a.connect}, nil
+	return fleetLease{l: l, connect: r.connect}, nil
 }
 
 type fleetLease struct {
@@ -39,7 +53,6 @@ type fleetLease struct {
 
 func (l fleetLease) ID() string            { return l.l.ID() }
 func (l fleetLease) Lost() <-chan struct{} { return l.l.Lost() }
-func (l fleetLease) Unused()               { l.l.Unused() }
 
 func (l fleetLease) Connect(ctx context.Context) (vmexec.Executor, error) {
 	return l.connect(ctx, l.l.ConnectInfo())

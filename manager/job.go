@@ -43,10 +43,15 @@ func secrets(job *runnerapi.JobResponse) []string {
 	return out
 }
 
-// runJob runs one job on lease and reports it to GitLab. It always ends the
-// lease, whatever happens.
-func (m *Manager) runJob(r *runner, job *runnerapi.JobResponse, lease Lease, received time.Time) {
-	log := m.log.With("runner", r.cfg.Name, "job", job.ID, "instance", lease.ID())
+// instanceWaitTimeout bounds how long a job waits for the instance it was
+// promised (taskscaler's instance_acquire_timeout has the same default).
+const instanceWaitTimeout = 15 * time.Minute
+
+// runJob takes the instance res promised, runs one job on it and reports
+// the job to GitLab. It always ends the reservation and the lease, whatever
+// happens.
+func (m *Manager) runJob(r *runner, job *runnerapi.JobResponse, res Reservation, wait time.Duration, received time.Time) {
+	log := m.log.With("runner", r.cfg.Name, "job", job.ID)
 	m.metrics.jobs.WithLabelValues(r.cfg.Name).Inc()
 	defer m.metrics.jobs.WithLabelValues(r.cfg.Name).Dec()
 
@@ -57,10 +62,109 @@ func (m *Manager) runJob(r *runner, job *runnerapi.JobResponse, lease Lease, rec
 	tr, err := r.client.StartJobTrace(reportCtx, job.ID, job.Token, gitlab.TraceOptions{OutputLimit: r.cfg.OutputLimitKB * 1024, Interval: m.traceInterval})
 	if err != nil {
 		log.Error("start job trace", "err", err)
-		lease.Release(true)
+		res.Cancel()
 		return
 	}
-	plan, planErr := buildscript.Generate(job, buildscript.Options{
+	// Nothing secret is written before the build plan exists; the writer
+	// of the rest of the trace also masks the plan's expanded values.
+	head := mask.NewWriter(tr, secrets(job))
+	fmt.Fprint(head, buildscript.Header("mayfly "+m.version, r.cfg.Name, gitlab.ShortToken(r.cfg.Token)))
+	lease, err := m.acquire(r, res, wait, tr, head)
+	if cerr := head.Close(); cerr != nil {
+		log.Warn("flush trace", "err", cerr)
+	}
+
+	var result jobResult
+	out := mask.NewWriter(tr, secrets(job))
+	switch {
+	case err != nil:
+		result = waitResult(err)
+		log.Warn("no instance for the job", "err", err)
+	default:
+		log = log.With("instance", lease.ID())
+		plan, perr := m.plan(r, job, lease)
+		if perr != nil {
+			// A payload mayfly cannot run fails that job, never the manager.
+			log.Error("bad job payload", "err", perr)
+			result = systemFailure("the job payload cannot be run: %v", perr)
+			break
+		}
+		out = mask.NewWriter(tr, append(secrets(job), plan.Secrets...)) // plus the expanded masked values
+		result = m.execute(r, job, plan, lease, out, tr, received)
+	}
+
+	fmt.Fprint(out, result.summaryLine())
+	if err := out.Close(); err != nil {
+		log.Warn("flush trace", "err", err)
+	}
+	if lease != nil {
+		lease.Release(result.state != runnerapi.StateSuccess)
+	}
+
+	fctx, cancel := context.WithTimeout(reportCtx, finalReportTimeout)
+	defer cancel()
+	if err := tr.Finish(fctx, result.state, result.failureReason, result.exitCode); err != nil && !errors.Is(err, gitlab.ErrJobAborted) {
+		log.Error("report job result", "err", err)
+	}
+	m.metrics.jobsTotal.WithLabelValues(r.cfg.Name, result.state, result.failureReason).Inc()
+	if result.failureReason == runnerapi.FailureRunnerSystemFailure {
+		m.metrics.systemFailures.WithLabelValues(r.cfg.Name).Inc()
+	}
+	m.metrics.jobDuration.WithLabelValues(r.cfg.Name).Observe(m.now().Sub(received).Seconds())
+	log.Info("job finished", "state", result.state, "failure_reason", result.failureReason, "exit_code", result.exitCode, "duration", m.now().Sub(received).Round(time.Millisecond))
+}
+
+// errNoInstance is the cause of an instance wait that timed out.
+var errNoInstance = errors.New("no instance became ready in time")
+
+// acquire takes the instance res promised. A job taken on demand says in
+// its trace that it waits for a booting VM, and how long that should take.
+// The wait ends early when GitLab cancels the job or the manager aborts.
+func (m *Manager) acquire(r *runner, res Reservation, wait time.Duration, tr *gitlab.JobTrace, out io.Writer) (Lease, error) {
+	if wait > 0 {
+		m.metrics.onDemand.WithLabelValues(r.cfg.Name).Inc()
+		fmt.Fprint(out, buildscript.LogLine(fmt.Sprintf("Waiting for a VM: none was idle, one is expected in about %s", wait.Round(time.Second))))
+	}
+	ctx, cancel := context.WithCancelCause(m.jobsCtx)
+	defer cancel(nil)
+	ctx, stop := context.WithTimeoutCause(ctx, instanceWaitTimeout, errNoInstance)
+	defer stop()
+	go func() {
+		select {
+		case <-tr.Canceled():
+			cancel(errCanceled)
+		case <-ctx.Done():
+		}
+	}()
+	start := m.now()
+	lease, err := res.Acquire(ctx)
+	if err != nil {
+		if cause := context.Cause(ctx); cause != nil {
+			return nil, cause
+		}
+		return nil, err
+	}
+	if wait > 0 {
+		fmt.Fprint(out, buildscript.LogLine(fmt.Sprintf("Got VM %s after %s", lease.ID(), m.now().Sub(start).Round(100*time.Millisecond))))
+	}
+	return lease, nil
+}
+
+// waitResult is the result of a job whose instance never came.
+func waitResult(err error) jobResult {
+	switch {
+	case errors.Is(err, errCanceled):
+		return jobResult{state: runnerapi.StateFailed, failureReason: runnerapi.FailureUnknownFailure, message: "canceled"}
+	case errors.Is(err, errNoInstance):
+		return systemFailure("no VM became ready within %v", instanceWaitTimeout)
+	default:
+		return systemFailure("no VM for the job: %v", err)
+	}
+}
+
+// plan generates the job's build plan for lease.
+func (m *Manager) plan(r *runner, job *runnerapi.JobResponse, lease Lease) (*buildscript.Plan, error) {
+	return buildscript.Generate(job, buildscript.Options{
 		Shell:            r.cfg.Shell,
 		BuildsDir:        r.cfg.BuildsDir,
 		Environment:      r.cfg.Environment,
@@ -71,39 +175,6 @@ func (m *Manager) runJob(r *runner, job *runnerapi.JobResponse, lease Lease, rec
 		RunnerVersion:    m.version,
 		RunnerShortToken: gitlab.ShortToken(r.cfg.Token),
 	})
-	sec := secrets(job)
-	if planErr == nil {
-		sec = append(sec, plan.Secrets...) // expanded masked values
-	}
-	out := mask.NewWriter(tr, sec)
-	fmt.Fprint(out, buildscript.Header("mayfly "+m.version, r.cfg.Name, gitlab.ShortToken(r.cfg.Token)))
-
-	var res jobResult
-	if planErr != nil {
-		// A payload mayfly cannot run fails that job, never the manager.
-		log.Error("bad job payload", "err", planErr)
-		res = systemFailure("the job payload cannot be run: %v", planErr)
-	} else {
-		res = m.execute(r, job, plan, lease, out, tr, received)
-	}
-
-	fmt.Fprint(out, res.summaryLine())
-	if err := out.Close(); err != nil {
-		log.Warn("flush trace", "err", err)
-	}
-	lease.Release(res.state != runnerapi.StateSuccess)
-
-	fctx, cancel := context.WithTimeout(reportCtx, finalReportTimeout)
-	defer cancel()
-	if err := tr.Finish(fctx, res.state, res.failureReason, res.exitCode); err != nil && !errors.Is(err, gitlab.ErrJobAborted) {
-		log.Error("report job result", "err", err)
-	}
-	m.metrics.jobsTotal.WithLabelValues(r.cfg.Name, res.state, res.failureReason).Inc()
-	if res.failureReason == runnerapi.FailureRunnerSystemFailure {
-		m.metrics.systemFailures.WithLabelValues(r.cfg.Name).Inc()
-	}
-	m.metrics.jobDuration.WithLabelValues(r.cfg.Name).Observe(m.now().Sub(received).Seconds())
-	log.Info("job finished", "state", res.state, "failure_reason", res.failureReason, "exit_code", res.exitCode, "duration", m.now().Sub(received).Round(time.Millisecond))
 }
 
 // jobResult is how a job ended.

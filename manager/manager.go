@@ -2,8 +2,9 @@
 // [[runners]] entry, runs each job on an instance of that runner's fleet,
 // streams its trace back and reports its result.
 //
-// A job is only requested when the fleet has a ready instance to hand out, so
-// a job is never accepted that then waits for a VM to boot.
+// A job is only requested when the fleet can promise it an instance: a ready
+// one, or one expected within the fleet's on-demand window, so a job is never
+// accepted that then waits minutes for a VM.
 package manager
 
 import (
@@ -20,9 +21,6 @@ import (
 	"github.com/mayfly-ci/mayfly/manager/gitlab"
 	"github.com/mayfly-ci/mayfly/manager/runnerapi"
 )
-
-// acquireTimeout bounds waiting for an instance the fleet said was ready.
-const acquireTimeout = 5 * time.Second
 
 // ErrAborted is the cause of a job context ended by Abort.
 var ErrAborted = errors.New("runner manager aborted: shutting down")
@@ -231,8 +229,8 @@ func (m *Manager) poll(ctx context.Context, r *runner) {
 	}
 }
 
-// tryRequest asks GitLab for one job if a slot and a ready instance are free,
-// and starts the job. It returns whether a job started, or why no request
+// tryRequest asks GitLab for one job if a slot is free and the fleet
+// promises an instance, and starts the job. It returns whether a job started, or why no request
 // was made.
 func (m *Manager) tryRequest(ctx context.Context, r *runner) (started bool, skipped string) {
 	if !takeSlot(m.slots) {
@@ -248,24 +246,15 @@ func (m *Manager) tryRequest(ctx context.Context, r *runner) (started bool, skip
 		}
 		<-m.slots
 	}
-	if r.fleet.Available() == 0 {
+	res, wait, ok := r.fleet.Reserve()
+	if !ok {
 		release()
-		return false, "no_ready_instance"
+		return false, "no_instance"
 	}
-	actx, cancel := context.WithTimeout(ctx, acquireTimeout)
-	lease, err := r.fleet.Acquire(actx)
-	cancel()
-	if err != nil {
-		release()
-		if ctx.Err() == nil {
-			m.log.Warn("acquire instance", "runner", r.cfg.Name, "err", err)
-		}
-		return false, "acquire_failed"
-	}
-	res, err := r.client.RequestJob(ctx, r.cfg.Token, gitlab.RequestOptions{})
-	m.metrics.requests.WithLabelValues(r.cfg.Name, res.Outcome.String()).Inc()
-	if res.Outcome != gitlab.JobReceived {
-		lease.Unused()
+	resp, err := r.client.RequestJob(ctx, r.cfg.Token, gitlab.RequestOptions{})
+	m.metrics.requests.WithLabelValues(r.cfg.Name, resp.Outcome.String()).Inc()
+	if resp.Outcome != gitlab.JobReceived {
+		res.Cancel()
 		release()
 		var payloadErr *gitlab.JobPayloadError
 		switch {
@@ -273,8 +262,8 @@ func (m *Manager) tryRequest(ctx context.Context, r *runner) (started bool, skip
 			// GitLab handed out a job we cannot read: fail it, never the manager.
 			m.failUnreadableJob(r, payloadErr)
 		case err != nil && ctx.Err() == nil:
-			m.log.Warn("job request failed", "runner", r.cfg.Name, "outcome", res.Outcome, "err", err)
-		case res.Outcome == gitlab.RunnerForbidden:
+			m.log.Warn("job request failed", "runner", r.cfg.Name, "outcome", resp.Outcome, "err", err)
+		case resp.Outcome == gitlab.RunnerForbidden:
 			m.log.Error("GitLab rejects the runner token", "runner", r.cfg.Name)
 		}
 		return false, ""
@@ -284,7 +273,7 @@ func (m *Manager) tryRequest(ctx context.Context, r *runner) (started bool, skip
 	go func() {
 		defer m.jobs.Done()
 		defer release()
-		m.runJob(r, res.Job, lease, received)
+		m.runJob(r, resp.Job, res, wait, received)
 	}()
 	return true, ""
 }

@@ -25,6 +25,7 @@ type metrics struct {
 	requests        *prometheus.CounterVec // job requests by runner and outcome
 	systemFailures  *prometheus.CounterVec // jobs failed with runner_system_failure, by runner
 	requestsSkipped *prometheus.CounterVec // polls that did not ask GitLab, by runner and reason
+	onDemand        *prometheus.CounterVec // jobs taken for an instance not yet ready, by runner
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -42,7 +43,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "mayfly_job_queue_to_start_seconds", Help: "Time from job creation in GitLab (time_in_queue_seconds) to the first line of its script running.", Buckets: queueStartBuckets,
 		}, []string{"runner"}),
 		pickupToStart: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name: "mayfly_job_pickup_to_start_seconds", Help: "Time from receiving a job to the first line of its script running (mayfly's own overhead).", Buckets: prometheus.ExponentialBuckets(0.05, 2, 14),
+			Name: "mayfly_job_pickup_to_start_seconds", Help: "Time from receiving a job to the first line of its script running: mayfly's own overhead, plus the boot wait of jobs taken on demand.", Buckets: prometheus.ExponentialBuckets(0.05, 2, 14),
 		}, []string{"runner"}),
 		concurrent: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "gitlab_runner_concurrent", Help: "The concurrent setting.",
@@ -59,11 +60,14 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		requestsSkipped: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "mayfly_job_requests_skipped_total", Help: "Polls that did not ask GitLab for a job, by runner and reason.",
 		}, []string{"runner", "reason"}),
+		onDemand: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "mayfly_jobs_on_demand_total", Help: "Jobs taken before an instance was idle, for one expected within the on-demand window, by runner.",
+		}, []string{"runner"}),
 	}
 	if reg == nil {
 		return m, nil
 	}
-	for _, c := range []prometheus.Collector{m.jobs, m.jobsTotal, m.jobDuration, m.queueToStart, m.pickupToStart, m.concurrent, m.limit, m.requests, m.systemFailures, m.requestsSkipped} {
+	for _, c := range []prometheus.Collector{m.jobs, m.jobsTotal, m.jobDuration, m.queueToStart, m.pickupToStart, m.concurrent, m.limit, m.requests, m.systemFailures, m.requestsSkipped, m.onDemand} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -241,6 +241,7 @@ func startFleet(ctx context.Context, r config.Runner, checkInterval time.Duratio
 		Schedule:         r.Fleet.Schedule,
 		MaxUses:          r.Fleet.MaxUses,
 		MaxGrowthRate:    r.Fleet.MaxGrowthRate,
+		OnDemandWithin:   r.Fleet.OnDemandWithin,
 		MaxInstances:     r.Fleet.MaxInstances,
 		CheckInterval:    checkInterval,
 		BootTimeout:      r.Fleet.Connector.Timeout,
@@ -326,8 +327,8 @@ func statusLine(st fleet.Status) string {
 		parts = []string{"no instances"}
 	}
 	line := fmt.Sprintf("%s fleet %s: %s; idle target %d", st.Time.Format("15:04:05"), st.Runner, strings.Join(parts, ", "), st.IdleTarget)
-	if st.Waiting > 0 {
-		line += fmt.Sprintf(", %d waiting", st.Waiting)
+	if st.Reserved > 0 {
+		line += fmt.Sprintf(", %d reserved", st.Reserved)
 	}
 	if st.Held != "" {
 		line += ", held: " + st.Held

@@ -18,6 +18,7 @@ func FromConfig(cfg *config.Config, i int, opts *Options) error {
 	opts.MaxUses = r.Fleet.MaxUses
 	opts.MaxGrowthRate = r.Fleet.MaxGrowthRate
 	opts.MaxInstances = r.Fleet.MaxInstances
+	opts.OnDemandWithin = r.Fleet.OnDemandWithin
 	opts.CheckInterval = cfg.CheckInterval
 	opts.MaxJobs = cfg.Concurrent
 	if r.Limit > 0 && (opts.MaxJobs <= 0 || r.Limit < opts.MaxJobs) {

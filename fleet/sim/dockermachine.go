@@ -13,6 +13,7 @@ type dockerMachine struct {
 	w        *world
 	sched    *policyCache
 	machines []*vm // creation order, oldest first; gone ones dropped lazily
+	onDemand int   // jobs requested with no free machine (IdleCount 0)
 }
 
 func newDockerMachine(w *world) *dockerMachine {
@@ -78,6 +79,7 @@ func (d *dockerMachine) tick(now time.Time) {
 		}
 		// On demand: request the job and create its machine in Use.
 		j := w.takeJob()
+		d.onDemand++
 		v := w.create(1, false)[0]
 		v.job = j
 		d.machines = append(d.machines, v)

@@ -1,6 +1,7 @@
 package sim
 
 import (
+	"fmt"
 	"strconv"
 	"time"
 
@@ -19,8 +20,10 @@ const (
 // pass after every event that kicks the runtime scaler (acquisition,
 // release, instance ready or failed, deletion confirmed) and at the plan's
 // Wake and the next policy change. The manager side follows
-// manager.tryRequest: each CheckInterval it asks for jobs while the fleet
-// has an idle instance, and again at once after a job arrived.
+// manager.tryRequest: each CheckInterval it asks for jobs while
+// fleet.Reservable promises an instance (idle, or on demand one expected
+// within OnDemandWithin), and again at once after a job arrived. Jobs taken
+// on demand wait in order for the next instance that becomes idle.
 type mayfly struct {
 	w       *world
 	limits  fleet.Limits
@@ -37,12 +40,15 @@ type mayfly struct {
 	wakeAt    time.Time
 	pred      *fleet.DemandMeter // nil: plain mayfly
 	maxTarget int                // the highest idle target of any pass
+	boots     fleet.BootTimes
+	waitQ     []int // jobs taken on demand, waiting for an instance, oldest first
+	onDemand  int   // jobs taken on demand
 }
 
 func newMayfly(w *world, predictive bool) *mayfly {
 	m := &mayfly{
 		w:      w,
-		limits: fleet.Limits{MaxUses: w.o.MaxUses, MaxGrowthRate: w.o.MaxGrowthRate, MaxInstances: w.o.MaxInstances, BootTimeout: w.o.BootTimeout, CheckInterval: w.o.CheckInterval},
+		limits: fleet.Limits{MaxUses: w.o.MaxUses, MaxGrowthRate: w.o.MaxGrowthRate, MaxInstances: w.o.MaxInstances, BootTimeout: w.o.BootTimeout, CheckInterval: w.o.CheckInterval, OnDemandWithin: w.o.OnDemandWithin},
 		sched:  newPolicyCache(w.o.Schedule),
 		byID:   map[string]*vm{},
 		dirty:  true,
@@ -60,7 +66,7 @@ func (m *mayfly) assumptions() []string {
 		"scaler passes run fleet.Decide (production code) on every kick, at Plan.Wake and at policy changes",
 		"a VM is ready when its boot time is over (the runtime fleet notices at its next list, up to PollInterval 2s later: not modelled)",
 		"Create(n) and each pass's Delete batch are one provider call; List is counted every 2s while instances are being created, else every 1m",
-		"the manager asks for a job only when Available() > 0, so with an idle target of 0 no job ever starts",
+		fmt.Sprintf("the manager asks for a job only when fleet.Reservable (production code) promises an instance: an idle one, or one expected within %s (the median of the last 16 boots); IdleCount 0 always takes jobs on demand", m.w.o.OnDemandWithin),
 	}
 	if m.pred != nil {
 		a = append(a, m.w.o.Predictive.describe(m.w.o.CheckInterval))
@@ -72,22 +78,52 @@ func (m *mayfly) tick(now time.Time) {
 	w := m.w
 	got := false
 	for w.canRun() && w.hasPending() {
-		v := m.popIdle()
-		if v == nil {
+		if len(m.waitQ) == 0 {
+			if v := m.popIdle(); v != nil {
+				m.start(v, w.takeJob(), now)
+				got = true
+				continue
+			}
+		}
+		if _, ok := fleet.Reservable(m.snapshot(now, false), m.policy(now), m.limits, m.boots.Median()); !ok {
 			if m.pred != nil && got {
-				// The runner got a job and would ask again at once, but the
-				// pool is empty: demand outran supply.
+				// The runner got a job and asks again at once, but nothing
+				// can be promised: demand outran supply (Fleet.Reserve).
 				m.pred.Missed(now, m.w.o.CheckInterval)
 			}
-			return // Available() == 0: no job request
+			return // nothing promised: no job request
 		}
 		got = true
-		w.startJob(v, w.takeJob())
+		// Taken on demand: Acquire blocks, which is demand the next pass
+		// creates an instance for.
+		m.waitQ = append(m.waitQ, w.takeJob())
+		m.onDemand++
 		if m.pred != nil {
-			m.pred.Acquired(now)
+			m.pred.Missed(now, m.w.o.CheckInterval)
 		}
 		m.dirty = true
 	}
+}
+
+// start runs job j on v, an instance that has just been acquired.
+func (m *mayfly) start(v *vm, j int, now time.Time) {
+	m.w.startJob(v, j)
+	if m.pred != nil {
+		m.pred.Acquired(now)
+	}
+	m.dirty = true
+}
+
+// serveWaiting gives v, which just became idle, to the oldest job waiting
+// for an instance; it reports whether there was one.
+func (m *mayfly) serveWaiting(v *vm, now time.Time) bool {
+	if len(m.waitQ) == 0 {
+		return false
+	}
+	j := m.waitQ[0]
+	m.waitQ = m.waitQ[1:]
+	m.start(v, j, now)
+	return true
 }
 
 func (m *mayfly) popIdle() *vm {
@@ -109,10 +145,13 @@ func (m *mayfly) booted(v *vm, now time.Time) {
 		return
 	}
 	m.breaker.Succeed(v.createdAt)
+	m.boots.Observe(now.Sub(v.createdAt))
 	if m.pred != nil {
 		m.pred.Booted(now.Sub(v.createdAt))
 	}
-	m.idleQ = append(m.idleQ, v)
+	if !m.serveWaiting(v, now) {
+		m.idleQ = append(m.idleQ, v)
+	}
 }
 
 func (m *mayfly) jobEnded(v *vm, now time.Time) {
@@ -123,7 +162,9 @@ func (m *mayfly) jobEnded(v *vm, now time.Time) {
 		return
 	}
 	m.w.backToIdle(v)
-	m.idleQ = append(m.idleQ, v)
+	if !m.serveWaiting(v, now) {
+		m.idleQ = append(m.idleQ, v)
+	}
 }
 
 func (m *mayfly) remove(vs []*vm) {
@@ -165,9 +206,9 @@ func (m *mayfly) policy(now time.Time) schedule.Policy {
 	return p
 }
 
-// pass is fleet.Fleet.pass without the provider: snapshot, Decide, apply.
-func (m *mayfly) pass(now time.Time) {
-	w := m.w
+// snapshot is fleet.Fleet.snapshotLocked: the books for Decide and
+// Reservable.
+func (m *mayfly) snapshot(now time.Time, withDemand bool) fleet.Snapshot {
 	views := m.views[:0]
 	requested := 0
 	live := m.vms[:0]
@@ -191,12 +232,17 @@ func (m *mayfly) pass(now time.Time) {
 		views = append(views, fleet.InstanceView{ID: v.name, State: st, CreatedAt: v.createdAt, IdleSince: v.idleSince, Uses: v.uses})
 	}
 	m.views = views
-	snap := fleet.Snapshot{Now: now, Instances: views, Requested: requested, Breaker: m.breaker}
-	p := m.policy(now)
-	if m.pred != nil {
-		snap.Demand = m.pred.Demand(now)
+	snap := fleet.Snapshot{Now: now, Instances: views, Requested: requested, Reserved: len(m.waitQ), Breaker: m.breaker}
+	if withDemand && m.pred != nil {
+		snap.Demand = m.pred.Demand(now, m.w.o.CheckInterval)
 	}
-	plan := fleet.Decide(snap, p, m.limits)
+	return snap
+}
+
+// pass is fleet.Fleet.pass without the provider: snapshot, Decide, apply.
+func (m *mayfly) pass(now time.Time) {
+	w := m.w
+	plan := fleet.Decide(m.snapshot(now, true), m.policy(now), m.limits)
 	m.maxTarget = max(m.maxTarget, plan.IdleTarget)
 	if len(plan.Delete)+len(m.released) > 0 {
 		doomed := append(make([]*vm, 0, len(plan.Delete)+len(m.released)), m.released...)

@@ -42,6 +42,9 @@ type Report struct {
 	// MaxIdleTarget is the highest idle target a mayfly or predictive
 	// scaler pass computed (0 for the other policies).
 	MaxIdleTarget int `json:"max_idle_target,omitempty"`
+	// OnDemandJobs counts jobs taken before an instance was idle for them
+	// (mayfly's on-demand window; docker-machine with IdleCount 0).
+	OnDemandJobs int `json:"on_demand_jobs"`
 	// SimulatedHours is the simulated span.
 	SimulatedHours float64 `json:"simulated_hours"`
 	// Assumptions names the modelling choices the figures depend on.
@@ -105,6 +108,10 @@ func (w *world) report() Report {
 	r.Assumptions = w.ctl.assumptions()
 	if m, ok := w.ctl.(*mayfly); ok {
 		r.MaxIdleTarget = m.maxTarget
+		r.OnDemandJobs = m.onDemand
+	}
+	if d, ok := w.ctl.(*dockerMachine); ok {
+		r.OnDemandJobs = d.onDemand
 	}
 	r.Series = w.series
 	return r

@@ -39,8 +39,12 @@ func TestWriters(t *testing.T) {
 }
 
 func TestUnstartedJobsAreInfinite(t *testing.T) {
-	// mayfly with IdleCount 0 never asks for a job (Available() == 0).
-	o := smallCase(PolicyMayfly, schedule.Policy{IdleCount: 0})
+	// The pool's VMs take 5 hours to boot: within the 1-hour horizon
+	// mayfly never has an instance to promise, so it never asks for a job.
+	o := smallCase(PolicyMayfly, schedule.Policy{IdleCount: 2})
+	o.Provider.Boot.Median = 5 * time.Hour
+	o.BootTimeout = 24 * time.Hour
+	o.OnDemandWithin = 90 * time.Second
 	o.Horizon = time.Hour
 	r, err := Run(o)
 	if err != nil {

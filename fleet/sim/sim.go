@@ -59,6 +59,10 @@ type Options struct {
 	Provider Provider
 	// BootTimeout is the mayfly fleet's boot watchdog (default 10m).
 	BootTimeout time.Duration
+	// OnDemandWithin is the mayfly fleet's on-demand window: a job is
+	// taken for an instance expected within it (0: only for idle ones,
+	// unless IdleCount is 0). FromConfig sets the config's value.
+	OnDemandWithin time.Duration
 	// Predictive tunes the predictive policy.
 	Predictive Predictive
 	// Warmup is how long before the first arrival the simulation starts,
@@ -91,8 +95,8 @@ func (o *Options) defaults() error {
 			return fmt.Errorf("%s must not be negative, got %d", f.name, f.v)
 		}
 	}
-	if o.CheckInterval < 0 || o.BootTimeout < 0 || o.Horizon < 0 || o.SLO < 0 || o.SeriesStep < 0 {
-		return errors.New("CheckInterval, BootTimeout, Horizon, SLO and SeriesStep must not be negative")
+	if o.CheckInterval < 0 || o.BootTimeout < 0 || o.OnDemandWithin < 0 || o.Horizon < 0 || o.SLO < 0 || o.SeriesStep < 0 {
+		return errors.New("CheckInterval, BootTimeout, OnDemandWithin, Horizon, SLO and SeriesStep must not be negative")
 	}
 	if err := o.Provider.validate(); err != nil {
 		return err

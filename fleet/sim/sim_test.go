@@ -3,6 +3,7 @@ package sim
 import (
 	"math"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -296,5 +297,63 @@ func TestReadTrace(t *testing.T) {
 	}
 	if sb.String() != "arrival,duration,os\n10,3,windows\n20,5\n" {
 		t.Errorf("WriteTrace = %q", sb.String())
+	}
+}
+
+// TestOnDemandHandComputed: three jobs arrive at t=1000 s; the runner polls
+// every 10 s (ticks at 940, 950, ... 1000); boots take 30 s.
+func TestOnDemandHandComputed(t *testing.T) {
+	for _, tt := range []struct {
+		name     string
+		idle     int
+		window   time.Duration
+		wantLat  []float64 // p50, p90, max
+		onDemand int
+	}{
+		// IdleCount 0: every job is taken on demand and waits one boot.
+		{"IdleCount 0", 0, 0, []float64{30, 30, 30}, 3},
+		// One idle VM (ready at 970) takes the first job; the other two are
+		// taken at once for VMs created at 1000 and ready at 1030.
+		{"pool of 1, window 90s", 1, 90 * time.Second, []float64{30, 30, 30}, 2},
+		// A 20 s window is shorter than a boot, so no job is taken for a
+		// VM not yet created. At 1010 the pool's replacement (created at
+		// 1000, ready 1030) is 20 s away: job 2 is taken for it, and the
+		// scaler creates one for the promise (ready 1040). At 1020 that one
+		// is 20 s away: job 3 is taken for it.
+		{"pool of 1, window 20s", 1, 20 * time.Second, []float64{30, 40, 40}, 2},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			o := smallCase(PolicyMayfly, schedule.Policy{IdleCount: tt.idle, IdleTime: time.Hour})
+			o.OnDemandWithin = tt.window
+			r, err := Run(o)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := []float64{r.LatencyP50, r.LatencyP90, r.LatencyMax}
+			if !slices.Equal(got, tt.wantLat) || r.OnDemandJobs != tt.onDemand || r.Started != 3 {
+				t.Errorf("latency p50/p90/max %v, on demand %d, started %d; want %v, %d, 3", got, r.OnDemandJobs, r.Started, tt.wantLat, tt.onDemand)
+			}
+			if tt.idle == 0 && r.IdleVMHours != 0 {
+				t.Errorf("IdleCount 0 on demand left %v idle VM-hours", r.IdleVMHours)
+			}
+		})
+	}
+}
+
+// TestOracleWaitsForThePoll: the oracle's jobs start at the runner's next
+// poll, the same tick grid the other policies use.
+func TestOracleWaitsForThePoll(t *testing.T) {
+	o := smallCase(PolicyOracle, schedule.Policy{})
+	o.Jobs = []Job{
+		{Arrival: at(1000), Duration: time.Minute}, // on a tick
+		{Arrival: at(1003), Duration: time.Minute}, // 7 s before the next
+		{Arrival: at(1009), Duration: time.Minute}, // 1 s before the next
+	}
+	r, err := Run(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.LatencyP50 != 1 || r.LatencyMax != 7 || r.IdleVMHours != 0 {
+		t.Errorf("oracle p50 %v max %v idle %v; want 1, 7, 0", r.LatencyP50, r.LatencyMax, r.IdleVMHours)
 	}
 }

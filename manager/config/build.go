@@ -145,6 +145,26 @@ func (b *builder) nonNegative(key string, v *int, def int) int {
 	return *v
 }
 
+// seconds reads a whole number of seconds that must not be negative.
+func (b *builder) seconds(key string, v *int, def time.Duration) time.Duration {
+	if v == nil {
+		return def
+	}
+	return time.Duration(b.nonNegative(key, v, int(def/time.Second))) * time.Second
+}
+
+// duration reads a duration that must not be negative.
+func (b *builder) duration(key string, v *duration, def time.Duration) time.Duration {
+	switch {
+	case v == nil:
+		return def
+	case *v < 0:
+		b.errorf(key, "must not be negative, got %s", time.Duration(*v))
+		return def
+	}
+	return time.Duration(*v)
+}
+
 func (b *builder) oneOf(key, v string, allowed []string) {
 	if v != "" && !slices.Contains(allowed, v) {
 		b.errorf(key, "%q is not one of %s", v, strings.Join(allowed, ", "))
@@ -297,13 +317,14 @@ func (b *builder) runner(i int, raw *fileRunner) Runner {
 func (b *builder) machine(key string, m *fileMachine, limit int) Fleet {
 	k := func(s string) string { return key + "." + s }
 	f := Fleet{
-		Block:         "runners.machine",
-		Provider:      provider(m.MachineDriver),
-		NameTemplate:  m.MachineName,
-		MaxGrowthRate: b.nonNegative(k("MaxGrowthRate"), m.MaxGrowthRate, 0),
-		MaxInstances:  limit, // docker+machine's limit caps machines in every state
-		MaxUses:       b.nonNegative(k("MaxBuilds"), m.MaxBuilds, 0),
-		Connector:     Connector{OS: "linux", Arch: "amd64", Protocol: "ssh", Timeout: DefaultConnectTimeout},
+		Block:          "runners.machine",
+		Provider:       provider(m.MachineDriver),
+		NameTemplate:   m.MachineName,
+		MaxGrowthRate:  b.nonNegative(k("MaxGrowthRate"), m.MaxGrowthRate, 0),
+		MaxInstances:   limit, // docker+machine's limit caps machines in every state
+		OnDemandWithin: b.seconds(k("OnDemandWithin"), m.OnDemandWithin, DefaultOnDemandWithin),
+		MaxUses:        b.nonNegative(k("MaxBuilds"), m.MaxBuilds, 0),
+		Connector:      Connector{OS: "linux", Arch: "amd64", Protocol: "ssh", Timeout: DefaultConnectTimeout},
 	}
 	if m.MachineDriver == "" {
 		b.errorf(k("MachineDriver"), "is required: it names the provider plugin (for example qemu, google, amazonec2)")
@@ -412,6 +433,7 @@ func (b *builder) autoscaler(key string, a *fileAutoscaler) Fleet {
 		ProviderConfig:       a.PluginConfig,
 		MaxGrowthRate:        b.nonNegative(k("max_growth_rate"), a.MaxGrowthRate, 0),
 		MaxInstances:         b.nonNegative(k("max_instances"), a.MaxInstances, 0),
+		OnDemandWithin:       b.duration(k("on_demand_within"), a.OnDemandWithin, DefaultOnDemandWithin),
 		InstanceReadyCommand: a.InstanceReadyCommand,
 		DeleteOnShutdown:     a.DeleteInstancesOnShutdown,
 		MaxUses:              b.maxUses(k("max_use_count"), a.MaxUseCount),

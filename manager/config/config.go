@@ -32,6 +32,12 @@ const (
 	DefaultMaxJobTimeout = 3 * time.Hour
 	// DefaultConnectTimeout bounds waiting for a new VM to accept SSH or WinRM.
 	DefaultConnectTimeout = 10 * time.Minute
+	// DefaultOnDemandWithin is how soon a VM must be expected for a job to
+	// be taken before one is idle. It leaves room under the 120 s
+	// queue-to-start SLO of hosted runners for the time the job already
+	// spent in the queue: 45 s Linux boots qualify, 5-minute Windows ones
+	// do not.
+	DefaultOnDemandWithin = 90 * time.Second
 )
 
 // Config is a loaded and validated configuration.
@@ -76,6 +82,7 @@ type Fleet struct {
 	MaxUses              int               // jobs per instance before deletion (1 = single use)
 	MaxGrowthRate        int               // instances being created at once; 0 = unlimited
 	MaxInstances         int               // instances in any state; 0 = unlimited
+	OnDemandWithin       time.Duration     // take a job for a VM expected within this; 0 = only idle VMs
 	InstanceReadyCommand string
 	DeleteOnShutdown     bool
 	Connector            Connector

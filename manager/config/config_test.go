@@ -118,6 +118,8 @@ func TestParseErrors(t *testing.T) {
 `, 16, "runners[0].machine.autoscaling[0].IdlePredictiveQuantile", "must be in (0,1), got 0"},
 		{"policy predictive_quantile negative", strings.Replace(autoscalerDoc, "idle_count = 2", "idle_count = 2\n      predictive = true\n      predictive_quantile = -0.1", 1), 15, "runners[0].autoscaler.policy[0].predictive_quantile", "must be in (0,1), got -0.1"},
 		{"bad environment", strings.Replace(machineDoc, `executor =`, "environment = [\"=x\"]\n  executor =", 1), 6, "runners[0].environment[0]", "want KEY=value"},
+		{"negative OnDemandWithin", strings.Replace(machineDoc, "IdleTime = 600", "IdleTime = 600\n    OnDemandWithin = -5", 1), 10, "runners[0].machine.OnDemandWithin", "must not be negative, got -5"},
+		{"negative on_demand_within", strings.Replace(autoscalerDoc, "capacity_per_instance = 1", "capacity_per_instance = 1\n    on_demand_within = \"-1m\"", 1), 9, "runners[0].autoscaler.on_demand_within", "must not be negative, got -1m0s"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -382,6 +384,41 @@ func FuzzParse(f *testing.F) {
 			}
 		}
 	})
+}
+
+func TestOnDemandWithinKeys(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		doc  string
+		want time.Duration
+	}{
+		{"machine default", machineDoc, DefaultOnDemandWithin},
+		{"machine seconds", strings.Replace(machineDoc, "IdleTime = 600", "IdleTime = 600\n    OnDemandWithin = 30", 1), 30 * time.Second},
+		{"machine off", strings.Replace(machineDoc, "IdleTime = 600", "IdleTime = 600\n    OnDemandWithin = 0", 1), 0},
+		{"autoscaler default", autoscalerDoc, DefaultOnDemandWithin},
+		{"autoscaler duration", strings.Replace(autoscalerDoc, "capacity_per_instance = 1", "capacity_per_instance = 1\n    on_demand_within = \"2m\"", 1), 2 * time.Minute},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := Parse("c.toml", []byte(tt.doc))
+			if err != nil {
+				t.Fatalf("Parse: %v", err)
+			}
+			if got := cfg.Runners[0].Fleet.OnDemandWithin; got != tt.want {
+				t.Errorf("OnDemandWithin = %v, want %v", got, tt.want)
+			}
+			var sum strings.Builder
+			if err := WriteSummary(&sum, cfg, time.Now()); err != nil {
+				t.Fatal(err)
+			}
+			want := "a job is taken for a VM expected within " + tt.want.String()
+			if tt.want == 0 {
+				want = "off: a job is taken only for an idle VM"
+			}
+			if !strings.Contains(sum.String(), want) {
+				t.Errorf("summary lacks %q:\n%s", want, sum.String())
+			}
+		})
+	}
 }
 
 func TestPredictiveKeys(t *testing.T) {

@@ -47,6 +47,7 @@ type fileMachine struct {
 	IdlePredictive         *bool                    `toml:"IdlePredictive"`
 	IdlePredictiveQuantile *float64                 `toml:"IdlePredictiveQuantile"`
 	MaxGrowthRate          *int                     `toml:"MaxGrowthRate"`
+	OnDemandWithin         *int                     `toml:"OnDemandWithin"`
 	MaxBuilds              *int                     `toml:"MaxBuilds"`
 	MachineName            string                   `toml:"MachineName"`
 	MachineDriver          string                   `toml:"MachineDriver"`
@@ -73,6 +74,7 @@ type fileAutoscaler struct {
 	MaxUseCount               *int           `toml:"max_use_count"`
 	MaxInstances              *int           `toml:"max_instances"`
 	MaxGrowthRate             *int           `toml:"max_growth_rate"`
+	OnDemandWithin            *duration      `toml:"on_demand_within"`
 	InstanceReadyCommand      string         `toml:"instance_ready_command"`
 	DeleteInstancesOnShutdown bool           `toml:"delete_instances_on_shutdown"`
 	Policy                    []filePolicy   `toml:"policy"`

@@ -29,6 +29,7 @@ func WriteSummary(w io.Writer, cfg *Config, now time.Time) error {
 		p("  provider\t%s (from [%s])%s\n", f.Provider, f.Block, options(f))
 		p("  instances\t%s, %s, %s\n", limitText(f.MaxInstances, "instances"), growthText(f.MaxGrowthRate), usesText(f.MaxUses))
 		p("  jobs\t%s, hard timeout %s\n", limitText(r.Limit, "jobs"), r.MaxJobTimeout)
+		p("  on demand\t%s\n", onDemandText(f))
 		p("  connector\t%s over %s, %s/%s, connect timeout %s\n", userText(f.Connector.Username), f.Connector.Protocol, f.Connector.OS, f.Connector.Arch, f.Connector.Timeout)
 		pol, idx := f.Schedule.At(now)
 		p("  now\t%s: %s\n", now.UTC().Format(time.RFC3339), policyText(pol, entryText(f.Schedule, idx)))
@@ -49,6 +50,15 @@ func WriteSummary(w io.Writer, cfg *Config, now time.Time) error {
 		p("\nnote\tmayfly puts a time in a period when that second matches; gitlab-runner tests the next second, so its windows open and close one second early.\n")
 	}
 	return tw.Flush()
+}
+
+// onDemandText says when a job is taken before a VM is idle, and how that
+// differs from gitlab-runner.
+func onDemandText(f Fleet) string {
+	if f.OnDemandWithin <= 0 {
+		return "off: a job is taken only for an idle VM (always on demand while IdleCount is 0)"
+	}
+	return fmt.Sprintf("a job is taken for a VM expected within %s (mayfly; gitlab-runner waits for an idle VM unless IdleCount is 0)", f.OnDemandWithin)
 }
 
 func policyText(p schedule.Policy, from string) string {

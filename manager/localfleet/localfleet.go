@@ -26,14 +26,15 @@ type Fleet struct {
 	dir  string
 	size int
 
-	mu      sync.Mutex
-	cond    *sync.Cond
-	idle    []*instance
-	next    int
-	used    map[string]bool      // every instance ever handed out
-	leased  map[string]*instance // instances handed out and not yet released
-	deleted []string
-	closed  bool
+	mu       sync.Mutex
+	cond     *sync.Cond
+	idle     []*instance
+	next     int
+	used     map[string]bool      // every instance ever handed out
+	leased   map[string]*instance // instances handed out and not yet released
+	reserved int                  // promises not yet taken
+	deleted  []string
+	closed   bool
 }
 
 type instance struct {
@@ -65,15 +66,39 @@ func (f *Fleet) refillLocked() {
 	}
 }
 
-// Available implements manager.Fleet.
-func (f *Fleet) Available() int {
+// Reserve implements manager.Fleet: it promises one of the idle
+// instances not promised yet; there is nothing on demand.
+func (f *Fleet) Reserve() (manager.Reservation, time.Duration, bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return len(f.idle)
+	if f.closed || len(f.idle)-f.reserved <= 0 {
+		return nil, 0, false
+	}
+	f.reserved++
+	return &reservation{f: f}, 0, true
 }
 
-// Acquire implements manager.Fleet.
-func (f *Fleet) Acquire(ctx context.Context) (manager.Lease, error) {
+type reservation struct {
+	f    *Fleet
+	once sync.Once
+}
+
+func (r *reservation) Cancel() {
+	r.once.Do(func() {
+		r.f.mu.Lock()
+		r.f.reserved--
+		r.f.mu.Unlock()
+	})
+}
+
+// Acquire hands out an idle instance, waiting for one until ctx ends.
+func (r *reservation) Acquire(ctx context.Context) (manager.Lease, error) {
+	ended := true
+	r.once.Do(func() { ended = false })
+	if ended {
+		return nil, errors.New("localfleet: reservation already ended")
+	}
+	f := r.f
 	stop := context.AfterFunc(ctx, func() {
 		f.mu.Lock()
 		f.cond.Broadcast()
@@ -82,6 +107,7 @@ func (f *Fleet) Acquire(ctx context.Context) (manager.Lease, error) {
 	defer stop()
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.reserved--
 	for len(f.idle) == 0 {
 		if err := ctx.Err(); err != nil {
 			return nil, err
@@ -165,18 +191,6 @@ func (l *lease) Lost() <-chan struct{} { return l.in.lost }
 
 func (l *lease) Connect(ctx context.Context) (vmexec.Executor, error) {
 	return &executor{root: l.in.root}, nil
-}
-
-// Unused puts the instance back: nothing ran on it.
-func (l *lease) Unused() {
-	l.once.Do(func() {
-		l.f.mu.Lock()
-		defer l.f.mu.Unlock()
-		delete(l.f.used, l.in.id)
-		delete(l.f.leased, l.in.id)
-		l.f.idle = append(l.f.idle, l.in)
-		l.f.cond.Broadcast()
-	})
 }
 
 // Release deletes the instance: every instance runs one job.

@@ -1,0 +1,173 @@
+package fleet
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/mayfly-ci/mayfly/providers/fake"
+	"github.com/mayfly-ci/mayfly/schedule"
+)
+
+func TestBootTimes(t *testing.T) {
+	var b BootTimes
+	if b.Mean() != 0 || b.Median() != 0 || b.Shortest() != 0 {
+		t.Fatal("empty BootTimes should report 0")
+	}
+	for _, s := range []int{50, 40, 45, 300} {
+		b.Observe(time.Duration(s) * time.Second)
+	}
+	if got := b.Median(); got != 50*time.Second {
+		t.Errorf("median = %v, want 50s (upper middle of 40 45 50 300)", got)
+	}
+	if got := b.Mean(); got != 108750*time.Millisecond {
+		t.Errorf("mean = %v, want 108.75s", got)
+	}
+	if got := b.Shortest(); got != 40*time.Second {
+		t.Errorf("shortest = %v", got)
+	}
+	for range bootSamples {
+		b.Observe(10 * time.Second)
+	}
+	if b.Median() != 10*time.Second || b.Shortest() != 10*time.Second {
+		t.Errorf("after %d new samples the old ones should be gone: median %v", bootSamples, b.Median())
+	}
+}
+
+func TestReservable(t *testing.T) {
+	t0 := time.Date(2026, 11, 23, 10, 0, 0, 0, time.UTC)
+	inst := func(st State, createdAgo time.Duration) InstanceView {
+		return InstanceView{ID: st.String() + createdAgo.String(), State: st, CreatedAt: t0.Add(-createdAgo)}
+	}
+	idle := func() InstanceView { return inst(StateIdle, time.Hour) }
+	pool := schedule.Policy{IdleCount: 5, IdleTime: time.Hour}
+	window := Limits{OnDemandWithin: 90 * time.Second}
+	for _, tt := range []struct {
+		name     string
+		snap     Snapshot
+		p        schedule.Policy
+		l        Limits
+		boot     time.Duration
+		wantOK   bool
+		wantWait time.Duration
+	}{
+		{"idle and unpromised", Snapshot{Instances: []InstanceView{idle()}}, pool, Limits{}, 0, true, 0},
+		{"idle but promised, on demand off", Snapshot{Instances: []InstanceView{idle()}, Reserved: 1}, pool, Limits{}, 45 * time.Second, false, 0},
+		{"no boot measured yet", Snapshot{}, pool, window, 0, false, 0},
+		{"new instance within the window", Snapshot{}, pool, window, 45 * time.Second, true, 45 * time.Second},
+		{"boots slower than the window", Snapshot{}, pool, window, 300 * time.Second, false, 0},
+		{"one booting, 30s left", Snapshot{Instances: []InstanceView{inst(StateCreating, 15*time.Second)}}, pool, window, 45 * time.Second, true, 30 * time.Second},
+		{"booting one already promised: a new one", Snapshot{Instances: []InstanceView{inst(StateCreating, 15*time.Second)}, Reserved: 1}, pool, window, 45 * time.Second, true, 45 * time.Second},
+		{"earliest created serves the first promise", Snapshot{Instances: []InstanceView{inst(StateProvisioning, 40*time.Second), inst(StateCreating, 5*time.Second)}, Reserved: 1}, pool, window, 45 * time.Second, true, 40 * time.Second},
+		{"late boot: expected now", Snapshot{Instances: []InstanceView{inst(StateCreating, 2*time.Minute)}}, pool, window, 45 * time.Second, true, 0},
+		{"slow boot on its way counts if within the window", Snapshot{Instances: []InstanceView{inst(StateCreating, 250*time.Second)}}, pool, window, 300 * time.Second, true, 50 * time.Second},
+		{"requested ones come after created ones", Snapshot{Requested: 1, Instances: []InstanceView{inst(StateCreating, 10*time.Second)}, Reserved: 1}, pool, window, 45 * time.Second, true, 45 * time.Second},
+		{"MaxInstances reached", Snapshot{Instances: []InstanceView{inst(StateAcquired, time.Hour)}}, pool, Limits{OnDemandWithin: time.Minute, MaxInstances: 1}, 45 * time.Second, false, 0},
+		{"unbacked promises count against MaxGrowthRate", Snapshot{Reserved: 1}, pool, Limits{OnDemandWithin: time.Minute, MaxGrowthRate: 1}, 45 * time.Second, false, 0},
+		{"MaxGrowthRate leaves room", Snapshot{}, pool, Limits{OnDemandWithin: time.Minute, MaxGrowthRate: 1}, 45 * time.Second, true, 45 * time.Second},
+		{"creation backoff", Snapshot{Breaker: Breaker{Failures: 1, RetryAt: t0.Add(time.Minute)}}, pool, window, 45 * time.Second, false, 0},
+		{"IdleCount 0: always on demand, even slow and unmeasured", Snapshot{}, schedule.Policy{}, Limits{}, 0, true, 0},
+		{"IdleCount 0: slow boots too", Snapshot{Reserved: 3}, schedule.Policy{}, Limits{}, 300 * time.Second, true, 300 * time.Second},
+		{"IdleCount 0: still bounded by MaxInstances", Snapshot{Reserved: 1}, schedule.Policy{}, Limits{MaxInstances: 1}, 45 * time.Second, false, 0},
+		{"idle instance with its uses spent is not free", Snapshot{Instances: []InstanceView{{ID: "x", State: StateIdle, Uses: 1}}}, pool, Limits{}, 0, false, 0},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			tt.snap.Now = t0
+			wait, ok := Reservable(tt.snap, tt.p, tt.l, tt.boot)
+			if ok != tt.wantOK || wait != tt.wantWait {
+				t.Fatalf("Reservable = %v, %v; want %v, %v", wait, ok, tt.wantWait, tt.wantOK)
+			}
+		})
+	}
+}
+
+// TestReserveOnDemand: with an idle pool of 1 and a 45 s boot, the second
+// job of a burst is promised the instance created to replace the first,
+// and Decide creates one for a promise beyond the idle instances.
+func TestReserveOnDemand(t *testing.T) {
+	h := newHarness(t, Config{
+		Schedule:       idlePolicy(schedule.Policy{IdleCount: 1, IdleTime: time.Hour}),
+		OnDemandWithin: 90 * time.Second,
+	}, fake.Options{BootDelay: 45 * time.Second})
+	h.start()
+	if _, _, ok := h.f.Reserve(); ok {
+		t.Fatal("Reserve succeeded before any instance booted and with no boot time known")
+	}
+	h.until(5*time.Minute, time.Second, "1 idle", func() bool { return h.f.Available() == 1 })
+
+	r1, wait, ok := h.f.Reserve()
+	if !ok || wait != 0 {
+		t.Fatalf("first Reserve = %v, %v; want the idle instance", wait, ok)
+	}
+	if h.f.Available() != 0 {
+		t.Fatalf("available %d after a promise of the only idle instance", h.f.Available())
+	}
+	r2, wait, ok := h.f.Reserve()
+	if !ok || wait < 40*time.Second || wait > 50*time.Second {
+		t.Fatalf("second Reserve = %v, %v; want on demand, about one boot time", wait, ok)
+	}
+	h.settle()
+	if got := h.count(StateCreating) + h.count(StateRequested); got != 1 {
+		t.Fatalf("%d instances on their way for the promise beyond the idle one, want 1", got)
+	}
+	r3, _, ok := h.f.Reserve()
+	if !ok {
+		t.Fatal("third Reserve refused with no limit and a 45 s boot")
+	}
+	r3.Cancel() // GitLab had no job for it
+	h.settle()
+	if got := h.count(StateCreating) + h.count(StateRequested); got != 1 {
+		t.Fatalf("%d on their way after a canceled promise, want 1 (the extra was never created or is surplus)", got)
+	}
+
+	l1, err := r1.Acquire(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan *Lease, 1)
+	go func() {
+		l, err := r2.Acquire(context.Background())
+		if err != nil {
+			t.Error(err)
+		}
+		got <- l
+	}()
+	h.until(5*time.Minute, time.Second, "on-demand job served", func() bool { return h.count(StateAcquired) == 2 })
+	l2 := <-got
+	if l2 == nil || l2.ID() == l1.ID() {
+		t.Fatalf("second lease %v, first %s", l2, l1.ID())
+	}
+	if _, err := r1.Acquire(context.Background()); err == nil {
+		t.Error("a reservation served twice")
+	}
+	l1.Release(JobSucceeded)
+	l2.Release(JobSucceeded)
+	// The pool refills to its target; the canceled promise left nothing behind.
+	h.until(5*time.Minute, time.Second, "pool back to 1", func() bool {
+		return h.f.Available() == 1 && h.count(StateCreating)+h.count(StateRequested) == 0
+	})
+	if st := h.f.Status(); st.Reserved != 0 {
+		t.Errorf("reserved = %d at the end", st.Reserved)
+	}
+}
+
+// TestEmptyPollDoesNotChurn: a promise of an idle instance that GitLab has
+// no job for must not make the scaler create a replacement.
+func TestEmptyPollDoesNotChurn(t *testing.T) {
+	h := newHarness(t, Config{Schedule: idlePolicy(schedule.Policy{IdleCount: 2, IdleTime: time.Hour})}, fake.Options{BootDelay: 10 * time.Second})
+	h.start()
+	h.until(time.Minute, time.Second, "2 idle", func() bool { return h.f.Available() == 2 })
+	creates := len(h.prov.callsOf(OpCreate))
+	for range 50 {
+		r, _, ok := h.f.Reserve()
+		if !ok {
+			t.Fatal("Reserve refused with 2 idle")
+		}
+		h.settle()
+		r.Cancel()
+		h.settle()
+	}
+	if got := len(h.prov.callsOf(OpCreate)); got != creates {
+		t.Fatalf("50 empty polls made %d Create calls, want none", got-creates)
+	}
+}
