@@ -80,7 +80,14 @@ func (a *api) call(ctx context.Context, op string, fn func(ctx context.Context) 
 	a.mu.Unlock()
 	a.m.calls.WithLabelValues(a.runner, op).Inc()
 
-	cctx, cancel := context.WithTimeout(ctx, a.timeout)
+	base := ctx
+	if op == OpCreate {
+		// A Create cut off by shutdown may have made instances whose ids
+		// then never reach the books: let it finish, within the timeout,
+		// so they are recorded (and deleted, with DeleteOnShutdown).
+		base = context.WithoutCancel(ctx)
+	}
+	cctx, cancel := context.WithTimeout(base, a.timeout)
 	err := fn(cctx)
 	cancel()
 	if err == nil {

@@ -721,3 +721,54 @@ func TestWaitsForPublishedHostKey(t *testing.T) {
 		})
 	}
 }
+
+// slowCreate makes its instances at once but answers only when gate is
+// closed, or with the context's error and no ids when the call's context
+// ends first, as a plugin whose caller gave up does.
+type slowCreate struct {
+	*fake.Fake
+	gate     chan struct{}
+	inFlight chan struct{}
+}
+
+func (s *slowCreate) Create(ctx context.Context, n int, labels map[string]string) ([]string, error) {
+	ids, err := s.Fake.Create(ctx, n, labels)
+	close(s.inFlight)
+	select {
+	case <-s.gate:
+		return ids, err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// A Create in flight when Run ends still reports its instances, which are
+// deleted with DeleteOnShutdown: none is left behind.
+func TestShutdownDuringCreateLeaksNothing(t *testing.T) {
+	fk, err := fake.New(fake.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	prov := &slowCreate{Fake: fk, gate: make(chan struct{}), inFlight: make(chan struct{})}
+	h := newHarness(t, Config{Provider: prov, Schedule: idlePolicy(schedule.Policy{IdleCount: 2}), DeleteOnShutdown: true}, providers0())
+	h.startNoSettle()
+	select {
+	case <-prov.inFlight:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no Create call")
+	}
+	go func() {
+		time.Sleep(100 * time.Millisecond) // Run has been canceled by then
+		close(prov.gate)
+	}()
+	h.stop()
+	list, err := fk.List(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, in := range list {
+		if in.State != providers.StateDeleting && in.State != providers.StateGone {
+			t.Errorf("instance %s is %s after shutdown, want deleted", in.ID, in.State)
+		}
+	}
+}
