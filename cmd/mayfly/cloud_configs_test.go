@@ -2,7 +2,11 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -22,6 +26,14 @@ import (
 func TestCloudConfigs(t *testing.T) {
 	secretFile := filepath.Join(t.TempDir(), "secret")
 	if err := os.WriteFile(secretFile, []byte("0123456789abcdef0123456789abcdef-test"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	rsaKey, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	windowsKeyFile := filepath.Join(t.TempDir(), "windows-key.pem")
+	if err := os.WriteFile(windowsKeyFile, pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(rsaKey)}), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	weekday := time.Date(2026, 11, 18, 12, 0, 0, 0, time.UTC) // a Wednesday
@@ -61,6 +73,21 @@ func TestCloudConfigs(t *testing.T) {
 					t.Error("ec2-linux.toml: no key_secret_file: a restarted plugin could not log in to its instances")
 				}
 				s["key_secret_file"] = secretFile
+				s["endpoint"] = "http://127.0.0.1:1"
+				s["access_key_id"], s["secret_access_key"] = "AKIDTEST", "test-secret"
+				return initPlugin(ec2provider.New(ec2provider.Options{}), s)
+			},
+		},
+		{
+			file: "ec2-windows.toml", provider: "aws", shell: "powershell", machineKey: "instance_type", machine: "m5.large",
+			os: "windows", protocol: "winrm", minConnect: 10 * time.Minute,
+			idle:     map[time.Time]int{weekday: 40, weekend: 10},
+			idleTime: 2 * time.Hour,
+			init: func(t *testing.T, s map[string]any) error {
+				if _, ok := s["windows_key_file"]; !ok {
+					t.Error("ec2-windows.toml: no windows_key_file: the Administrator password could not be decrypted")
+				}
+				s["windows_key_file"] = windowsKeyFile
 				s["endpoint"] = "http://127.0.0.1:1"
 				s["access_key_id"], s["secret_access_key"] = "AKIDTEST", "test-secret"
 				return initPlugin(ec2provider.New(ec2provider.Options{}), s)

@@ -5,8 +5,8 @@
 // with the EC2 error document and the matching HTTP status.
 //
 // It serves the actions the mayfly EC2 plugin uses (RunInstances,
-// DescribeInstances, TerminateInstances, GetConsoleOutput, GetPasswordData,
-// ImportKeyPair, DeleteKeyPair) so that the real aws-sdk-go-v2 client talks
+// DescribeInstances, DescribeInstanceAttribute, TerminateInstances,
+// GetConsoleOutput, GetPasswordData, ImportKeyPair, DeleteKeyPair) so that the real aws-sdk-go-v2 client talks
 // to it over HTTP with BaseEndpoint and static credentials, and it lets a
 // test script faults: no capacity in a subnet, instance and vCPU limits,
 // throttling, spot interruptions and slow boots.
@@ -78,6 +78,18 @@ type Options struct {
 	// instead of a made-up one: tests point the instances at a local server
 	// playing them (e.g. "127.0.0.1").
 	Address string
+	// AddressFor, if set, returns the private and public IP address of
+	// each instance RunInstances launches, in place of Address: tests give
+	// each instance a local address of its own when the instances must
+	// differ (say, each serving its own certificate on a fixed port). It
+	// is called with the server's lock held, with the new instance (user
+	// data included), and must not call the Server.
+	AddressFor func(Instance) string
+	// WindowsPassword, if set, is every Windows instance's Administrator
+	// password instead of a random one: the password of the local server
+	// playing the instances. GetPasswordData still returns it encrypted
+	// with the instance's key pair.
+	WindowsPassword string
 	// HostKey, if set, is the SSH host key (authorized_keys form) every
 	// Linux instance prints to its console instead of a generated one: the
 	// key of the local SSH server playing the instances.
@@ -537,6 +549,8 @@ func (s *Server) serve(r *http.Request, reqID string) (any, *apiError) {
 		return s.getConsoleOutput(q, now, reqID)
 	case "GetPasswordData":
 		return s.getPasswordData(q, now, reqID)
+	case "DescribeInstanceAttribute":
+		return s.describeInstanceAttribute(q, reqID)
 	case "ImportKeyPair":
 		return s.importKeyPair(q, reqID)
 	case "DeleteKeyPair":
@@ -813,7 +827,7 @@ func (s *Server) runInstances(q query, now time.Time, reqID string) (any, *apiEr
 		if platform == "windows" {
 			in.Platform = "windows"
 			if kp != nil {
-				if pw, data, err := windowsPassword(kp.pub); err == nil {
+				if pw, data, err := windowsPassword(kp.pub, s.opts.WindowsPassword); err == nil {
 					in.password, in.passwordData = pw, data
 				}
 			}
@@ -829,6 +843,10 @@ func (s *Server) runInstances(q query, now time.Time, reqID string) (any, *apiEr
 		}
 		if s.opts.Address != "" {
 			in.PrivateIP, in.PublicIP = s.opts.Address, s.opts.Address
+		}
+		if s.opts.AddressFor != nil {
+			ip := s.opts.AddressFor(in.snapshot())
+			in.PrivateIP, in.PublicIP = ip, ip
 		}
 		s.instances[in.ID] = in
 		ids = append(ids, in.ID)
@@ -869,10 +887,10 @@ func (s *Server) launchTemplate(id, name, version string) (LaunchTemplate, *apiE
 	return LaunchTemplate{}, badRequest("InvalidLaunchTemplateName.NotFoundException", "The specified launch template, with template name %s, does not exist.", name)
 }
 
-// windowsPassword makes a random Administrator password and encrypts it
-// with the key pair's RSA public key (PKCS #1 v1.5), base64-encoded, as
-// EC2 returns it from GetPasswordData.
-func windowsPassword(pub ssh.PublicKey) (password, data string, err error) {
+// windowsPassword encrypts the Administrator password (a random one when
+// password is empty) with the key pair's RSA public key (PKCS #1 v1.5),
+// base64-encoded, as EC2 returns it from GetPasswordData.
+func windowsPassword(pub ssh.PublicKey, password string) (string, string, error) {
 	cpk, ok := pub.(ssh.CryptoPublicKey)
 	if !ok {
 		return "", "", fmt.Errorf("key type %s has no crypto key", pub.Type())
@@ -881,7 +899,9 @@ func windowsPassword(pub ssh.PublicKey) (password, data string, err error) {
 	if !ok {
 		return "", "", fmt.Errorf("key type %s is not RSA", pub.Type())
 	}
-	password = rand.Text()[:20] + "!a1"
+	if password == "" {
+		password = rand.Text()[:20] + "!a1"
+	}
 	//nolint:staticcheck // EC2 encrypts Windows passwords with PKCS #1 v1.5.
 	ct, err := rsa.EncryptPKCS1v15(rand.Reader, rsaPub, []byte(password))
 	if err != nil {
@@ -1132,6 +1152,45 @@ func (s *Server) getPasswordData(q query, now time.Time, reqID string) (any, *ap
 	resp := getPasswordDataResponse{Xmlns: Namespace, RequestID: reqID, InstanceID: in.ID, Timestamp: now.UTC().Format(time.RFC3339)}
 	if !in.ranAt.IsZero() && !now.Before(in.ranAt.Add(s.opts.PasswordDelay)) {
 		resp.PasswordData = in.passwordData
+	}
+	return resp, nil
+}
+
+// instanceAttributes are the attribute names DescribeInstanceAttribute
+// knows (API version 2016-11-15).
+var instanceAttributes = []string{
+	"instanceType", "kernel", "ramdisk", "userData", "disableApiTermination", "instanceInitiatedShutdownBehavior",
+	"rootDeviceName", "blockDeviceMapping", "productCodes", "sourceDestCheck", "groupSet", "ebsOptimized",
+	"sriovNetSupport", "enaSupport", "enclaveOptions", "disableApiStop",
+}
+
+// describeInstanceAttribute serves the userData and instanceType
+// attributes. The user data comes back base64-encoded in
+// <userData><value>; an instance without user data answers an empty
+// <userData/>.
+func (s *Server) describeInstanceAttribute(q query, reqID string) (any, *apiError) {
+	attr := q.get("Attribute")
+	if attr == "" {
+		return nil, badRequest("MissingParameter", "The request must contain the parameter Attribute")
+	}
+	if !slices.Contains(instanceAttributes, attr) {
+		return nil, badRequest("InvalidParameterValue", "Value (%s) for parameter attribute is invalid. Unknown attribute.", attr)
+	}
+	in, apiErr := s.oneInstance(q)
+	if apiErr != nil {
+		return nil, apiErr
+	}
+	resp := describeInstanceAttributeResponse{Xmlns: Namespace, RequestID: reqID, InstanceID: in.ID}
+	switch attr {
+	case "userData":
+		resp.UserData = &xmlAttributeValue{}
+		if len(in.UserData) > 0 {
+			resp.UserData.Value = base64.StdEncoding.EncodeToString(in.UserData)
+		}
+	case "instanceType":
+		resp.InstanceType = &xmlAttributeValue{Value: in.InstanceType}
+	default:
+		return nil, badRequest("UnsupportedOperation", "ec2fake does not serve the instance attribute %s.", attr)
 	}
 	return resp, nil
 }

@@ -123,6 +123,20 @@ type getPasswordDataResponse struct {
 	PasswordData string   `xml:"passwordData"`
 }
 
+// xmlAttributeValue is EC2's AttributeValue: the value of one attribute.
+type xmlAttributeValue struct {
+	Value string `xml:"value,omitempty"`
+}
+
+type describeInstanceAttributeResponse struct {
+	XMLName      xml.Name           `xml:"DescribeInstanceAttributeResponse"`
+	Xmlns        string             `xml:"xmlns,attr"`
+	RequestID    string             `xml:"requestId"`
+	InstanceID   string             `xml:"instanceId"`
+	InstanceType *xmlAttributeValue `xml:"instanceType,omitempty"`
+	UserData     *xmlAttributeValue `xml:"userData,omitempty"`
+}
+
 type getConsoleOutputResponse struct {
 	XMLName    xml.Name `xml:"GetConsoleOutputResponse"`
 	Xmlns      string   `xml:"xmlns,attr"`

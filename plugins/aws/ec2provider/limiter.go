@@ -14,9 +14,10 @@ import (
 
 // nonMutating are the read-only actions; EC2 gives them larger buckets.
 var nonMutating = map[string]bool{
-	"DescribeInstances": true,
-	"GetConsoleOutput":  true,
-	"GetPasswordData":   true,
+	"DescribeInstances":         true,
+	"DescribeInstanceAttribute": true,
+	"GetConsoleOutput":          true,
+	"GetPasswordData":           true,
 }
 
 // limiter paces EC2 calls the way EC2 meters them: a request token bucket

@@ -7,9 +7,11 @@
 // List already fetched (see Settings.CacheTTL), and List is one
 // DescribeInstances per 1000 instances of the group per poll, shared by all
 // jobs. A Windows instance costs one GetPasswordData per ConnectInfo until
-// Windows has published its password, instead of GetConsoleOutput. Each
-// additional subnet tried after InsufficientInstanceCapacity costs one
-// RunInstances.
+// Windows has published its password, instead of GetConsoleOutput; its
+// WinRM certificate is made by the plugin and costs nothing, except one
+// DescribeInstanceAttribute per instance that a restarted plugin reads it
+// back for (see winrmcert.go). Each additional subnet tried after
+// InsufficientInstanceCapacity costs one RunInstances.
 //
 // Create makes one RunInstances call per instance (MinCount = MaxCount =
 // 1) rather than one call for n: every instance needs its own user data to
@@ -97,6 +99,7 @@ type Provider struct {
 	cache     map[string]cached    // instance data by id
 	hostKeys  map[string]string
 	passwords map[string]string
+	certs     map[string][]byte // WinRM certificate (PEM) by instance id
 	calls     map[string]int
 }
 
@@ -122,6 +125,7 @@ func New(opts Options) *Provider {
 		cache:     map[string]cached{},
 		hostKeys:  map[string]string{},
 		passwords: map[string]string{},
+		certs:     map[string][]byte{},
 		calls:     map[string]int{},
 	}
 }
@@ -376,6 +380,7 @@ func (p *Provider) markExhausted(subnet string) {
 
 func (p *Provider) createOne(ctx context.Context, st state, labels map[string]string) (string, error) {
 	nonce := newNonce()
+	var cert *winrmCert // Windows only
 	in := &ec2.RunInstancesInput{
 		MinCount:          aws.Int32(1),
 		MaxCount:          aws.Int32(1),
@@ -428,9 +433,15 @@ func (p *Provider) createOne(ctx context.Context, st state, labels map[string]st
 		in.UserData = aws.String(ud)
 	case "windows":
 		in.KeyName = aws.String(st.win.name)
-		if cfg.UserData != "" {
-			in.UserData = aws.String(base64.StdEncoding.EncodeToString([]byte(cfg.UserData)))
+		var err error
+		if cert, err = newWinRMCert(p.now()); err != nil {
+			return "", err
 		}
+		ud, err := windowsUserData(cert, cfg.UserData)
+		if err != nil {
+			return "", providers.InvalidArgument(err)
+		}
+		in.UserData = aws.String(ud)
 	}
 
 	subnets := p.subnetOrder(cfg)
@@ -455,6 +466,11 @@ func (p *Provider) createOne(ctx context.Context, st state, labels map[string]st
 			inst := out.Instances[0]
 			id := aws.ToString(inst.InstanceId)
 			p.remember(inst)
+			if cert != nil {
+				p.mu.Lock()
+				p.certs[id] = cert.certPEM
+				p.mu.Unlock()
+			}
 			p.log.Info("instance launched", "id", id, "subnet", aws.ToString(inst.SubnetId), "attempt", i+1)
 			return id, nil
 		}
@@ -508,6 +524,7 @@ func (p *Provider) forget(ids ...string) {
 		delete(p.cache, id)
 		delete(p.hostKeys, id)
 		delete(p.passwords, id)
+		delete(p.certs, id)
 	}
 }
 
@@ -632,6 +649,7 @@ func (p *Provider) List(ctx context.Context) ([]providers.Instance, error) {
 			delete(p.cache, id)
 			delete(p.hostKeys, id)
 			delete(p.passwords, id)
+			delete(p.certs, id)
 		}
 	}
 	p.mu.Unlock()
@@ -777,8 +795,9 @@ func (p *Provider) running(ctx context.Context, st state, id string) (types.Inst
 //
 // Windows: WinRM over HTTPS on port 5986 as Administrator with the
 // password from GetPasswordData, decrypted with the plugin's RSA key; a
-// transient error until Windows has published it. TLSCert is empty: the
-// instance's WinRM certificate is self-signed and not known in advance.
+// transient error until Windows has published it. TLSCert is the
+// certificate the plugin made for the instance and put in its user data
+// (see winrmcert.go); a restarted plugin reads it back from there.
 func (p *Provider) ConnectInfo(ctx context.Context, id string) (providers.ConnectInfo, error) {
 	st, err := p.state("connect info")
 	if err != nil {
@@ -875,6 +894,11 @@ func (p *Provider) windowsConnect(ctx context.Context, st state, inst types.Inst
 		return providers.Permanent(fmt.Errorf("its password is encrypted for key pair %q, this plugin holds %q (restarted without windows_key_file?)", got, st.win.name))
 	}
 	ci.Protocol, ci.Port = providers.ProtocolWinRM, 5986
+	cert, err := p.winrmCert(ctx, st, ci.ID)
+	if err != nil {
+		return err
+	}
+	ci.TLSCert = cert
 	p.mu.Lock()
 	pw, ok := p.passwords[ci.ID]
 	p.mu.Unlock()
@@ -883,7 +907,7 @@ func (p *Provider) windowsConnect(ctx context.Context, st state, inst types.Inst
 		return nil
 	}
 	var out *ec2.GetPasswordDataOutput
-	err := p.call(ctx, st, "GetPasswordData", 0, func(ctx context.Context) error {
+	err = p.call(ctx, st, "GetPasswordData", 0, func(ctx context.Context) error {
 		var err error
 		out, err = st.client.GetPasswordData(ctx, &ec2.GetPasswordDataInput{InstanceId: aws.String(ci.ID)})
 		return err
@@ -904,6 +928,45 @@ func (p *Provider) windowsConnect(ctx context.Context, st state, inst types.Inst
 	p.mu.Unlock()
 	ci.Password = pw
 	return nil
+}
+
+// winrmCert returns the WinRM certificate of instance id: the one Create
+// made, or, after a plugin restart, the one in the instance's user data,
+// read with one DescribeInstanceAttribute and kept.
+func (p *Provider) winrmCert(ctx context.Context, st state, id string) ([]byte, error) {
+	p.mu.Lock()
+	cert, ok := p.certs[id]
+	p.mu.Unlock()
+	if ok {
+		return cert, nil
+	}
+	var out *ec2.DescribeInstanceAttributeOutput
+	err := p.call(ctx, st, "DescribeInstanceAttribute", 0, func(ctx context.Context) error {
+		var err error
+		out, err = st.client.DescribeInstanceAttribute(ctx, &ec2.DescribeInstanceAttributeInput{
+			InstanceId: aws.String(id),
+			Attribute:  types.InstanceAttributeNameUserData,
+		})
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read the WinRM certificate from the user data: %w", p.classify(st, "DescribeInstanceAttribute", err, st.cfg.Region))
+	}
+	var ud []byte
+	if out.UserData != nil {
+		if ud, err = base64.StdEncoding.DecodeString(aws.ToString(out.UserData.Value)); err != nil {
+			return nil, providers.Permanent(fmt.Errorf("user data is not base64: %w", err))
+		}
+	}
+	cert, err = certFromUserData(ud)
+	if err != nil {
+		return nil, providers.Permanent(err)
+	}
+	p.mu.Lock()
+	p.certs[id] = cert
+	p.mu.Unlock()
+	p.log.Info("winrm certificate read back from the user data", "id", id)
+	return cert, nil
 }
 
 func goArch(a types.ArchitectureValues) string {

@@ -59,7 +59,10 @@ type Settings struct {
 	// UserData is added to the instance's user data. On Linux it is sent
 	// as a second part of a MIME multipart archive after mayfly's
 	// cloud-config and must start with "#!", "#cloud-config",
-	// "#cloud-boothook" or "#include". On Windows it is sent as is.
+	// "#cloud-boothook" or "#include". On Windows it holds EC2Launch
+	// <powershell> and <script> blocks, at most 10 KiB: mayfly's WinRM
+	// certificate script goes first in its <powershell> block (one is
+	// added when it has none); an EC2Launch v2 YAML document is refused.
 	UserData string `json:"user_data"`
 	// UsePublicIP makes ConnectInfo give the public address instead of
 	// the private one.
@@ -270,13 +273,21 @@ func parseSettings(raw json.RawMessage) (config, error) {
 	default:
 		return c, keyErr("os", "%q is not linux or windows", s.OS)
 	}
+	maxUser := 12 << 10
 	if c.os == "linux" && s.UserData != "" {
 		if _, err := userDataType(s.UserData); err != nil {
 			return c, keyErr("user_data", "%v", err)
 		}
 	}
-	if len(s.UserData) > 12<<10 {
-		return c, keyErr("user_data", "is %d bytes; at most 12288 fit beside mayfly's part in EC2's 16 KiB", len(s.UserData))
+	if c.os == "windows" {
+		// mayfly's WinRM certificate script takes about 5 KiB.
+		maxUser = 10 << 10
+		if err := checkWindowsUserData(s.UserData); err != nil {
+			return c, keyErr("user_data", "%v", err)
+		}
+	}
+	if len(s.UserData) > maxUser {
+		return c, keyErr("user_data", "is %d bytes; at most %d fit beside mayfly's part in EC2's 16 KiB", len(s.UserData), maxUser)
 	}
 	if s.IAMInstanceProfile != "" && strings.ContainsAny(s.IAMInstanceProfile, " \t\n") {
 		return c, keyErr("iam_instance_profile", "%q contains white space", s.IAMInstanceProfile)

@@ -41,6 +41,10 @@ func TestParseSettingsErrors(t *testing.T) {
 		{`{"region":"us-east-1","launch_template":{"id":"lt-0123456789abcdef0","name":"x"}}`, `"launch_template"`},
 		{`{"region":"us-east-1","launch_template":{"name":"x","version":"newest"}}`, `"launch_template"`},
 		{`{` + base + `,"manager":"` + strings.Repeat("m", 300) + `"}`, `"manager"`},
+		{`{` + base + `,"os":"windows","user_data":"version: 1.0\ntasks:\n- task: executeScript"}`, `"user_data"`},
+		{`{` + base + `,"os":"windows","user_data":"<powershell>Write-Output hi"}`, `"user_data"`},
+		{`{` + base + `,"os":"windows","user_data":"` + strings.Repeat("#", 10<<10+1) + `"}`, `"user_data"`},
+		{`{` + base + `,"user_data":"#!/bin/sh` + strings.Repeat("#", 12<<10) + `"}`, `"user_data"`},
 	}
 	for _, tt := range tests {
 		_, err := parseSettings(json.RawMessage(tt.json))

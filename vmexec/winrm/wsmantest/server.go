@@ -697,7 +697,14 @@ func (s *Server) feed(c *command, data []byte, end bool) *Fault {
 	if !c.stdinProgram {
 		if len(data) > 0 {
 			if _, err := c.stdin.Write(data); err != nil {
-				return faultInternal("write stdin of command %s: %v", c.id, err)
+				if !errors.Is(err, os.ErrClosed) && !errors.Is(err, syscall.EPIPE) {
+					return faultInternal("write stdin of command %s: %v", c.id, err)
+				}
+				// The process is gone or closed its stdin (exec closes
+				// the pipe once it reaped it): nobody reads the data, as
+				// for a command that exited on Windows. Its exit code
+				// comes with the next Receive.
+				s.log.Debug("wsman stdin dropped: the command no longer reads it", "command", c.id, "bytes", len(data), "err", err)
 			}
 		}
 		if end {

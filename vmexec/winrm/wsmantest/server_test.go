@@ -3,6 +3,7 @@ package wsmantest
 import (
 	"bufio"
 	"bytes"
+	"crypto/tls"
 	"encoding/base64"
 	"errors"
 	"io"
@@ -115,6 +116,53 @@ func TestMasterzenTLS(t *testing.T) {
 	}
 }
 
+// TestServeTLSWithGivenCertificate serves one Server on a second HTTPS
+// endpoint with a certificate made elsewhere: clients trusting that
+// certificate reach it, clients trusting the first endpoint's do not, and
+// both endpoints share the commands.
+func TestServeTLSWithGivenCertificate(t *testing.T) {
+	ts := StartTLS(t, Config{Username: user, Password: pass})
+	cert, certPEM, err := SelfSignedCert(CertName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr, err := ts.ServeTLS(cert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	host, portStr, _ := strings.Cut(addr, ":")
+	port, _ := strconv.Atoi(portStr)
+	dial := func(caPEM []byte) *winrm.Client {
+		ep := winrm.NewEndpoint(host, port, true, false, caPEM, nil, nil, 30*time.Second)
+		ep.TLSServerName = CertName
+		c, err := winrm.NewClient(ep, user, pass)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	stdout, _, code, err := dial(certPEM).RunWithString("echo second", "")
+	if err != nil || stdout != "second\n" || code != 0 {
+		t.Fatalf("on the second endpoint: (%q, %d, %v)", stdout, code, err)
+	}
+	if _, _, _, err := dial(ts.CertPEM).RunWithString("echo second", ""); err == nil || !strings.Contains(err.Error(), "certificate") {
+		t.Errorf("a client trusting the first endpoint's certificate reached the second: %v", err)
+	}
+	if _, _, _, err := client(t, ts, pass, true, ts.CertPEM).RunWithString("echo first", ""); err != nil {
+		t.Fatal(err)
+	}
+	var lines []string
+	for _, c := range ts.Commands() {
+		lines = append(lines, c.CommandLine)
+	}
+	if len(lines) != 2 || lines[0] != "echo second" || lines[1] != "echo first" {
+		t.Errorf("commands %q, want both endpoints' in order", lines)
+	}
+	if _, err := ts.ServeTLS(tls.Certificate{}); err == nil {
+		t.Error("ServeTLS accepted an empty certificate")
+	}
+}
+
 func TestWrongPasswordIs401(t *testing.T) {
 	ts := Start(t, Config{Username: user, Password: pass})
 	c := client(t, ts, "wrong", false, nil)
@@ -129,6 +177,50 @@ func TestWrongPasswordIs401(t *testing.T) {
 	if resp.StatusCode != http.StatusUnauthorized || !strings.HasPrefix(resp.Header.Get("WWW-Authenticate"), "Basic") {
 		t.Errorf("empty password: status %d, WWW-Authenticate %q", resp.StatusCode, resp.Header.Get("WWW-Authenticate"))
 	}
+}
+
+// TestStdinAfterExit sends stdin to a command that already exited: the
+// data is dropped, not a fault, and the exit code still comes back.
+func TestStdinAfterExit(t *testing.T) {
+	ts := Start(t, Config{Username: user, Password: pass})
+	c := client(t, ts, pass, false, nil)
+	shell, err := c.CreateShell()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer shell.Close()
+	cmd, err := shell.Execute("exit 3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for !ts.Commands()[0].Exited {
+		if time.Now().After(deadline) {
+			t.Fatal("exit 3 did not exit")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// masterzen's Write drops Send errors: check the server's answer.
+	_, _ = cmd.Stdin.Write([]byte("too late\n"))
+	sends := 0
+	for _, e := range ts.Events() {
+		if e.Action == ActionSend {
+			sends++
+			if e.Status != http.StatusOK || e.Fault != "" {
+				t.Errorf("Send to an exited command answered %d %s, want 200", e.Status, e.Fault)
+			}
+		}
+	}
+	if sends != 1 {
+		t.Errorf("%d Send requests, want 1", sends)
+	}
+	go func() { _, _ = io.Copy(io.Discard, cmd.Stdout) }()
+	go func() { _, _ = io.Copy(io.Discard, cmd.Stderr) }()
+	cmd.Wait()
+	if cmd.ExitCode() != 3 {
+		t.Errorf("exit code %d, want 3", cmd.ExitCode())
+	}
+	cmd.Close()
 }
 
 func TestStreamingAndTimedOutReceive(t *testing.T) {

@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"io"
 	"log"
@@ -15,6 +16,7 @@ import (
 	"net"
 	"net/http/httptest"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 )
@@ -30,6 +32,10 @@ type TestServer struct {
 	URL  string
 	// CertPEM is the server's self-signed certificate (TLS servers only).
 	CertPEM []byte
+
+	mu     sync.Mutex
+	closed bool
+	extra  []*httptest.Server // endpoints added by ServeTLS
 }
 
 // CertName is the only DNS name in the certificates StartTLS generates. It
@@ -74,6 +80,13 @@ func start(tb testing.TB, cfg Config, useTLS bool) *TestServer {
 	tb.Cleanup(func() {
 		srv.Close() // ends long-polls so that the listener can close
 		hs.Close()
+		ts.mu.Lock()
+		ts.closed = true
+		extra := ts.extra
+		ts.mu.Unlock()
+		for _, e := range extra {
+			e.Close()
+		}
 	})
 	addr := hs.Listener.Addr().(*net.TCPAddr)
 	ts.Host, ts.Port = addr.IP.String(), addr.Port
@@ -114,6 +127,29 @@ func SelfSignedCert(dnsName string) (tls.Certificate, []byte, error) {
 	keyPEM := pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER})
 	cert, err := tls.X509KeyPair(certPEM, keyPEM)
 	return cert, certPEM, err
+}
+
+// ServeTLS serves the same Server over HTTPS with cert on another port of
+// 127.0.0.1, until the test ends, and returns that endpoint's host:port.
+// Tests in which every machine has a certificate of its own (made by the
+// code under test) play them all with one Server this way: shells,
+// commands and events are shared. It may be called from any goroutine.
+func (ts *TestServer) ServeTLS(cert tls.Certificate) (string, error) {
+	if len(cert.Certificate) == 0 || cert.PrivateKey == nil {
+		return "", errors.New("wsmantest: ServeTLS: the certificate has no chain or no private key")
+	}
+	hs := httptest.NewUnstartedServer(ts.Server)
+	hs.Config.ErrorLog = log.New(io.Discard, "", 0)
+	hs.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	if ts.closed {
+		hs.Listener.Close()
+		return "", errors.New("wsmantest: ServeTLS: the test server is closed")
+	}
+	hs.StartTLS()
+	ts.extra = append(ts.extra, hs)
+	return hs.Listener.Addr().String(), nil
 }
 
 // Addr returns host:port of the server.
