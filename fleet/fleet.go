@@ -649,8 +649,9 @@ func (f *Fleet) Available() int {
 // Reservation is an instance promised to one job by Reserve: ready now or
 // expected soon. Exactly one of Acquire and Cancel ends it.
 type Reservation struct {
-	f    *Fleet
-	done atomic.Bool
+	f        *Fleet
+	onDemand bool // promised an instance not idle yet: a wait is expected
+	done     atomic.Bool
 }
 
 // Reserve promises an instance to one job, if one is idle and not promised
@@ -683,7 +684,7 @@ func (f *Fleet) Reserve() (r *Reservation, wait time.Duration, ok bool) {
 	if beyondIdle {
 		f.kick() // demand the scaler creates an instance for
 	}
-	return &Reservation{f: f}, wait, true
+	return &Reservation{f: f, onDemand: wait > 0}, wait, true
 }
 
 // Acquire takes the promised instance, waiting for it until ctx ends.
@@ -691,7 +692,7 @@ func (r *Reservation) Acquire(ctx context.Context) (*Lease, error) {
 	if r.done.Swap(true) {
 		return nil, errors.New("acquire: reservation already ended")
 	}
-	return r.f.acquire(ctx)
+	return r.f.acquire(ctx, r.onDemand)
 }
 
 // Cancel gives the promise back: the job it was for did not come.
@@ -790,12 +791,13 @@ func (f *Fleet) Acquire(ctx context.Context) (*Lease, error) {
 	f.mu.Lock()
 	f.reserved++
 	f.mu.Unlock()
-	return f.acquire(ctx)
+	return f.acquire(ctx, false)
 }
 
 // acquire serves one promise counted in f.reserved, which it gives back
-// whatever happens.
-func (f *Fleet) acquire(ctx context.Context) (*Lease, error) {
+// whatever happens. planned says the promise was made on demand, so a
+// wait is no sign that demand outran supply.
+func (f *Fleet) acquire(ctx context.Context, planned bool) (*Lease, error) {
 	var waitStart time.Time
 	waited := false
 	served := false
@@ -832,8 +834,10 @@ func (f *Fleet) acquire(ctx context.Context) (*Lease, error) {
 		if !waited {
 			waited = true
 			waitStart = f.clock.Now()
-			// A job found the pool empty: demand outran supply.
-			f.demand.Missed(waitStart, f.limits.CheckInterval)
+			if !planned {
+				// A job found the pool empty: demand outran supply.
+				f.demand.Missed(waitStart, f.limits.CheckInterval)
+			}
 			f.m.waits.WithLabelValues(f.cfg.Name).Inc()
 			f.kick() // the scaler counts promises beyond the idle instances as demand
 		}

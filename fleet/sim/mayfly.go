@@ -98,9 +98,6 @@ func (m *mayfly) tick(now time.Time) {
 		// creates an instance for.
 		m.waitQ = append(m.waitQ, w.takeJob())
 		m.onDemand++
-		if m.pred != nil {
-			m.pred.Missed(now, m.w.o.CheckInterval)
-		}
 		m.dirty = true
 	}
 }
