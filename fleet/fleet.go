@@ -1084,7 +1084,7 @@ func (f *Fleet) snapshotLocked(now time.Time, withDemand bool) Snapshot {
 	}
 	snap := Snapshot{Now: now, Instances: views, Requested: f.requested, Reserved: f.reserved, Breaker: f.breaker}
 	if withDemand && f.policy.Predictive {
-		snap.Demand = f.demand.Demand(now, f.limits.CheckInterval)
+		snap.Demand = f.demand.Demand(now, f.limits.CheckInterval, f.policy.Quantile())
 	}
 	return snap
 }

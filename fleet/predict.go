@@ -33,9 +33,14 @@ type Demand struct {
 	BootMean time.Duration
 	// Boost is the catch-up target while demand outruns supply (0: none).
 	Boost int
-	// Peak is the most acquisitions seen within one lead time (BootMean
-	// plus the check interval) over the last 30 minutes: a burst, such as
-	// a pipeline of 50 parallel jobs, that a Poisson rate understates.
+	// Peak measures bursts, such as a pipeline of 50 parallel jobs, that
+	// a Poisson rate understates: of the acquisitions of the last 30
+	// minutes, each saw some number of acquisitions within one lead time
+	// (BootMean plus the check interval) before it, itself included; Peak
+	// is the quantile (1+q)/2 of those numbers, q the policy's quantile.
+	// An idle pool that large would have served that share of the jobs at
+	// once. The quantile is closer to 1 than q because when a burst finds
+	// the pool short, many jobs miss together.
 	Peak int
 }
 
@@ -154,28 +159,36 @@ func (d *DemandMeter) Rate(now time.Time) float64 {
 }
 
 // Demand returns the measurements at now for a Snapshot; check is the
-// runner's check interval, part of the lead time.
-func (d *DemandMeter) Demand(now time.Time, check time.Duration) Demand {
+// runner's check interval, part of the lead time, and q the policy's
+// quantile.
+func (d *DemandMeter) Demand(now time.Time, check time.Duration, q float64) Demand {
 	dm := Demand{Rate: d.Rate(now), BootMean: d.BootMean()}
 	if now.Before(d.boostUntil) {
 		dm.Boost = d.boost
 	}
-	dm.Peak = d.peak(dm.BootMean + check)
+	dm.Peak = d.peak(dm.BootMean+check, (1+q)/2)
 	return dm
 }
 
-// peak returns the most acquisitions within any span of length lead among
-// those remembered (the longest rate window).
-func (d *DemandMeter) peak(lead time.Duration) int {
+// peak returns the q-quantile, over the acquisitions remembered (the
+// longest rate window), of how many acquisitions each saw within lead
+// before it, itself included (see Demand.Peak).
+func (d *DemandMeter) peak(lead time.Duration, q float64) int {
 	live := d.acq[d.head:]
-	best, lo := 0, 0
+	if len(live) == 0 {
+		return 0
+	}
+	counts := make([]int, len(live))
+	lo := 0
 	for hi, t := range live {
 		for t.Sub(live[lo]) >= lead {
 			lo++
 		}
-		best = max(best, hi-lo+1)
+		counts[hi] = hi - lo + 1
 	}
-	return best
+	slices.Sort(counts)
+	i := min(int(q*float64(len(counts))), len(counts)-1)
+	return counts[i]
 }
 
 // idleTarget is the idle target of policy p for a pass on snapshot s.

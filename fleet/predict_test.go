@@ -56,7 +56,7 @@ func TestPredictiveTarget(t *testing.T) {
 
 func TestDemandMeter(t *testing.T) {
 	var d DemandMeter
-	if got := d.Demand(t0, 0); got != (Demand{}) {
+	if got := d.Demand(t0, 0, 0.95); got != (Demand{}) {
 		t.Fatalf("empty meter: %+v", got)
 	}
 	// 60 acquisitions in the last 5 minutes: 0.2/s over the short window.
@@ -97,15 +97,15 @@ func TestDemandMeter(t *testing.T) {
 	}
 	miss := at.Add(5 * time.Second)
 	d.Missed(miss, 3*time.Second)
-	if b := d.Demand(miss, 0).Boost; b != 10 {
+	if b := d.Demand(miss, 0, 0.95).Boost; b != 10 {
 		t.Errorf("boost = %d, want twice the 5 acquisitions of the lead time", b)
 	}
 	d.Acquired(miss.Add(time.Second))
 	d.Missed(miss.Add(2*time.Second), 3*time.Second) // within one lead time: no new doubling
-	if b := d.Demand(miss.Add(2*time.Second), 0).Boost; b != 10 {
+	if b := d.Demand(miss.Add(2*time.Second), 0, 0.95).Boost; b != 10 {
 		t.Errorf("boost after a second miss within the lead time = %d, want 10", b)
 	}
-	if b := d.Demand(miss.Add(43*time.Second), 0).Boost; b != 0 {
+	if b := d.Demand(miss.Add(43*time.Second), 0, 0.95).Boost; b != 0 {
 		t.Errorf("boost after one lead time = %d, want 0", b)
 	}
 }
@@ -175,7 +175,7 @@ func TestPredictiveFleetFollowsRate(t *testing.T) {
 	// One job a minute, 23 s lead: about 0.4 expected, quantile 2.
 	phase(30*time.Minute, time.Minute)
 	h.f.mu.Lock()
-	t.Logf("demand %+v", h.f.demand.Demand(h.clk.Now(), 0))
+	t.Logf("demand %+v", h.f.demand.Demand(h.clk.Now(), 0, 0.95))
 	h.f.mu.Unlock()
 	if got := h.f.Status().IdleTarget; got < 1 || got > 2 {
 		t.Errorf("idle target at one job a minute = %d, want 1 or 2", got)
@@ -234,7 +234,7 @@ func TestSetSchedule(t *testing.T) {
 }
 
 // A burst of 50 acquisitions (a pipeline of 50 parallel jobs) is
-// remembered as a peak for 30 minutes, and the idle target covers it
+// remembered for 30 minutes, and the idle target covers it
 // although the Poisson rate over 30 minutes asks for far fewer.
 func TestDemandPeakCoversBursts(t *testing.T) {
 	t0 := time.Date(2026, 11, 23, 10, 0, 0, 0, time.UTC)
@@ -245,9 +245,11 @@ func TestDemandPeakCoversBursts(t *testing.T) {
 	}
 	d.Acquired(t0.Add(10 * time.Minute)) // a lone job later
 	now := t0.Add(20 * time.Minute)
-	dm := d.Demand(now, 3*time.Second)
-	if dm.Peak != 50 {
-		t.Fatalf("peak = %d, want 50", dm.Peak)
+	dm := d.Demand(now, 3*time.Second, 0.95)
+	// The jobs saw 1, 2, ... 50 and 1 (the lone one) acquisitions within a
+	// lead time; the 0.975 quantile of those 51 numbers is 49.
+	if dm.Peak != 49 {
+		t.Fatalf("peak = %d, want 49", dm.Peak)
 	}
 	p := schedule.Policy{IdleCount: 40, Predictive: true}
 	s := Snapshot{Now: now, Demand: dm}
@@ -257,7 +259,7 @@ func TestDemandPeakCoversBursts(t *testing.T) {
 	if poisson := PredictiveTarget(p, dm.Rate, dm.BootMean, 3*time.Second); poisson >= 40 {
 		t.Errorf("the Poisson target alone is %d: the test no longer shows what the peak adds", poisson)
 	}
-	if late := d.Demand(t0.Add(31*time.Minute), 3*time.Second); late.Peak != 1 {
+	if late := d.Demand(t0.Add(31*time.Minute), 3*time.Second, 0.95); late.Peak != 1 {
 		t.Errorf("peak after 31 minutes = %d, want 1 (the burst forgotten, the lone job left)", late.Peak)
 	}
 }

@@ -231,7 +231,7 @@ func (m *mayfly) snapshot(now time.Time, withDemand bool) fleet.Snapshot {
 	m.views = views
 	snap := fleet.Snapshot{Now: now, Instances: views, Requested: requested, Reserved: len(m.waitQ), Breaker: m.breaker}
 	if withDemand && m.pred != nil {
-		snap.Demand = m.pred.Demand(now, m.w.o.CheckInterval)
+		snap.Demand = m.pred.Demand(now, m.w.o.CheckInterval, m.policy(now).Quantile())
 	}
 	return snap
 }

@@ -39,6 +39,6 @@ func (p Predictive) describe(check fmt.Stringer) string {
 	if p.Quantile > 0 {
 		q = fmt.Sprintf("%.2f", p.Quantile)
 	}
-	return fmt.Sprintf("predictive (fleet.PredictiveTarget, production code): idle target = min(IdleCount, max(1, PoissonQuantile(%s, rate × (mean of last 16 boots + check interval %s)))), rate = the highest acquisition rate over 5m and 30m windows, recomputed every %s; at least the most acquisitions seen within one lead time over the last 30m (bursts); when the pool runs dry right after a job was received, the target is raised to twice the acquisitions of the last lead time, at most once per lead time, held for one lead time",
+	return fmt.Sprintf("predictive (fleet.PredictiveTarget, production code): idle target = min(IdleCount, max(1, PoissonQuantile(%s, rate × (mean of last 16 boots + check interval %s)))), rate = the highest acquisition rate over 5m and 30m windows, recomputed every %s; at least the (1+q)/2 quantile, over the acquisitions of the last 30m, of the acquisitions each saw within one lead time before it (bursts); when the pool runs dry right after a job was received, the target is raised to twice the acquisitions of the last lead time, at most once per lead time, held for one lead time",
 		q, check, fleet.PredictiveReevaluate)
 }
