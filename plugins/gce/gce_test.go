@@ -409,6 +409,75 @@ func TestPreemptionVisibleInList(t *testing.T) {
 	waitGone(t, f, 0)
 }
 
+// TestPreemptionPhases follows a preemption through List as GCE plays it:
+// the instance is failed ("preempted") while STOPPING and once
+// TERMINATED, its heartbeat fails for good, and the fleet's Delete
+// removes it.
+func TestPreemptionPhases(t *testing.T) {
+	tests := []struct {
+		name     string
+		settings map[string]any
+		delay    time.Duration // PreemptDelay: how long it stays STOPPING
+	}{
+		{"spot stopping", map[string]any{"spot": true}, time.Hour},
+		{"spot stopping then terminated", map[string]any{"spot": true}, 400 * time.Millisecond},
+		{"preemptible terminated at once", map[string]any{"preemptible": true}, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f, url := startFake(t, gcefake.Options{PreemptDelay: tt.delay, DeleteDelay: 200 * time.Millisecond})
+			p := newProvider(t, settings(t, url, tt.settings))
+			id := createOne(t, p, testLabels)
+			other := createOne(t, p, testLabels)
+			waitState(t, p, id, providers.StateRunning)
+			zone, name, _ := strings.Cut(id, "/")
+			if err := f.Preempt(zone, name); err != nil {
+				t.Fatal(err)
+			}
+			wantStatus := "STOPPING"
+			if tt.delay == 0 {
+				wantStatus = "TERMINATED"
+			}
+			for phase := range 2 {
+				if got := fakeStatus(f, name); got != wantStatus {
+					t.Fatalf("phase %d: fake status %q, want %s", phase, got, wantStatus)
+				}
+				in := waitState(t, p, id, providers.StateFailed)
+				if in.Reason != "preempted" {
+					t.Errorf("%s: reason %q, want preempted", wantStatus, in.Reason)
+				}
+				if err := p.Heartbeat(ctx(t), id); err == nil || !providers.IsPermanent(err) {
+					t.Errorf("%s: Heartbeat: %v, want a permanent error", wantStatus, err)
+				}
+				if tt.delay == 0 || tt.delay == time.Hour {
+					break
+				}
+				time.Sleep(tt.delay)
+				wantStatus = "TERMINATED"
+			}
+			waitState(t, p, other, providers.StateRunning)
+			if _, err := p.Delete(ctx(t), []string{id}); err != nil {
+				t.Fatal(err)
+			}
+			waitState(t, p, id, providers.StateDeleting)
+			waitGone(t, f, 1)
+			if got := fakeStatus(f, name); got != "" {
+				t.Errorf("preempted instance still at the fake: %s", got)
+			}
+		})
+	}
+}
+
+// fakeStatus returns the status of instance name at the fake, "" if none.
+func fakeStatus(f *gcefake.Server, name string) string {
+	for _, in := range f.Instances() {
+		if in.Name == name {
+			return in.Status
+		}
+	}
+	return ""
+}
+
 // TestSlowOperation: an operation longer than one zoneOperations.wait is
 // waited for with further waits; one longer than operation_timeout makes
 // Create fail with a transient error but still return the id, since the

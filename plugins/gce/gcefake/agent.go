@@ -64,7 +64,8 @@ func (s *Server) bootAgentLocked(in *instance) {
 		return
 	}
 	if strings.EqualFold(metadata(in, "enable-guest-attributes"), "true") {
-		in.agentDue = append(in.agentDue, agentTask{at: in.runningAt.Add(s.opts.AgentDelay), run: publishHostKeys})
+		keys := s.opts.HostKeys
+		in.agentDue = append(in.agentDue, agentTask{at: in.runningAt.Add(s.opts.AgentDelay), run: func(in *instance) { publishHostKeys(in, keys) }})
 	}
 }
 
@@ -72,9 +73,22 @@ func (s *Server) bootAgentLocked(in *instance) {
 // Windows startup script publishes the WinRM certificate.
 const WinRMCertAttribute = "mayfly/winrm-cert"
 
-// publishHostKeys makes host keys and publishes them as guest attributes
-// hostkeys/<type> = <base64 blob>, as the Linux guest agent does.
-func publishHostKeys(in *instance) {
+// publishHostKeys publishes the host keys (authorized_keys form), or new
+// ones when there are none, as guest attributes hostkeys/<type> = <base64
+// blob>, as the Linux guest agent does.
+func publishHostKeys(in *instance, keys []string) {
+	if len(keys) > 0 {
+		for _, k := range keys {
+			pub, _, _, _, err := ssh.ParseAuthorizedKey([]byte(k))
+			if err != nil {
+				continue // as the agent skips a key file it cannot read
+			}
+			blob := base64.StdEncoding.EncodeToString(pub.Marshal())
+			in.attrs["hostkeys/"+pub.Type()] = blob
+			in.hostKeys[pub.Type()] = pub.Type() + " " + blob
+		}
+		return
+	}
 	_, edPriv, _ := ed25519.GenerateKey(rand.Reader)
 	ecPriv, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	for _, pk := range []any{edPriv.Public(), &ecPriv.PublicKey} {

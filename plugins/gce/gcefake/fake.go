@@ -13,17 +13,23 @@
 //	POST   zones/{z}/instances/{n}/setMetadata       instances.setMetadata
 //	GET    zones/{z}/instances/{n}/serialPort        instances.getSerialPortOutput
 //	GET    zones/{z}/instances/{n}/getGuestAttributes instances.getGuestAttributes
+//	GET    zones/{z}/operations                      zoneOperations.list
 //	GET    zones/{z}/operations/{op}                 zoneOperations.get
 //	POST   zones/{z}/operations/{op}/wait            zoneOperations.wait
 //
-// Lists honour filter (the AIP-160 subset: labels.KEY:*, FIELD = value,
-// FIELD != value, parenthesised terms ANDed), maxResults and pageToken.
+// Lists honour filter (the subset of the list filter syntax: labels.KEY:*,
+// FIELD = value, FIELD != value, terms joined by AND or parenthesised),
+// maxResults and pageToken.
 // Errors use Google's JSON error format, failed operations carry
 // error.errors[].code (ZONE_RESOURCE_POOL_EXHAUSTED, QUOTA_EXCEEDED, ...).
 //
 // Instances move PROVISIONING → STAGING → RUNNING after BootDelay and
-// STOPPING → gone after DeleteDelay. A scripted guest agent publishes SSH
-// host keys in guest attributes (hostkeys/) when metadata
+// STOPPING → gone after DeleteDelay. Preempt plays a preemption: the
+// instance goes STOPPING, then TERMINATED after PreemptDelay (or is
+// deleted, with instanceTerminationAction DELETE), and a DONE zone
+// operation of type compute.instances.preempted by user system targets
+// it. A scripted guest agent publishes SSH host keys (Options.HostKeys, or
+// made-up ones) in guest attributes (hostkeys/) when metadata
 // enable-guest-attributes is TRUE, and on Windows images answers
 // windows-keys metadata entries (at boot and on setMetadata) by writing the
 // RSA-OAEP encrypted password of the user as a JSON line to serial port 4,
@@ -38,6 +44,7 @@
 package gcefake
 
 import (
+	"cmp"
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/binary"
@@ -68,6 +75,10 @@ type Options struct {
 	// AgentDelay is how long the guest agent takes to publish host keys or
 	// answer a windows-keys entry once the instance runs.
 	AgentDelay time.Duration
+	// PreemptDelay is how long a preempted instance stays STOPPING before
+	// it is TERMINATED: the guest's shutdown time, at most 30s on GCE for
+	// spot and preemptible VMs. Zero terminates at once.
+	PreemptDelay time.Duration
 
 	// Address, if set, is every instance's internal and external IP address
 	// instead of a made-up one: tests point the instances at a local server
@@ -84,6 +95,16 @@ type Options struct {
 	// that attribute do. Tests give the certificate of the local WinRM
 	// server playing the instances.
 	WindowsCertPEM []byte
+	// HostKeys, if set, are the SSH host keys (authorized_keys form) the
+	// Linux guest agent publishes in guest attributes instead of made-up
+	// ones: the keys of the local SSH server playing the instances.
+	HostKeys []string
+	// OnMetadata, if set, is called with the instance after each insert
+	// and setMetadata, outside the server's lock and before that call's
+	// answer is sent. Tests play the guest agent's account management with
+	// it, e.g. authorising the ssh-keys entries on the local SSH server
+	// playing the instances.
+	OnMetadata func(InstanceInfo)
 }
 
 // Fault makes requests fail with an HTTP error.
@@ -130,7 +151,8 @@ type Request struct {
 	Time   time.Time
 	Method string // API method, e.g. instances.insert
 	Zone   string
-	Status int // HTTP status answered
+	Name   string // the instance or operation in the path, if any
+	Status int    // HTTP status answered
 }
 
 // Server is the fake API. It implements http.Handler.
@@ -156,6 +178,7 @@ type instance struct {
 	bootAt    time.Time
 	runningAt time.Time // zero until RUNNING
 	deleteAt  time.Time // zero unless STOPPING for deletion
+	stopAt    time.Time // zero unless STOPPING after a preemption
 	windows   bool
 	serial    map[int32][]byte
 	attrs     map[string]string // "namespace/key" → value
@@ -172,6 +195,7 @@ type agentTask struct {
 
 type operation struct {
 	res    *computepb.Operation
+	seq    uint64
 	zone   string
 	doneAt time.Time
 	err    *computepb.Error
@@ -241,24 +265,82 @@ func (s *Server) SetUnreachable(zone string, on bool) {
 	s.mu.Unlock()
 }
 
-// Preempt stops a preemptible or spot instance as GCE does on preemption:
-// it becomes TERMINATED.
+// OpPreempted is the operation type of a preemption.
+const OpPreempted = "compute.instances.preempted"
+
+// systemUser is the user of the operations GCE starts by itself.
+const systemUser = "system"
+
+// Preempt preempts a spot or preemptible instance as GCE does: it goes
+// STOPPING at once (the guest gets its ACPI soft-off), then TERMINATED
+// after Options.PreemptDelay (or it is deleted, when its
+// scheduling.instanceTerminationAction is DELETE), and a DONE zone
+// operation of type compute.instances.preempted by user "system" targets
+// it. Only an instance that is booting or running can be preempted.
 func (s *Server) Preempt(zone, name string) error {
+	now := time.Now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.advanceLocked(time.Now())
+	s.advanceLocked(now)
 	in := s.instances[zone+"/"+name]
 	if in == nil {
-		return fmt.Errorf("no instance %s/%s", zone, name)
+		return fmt.Errorf("preempt %s/%s: no such instance", zone, name)
 	}
 	sc := in.res.GetScheduling()
 	if !sc.GetPreemptible() && sc.GetProvisioningModel() != "SPOT" {
-		return fmt.Errorf("instance %s/%s is neither preemptible nor spot", zone, name)
+		return fmt.Errorf("preempt %s/%s: instance is neither preemptible nor spot", zone, name)
 	}
-	in.res.Status = proto.String("TERMINATED")
-	in.res.LastStopTimestamp = proto.String(timestamp(time.Now()))
+	switch st := in.res.GetStatus(); {
+	case !in.deleteAt.IsZero() || !in.stopAt.IsZero():
+		return fmt.Errorf("preempt %s/%s: instance is %s already", zone, name, st)
+	case st != "PROVISIONING" && st != "STAGING" && st != "RUNNING":
+		return fmt.Errorf("preempt %s/%s: instance is %s, not booting or running", zone, name, st)
+	}
+	in.res.Status = proto.String("STOPPING")
+	in.stopAt = now.Add(s.opts.PreemptDelay)
 	in.agentDue = nil
+	base := strings.TrimSuffix(in.res.GetZone(), "/zones/"+zone)
+	op := s.newOpLocked(base, zone, OpPreempted, in.res.GetSelfLink(), in.res.GetId(), now)
+	op.doneAt = now
+	op.res.User = proto.String(systemUser)
+	op.res.StatusMessage = proto.String("Instance was preempted.")
+	s.advanceLocked(now) // a zero PreemptDelay terminates at once
 	return nil
+}
+
+// OperationInfo describes an operation for assertions.
+type OperationInfo struct {
+	Zone, Name, Type, Target, User string
+	Resource                       *computepb.Operation
+}
+
+// Operations returns every operation of every zone, oldest first.
+func (s *Server) Operations() []OperationInfo {
+	now := time.Now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []OperationInfo
+	for _, op := range s.sortedOpsLocked("") {
+		v := s.opView(op, now, false)
+		out = append(out, OperationInfo{
+			Zone: op.zone, Name: v.GetName(), Type: v.GetOperationType(),
+			Target: v.GetTargetLink(), User: v.GetUser(), Resource: v,
+		})
+	}
+	return out
+}
+
+// sortedOpsLocked returns the operations of zone ("" for all), oldest
+// first. s.mu is held.
+func (s *Server) sortedOpsLocked(zone string) []*operation {
+	var ops []*operation
+	for _, op := range s.ops {
+		if zone == "" || op.zone == zone {
+			ops = append(ops, op)
+		}
+	}
+	slices.SortFunc(ops, func(a, b *operation) int { return cmp.Compare(a.seq, b.seq) })
+	return ops
 }
 
 // InstanceInfo describes an instance for assertions.
@@ -276,18 +358,22 @@ func (s *Server) Instances() []InstanceInfo {
 	s.advanceLocked(time.Now())
 	var out []InstanceInfo
 	for _, key := range slices.Sorted(maps.Keys(s.instances)) {
-		in := s.instances[key]
-		md := map[string]string{}
-		for _, it := range in.res.GetMetadata().GetItems() {
-			md[it.GetKey()] = it.GetValue()
-		}
-		out = append(out, InstanceInfo{
-			Zone: in.zone, Name: in.res.GetName(), Status: in.res.GetStatus(),
-			Labels: maps.Clone(in.res.GetLabels()), Metadata: md,
-			Resource: proto.CloneOf(in.res),
-		})
+		out = append(out, s.infoLocked(s.instances[key]))
 	}
 	return out
+}
+
+// infoLocked describes in. s.mu is held.
+func (s *Server) infoLocked(in *instance) InstanceInfo {
+	md := map[string]string{}
+	for _, it := range in.res.GetMetadata().GetItems() {
+		md[it.GetKey()] = it.GetValue()
+	}
+	return InstanceInfo{
+		Zone: in.zone, Name: in.res.GetName(), Status: in.res.GetStatus(),
+		Labels: maps.Clone(in.res.GetLabels()), Metadata: md,
+		Resource: proto.CloneOf(in.res),
+	}
 }
 
 // WindowsPassword returns the last password the agent set for user on the
@@ -345,6 +431,17 @@ func (s *Server) advanceLocked(now time.Time) {
 		if !in.deleteAt.IsZero() {
 			if !now.Before(in.deleteAt) {
 				delete(s.instances, key)
+			}
+			continue
+		}
+		if !in.stopAt.IsZero() {
+			if in.res.GetStatus() == "STOPPING" && !now.Before(in.stopAt) {
+				if in.res.GetScheduling().GetInstanceTerminationAction() == "DELETE" {
+					delete(s.instances, key)
+					continue
+				}
+				in.res.Status = proto.String("TERMINATED")
+				in.res.LastStopTimestamp = proto.String(timestamp(in.stopAt))
 			}
 			continue
 		}

@@ -12,6 +12,7 @@ import (
 	"math/big"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -117,6 +118,10 @@ func TestInsertGetDeleteWireFormat(t *testing.T) {
 	if got := s.Instances(); len(got) != 1 || got[0].Status != "STOPPING" {
 		t.Errorf("after delete: %+v, want STOPPING", got)
 	}
+	reqs := s.Requests()
+	if last := reqs[len(reqs)-1]; last.Method != "instances.delete" || last.Zone != "us-east1-b" || last.Name != "vm-1" || last.Status != 200 {
+		t.Errorf("last request recorded as %+v, want instances.delete of us-east1-b/vm-1 answered 200", last)
+	}
 	code, m, _ = c.do("GET", base+"/zones/us-east1-b/instances/nope", "")
 	if c, r := errorReason(m); code != 404 || c != 404 || r != "notFound" {
 		t.Errorf("get unknown %d %v", code, m)
@@ -221,9 +226,14 @@ func TestParseFilter(t *testing.T) {
 		{`(labels.a = "x") (status = RUNNING)`, true},
 		{`(labels.a = "x") AND (status = "STOPPING")`, false},
 		{`name = "vm-1"`, true},
+		{`name = "vm-1" AND status = RUNNING`, true},
+		{`name = vm-1 AND status = "STOPPING"`, false},
+		{`(name = "vm-1") AND (labels.b:y) (labels.a:*)`, true},
+		{`name = "a AND b"`, false},
+		{`labels.a = "(x)" AND name = vm-1`, false},
 	}
 	for _, tt := range tests {
-		match, err := parseFilter(tt.filter)
+		match, err := parseFilter(tt.filter, instanceFields)
 		if err != nil {
 			t.Errorf("parseFilter(%q): %v", tt.filter, err)
 			continue
@@ -232,8 +242,12 @@ func TestParseFilter(t *testing.T) {
 			t.Errorf("filter %q matched %v, want %v", tt.filter, got, tt.want)
 		}
 	}
-	for _, bad := range []string{"(labels.a = x", "labels.a", "cpuPlatform = x", `labels.a = "x`} {
-		if _, err := parseFilter(bad); err == nil {
+	for _, bad := range []string{
+		"(labels.a = x", "labels.a", "cpuPlatform = x", `labels.a = "x`,
+		"name = vm-1 OR name = vm-2", "name = vm-1 AND", "name = vm-1 status = RUNNING", "(name = vm-1) name = vm-2",
+		`operationType = "insert"`,
+	} {
+		if _, err := parseFilter(bad, instanceFields); err == nil {
 			t.Errorf("parseFilter(%q) accepted", bad)
 		}
 	}
@@ -341,5 +355,175 @@ func TestWindowsAgent(t *testing.T) {
 	_, out, _ = c.do("GET", base+"/zones/us-east1-b/instances/win-1/serialPort?port=4&start="+fmt.Sprint(len(line)+1), "")
 	if out["contents"] != "" {
 		t.Errorf("entry answered twice: %q", out["contents"])
+	}
+}
+
+func TestParseOperationFilter(t *testing.T) {
+	op := &computepb.Operation{
+		Name: proto.String("operation-1"), OperationType: proto.String(OpPreempted),
+		Status: computepb.Operation_DONE.Enum(), User: proto.String("system"),
+		TargetLink: proto.String("https://compute.example/projects/p/zones/z/instances/vm-1"), TargetId: proto.Uint64(42),
+	}
+	tests := []struct {
+		filter string
+		want   bool
+	}{
+		{`operationType="compute.instances.preempted"`, true},
+		{`operationType="compute.instances.preempted" AND targetLink="https://compute.example/projects/p/zones/z/instances/vm-1"`, true},
+		{`operationType="compute.instances.preempted" AND targetLink="https://compute.example/projects/p/zones/z/instances/vm-2"`, false},
+		{`(status = DONE) (user = system) (targetId = 42)`, true},
+		{`operationType = insert`, false},
+		{`targetLink:instances/vm-1`, true},
+	}
+	for _, tt := range tests {
+		match, err := parseFilter(tt.filter, operationFields)
+		if err != nil {
+			t.Errorf("parseFilter(%q): %v", tt.filter, err)
+			continue
+		}
+		if got := match(op); got != tt.want {
+			t.Errorf("filter %q matched %v, want %v", tt.filter, got, tt.want)
+		}
+	}
+	if _, err := parseFilter("labels.a:*", operationFields); err == nil {
+		t.Error("an operation filter on labels was accepted")
+	}
+}
+
+// TestPreempt plays preemptions as GCE does them: STOPPING at once, then
+// TERMINATED after PreemptDelay (or deleted, with termination action
+// DELETE), with a compute.instances.preempted zone operation by user
+// system that zoneOperations.list finds with the filter of the GCE docs.
+func TestPreempt(t *testing.T) {
+	const (
+		spot        = `, "scheduling": {"provisioningModel": "SPOT", "onHostMaintenance": "TERMINATE", "automaticRestart": false}`
+		spotDelete  = `, "scheduling": {"provisioningModel": "SPOT", "onHostMaintenance": "TERMINATE", "instanceTerminationAction": "DELETE"}`
+		preemptible = `, "scheduling": {"preemptible": true, "onHostMaintenance": "TERMINATE"}`
+		delay       = 300 * time.Millisecond
+	)
+	tests := []struct {
+		name      string
+		extra     string
+		delay     time.Duration
+		before    func(c *client) // run before Preempt
+		wantErr   string          // Preempt's error, if any
+		wantFirst string          // status right after Preempt
+		wantLast  string          // status after PreemptDelay; "" = gone
+	}{
+		{name: "spot", extra: spot, delay: delay, wantFirst: "STOPPING", wantLast: "TERMINATED"},
+		{name: "preemptible at once", extra: preemptible, wantFirst: "TERMINATED", wantLast: "TERMINATED"},
+		{name: "spot deleted on preemption", extra: spotDelete, delay: delay, wantFirst: "STOPPING", wantLast: ""},
+		{name: "standard", extra: "", wantErr: "neither preemptible nor spot"},
+		{name: "unknown", extra: spot, before: func(c *client) {
+			c.do("DELETE", base+"/zones/us-east1-b/instances/vm-1", "")
+		}, wantErr: "no such instance"},
+		{name: "twice", extra: spot, delay: time.Hour, before: func(c *client) {}, wantErr: "already"},
+		{name: "being deleted", extra: spot, before: func(c *client) {
+			c.do("DELETE", base+"/zones/us-east1-b/instances/vm-1", "")
+		}, wantErr: "already"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			opts := Options{PreemptDelay: tt.delay}
+			if tt.name == "being deleted" {
+				opts.DeleteDelay = time.Hour
+			}
+			s, c := newClient(t, opts)
+			for _, name := range []string{"vm-1", "vm-2"} {
+				if code, m, _ := c.do("POST", base+"/zones/us-east1-b/instances", instanceJSON(name, tt.extra)); code != 200 {
+					t.Fatalf("insert %s: %d %v", name, code, m)
+				}
+			}
+			if tt.name == "twice" {
+				if err := s.Preempt("us-east1-b", "vm-1"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if tt.before != nil {
+				tt.before(c)
+			}
+			err := s.Preempt("us-east1-b", "vm-1")
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("Preempt: %v, want an error with %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, in, _ := c.do("GET", base+"/zones/us-east1-b/instances/vm-1", "")
+			if in["status"] != tt.wantFirst {
+				t.Errorf("status right after Preempt %v, want %s", in["status"], tt.wantFirst)
+			}
+			self := in["selfLink"].(string)
+			if tt.delay > 0 {
+				time.Sleep(tt.delay + 50*time.Millisecond)
+			}
+			code, in, _ := c.do("GET", base+"/zones/us-east1-b/instances/vm-1", "")
+			switch {
+			case tt.wantLast == "" && code != 404:
+				t.Errorf("after PreemptDelay: %d %v, want 404 (deleted)", code, in["status"])
+			case tt.wantLast != "" && (in["status"] != tt.wantLast || in["lastStopTimestamp"] == nil):
+				t.Errorf("after PreemptDelay: status %v, lastStopTimestamp %v; want %s with a stop time", in["status"], in["lastStopTimestamp"], tt.wantLast)
+			}
+			_, other, _ := c.do("GET", base+"/zones/us-east1-b/instances/vm-2", "")
+			if other["status"] != "RUNNING" {
+				t.Errorf("the other instance is %v, want RUNNING", other["status"])
+			}
+
+			// The filter of the GCE docs' preemption-history sample.
+			filter := `operationType="compute.instances.preempted" AND targetLink="` + self + `"`
+			code, list, _ := c.do("GET", base+"/zones/us-east1-b/operations?filter="+url.QueryEscape(filter), "")
+			items, _ := list["items"].([]any)
+			if code != 200 || len(items) != 1 {
+				t.Fatalf("preemption operations of vm-1: %d %v, want one", code, list)
+			}
+			op := items[0].(map[string]any)
+			if op["operationType"] != OpPreempted || op["status"] != "DONE" || op["user"] != "system" ||
+				op["statusMessage"] != "Instance was preempted." || op["targetLink"] != self || op["kind"] != "compute#operation" {
+				t.Errorf("preemption operation %v", op)
+			}
+			code, got, _ := c.do("GET", base+"/zones/us-east1-b/operations/"+op["name"].(string), "")
+			if code != 200 || got["operationType"] != OpPreempted {
+				t.Errorf("zoneOperations.get of the preemption: %d %v", code, got)
+			}
+			filter = `operationType="compute.instances.preempted" AND targetLink="` + strings.Replace(self, "vm-1", "vm-2", 1) + `"`
+			_, list, _ = c.do("GET", base+"/zones/us-east1-b/operations?filter="+url.QueryEscape(filter), "")
+			if items, _ := list["items"].([]any); len(items) != 0 {
+				t.Errorf("vm-2 has preemption operations: %v", items)
+			}
+			if ops := s.Operations(); len(ops) != 3 || ops[2].Type != OpPreempted || ops[2].User != "system" {
+				t.Errorf("Operations() = %+v, want the two inserts then the preemption", ops)
+			}
+		})
+	}
+}
+
+func TestListOperationsPaging(t *testing.T) {
+	_, c := newClient(t, Options{})
+	for _, name := range []string{"vm-1", "vm-2", "vm-3"} {
+		c.do("POST", base+"/zones/us-east1-b/instances", instanceJSON(name, ""))
+	}
+	c.do("POST", base+"/zones/us-east1-c/instances", strings.ReplaceAll(instanceJSON("vm-4", ""), "us-east1-b", "us-east1-c"))
+	var names []string
+	tok := ""
+	for range 5 {
+		_, page, _ := c.do("GET", base+"/zones/us-east1-b/operations?maxResults=2&filter=operationType%3Dinsert&pageToken="+tok, "")
+		for _, it := range page["items"].([]any) {
+			op := it.(map[string]any)
+			names = append(names, op["targetLink"].(string)[strings.LastIndexByte(op["targetLink"].(string), '/')+1:])
+		}
+		tok, _ = page["nextPageToken"].(string)
+		if tok == "" {
+			break
+		}
+	}
+	if got := strings.Join(names, ","); got != "vm-1,vm-2,vm-3" {
+		t.Errorf("operations of us-east1-b, paged by 2: %s, want vm-1,vm-2,vm-3 in order", got)
+	}
+	code, m, _ := c.do("GET", base+"/zones/us-east1-b/operations?filter=labels.a%3A*", "")
+	if c, r := errorReason(m); code != 400 || c != 400 || r != "invalid" {
+		t.Errorf("operations filter on labels: %d %v, want 400 invalid", code, m)
 	}
 }

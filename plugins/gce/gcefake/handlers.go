@@ -7,6 +7,7 @@ import (
 	"io"
 	"maps"
 	"net/http"
+	"net/url"
 	"regexp"
 	"slices"
 	"strconv"
@@ -118,6 +119,8 @@ func route(httpMethod string, parts []string) (method, zone, name string) {
 		return "instances.getSerialPortOutput", zone, parts[4]
 	case parts[3] == "instances" && n == 6 && parts[5] == "getGuestAttributes" && httpMethod == http.MethodGet:
 		return "instances.getGuestAttributes", zone, parts[4]
+	case parts[3] == "operations" && n == 4 && httpMethod == http.MethodGet:
+		return "zoneOperations.list", zone, ""
 	case parts[3] == "operations" && n == 5 && httpMethod == http.MethodGet:
 		return "zoneOperations.get", zone, parts[4]
 	case parts[3] == "operations" && n == 6 && parts[5] == "wait" && httpMethod == http.MethodPost:
@@ -130,10 +133,10 @@ func route(httpMethod string, parts []string) (method, zone, name string) {
 func (s *Server) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	w := &statusWriter{ResponseWriter: rw}
-	method, zone := "unknown", ""
+	method, zone, name := "unknown", "", ""
 	defer func() {
 		s.mu.Lock()
-		s.requests = append(s.requests, Request{Time: start, Method: method, Zone: zone, Status: w.status})
+		s.requests = append(s.requests, Request{Time: start, Method: method, Zone: zone, Name: name, Status: w.status})
 		s.mu.Unlock()
 	}()
 	rest, ok := strings.CutPrefix(r.URL.Path, "/compute/v1/projects/")
@@ -142,12 +145,12 @@ func (s *Server) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 		return
 	}
 	parts := strings.Split(rest, "/")
-	m, z, name := route(r.Method, parts)
+	m, z, n := route(r.Method, parts)
 	if m == "" {
 		writeError(w, 404, "notFound", "The requested URL "+r.URL.Path+" was not found on this server.")
 		return
 	}
-	method, zone = m, z
+	method, zone, name = m, z, n
 	project := parts[0]
 	if s.opts.Project != "" && project != s.opts.Project {
 		writeError(w, 404, "notFound", fmt.Sprintf("The resource 'projects/%s' was not found", project))
@@ -173,6 +176,8 @@ func (s *Server) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 		s.serialPort(w, r, project, zone, name)
 	case "instances.getGuestAttributes":
 		s.guestAttributes(w, r, project, zone, name)
+	case "zoneOperations.list":
+		s.listOps(w, r, project, zone)
 	case "zoneOperations.get":
 		s.getOp(w, r, project, zone, name, false)
 	case "zoneOperations.wait":
@@ -320,23 +325,28 @@ func (s *Server) insert(w http.ResponseWriter, r *http.Request, project, zone st
 	if !validateInstance(w, zone, in) {
 		return
 	}
-	now := time.Now()
-	base := s.baseURL(r, project)
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	answer, created := s.insertLocked(w, s.baseURL(r, project), project, zone, in, time.Now())
+	s.mu.Unlock()
+	s.answer(w, answer, created)
+}
+
+// insertLocked creates the instance of an insert; it returns the answer
+// and the new instance, or answers an error itself and returns nil.
+// s.mu is held.
+func (s *Server) insertLocked(w http.ResponseWriter, base, project, zone string, in *computepb.Instance, now time.Time) (proto.Message, *InstanceInfo) {
 	s.advanceLocked(now)
 	key := zone + "/" + in.GetName()
 	if s.instances[key] != nil {
 		writeError(w, 409, "alreadyExists", fmt.Sprintf("The resource 'projects/%s/zones/%s/instances/%s' already exists", project, zone, in.GetName()))
-		return
+		return nil, nil
 	}
 	id := newID()
 	target := fmt.Sprintf("%s/zones/%s/instances/%s", base, zone, in.GetName())
 	if oerr, status, msg := s.insertFaultLocked(project, zone); oerr != nil {
 		op := s.newOpLocked(base, zone, "insert", target, id, now)
 		op.err, op.status, op.msg = oerr, status, msg
-		writeProto(w, s.opView(op, now, true))
-		return
+		return s.opView(op, now, true), nil
 	}
 
 	mtName := in.GetMachineType()[strings.LastIndexByte(in.GetMachineType(), '/')+1:]
@@ -400,7 +410,20 @@ func (s *Server) insert(w http.ResponseWriter, r *http.Request, project, zone st
 	s.instances[key] = in2
 	op := s.newOpLocked(base, zone, "insert", target, id, now)
 	s.advanceLocked(now) // a zero BootDelay boots at once
-	writeProto(w, s.opView(op, now, true))
+	info := s.infoLocked(in2)
+	return s.opView(op, now, true), &info
+}
+
+// answer sends answer, if any, after telling Options.OnMetadata about
+// changed, if any. s.mu is not held.
+func (s *Server) answer(w http.ResponseWriter, answer proto.Message, changed *InstanceInfo) {
+	if answer == nil {
+		return
+	}
+	if changed != nil && s.opts.OnMetadata != nil {
+		s.opts.OnMetadata(*changed)
+	}
+	writeProto(w, answer)
 }
 
 // insertFaultLocked returns the operation error an insert in zone gets,
@@ -457,6 +480,7 @@ func (s *Server) newOpLocked(base, zone, kind, target string, targetID uint64, n
 	s.opSeq++
 	name := fmt.Sprintf("operation-%d-%x-%08x", now.UnixMilli(), s.opSeq, uint32(newID()))
 	op := &operation{
+		seq:    s.opSeq,
 		zone:   zone,
 		doneAt: now.Add(s.opts.OperationDelay),
 		res: &computepb.Operation{
@@ -579,16 +603,23 @@ func (s *Server) setMetadata(w http.ResponseWriter, r *http.Request, project, zo
 			return
 		}
 	}
-	now := time.Now()
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	answer, changed := s.setMetadataLocked(w, s.baseURL(r, project), project, zone, name, md, time.Now())
+	s.mu.Unlock()
+	s.answer(w, answer, changed)
+}
+
+// setMetadataLocked replaces the metadata of an instance; it returns the
+// answer and the changed instance, or answers an error itself and returns
+// nil. s.mu is held.
+func (s *Server) setMetadataLocked(w http.ResponseWriter, base, project, zone, name string, md *computepb.Metadata, now time.Time) (proto.Message, *InstanceInfo) {
 	in := s.lookupLocked(w, project, zone, name)
 	if in == nil {
-		return
+		return nil, nil
 	}
 	if md.GetFingerprint() != in.res.GetMetadata().GetFingerprint() {
 		writeError(w, 412, "conditionNotMet", "Supplied fingerprint does not match current metadata fingerprint.")
-		return
+		return nil, nil
 	}
 	in.res.Metadata = &computepb.Metadata{
 		Kind:        proto.String("compute#metadata"),
@@ -598,8 +629,9 @@ func (s *Server) setMetadata(w http.ResponseWriter, r *http.Request, project, zo
 	if in.windows && in.res.GetStatus() == "RUNNING" {
 		s.queueWindowsKeysLocked(in, now)
 	}
-	op := s.newOpLocked(s.baseURL(r, project), zone, "setMetadata", in.res.GetSelfLink(), in.res.GetId(), now)
-	writeProto(w, s.opView(op, now, true))
+	op := s.newOpLocked(base, zone, "setMetadata", in.res.GetSelfLink(), in.res.GetId(), now)
+	info := s.infoLocked(in)
+	return s.opView(op, now, true), &info
 }
 
 func (s *Server) serialPort(w http.ResponseWriter, r *http.Request, project, zone, name string) {
@@ -688,31 +720,14 @@ func (s *Server) guestAttributes(w http.ResponseWriter, r *http.Request, project
 // list serves instances.list (zone != "") and instances.aggregatedList.
 func (s *Server) list(w http.ResponseWriter, r *http.Request, project, zone string) {
 	q := r.URL.Query()
-	match, err := parseFilter(q.Get("filter"))
+	match, err := parseFilter(q.Get("filter"), instanceFields)
 	if err != nil {
 		invalidField(w, "filter", q.Get("filter"), err.Error())
 		return
 	}
-	max := 500
-	if v := q.Get("maxResults"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 0 || n > 500 {
-			invalidField(w, "maxResults", v, "Must be less than or equal to 500")
-			return
-		}
-		if n > 0 {
-			max = n
-		}
-	}
-	offset := 0
-	if tok := q.Get("pageToken"); tok != "" {
-		b, err := base64.RawURLEncoding.DecodeString(tok)
-		n, err2 := strconv.Atoi(strings.TrimPrefix(string(b), "offset:"))
-		if err != nil || err2 != nil || n < 0 {
-			invalidField(w, "pageToken", tok, "Invalid page token.")
-			return
-		}
-		offset = n
+	max, offset, ok := paging(w, q)
+	if !ok {
+		return
 	}
 	base := s.baseURL(r, project)
 	s.mu.Lock()
@@ -738,7 +753,7 @@ func (s *Server) list(w http.ResponseWriter, r *http.Request, project, zone stri
 			pageZones[in.zone] = append(pageZones[in.zone], c)
 		}
 		if end < len(all) {
-			next = base64.RawURLEncoding.EncodeToString([]byte("offset:" + strconv.Itoa(end)))
+			next = pageToken(end)
 		}
 	}
 	s.mu.Unlock()
@@ -786,6 +801,73 @@ func (s *Server) list(w http.ResponseWriter, r *http.Request, project, zone stri
 	}
 	if next != "" {
 		res.NextPageToken = proto.String(next)
+	}
+	writeProto(w, res)
+}
+
+// paging reads maxResults and pageToken; it answers an error itself and
+// returns false when one is bad.
+func paging(w http.ResponseWriter, q url.Values) (max, offset int, ok bool) {
+	max = 500
+	if v := q.Get("maxResults"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 || n > 500 {
+			invalidField(w, "maxResults", v, "Must be less than or equal to 500")
+			return 0, 0, false
+		}
+		if n > 0 {
+			max = n
+		}
+	}
+	if tok := q.Get("pageToken"); tok != "" {
+		b, err := base64.RawURLEncoding.DecodeString(tok)
+		n, err2 := strconv.Atoi(strings.TrimPrefix(string(b), "offset:"))
+		if err != nil || err2 != nil || n < 0 {
+			invalidField(w, "pageToken", tok, "Invalid page token.")
+			return 0, 0, false
+		}
+		offset = n
+	}
+	return max, offset, true
+}
+
+// pageToken is the token of the page starting at offset.
+func pageToken(offset int) string {
+	return base64.RawURLEncoding.EncodeToString([]byte("offset:" + strconv.Itoa(offset)))
+}
+
+// listOps serves zoneOperations.list: the zone's operations, oldest first.
+func (s *Server) listOps(w http.ResponseWriter, r *http.Request, project, zone string) {
+	q := r.URL.Query()
+	match, err := parseFilter(q.Get("filter"), operationFields)
+	if err != nil {
+		invalidField(w, "filter", q.Get("filter"), err.Error())
+		return
+	}
+	max, offset, ok := paging(w, q)
+	if !ok {
+		return
+	}
+	now := time.Now()
+	s.mu.Lock()
+	var all []*computepb.Operation
+	for _, op := range s.sortedOpsLocked(zone) {
+		if v := s.opView(op, now, false); match(v) {
+			all = append(all, v)
+		}
+	}
+	s.mu.Unlock()
+	res := &computepb.OperationList{
+		Kind:     proto.String("compute#operationList"),
+		Id:       proto.String(fmt.Sprintf("projects/%s/zones/%s/operations", project, zone)),
+		SelfLink: proto.String(fmt.Sprintf("%s/zones/%s/operations", s.baseURL(r, project), zone)),
+	}
+	if offset < len(all) {
+		end := min(offset+max, len(all))
+		res.Items = all[offset:end]
+		if end < len(all) {
+			res.NextPageToken = proto.String(pageToken(end))
+		}
 	}
 	writeProto(w, res)
 }
