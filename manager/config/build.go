@@ -434,6 +434,8 @@ func (b *builder) autoscaler(key string, a *fileAutoscaler) Fleet {
 		MaxGrowthRate:        b.nonNegative(k("max_growth_rate"), a.MaxGrowthRate, 0),
 		MaxInstances:         b.nonNegative(k("max_instances"), a.MaxInstances, 0),
 		OnDemandWithin:       b.duration(k("on_demand_within"), a.OnDemandWithin, DefaultOnDemandWithin),
+		ListInterval:         b.duration(k("update_interval"), a.UpdateInterval, 0),
+		ListIntervalBooting:  b.duration(k("update_interval_when_expecting"), a.UpdateIntervalExpecting, 0),
 		InstanceReadyCommand: a.InstanceReadyCommand,
 		DeleteOnShutdown:     a.DeleteInstancesOnShutdown,
 		MaxUses:              b.maxUses(k("max_use_count"), a.MaxUseCount),

@@ -83,6 +83,8 @@ type Fleet struct {
 	MaxGrowthRate        int               // instances being created at once; 0 = unlimited
 	MaxInstances         int               // instances in any state; 0 = unlimited
 	OnDemandWithin       time.Duration     // take a job for a VM expected within this; 0 = only idle VMs
+	ListInterval         time.Duration     // read the provider's list this often (update_interval); 0 = fleet default
+	ListIntervalBooting  time.Duration     // ... while VMs boot (update_interval_when_expecting); 0 = fleet default
 	InstanceReadyCommand string
 	DeleteOnShutdown     bool
 	Connector            Connector

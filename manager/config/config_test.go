@@ -119,6 +119,7 @@ func TestParseErrors(t *testing.T) {
 		{"policy predictive_quantile negative", strings.Replace(autoscalerDoc, "idle_count = 2", "idle_count = 2\n      predictive = true\n      predictive_quantile = -0.1", 1), 15, "runners[0].autoscaler.policy[0].predictive_quantile", "must be in (0,1), got -0.1"},
 		{"bad environment", strings.Replace(machineDoc, `executor =`, "environment = [\"=x\"]\n  executor =", 1), 6, "runners[0].environment[0]", "want KEY=value"},
 		{"negative OnDemandWithin", strings.Replace(machineDoc, "IdleTime = 600", "IdleTime = 600\n    OnDemandWithin = -5", 1), 10, "runners[0].machine.OnDemandWithin", "must not be negative, got -5"},
+		{"negative update_interval", strings.Replace(autoscalerDoc, "capacity_per_instance = 1", "capacity_per_instance = 1\n    update_interval = \"-2s\"", 1), 9, "runners[0].autoscaler.update_interval", "must not be negative, got -2s"},
 		{"negative on_demand_within", strings.Replace(autoscalerDoc, "capacity_per_instance = 1", "capacity_per_instance = 1\n    on_demand_within = \"-1m\"", 1), 9, "runners[0].autoscaler.on_demand_within", "must not be negative, got -1m0s"},
 	}
 	for _, tt := range tests {
@@ -418,6 +419,32 @@ func TestOnDemandWithinKeys(t *testing.T) {
 				t.Errorf("summary lacks %q:\n%s", want, sum.String())
 			}
 		})
+	}
+}
+
+// update_interval and update_interval_when_expecting set how often the
+// fleet lists the provider, so how soon a preempted VM is noticed.
+func TestListIntervalKeys(t *testing.T) {
+	doc := strings.Replace(autoscalerDoc, "capacity_per_instance = 1", "capacity_per_instance = 1\n    update_interval = \"5s\"\n    update_interval_when_expecting = \"500ms\"", 1)
+	cfg, err := Parse("c.toml", []byte(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := cfg.Runners[0].Fleet
+	if f.ListInterval != 5*time.Second || f.ListIntervalBooting != 500*time.Millisecond {
+		t.Errorf("list intervals %v, %v; want 5s, 500ms", f.ListInterval, f.ListIntervalBooting)
+	}
+	for _, w := range cfg.Warnings {
+		if strings.Contains(w.Key, "update_interval") {
+			t.Errorf("warned about a key mayfly uses: %s", w)
+		}
+	}
+	var sum strings.Builder
+	if err := WriteSummary(&sum, cfg, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(sum.String(), "every 5s, every 500ms while VMs boot") {
+		t.Errorf("summary:\n%s", sum.String())
 	}
 }
 

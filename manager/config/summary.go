@@ -30,6 +30,7 @@ func WriteSummary(w io.Writer, cfg *Config, now time.Time) error {
 		p("  instances\t%s, %s, %s\n", limitText(f.MaxInstances, "instances"), growthText(f.MaxGrowthRate), usesText(f.MaxUses))
 		p("  jobs\t%s, hard timeout %s\n", limitText(r.Limit, "jobs"), r.MaxJobTimeout)
 		p("  on demand\t%s\n", onDemandText(f))
+		p("  provider list\t%s\n", listText(f))
 		p("  connector\t%s over %s, %s/%s, connect timeout %s\n", userText(f.Connector.Username), f.Connector.Protocol, f.Connector.OS, f.Connector.Arch, f.Connector.Timeout)
 		pol, idx := f.Schedule.At(now)
 		p("  now\t%s: %s\n", now.UTC().Format(time.RFC3339), policyText(pol, entryText(f.Schedule, idx)))
@@ -59,6 +60,18 @@ func onDemandText(f Fleet) string {
 		return "off: a job is taken only for an idle VM (always on demand while IdleCount is 0)"
 	}
 	return fmt.Sprintf("a job is taken for a VM expected within %s (mayfly; gitlab-runner waits for an idle VM unless IdleCount is 0)", f.OnDemandWithin)
+}
+
+// listText says how often the fleet reads the provider's list, which is
+// also how soon it notices a VM preempted or deleted behind its back.
+func listText(f Fleet) string {
+	every := func(d time.Duration, def string) string {
+		if d <= 0 {
+			return def
+		}
+		return d.String()
+	}
+	return fmt.Sprintf("every %s, every %s while VMs boot (how soon a preempted VM is noticed)", every(f.ListInterval, "1m (default)"), every(f.ListIntervalBooting, "2s (default)"))
 }
 
 func policyText(p schedule.Policy, from string) string {
