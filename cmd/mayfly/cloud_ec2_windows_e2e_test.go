@@ -13,7 +13,6 @@ import (
 	"net/http/httptest"
 	"path/filepath"
 	"regexp"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -158,36 +157,7 @@ Write-Output "user-data-setting: runs after the WinRM setup"
 	booting.Wait()
 
 	jobs := srv.Jobs()
-	if len(jobs) != 2 {
-		t.Errorf("%d jobs at the coordinator, want 2", len(jobs))
-	}
-	for _, j := range jobs {
-		trace := string(j.Trace)
-		// The stage ran on the WinRM server (sh's parse error of the
-		// PowerShell stage is in the trace) and the failure was reported.
-		if j.Status != "failed" || !strings.Contains(strings.ToLower(trace), "syntax error") {
-			t.Errorf("job %s: %s %q, want failed with sh's syntax error for the PowerShell stage in the trace:\n%s", j.Name, j.Status, j.FailureReason, trace)
-		}
-		if !strings.Contains(trace, "Preparing environment") {
-			t.Errorf("job %s: no prepare section in the trace:\n%s", j.Name, trace)
-		}
-	}
-	// Every command came as powershell -EncodedCommand over WinRM: the
-	// ready commands and the stages.
-	var ready, stages int
-	for _, c := range winrm.Commands() {
-		if !strings.HasPrefix(strings.ToLower(c.CommandLine), "powershell ") || !strings.Contains(c.CommandLine, "-EncodedCommand") {
-			t.Errorf("command %q is not powershell -EncodedCommand", c.CommandLine)
-		}
-		if c.Exited && c.ExitCode == 0 {
-			ready++
-		} else {
-			stages++
-		}
-	}
-	if ready < len(jobs) || stages < len(jobs) {
-		t.Errorf("%d commands exited 0 (ready commands) and %d did not (stages); want at least %d of each", ready, stages, len(jobs))
-	}
+	checkWindowsJobs(t, jobs, winrm.Commands())
 
 	// Nothing leaked, each job had an instance of its own.
 	insts := fake.Instances()

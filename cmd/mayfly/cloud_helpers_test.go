@@ -18,6 +18,7 @@ import (
 
 	"github.com/mayfly-ci/mayfly/manager/coordinator"
 	"github.com/mayfly-ci/mayfly/providers/plugintest"
+	"github.com/mayfly-ci/mayfly/vmexec/winrm/wsmantest"
 )
 
 // buildPlugin builds a plugin command into dir.
@@ -187,4 +188,43 @@ func callsPerJob(calls map[string]int, jobs int) (string, float64) {
 	}
 	sort.Strings(parts)
 	return strings.Join(parts, " "), float64(total) / float64(jobs)
+}
+
+// checkWindowsJobs checks the two jobs of a Windows fleet end-to-end test
+// against the WS-Management test server: each failed in its first
+// PowerShell stage with sh's syntax error (no pwsh here), after its prepare
+// section, and every command came as powershell -EncodedCommand, at least
+// one ready command and one stage per job.
+func checkWindowsJobs(t *testing.T, jobs []coordinator.JobRecord, commands []wsmantest.CommandInfo) {
+	t.Helper()
+	if len(jobs) != 2 {
+		t.Errorf("%d jobs at the coordinator, want 2", len(jobs))
+	}
+	for _, j := range jobs {
+		trace := string(j.Trace)
+		// The stage ran on the WinRM server (sh's parse error of the
+		// PowerShell stage is in the trace) and the failure was reported.
+		if j.Status != "failed" || !strings.Contains(strings.ToLower(trace), "syntax error") {
+			t.Errorf("job %s: %s %q, want failed with sh's syntax error for the PowerShell stage in the trace:\n%s", j.Name, j.Status, j.FailureReason, trace)
+		}
+		if !strings.Contains(trace, "Preparing environment") {
+			t.Errorf("job %s: no prepare section in the trace:\n%s", j.Name, trace)
+		}
+	}
+	// Every command came as powershell -EncodedCommand over WinRM: the
+	// ready commands and the stages.
+	var ready, stages int
+	for _, c := range commands {
+		if !strings.HasPrefix(strings.ToLower(c.CommandLine), "powershell ") || !strings.Contains(c.CommandLine, "-EncodedCommand") {
+			t.Errorf("command %q is not powershell -EncodedCommand", c.CommandLine)
+		}
+		if c.Exited && c.ExitCode == 0 {
+			ready++
+		} else {
+			stages++
+		}
+	}
+	if ready < len(jobs) || stages < len(jobs) {
+		t.Errorf("%d commands exited 0 (ready commands) and %d did not (stages); want at least %d of each", ready, stages, len(jobs))
+	}
 }
