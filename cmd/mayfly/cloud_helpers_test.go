@@ -190,6 +190,18 @@ func callsPerJob(calls map[string]int, jobs int) (string, float64) {
 	return strings.Join(parts, " "), float64(total) / float64(jobs)
 }
 
+// windowsPipeline is the pipeline of the Windows fleet end-to-end tests:
+// two PowerShell jobs, checked by checkWindowsJobs.
+const windowsPipeline = `
+projects:
+  - name: win
+    pipelines:
+      - variables: [{key: GIT_STRATEGY, value: none}]
+        jobs:
+          - {name: win-one, script: ["Write-Output hello"]}
+          - {name: win-two, script: ["Write-Output hello"]}
+`
+
 // checkWindowsJobs checks the two jobs of a Windows fleet end-to-end test
 // against the WS-Management test server: each failed in its first
 // PowerShell stage with sh's syntax error (no pwsh here), after its prepare

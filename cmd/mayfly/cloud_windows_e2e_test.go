@@ -60,15 +60,7 @@ func TestGCEWindowsFleetEndToEnd(t *testing.T) {
 	dir := t.TempDir()
 	pluginDir := filepath.Join(dir, "plugins")
 	buildPlugin(t, pluginDir, "github.com/mayfly-ci/mayfly/plugins/gce/cmd/mayfly-plugin-gce")
-	srv, url := startCoordinator(t, cloudToken, `
-projects:
-  - name: win
-    pipelines:
-      - variables: [{key: GIT_STRATEGY, value: none}]
-        jobs:
-          - {name: win-one, script: ["Write-Output hello"]}
-          - {name: win-two, script: ["Write-Output hello"]}
-`)
+	srv, url := startCoordinator(t, cloudToken, windowsPipeline)
 	cfg := fmt.Sprintf(`concurrent = 2
 check_interval = 1
 log_level = "info"

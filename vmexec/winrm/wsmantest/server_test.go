@@ -26,6 +26,23 @@ const (
 )
 
 // client returns an unmodified masterzen/winrm client for ts.
+// execute starts a test server with cfg and runs script in a new shell on
+// it over plain HTTP; the shell is closed when the test ends.
+func execute(t *testing.T, cfg Config, script string) (*TestServer, *winrm.Command) {
+	t.Helper()
+	ts := Start(t, cfg)
+	shell, err := client(t, ts, pass, false, nil).CreateShell()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { shell.Close() })
+	cmd, err := shell.Execute(script)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ts, cmd
+}
+
 func client(t *testing.T, ts *TestServer, password string, https bool, caPEM []byte) *winrm.Client {
 	t.Helper()
 	ep := winrm.NewEndpoint(ts.Host, ts.Port, https, false, caPEM, nil, nil, 30*time.Second)
@@ -182,17 +199,7 @@ func TestWrongPasswordIs401(t *testing.T) {
 // TestStdinAfterExit sends stdin to a command that already exited: the
 // data is dropped, not a fault, and the exit code still comes back.
 func TestStdinAfterExit(t *testing.T) {
-	ts := Start(t, Config{Username: user, Password: pass})
-	c := client(t, ts, pass, false, nil)
-	shell, err := c.CreateShell()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer shell.Close()
-	cmd, err := shell.Execute("exit 3")
-	if err != nil {
-		t.Fatal(err)
-	}
+	ts, cmd := execute(t, Config{Username: user, Password: pass}, "exit 3")
 	deadline := time.Now().Add(10 * time.Second)
 	for !ts.Commands()[0].Exited {
 		if time.Now().After(deadline) {
@@ -224,17 +231,7 @@ func TestStdinAfterExit(t *testing.T) {
 }
 
 func TestStreamingAndTimedOutReceive(t *testing.T) {
-	ts := Start(t, Config{Username: user, Password: pass, MaxReceiveWait: 100 * time.Millisecond})
-	c := client(t, ts, pass, false, nil)
-	shell, err := c.CreateShell()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer shell.Close()
-	cmd, err := shell.Execute("echo first; sleep 1; echo second")
-	if err != nil {
-		t.Fatal(err)
-	}
+	ts, cmd := execute(t, Config{Username: user, Password: pass, MaxReceiveWait: 100 * time.Millisecond}, "echo first; sleep 1; echo second")
 	errc := make(chan error, 1)
 	go func() { _, err := io.Copy(io.Discard, cmd.Stderr); errc <- err }()
 	r := bufio.NewReader(cmd.Stdout)
@@ -327,17 +324,7 @@ func groupGone(pgid int) bool {
 }
 
 func TestTerminateKillsProcessGroup(t *testing.T) {
-	ts := Start(t, Config{Username: user, Password: pass})
-	c := client(t, ts, pass, false, nil)
-	shell, err := c.CreateShell()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer shell.Close()
-	cmd, err := shell.Execute("sleep 30 & echo $!; wait")
-	if err != nil {
-		t.Fatal(err)
-	}
+	ts, cmd := execute(t, Config{Username: user, Password: pass}, "sleep 30 & echo $!; wait")
 	go io.Copy(io.Discard, cmd.Stderr)
 	line, err := bufio.NewReader(cmd.Stdout).ReadString('\n')
 	if err != nil {
