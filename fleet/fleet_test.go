@@ -6,11 +6,12 @@ import (
 	"crypto/rand"
 	"encoding/pem"
 	"errors"
-	"golang.org/x/crypto/ssh"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/crypto/ssh"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 

@@ -1,0 +1,189 @@
+package fleet
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/mayfly-ci/mayfly/providers"
+)
+
+// maxDeleteBatch caps the ids of one Delete call.
+const maxDeleteBatch = 500
+
+// create runs one Create call for n instances.
+func (f *Fleet) create(ctx context.Context, n int) {
+	start := f.clock.Now()
+	ids, err := f.api.Create(ctx, n, f.labels)
+	f.mu.Lock()
+	now := f.clock.Now()
+	f.requested -= n
+	f.counts[StateRequested] -= n
+	f.creating--
+	for _, id := range ids {
+		if old := f.books[id]; old != nil {
+			f.log.Error("provider returned an id already in the books", "instance", id, "state", old.state)
+			continue
+		}
+		in := f.addLocked(id, StateCreating, now)
+		in.requestedAt = start
+	}
+	if err != nil {
+		_, rateLimited := providers.IsRateLimited(err)
+		_, quota := providers.IsQuotaExceeded(err)
+		_, capacity := providers.IsCapacityExhausted(err)
+		if !rateLimited && ctx.Err() == nil {
+			f.breaker.Fail(now, quota || capacity, f.cfg.CreateBackoff, f.cfg.CreateBackoffMax)
+		}
+		f.log.Warn("create instances failed", "requested", n, "created", len(ids), "kind", providers.KindOf(err), "failures", f.breaker.Failures, "retry_at", f.breaker.RetryAt, "error", err)
+	} else {
+		f.log.Info("instances created", "count", len(ids))
+	}
+	f.mu.Unlock()
+	f.kick()
+}
+
+// dispatchDeletesLocked starts one batched Delete call for the instances
+// whose deletion is due, and reports the next retry time through at.
+func (f *Fleet) dispatchDeletesLocked(ctx context.Context, now time.Time, at func(time.Time)) {
+	if f.counts[StateDeleting] == 0 {
+		return
+	}
+	var ids []string
+	for _, in := range f.books {
+		if in.state != StateDeleting || in.delInFlight {
+			continue
+		}
+		if now.Before(in.delNext) || f.deleting || len(ids) == maxDeleteBatch || ctx.Err() != nil {
+			at(in.delNext)
+			continue
+		}
+		ids = append(ids, in.id)
+	}
+	if len(ids) == 0 {
+		return
+	}
+	for _, id := range ids {
+		f.books[id].delInFlight = true
+	}
+	f.deleting = true
+	slices.Sort(ids)
+	f.spawn(func() { f.deleteBatch(ctx, ids) })
+}
+
+// deleteBatch runs one Delete call; the ids the provider did not confirm
+// are retried with backoff.
+func (f *Fleet) deleteBatch(ctx context.Context, ids []string) {
+	done, err := f.api.Delete(ctx, ids)
+	f.mu.Lock()
+	now := f.clock.Now()
+	confirmed := make(map[string]bool, len(done))
+	for _, id := range done {
+		confirmed[id] = true
+	}
+	failed := 0
+	for _, id := range ids {
+		in := f.books[id]
+		if in == nil {
+			continue
+		}
+		in.delInFlight = false
+		if in.state != StateDeleting {
+			continue
+		}
+		if confirmed[id] {
+			f.goneLocked(in)
+			continue
+		}
+		failed++
+		in.delFailures++
+		in.delNext = now.Add(Backoff(f.cfg.DeleteBackoff, f.cfg.DeleteBackoffMax, in.delFailures))
+	}
+	f.deleting = false
+	f.mu.Unlock()
+	if err != nil || failed > 0 {
+		f.log.Warn("delete instances: not all confirmed; retrying later", "requested", len(ids), "confirmed", len(done), "error", err)
+	}
+	f.flushGone()
+	f.kick()
+}
+
+// provision makes a running instance ready: connect info, then the
+// provisioner. Transient connect-info errors are retried until the boot
+// watchdog cancels ctx.
+func (f *Fleet) provision(ctx context.Context, in *instance, inst providers.Instance) {
+	var ci providers.ConnectInfo
+	var err error
+	op := OpConnectInfo
+	for attempt := 1; ; attempt++ {
+		ci, err = f.api.ConnectInfo(ctx, in.id)
+		switch {
+		case err == nil && ci.Protocol == providers.ProtocolSSH && ci.HostKey == "":
+			// Some clouds publish the SSH host key only after boot (GCE guest
+			// attributes, EC2 console output). The key is pinned, never trusted
+			// on first use, so ask again until it appears or the boot watchdog
+			// gives up.
+			err = providers.Transient(fmt.Errorf("instance %s: no SSH host key published yet", in.id))
+		case err == nil && ci.Protocol == providers.ProtocolWinRM && len(ci.TLSCert) == 0:
+			// The same for the WinRM certificate, which the startup script
+			// publishes once the HTTPS listener exists.
+			err = providers.Transient(fmt.Errorf("instance %s: no WinRM certificate published yet", in.id))
+		}
+		if err == nil || !providers.IsTransient(err) || ctx.Err() != nil {
+			break
+		}
+		if f.sleep(ctx, Backoff(time.Second, 30*time.Second, attempt)) != nil {
+			break
+		}
+	}
+	if err == nil {
+		if err = ci.Validate(); err != nil {
+			err = providers.Permanent(err)
+		}
+	}
+	if err == nil && f.cfg.Provisioner != nil {
+		op = "provision"
+		err = f.cfg.Provisioner.Provision(ctx, inst, ci)
+	}
+	f.mu.Lock()
+	if in.state != StateProvisioning {
+		f.mu.Unlock()
+		return // deleted meanwhile (boot watchdog, shutdown, vanished)
+	}
+	in.cancel = nil
+	if err != nil {
+		kind := providers.KindOf(err).String()
+		if op == "provision" {
+			kind = "provision"
+		}
+		f.failLocked(in, op, kind, err)
+	} else {
+		now := f.clock.Now()
+		in.ci = ci
+		in.idleSince = now
+		if !in.requestedAt.IsZero() {
+			f.m.creation.WithLabelValues(f.cfg.Name).Observe(now.Sub(in.requestedAt).Seconds())
+		}
+		f.breaker.Succeed(in.createdAt)
+		f.becomeIdleLocked(in, false)
+		f.log.Info("instance ready", "instance", in.id)
+	}
+	f.mu.Unlock()
+	f.kick()
+}
+
+// startProvisionLocked moves in from creating to provisioning and starts
+// making it ready.
+func (f *Fleet) startProvisionLocked(in *instance) {
+	if !f.setStateLocked(in, StateProvisioning) || f.stopped {
+		return
+	}
+	ctx, cancel := context.WithCancel(f.runCtx)
+	in.cancel = cancel
+	inst := f.instanceOf(in)
+	f.spawn(func() {
+		defer cancel()
+		f.provision(ctx, in, inst)
+	})
+}

@@ -1,0 +1,239 @@
+package fleet
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	"github.com/mayfly-ci/mayfly/providers"
+)
+
+// Available returns how many ready instances are not promised to a job:
+// how many Acquire calls could be served now without waiting.
+func (f *Fleet) Available() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.stopped {
+		return 0
+	}
+	return max(f.counts[StateIdle]-f.reserved, 0)
+}
+
+// Reservation is an instance promised to one job by Reserve: ready now or
+// expected soon. Exactly one of Acquire and Cancel ends it.
+type Reservation struct {
+	f        *Fleet
+	onDemand bool // promised an instance not idle yet: a wait is expected
+	done     atomic.Bool
+}
+
+// Reserve promises an instance to one job, if one is idle and not promised
+// to another or, on demand, expected within Config.OnDemandWithin (see
+// Reservable). wait is the expected wait, 0 for an idle instance. The
+// manager reserves before it asks GitLab for a job, and cancels the
+// reservation when GitLab has none.
+func (f *Fleet) Reserve() (r *Reservation, wait time.Duration, ok bool) {
+	now := f.clock.Now()
+	f.mu.Lock()
+	if f.stopped {
+		f.mu.Unlock()
+		return nil, 0, false
+	}
+	snap := f.snapshotLocked(now, false)
+	wait, ok = Reservable(snap, f.policy, f.limits, f.demand.BootMedian())
+	if !ok {
+		if now.Sub(f.lastPromise) < f.limits.CheckInterval {
+			// The runner got a job and asks again at once, but nothing
+			// can be promised: demand outran supply.
+			f.demand.Missed(now, f.limits.CheckInterval)
+		}
+		f.mu.Unlock()
+		return nil, 0, false
+	}
+	f.lastPromise = now
+	beyondIdle := f.reserved >= f.counts[StateIdle]
+	f.reserved++
+	f.mu.Unlock()
+	if beyondIdle {
+		f.kick() // demand the scaler creates an instance for
+	}
+	return &Reservation{f: f, onDemand: wait > 0}, wait, true
+}
+
+// Acquire takes the promised instance, waiting for it until ctx ends.
+func (r *Reservation) Acquire(ctx context.Context) (*Lease, error) {
+	if r.done.Swap(true) {
+		return nil, errors.New("acquire: reservation already ended")
+	}
+	return r.f.acquire(ctx, r.onDemand)
+}
+
+// Cancel gives the promise back: the job it was for did not come.
+func (r *Reservation) Cancel() {
+	if r.done.Swap(true) {
+		return
+	}
+	r.f.mu.Lock()
+	r.f.reserved--
+	r.f.lastPromise = time.Time{} // no job came: a refusal next is no sign of demand
+	r.f.mu.Unlock()
+	r.f.kick()
+}
+
+// Outcome is how the job on a leased instance ended.
+type Outcome int
+
+// Lease is one instance handed out by Acquire. Exactly one of Release and
+// Unused ends it; later calls do nothing.
+type Lease struct {
+	f    *Fleet
+	in   *instance
+	inst providers.Instance
+	ci   providers.ConnectInfo
+	done atomic.Bool
+}
+
+// ID returns the instance id.
+func (l *Lease) ID() string { return l.inst.ID }
+
+// Instance describes the instance.
+func (l *Lease) Instance() providers.Instance { return l.inst.Clone() }
+
+// ConnectInfo tells how to reach the instance.
+func (l *Lease) ConnectInfo() providers.ConnectInfo { return l.ci }
+
+// Lost is closed when the provider reports the instance gone or failed
+// (preempted, deleted behind the fleet's back) while it is leased; the job
+// on it should fail with runner_system_failure.
+func (l *Lease) Lost() <-chan struct{} { return l.in.lost }
+
+// Release ends the lease after a job ran on the instance. Its use count
+// goes up by one; when it reaches MaxUses (or the outcome is
+// SystemFailure) the instance is deleted, otherwise it is idle again.
+func (l *Lease) Release(o Outcome) { l.end(true, o) }
+
+// Unused ends a lease on which no job ran (the job request returned none):
+// the instance is idle again and its use count is unchanged.
+func (l *Lease) Unused() { l.end(false, JobSucceeded) }
+
+func (l *Lease) end(used bool, o Outcome) {
+	if l.done.Swap(true) {
+		return
+	}
+	f := l.f
+	f.mu.Lock()
+	in := l.in
+	if used {
+		in.uses++
+	}
+	if in.state == StateAcquired {
+		switch {
+		case !used && !f.stopped:
+			f.becomeIdleLocked(in, true)
+		case !used:
+			f.deleteLocked(in, ReasonShutdown)
+		case o == SystemFailure:
+			f.deleteLocked(in, ReasonSystemFailure)
+		case in.uses >= f.cfg.MaxUses:
+			f.deleteLocked(in, ReasonMaxUses)
+		default:
+			in.idleSince = f.clock.Now()
+			f.becomeIdleLocked(in, false)
+		}
+	}
+	f.mu.Unlock()
+	f.kick()
+}
+
+// Acquire hands out the longest idle ready instance, waiting for one until
+// ctx ends. The instance is recorded as acquired in the journal, on disk,
+// before Acquire returns, and no other Acquire gets it while leased. A
+// blocked Acquire is demand: the scaler creates an instance for it.
+func (f *Fleet) Acquire(ctx context.Context) (*Lease, error) {
+	f.mu.Lock()
+	f.reserved++
+	f.mu.Unlock()
+	return f.acquire(ctx, false)
+}
+
+// acquire serves one promise counted in f.reserved, which it gives back
+// whatever happens. planned says the promise was made on demand, so a
+// wait is no sign that demand outran supply.
+func (f *Fleet) acquire(ctx context.Context, planned bool) (*Lease, error) {
+	var waitStart time.Time
+	waited := false
+	served := false
+	defer func() {
+		if !served {
+			f.mu.Lock()
+			f.reserved--
+			f.mu.Unlock()
+		}
+	}()
+	for {
+		f.mu.Lock()
+		if f.stopped {
+			f.mu.Unlock()
+			return nil, ErrStopped
+		}
+		if err := ctx.Err(); err != nil {
+			f.mu.Unlock()
+			return nil, err
+		}
+		if in := f.popIdleLocked(); in != nil {
+			served = true
+			f.reserved--
+			f.demand.Acquired(f.clock.Now())
+			f.setStateLocked(in, StateAcquired)
+			in.lost = make(chan struct{})
+			in.lostClosed = false
+			in.journaled = true
+			j := f.journal
+			l := &Lease{f: f, in: in, inst: f.instanceOf(in), ci: in.ci}
+			f.mu.Unlock()
+			return f.commit(ctx, l, j, waited, waitStart)
+		}
+		if !waited {
+			waited = true
+			waitStart = f.clock.Now()
+			if !planned {
+				// A job found the pool empty: demand outran supply.
+				f.demand.Missed(waitStart, f.limits.CheckInterval)
+			}
+			f.m.waits.WithLabelValues(f.cfg.Name).Inc()
+			f.kick() // the scaler counts promises beyond the idle instances as demand
+		}
+		ch := f.avail
+		f.mu.Unlock()
+		select {
+		case <-ch:
+		case <-f.stopCh:
+		case <-ctx.Done():
+		}
+	}
+}
+
+// commit makes an acquisition durable and hands it out.
+func (f *Fleet) commit(ctx context.Context, l *Lease, j *journal, waited bool, waitStart time.Time) (*Lease, error) {
+	if err := j.Acquired(l.in.id); err != nil {
+		f.mu.Lock()
+		f.deleteLocked(l.in, ReasonJournal)
+		f.mu.Unlock()
+		l.done.Store(true)
+		f.kick()
+		return nil, fmt.Errorf("acquire %s: %w", l.in.id, err)
+	}
+	if err := ctx.Err(); err != nil {
+		l.Unused() // nobody will use it; recorded anyway, so deleted after a crash
+		return nil, err
+	}
+	f.m.acquisitions.WithLabelValues(f.cfg.Name).Inc()
+	f.kick() // one idle fewer: the scaler replaces it
+	if waited {
+		f.m.waitSeconds.WithLabelValues(f.cfg.Name).Observe(f.clock.Now().Sub(waitStart).Seconds())
+	}
+	f.log.Debug("instance acquired", "instance", l.in.id)
+	return l, nil
+}

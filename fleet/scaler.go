@@ -1,0 +1,155 @@
+package fleet
+
+import (
+	"context"
+	"time"
+
+	"github.com/mayfly-ci/mayfly/schedule"
+)
+
+// SetSchedule replaces the schedule of idle policies, for a configuration
+// reload. It is safe for concurrent use and takes effect at the next
+// scaler pass, which it asks for. s must not be modified afterwards.
+func (f *Fleet) SetSchedule(s schedule.Schedule) {
+	f.mu.Lock()
+	f.cfg.Schedule = s
+	f.policyUntil = time.Time{} // look the policy up again
+	f.mu.Unlock()
+	f.log.Info("schedule replaced", "entries", len(s.Entries))
+	f.kick()
+}
+
+// pass runs one scaler pass and returns when the next one is due.
+func (f *Fleet) pass(ctx context.Context) time.Time {
+	now := f.clock.Now()
+	f.mu.Lock()
+	if !now.Before(f.policyUntil) {
+		f.policy, f.policyEntry = f.cfg.Schedule.At(now)
+		if next, ok := f.cfg.Schedule.NextChange(now); ok {
+			f.policyUntil = next
+		} else {
+			f.policyUntil = now.Add(24 * time.Hour)
+		}
+		f.log.Debug("policy in force", "entry", f.policyEntry, "idle_count", f.policy.IdleCount, "until", f.policyUntil)
+	}
+	listDue := f.nextListLocked()
+	f.mu.Unlock()
+	if !now.Before(listDue) {
+		f.reconcile(ctx)
+		now = f.clock.Now()
+	}
+
+	f.mu.Lock()
+	snap := f.snapshotLocked(now, true)
+	plan := Decide(snap, f.policy, f.limits)
+	for _, d := range plan.Delete {
+		in := f.books[d.ID]
+		if in == nil {
+			continue
+		}
+		if d.Reason == ReasonBootTimeout {
+			f.providerFailureLocked("boot", "boot_timeout", false)
+			f.log.Warn("instance not ready within the boot timeout", "instance", in.id, "state", in.state, "boot_timeout", f.cfg.BootTimeout)
+		}
+		f.deleteLocked(in, d.Reason)
+	}
+	if plan.Create > 0 && ctx.Err() == nil {
+		n := plan.Create
+		f.requested += n
+		f.counts[StateRequested] += n
+		f.createCalls++
+		f.creating++
+		f.spawn(func() { f.create(ctx, n) })
+	}
+	wake := plan.Wake
+	at := func(t time.Time) {
+		if wake.IsZero() || t.Before(wake) {
+			wake = t
+		}
+	}
+	f.dispatchDeletesLocked(ctx, now, at)
+	f.compactIdleLocked()
+	f.lastPlan = plan
+	at(f.nextListLocked())
+	at(f.policyUntil)
+	f.updateGaugesLocked(plan)
+	f.mu.Unlock()
+	f.flushGone()
+	return wake
+}
+
+// nextListLocked returns when the provider's list should be read next.
+// While instances are creating it is read every PollInterval, but not
+// before the first of them can be expected to run: its creation time plus
+// the shortest boot seen lately, less one PollInterval. Otherwise it is
+// read every ReconcileInterval. f.mu is held.
+func (f *Fleet) nextListLocked() time.Time {
+	if !f.recovered {
+		return f.lastList.Add(f.cfg.PollInterval)
+	}
+	if f.counts[StateCreating] == 0 {
+		return f.lastList.Add(f.cfg.ReconcileInterval)
+	}
+	next := f.lastList.Add(f.cfg.PollInterval)
+	if lead := f.bootLead(); lead > 0 && !f.firstCreating.IsZero() {
+		if expect := f.firstCreating.Add(lead); expect.After(next) {
+			next = expect
+		}
+	}
+	if limit := f.lastList.Add(f.cfg.ReconcileInterval); limit.Before(next) {
+		return limit
+	}
+	return next
+}
+
+// bootSamples is how many recent boot times BootTimes keeps.
+const bootSamples = 16
+
+// bootLead is how long after creation a list is first worth reading: the
+// shortest of the recent boot times (creation to seen running), less one
+// PollInterval since a boot is seen up to that late. f.mu is held.
+func (f *Fleet) bootLead() time.Duration {
+	shortest := f.demand.BootShortest()
+	if shortest == 0 {
+		return 0
+	}
+	return max(shortest-f.cfg.PollInterval, 0)
+}
+
+// observeBootLocked records how long an instance took to run. f.mu is held.
+func (f *Fleet) observeBootLocked(d time.Duration) {
+	f.demand.Booted(d)
+}
+
+// snapshotLocked copies the books for Decide (with the measured demand)
+// or Reservable (without). f.mu is held.
+func (f *Fleet) snapshotLocked(now time.Time, withDemand bool) Snapshot {
+	views := f.snapBuf[:0] // reused: Decide keeps nothing of it
+	f.firstCreating = time.Time{}
+	for _, in := range f.books {
+		if in.state == StateCreating && (f.firstCreating.IsZero() || in.createdAt.Before(f.firstCreating)) {
+			f.firstCreating = in.createdAt
+		}
+		views = append(views, InstanceView{ID: in.id, State: in.state, CreatedAt: in.createdAt, IdleSince: in.idleSince, Uses: in.uses})
+	}
+	f.snapBuf = views
+	if cap(views) > 4*len(views)+64 {
+		f.snapBuf = nil // the fleet shrank a lot: let the big buffer go
+	}
+	snap := Snapshot{Now: now, Instances: views, Requested: f.requested, Reserved: f.reserved, Breaker: f.breaker}
+	if withDemand && f.policy.Predictive {
+		snap.Demand = f.demand.Demand(now, f.limits.CheckInterval, f.policy.Quantile())
+	}
+	return snap
+}
+
+func (f *Fleet) updateGaugesLocked(plan Plan) {
+	for s := range NumStates {
+		if State(s) == StateGone {
+			continue
+		}
+		f.m.states.WithLabelValues(f.cfg.Name, State(s).String()).Set(float64(f.counts[s]))
+	}
+	f.m.idleTarget.WithLabelValues(f.cfg.Name).Set(float64(plan.IdleTarget))
+	f.m.idleActual.WithLabelValues(f.cfg.Name).Set(float64(f.counts[StateIdle]))
+}
