@@ -320,17 +320,53 @@ func tokenEqual(a, b string) bool { return subtle.ConstantTimeCompare([]byte(a),
 
 // authJob checks a job token under s.mu the way GitLab does: unknown job or
 // wrong token → 403; a job not running (or canceling) → 403 with Job-Status.
-func (s *Server) authJob(id int64, token string) (*job, *reply) {
-	j := s.jobs[id]
-	if j == nil || token == "" || !tokenEqual(j.token, token) {
-		return nil, message(http.StatusForbidden, "403 Forbidden")
+// On refusal it still returns the job when it exists, with the reply, so the
+// caller can record the refused call; ok tells whether the call may proceed.
+func (s *Server) authJob(id int64, token string) (j *job, rp *reply, ok bool) {
+	j = s.jobs[id]
+	if j == nil {
+		return nil, message(http.StatusForbidden, "403 Forbidden"), false
+	}
+	if token == "" || !tokenEqual(j.token, token) {
+		return j, message(http.StatusForbidden, "403 Forbidden"), false
 	}
 	if !j.processing() {
 		rp := message(http.StatusForbidden, "403 Forbidden - Job is not running")
 		rp.set(runnerapi.HeaderJobStatus, j.status)
-		return nil, rp
+		return j, rp, false
 	}
-	return j, nil
+	return j, nil, true
+}
+
+// maxRecordedCalls bounds the trace patches and updates kept per job record;
+// calls beyond it are counted in JobRecord.DroppedCalls.
+const maxRecordedCalls = 10000
+
+func (j *job) recordPatch(p TracePatch) {
+	if len(j.patches) >= maxRecordedCalls {
+		j.droppedCalls++
+		return
+	}
+	j.patches = append(j.patches, p)
+}
+
+func (j *job) recordUpdate(u JobUpdate) {
+	if len(j.updates) >= maxRecordedCalls {
+		j.droppedCalls++
+		return
+	}
+	j.updates = append(j.updates, u)
+}
+
+// refusal is the text of a refused reply, for the job record.
+func refusal(rp *reply) string {
+	var m struct {
+		Message string `json:"message"`
+	}
+	if json.Unmarshal(rp.body, &m) == nil && m.Message != "" {
+		return m.Message
+	}
+	return http.StatusText(rp.status)
 }
 
 // parseContentRange parses the runner's "start-end" (inclusive end; a
@@ -375,21 +411,32 @@ func (s *Server) handleTrace(w http.ResponseWriter, r *http.Request) {
 	rp.write(w)
 }
 
+// appendTrace applies one PATCH under s.mu. Every call on an existing job is
+// recorded in its Patches, refused ones (403, 400) included, with the reason.
 func (s *Server) appendTrace(id int64, token, contentRange string, body []byte) *reply {
-	j, rp := s.authJob(id, token)
-	if rp != nil {
+	j, rp, ok := s.authJob(id, token)
+	if j == nil {
 		return rp
 	}
-	if contentRange == "" {
-		return message(http.StatusBadRequest, "400 Missing header Content-Range")
-	}
-	start, end, err := parseContentRange(contentRange)
-	if err != nil {
-		return message(http.StatusBadRequest, "400 "+err.Error())
-	}
 	now := s.now()
+	patch := TracePatch{Time: now, Start: -1, ClaimedEnd: -1, Bytes: len(body)}
+	start, end, rangeErr := parseContentRange(contentRange)
+	if rangeErr == nil {
+		patch.Start, patch.ClaimedEnd = start, end
+	}
+	switch {
+	case !ok:
+	case contentRange == "":
+		rp = message(http.StatusBadRequest, "400 Missing header Content-Range")
+	case rangeErr != nil:
+		rp = message(http.StatusBadRequest, "400 "+rangeErr.Error())
+	}
+	if rp != nil {
+		patch.Status, patch.Size, patch.Refused = rp.status, len(j.trace), refusal(rp)
+		j.recordPatch(patch)
+		return rp
+	}
 	j.lastSeenAt = now
-	patch := TracePatch{Time: now, Start: start, ClaimedEnd: end, Bytes: len(body)}
 	size := int64(len(j.trace))
 	switch {
 	case start != size:
@@ -407,7 +454,10 @@ func (s *Server) appendTrace(id int64, token, contentRange string, body []byte) 
 	}
 	patch.Status = rp.status
 	patch.Size = len(j.trace)
-	j.patches = append(j.patches, patch)
+	if rp.status != http.StatusAccepted {
+		patch.Refused = refusal(rp)
+	}
+	j.recordPatch(patch)
 	rp.set(runnerapi.HeaderRange, fmt.Sprintf("0-%d", len(j.trace)))
 	rp.set(runnerapi.HeaderJobStatus, j.status)
 	rp.set(runnerapi.HeaderTraceUpdateInterval, s.interval)
@@ -437,13 +487,14 @@ func (s *Server) handleUpdate(w http.ResponseWriter, r *http.Request) {
 	rp.write(w)
 }
 
+// updateJob applies one PUT under s.mu. Every call on an existing job is
+// recorded in its Updates, refused ones (403, 400) included, with the reason.
 func (s *Server) updateJob(id int64, req *runnerapi.UpdateJobRequest) *reply {
-	j, rp := s.authJob(id, req.Token)
-	if rp != nil {
+	j, rp, ok := s.authJob(id, req.Token)
+	if j == nil {
 		return rp
 	}
 	now := s.now()
-	j.lastSeenAt = now
 	upd := JobUpdate{
 		Time:          now,
 		State:         req.State,
@@ -452,6 +503,12 @@ func (s *Server) updateJob(id int64, req *runnerapi.UpdateJobRequest) *reply {
 		Checksum:      cmpOr(req.Output.Checksum, req.Checksum),
 		Bytesize:      req.Output.Bytesize,
 	}
+	if !ok {
+		upd.Status, upd.Refused = rp.status, refusal(rp)
+		j.recordUpdate(upd)
+		return rp
+	}
+	j.lastSeenAt = now
 	switch req.State {
 	case runnerapi.StateRunning:
 		rp = message(http.StatusOK, "200")
@@ -490,7 +547,10 @@ func (s *Server) updateJob(id int64, req *runnerapi.UpdateJobRequest) *reply {
 		rp = message(http.StatusBadRequest, "400 Bad request - state does not have a valid value")
 	}
 	upd.Status = rp.status
-	j.updates = append(j.updates, upd)
+	if rp.status == http.StatusBadRequest {
+		upd.Refused = refusal(rp)
+	}
+	j.recordUpdate(upd)
 	rp.set(runnerapi.HeaderTraceUpdateInterval, s.interval)
 	return rp
 }

@@ -424,8 +424,13 @@ func TestTracePatch(t *testing.T) {
 	if string(rec.Trace) != "hello world\ntail!" {
 		t.Errorf("stored trace %q, want %q (416s must not corrupt it)", rec.Trace, "hello world\ntail!")
 	}
-	if len(rec.Patches) != 9 {
-		t.Errorf("recorded %d patches, want 9 (every authenticated PATCH with a valid range)", len(rec.Patches))
+	if len(rec.Patches) != len(steps) {
+		t.Errorf("recorded %d patches, want %d (every PATCH, refused ones too)", len(rec.Patches), len(steps))
+	}
+	for i, p := range rec.Patches {
+		if i < len(steps) && (p.Status != steps[i].want || (p.Refused == "") != (p.Status == 202)) {
+			t.Errorf("patch %d (%s): recorded status %d refused %q, want %d", i, steps[i].name, p.Status, p.Refused, steps[i].want)
+		}
 	}
 
 	// Checklist 15: a job that is not running answers 403 with its status.
@@ -616,3 +621,55 @@ func TestTraceSizeLimitDropsJob(t *testing.T) {
 
 func isJobState(err error) bool { return errors.Is(err, ErrJobState) }
 func isNotFound(err error) bool { return errors.Is(err, ErrNotFound) }
+
+// Issue 17: refused trace patches and updates stay in the job record, with
+// the status answered and the reason, as the package doc promises.
+func TestRefusedCallsAreRecorded(t *testing.T) {
+	e := newEnv(t, Config{})
+	e.project("p", "", jobs("a")...)
+	tok := e.register(runnerapi.RegisterRunnerRequest{Token: testRegToken})
+	j := e.mustJob(tok)
+
+	e.patch(j.ID, "wrong-token", 0, []byte("x"))                                                                 // 403
+	e.do("PATCH", "/api/v4/jobs/1/trace", map[string]string{runnerapi.HeaderJobToken: j.Token}, []byte("y"))     // 400
+	e.update(j.ID, runnerapi.UpdateJobRequest{Token: "wrong-token", State: "success"})                           // 403
+	e.update(j.ID, runnerapi.UpdateJobRequest{Token: j.Token, State: "bogus"})                                   // 400
+	e.update(j.ID, runnerapi.UpdateJobRequest{Token: j.Token, State: "success"})                                 // 200
+	e.patch(j.ID, j.Token, 0, []byte("late"))                                                                    // 403 Job-Status success
+	e.update(j.ID, runnerapi.UpdateJobRequest{Token: j.Token, State: "failed", FailureReason: "script_failure"}) // 403
+
+	rec, err := e.s.Job(j.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantPatches := []int{403, 400, 403}
+	if len(rec.Patches) != len(wantPatches) {
+		t.Fatalf("recorded %d patches %+v, want %d", len(rec.Patches), rec.Patches, len(wantPatches))
+	}
+	for i, p := range rec.Patches {
+		if p.Status != wantPatches[i] || p.Refused == "" || p.Size != 0 {
+			t.Errorf("patch %d: %+v, want status %d with a reason and no bytes stored", i, p, wantPatches[i])
+		}
+	}
+	if rec.Patches[1].Start != -1 || !strings.Contains(rec.Patches[1].Refused, "Content-Range") {
+		t.Errorf("patch without Content-Range recorded as %+v", rec.Patches[1])
+	}
+	if !strings.Contains(rec.Patches[2].Refused, "not running") {
+		t.Errorf("patch after the end recorded as %+v", rec.Patches[2])
+	}
+	wantUpdates := []int{403, 400, 200, 403}
+	if len(rec.Updates) != len(wantUpdates) {
+		t.Fatalf("recorded %d updates %+v, want %d", len(rec.Updates), rec.Updates, len(wantUpdates))
+	}
+	for i, u := range rec.Updates {
+		if u.Status != wantUpdates[i] || (u.Refused == "") != (u.Status == 200) {
+			t.Errorf("update %d: %+v, want status %d", i, u, wantUpdates[i])
+		}
+	}
+	if rec.Updates[3].State != "failed" || rec.Updates[3].FailureReason != "script_failure" {
+		t.Errorf("refused update lost its content: %+v", rec.Updates[3])
+	}
+	if rec.Status != StatusSuccess {
+		t.Errorf("refused calls changed the job: status %s", rec.Status)
+	}
+}

@@ -25,7 +25,8 @@
 // enabled for other projects.
 //
 // Everything a runner sends is recorded per job (trace bytes, every trace
-// patch and update, final state, failure reason, exit code, timestamps) and
+// patch and update, refused ones included with the status and reason, final
+// state, failure reason, exit code, timestamps) and
 // can be read with Server.Job, Server.Jobs and awaited with
 // Server.WaitAllFinished.
 package coordinator

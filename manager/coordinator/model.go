@@ -232,6 +232,7 @@ type job struct {
 	outBytesize   int
 	traceVerified *bool
 	deferrals     int // final updates answered 202 because the trace was short
+	droppedCalls  int // patches and updates beyond maxRecordedCalls
 
 	createdAt, queuedAt, startedAt, finishedAt, lastSeenAt time.Time
 }
@@ -241,6 +242,7 @@ func (j *job) processing() bool {
 }
 
 // TracePatch records one PATCH /jobs/:id/trace the coordinator answered.
+// Start and ClaimedEnd are -1 when Content-Range was missing or unreadable.
 type TracePatch struct {
 	Time       time.Time `json:"time"`
 	Start      int64     `json:"start"`       // first byte offset from Content-Range
@@ -248,6 +250,8 @@ type TracePatch struct {
 	Bytes      int       `json:"bytes"`       // body length
 	Status     int       `json:"status"`      // HTTP status answered
 	Size       int       `json:"size"`        // stored trace size after the call
+	// Refused is the reason a call was not applied (403, 400, 416); empty when it was.
+	Refused string `json:"refused,omitempty"`
 }
 
 // JobUpdate records one PUT /jobs/:id the coordinator answered.
@@ -259,6 +263,8 @@ type JobUpdate struct {
 	Checksum      string    `json:"checksum,omitempty"`
 	Bytesize      int       `json:"bytesize,omitempty"`
 	Status        int       `json:"status"` // HTTP status answered
+	// Refused is the reason a call was not applied (403, 400); empty when it was.
+	Refused string `json:"refused,omitempty"`
 }
 
 // JobRecord is a snapshot of a job and everything the coordinator received for it.
@@ -280,8 +286,12 @@ type JobRecord struct {
 	// Trace is every byte the runner uploaded, in order.
 	Trace     []byte       `json:"-"`
 	TraceSize int          `json:"trace_size"`
-	Patches   []TracePatch `json:"patches"`
-	Updates   []JobUpdate  `json:"updates"`
+	// Patches and Updates are every trace PATCH and job PUT the runner sent
+	// for this job, refused ones included, up to 10000 each.
+	Patches []TracePatch `json:"patches"`
+	Updates []JobUpdate  `json:"updates"`
+	// DroppedCalls counts patches and updates beyond that bound.
+	DroppedCalls int `json:"dropped_calls,omitempty"`
 
 	// RunnerState is the state of the runner's final update (success or failed).
 	RunnerState    string `json:"runner_state,omitempty"`
@@ -320,6 +330,7 @@ func (j *job) record() JobRecord {
 		TraceSize:      len(j.trace),
 		Patches:        slices.Clone(j.patches),
 		Updates:        slices.Clone(j.updates),
+		DroppedCalls:   j.droppedCalls,
 		RunnerState:    j.runnerState,
 		FailureReason:  j.failureReason,
 		ExitCode:       j.exitCode,
