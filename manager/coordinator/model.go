@@ -284,8 +284,8 @@ type JobRecord struct {
 	RunnerType RunnerType `json:"runner_type,omitempty"`
 
 	// Trace is every byte the runner uploaded, in order.
-	Trace     []byte       `json:"-"`
-	TraceSize int          `json:"trace_size"`
+	Trace     []byte `json:"-"`
+	TraceSize int    `json:"trace_size"`
 	// Patches and Updates are every trace PATCH and job PUT the runner sent
 	// for this job, refused ones included, up to 10000 each.
 	Patches []TracePatch `json:"patches"`
