@@ -188,6 +188,8 @@ type GitInfo struct {
 	RefType   string   `json:"ref_type"`
 	Refspecs  []string `json:"refspecs"`
 	Depth     int      `json:"depth"`
+	// RepoObjectFormat is the repository's hash algorithm, "sha1" or "sha256" (GitLab ≥ 16.9).
+	RepoObjectFormat string `json:"repo_object_format,omitempty"`
 }
 
 // RunnerInfo is runner_info in a job payload.
@@ -215,13 +217,18 @@ type Step struct {
 	AllowFailure bool     `json:"allow_failure"`
 }
 
-// Image is image (and each entry of services) in a job payload.
+// Image is image (and each entry of services) in a job payload. Alias,
+// Command and Variables are sent for services only.
 type Image struct {
 	Name       string   `json:"name"`
 	Alias      string   `json:"alias,omitempty"`
 	Command    []string `json:"command,omitempty"`
 	Entrypoint []string `json:"entrypoint,omitempty"`
 	Ports      []Port   `json:"ports,omitempty"`
+	// Variables of a service (key and value only, as GitLab sends them).
+	Variables []Variable `json:"variables,omitempty"`
+	// PullPolicy lists the allowed pull policies: always, if-not-present, never.
+	PullPolicy []string `json:"pull_policy,omitempty"`
 }
 
 // Port is an exposed port of an image.
@@ -236,7 +243,7 @@ type Artifact struct {
 	Name      string   `json:"name"`
 	Untracked bool     `json:"untracked"`
 	Paths     []string `json:"paths"`
-	Exclude   []string `json:"exclude"`
+	Exclude   []string `json:"exclude,omitempty"` // GitLab omits an empty exclude
 	When      string   `json:"when"`
 	Type      string   `json:"artifact_type"`
 	Format    string   `json:"artifact_format"`
@@ -250,6 +257,8 @@ type Cache struct {
 	Policy    string   `json:"policy"`
 	Paths     []string `json:"paths"`
 	When      string   `json:"when"`
+	// FallbackKeys are tried in order when Key has no cache (GitLab ≥ 16.0).
+	FallbackKeys []string `json:"fallback_keys"`
 }
 
 // Credentials is one entry of credentials in a job payload.
@@ -268,11 +277,22 @@ type ArtifactsFile struct {
 
 // Dependency is one entry of dependencies in a job payload.
 type Dependency struct {
-	ID            int64         `json:"id"`
-	Token         string        `json:"token"`
-	Name          string        `json:"name"`
-	ArtifactsFile ArtifactsFile `json:"artifacts_file"`
+	ID    int64  `json:"id"`
+	Token string `json:"token"`
+	Name  string `json:"name"`
+	// ArtifactsFile is absent (zero) when the dependency has no artifacts.
+	ArtifactsFile ArtifactsFile `json:"artifacts_file,omitzero"`
 }
+
+// Hook is one entry of hooks in a job payload (GitLab ≥ 15.6), such as
+// pre_get_sources_script from the job's hooks: keyword.
+type Hook struct {
+	Name   string   `json:"name"`
+	Script []string `json:"script"`
+}
+
+// HookPreGetSourcesScript is the hook run before get_sources.
+const HookPreGetSourcesScript = "pre_get_sources_script"
 
 // GitlabFeatures is features in a job payload: what the server accepts.
 type GitlabFeatures struct {
@@ -297,6 +317,7 @@ type JobResponse struct {
 	Credentials   []Credentials  `json:"credentials"`
 	Dependencies  []Dependency   `json:"dependencies"`
 	Features      GitlabFeatures `json:"features"`
+	Hooks         []Hook         `json:"hooks,omitempty"`
 }
 
 // JobTraceOutput is output in UpdateJobRequest: a summary of the whole trace.

@@ -93,3 +93,41 @@ func TestCaptureBodiesDecode(t *testing.T) {
 		t.Errorf("capture did not contain the expected requests: %v", seen)
 	}
 }
+
+// The payload fields GitLab sends only when set are encoded the same way.
+func TestJobPayloadOptionalFieldShapes(t *testing.T) {
+	tests := []struct {
+		name string
+		v    any
+		want string
+	}{
+		{"dependency without artifacts", Dependency{ID: 1, Token: "t", Name: "a"}, `{"id":1,"token":"t","name":"a"}`},
+		{"dependency with artifacts", Dependency{ID: 1, Token: "t", Name: "a", ArtifactsFile: ArtifactsFile{Filename: "artifacts.zip", Size: 9}},
+			`{"id":1,"token":"t","name":"a","artifacts_file":{"filename":"artifacts.zip","size":9}}`},
+		{"artifact without exclude", Artifact{Paths: []string{"bin/"}, When: "on_success", Type: "archive", Format: "zip"},
+			`{"name":"","untracked":false,"paths":["bin/"],"when":"on_success","artifact_type":"archive","artifact_format":"zip","expire_in":""}`},
+		{"cache with no fallback keys", Cache{Key: "default-non_protected", Policy: "pull-push", Paths: []string{}, When: "on_success", FallbackKeys: []string{}},
+			`{"key":"default-non_protected","untracked":false,"policy":"pull-push","paths":[],"when":"on_success","fallback_keys":[]}`},
+		{"service", Image{Name: "postgres:15", Alias: "db", Variables: []Variable{{Key: "POSTGRES_DB", Value: "app"}}, PullPolicy: []string{"if-not-present"}},
+			`{"name":"postgres:15","alias":"db","variables":[{"key":"POSTGRES_DB","value":"app","public":false,"file":false,"masked":false,"raw":false}],"pull_policy":["if-not-present"]}`},
+		{"hook", Hook{Name: HookPreGetSourcesScript, Script: []string{"echo hi"}}, `{"name":"pre_get_sources_script","script":["echo hi"]}`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b, err := json.Marshal(tt.v)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if string(b) != tt.want {
+				t.Errorf("got  %s\nwant %s", b, tt.want)
+			}
+		})
+	}
+	b, err := json.Marshal(JobResponse{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(b, []byte(`"hooks"`)) || bytes.Contains(b, []byte(`repo_object_format`)) {
+		t.Errorf("empty hooks or object format sent: %s", b)
+	}
+}
