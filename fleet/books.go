@@ -63,8 +63,15 @@ func (f *Fleet) deleteLocked(in *instance, reason Reason) {
 	if in.state == StateDeleting || in.state == StateGone {
 		return
 	}
+	wasIdle := in.state == StateIdle
 	if !f.setStateLocked(in, StateDeleting) {
 		return
+	}
+	if wasIdle && in.uses == 0 && f.reserved > 0 && (reason == ReasonIdleTime || reason == ReasonOverLimit) {
+		// Decide never does this; count it so that a regression shows.
+		f.wastedWhileWaiting++
+		f.m.wasted.WithLabelValues(f.cfg.Name).Inc()
+		f.log.Error("invariant broken: deleting an unused instance while jobs wait for one", "instance", in.id, "reason", reason, "reserved", f.reserved)
 	}
 	now := f.clock.Now()
 	in.reason = reason
@@ -152,6 +159,9 @@ func (f *Fleet) becomeIdleLocked(in *instance, front bool) {
 	if !f.setStateLocked(in, StateIdle) {
 		return
 	}
+	if f.handLocked(in) {
+		return
+	}
 	if !in.queued {
 		in.queued = true
 		if front {
@@ -160,8 +170,6 @@ func (f *Fleet) becomeIdleLocked(in *instance, front bool) {
 			f.idleQ.pushBack(in)
 		}
 	}
-	close(f.avail)
-	f.avail = make(chan struct{})
 }
 
 // popIdleLocked returns the longest idle instance, or nil.

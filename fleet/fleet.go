@@ -74,32 +74,33 @@ type Fleet struct {
 	kickPending bool          // a pass was asked for
 	wakeCh      chan struct{} // wakes the parked loop
 
-	mu            sync.Mutex
-	books         map[string]*instance
-	counts        [NumStates]int // by state, requested included
-	idleQ         deque
-	avail         chan struct{} // closed and replaced when an instance becomes idle
-	reserved      int           // promises not yet handed an instance: Reservations and blocked Acquires
-	lastPromise   time.Time     // the last Reserve that succeeded and was not canceled
-	requested     int
-	breaker       Breaker
-	seq           uint64
-	listGen       uint64
-	suspects      map[string]time.Time
-	createCalls   uint64 // Create calls started
-	creating      int    // Create calls in flight
-	deleting      bool   // a Delete call is in flight
-	stopped       bool
-	recovered     bool
-	lastList      time.Time
-	policy        schedule.Policy
-	policyEntry   int
-	policyUntil   time.Time
-	lastPlan      Plan
-	goneIDs       []string // to record in the journal, outside mu
-	snapBuf       []InstanceView
-	firstCreating time.Time   // earliest createdAt of a creating instance, as of the last pass
-	demand        DemandMeter // acquisitions and boot times
+	mu                 sync.Mutex
+	books              map[string]*instance
+	counts             [NumStates]int // by state, requested included
+	idleQ              deque
+	waiters            []*waiter // blocked Acquire calls, first come first served
+	wastedWhileWaiting int       // instances deleted unused by choice while jobs were promised one
+	reserved           int       // promises not yet handed an instance: Reservations and blocked Acquires
+	lastPromise        time.Time // the last Reserve that succeeded and was not canceled
+	requested          int
+	breaker            Breaker
+	seq                uint64
+	listGen            uint64
+	suspects           map[string]time.Time
+	createCalls        uint64 // Create calls started
+	creating           int    // Create calls in flight
+	deleting           bool   // a Delete call is in flight
+	stopped            bool
+	recovered          bool
+	lastList           time.Time
+	policy             schedule.Policy
+	policyEntry        int
+	policyUntil        time.Time
+	lastPlan           Plan
+	goneIDs            []string // to record in the journal, outside mu
+	snapBuf            []InstanceView
+	firstCreating      time.Time   // earliest createdAt of a creating instance, as of the last pass
+	demand             DemandMeter // acquisitions and boot times
 }
 
 // New checks cfg and returns a fleet. Nothing happens until Run.
@@ -129,7 +130,6 @@ func New(cfg Config) (*Fleet, error) {
 		wakeCh:   make(chan struct{}, 1),
 		stopCh:   make(chan struct{}),
 		books:    map[string]*instance{},
-		avail:    make(chan struct{}),
 		suspects: map[string]time.Time{},
 	}
 	f.api = &api{

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -158,61 +159,99 @@ func (f *Fleet) Acquire(ctx context.Context) (*Lease, error) {
 	return f.acquire(ctx, false)
 }
 
+// waiter is an Acquire call blocked until an instance becomes idle.
+// Waiters are served in the order they began to wait: an instance that
+// becomes idle is handed to the first of them at once (handLocked), so
+// no later caller can take it first.
+type waiter struct {
+	ch chan struct{} // closed when in is set
+	in *instance     // the instance handed over
+}
+
 // acquire serves one promise counted in f.reserved, which it gives back
 // whatever happens. planned says the promise was made on demand, so a
 // wait is no sign that demand outran supply.
 func (f *Fleet) acquire(ctx context.Context, planned bool) (*Lease, error) {
-	var waitStart time.Time
-	waited := false
-	served := false
-	defer func() {
-		if !served {
-			f.mu.Lock()
-			f.reserved--
-			f.mu.Unlock()
-		}
-	}()
-	for {
-		f.mu.Lock()
-		if f.stopped {
-			f.mu.Unlock()
-			return nil, ErrStopped
-		}
-		if err := ctx.Err(); err != nil {
-			f.mu.Unlock()
-			return nil, err
-		}
-		if in := f.popIdleLocked(); in != nil {
-			served = true
-			f.reserved--
-			f.demand.Acquired(f.clock.Now())
-			f.setStateLocked(in, StateAcquired)
-			in.lost = make(chan struct{})
-			in.lostClosed = false
-			in.journaled = true
-			j := f.journal
-			l := &Lease{f: f, in: in, inst: f.instanceOf(in), ci: in.ci}
-			f.mu.Unlock()
-			return f.commit(ctx, l, j, waited, waitStart)
-		}
-		if !waited {
-			waited = true
-			waitStart = f.clock.Now()
-			if !planned {
-				// A job found the pool empty: demand outran supply.
-				f.demand.Missed(waitStart, f.limits.CheckInterval)
-			}
-			f.m.waits.WithLabelValues(f.cfg.Name).Inc()
-			f.kick() // the scaler counts promises beyond the idle instances as demand
-		}
-		ch := f.avail
+	f.mu.Lock()
+	if err := f.acquireErrLocked(ctx); err != nil {
+		f.reserved--
 		f.mu.Unlock()
-		select {
-		case <-ch:
-		case <-f.stopCh:
-		case <-ctx.Done():
+		return nil, err
+	}
+	if len(f.waiters) == 0 {
+		if in := f.popIdleLocked(); in != nil {
+			f.reserved--
+			l := f.takeLocked(in)
+			j := f.journal
+			f.mu.Unlock()
+			return f.commit(ctx, l, j, false, time.Time{})
 		}
 	}
+	w := &waiter{ch: make(chan struct{})}
+	f.waiters = append(f.waiters, w)
+	waitStart := f.clock.Now()
+	if !planned {
+		// A job found the pool empty: demand outran supply.
+		f.demand.Missed(waitStart, f.limits.CheckInterval)
+	}
+	f.m.waits.WithLabelValues(f.cfg.Name).Inc()
+	f.mu.Unlock()
+	f.kick() // the scaler counts promises beyond the idle instances as demand
+
+	select {
+	case <-w.ch:
+	case <-f.stopCh:
+	case <-ctx.Done():
+	}
+	f.mu.Lock()
+	if w.in != nil { // handed over, perhaps just as ctx ended: commit decides
+		l := &Lease{f: f, in: w.in, inst: f.instanceOf(w.in), ci: w.in.ci}
+		j := f.journal
+		f.mu.Unlock()
+		return f.commit(ctx, l, j, true, waitStart)
+	}
+	f.waiters = slices.DeleteFunc(f.waiters, func(x *waiter) bool { return x == w })
+	f.reserved--
+	err := f.acquireErrLocked(ctx)
+	f.mu.Unlock()
+	if err == nil {
+		err = ErrStopped // woken by nothing else
+	}
+	return nil, err
+}
+
+// acquireErrLocked says why no instance can be handed out now, if so.
+func (f *Fleet) acquireErrLocked(ctx context.Context) error {
+	if f.stopped {
+		return ErrStopped
+	}
+	return ctx.Err()
+}
+
+// takeLocked marks an idle instance acquired and makes its lease.
+func (f *Fleet) takeLocked(in *instance) *Lease {
+	f.demand.Acquired(f.clock.Now())
+	f.setStateLocked(in, StateAcquired)
+	in.lost = make(chan struct{})
+	in.lostClosed = false
+	in.journaled = true
+	return &Lease{f: f, in: in, inst: f.instanceOf(in), ci: in.ci}
+}
+
+// handLocked gives an instance that just became idle to the first waiter,
+// if any, and reports whether it did. The promise it served is no longer
+// counted, so the scaler does not create an instance for it.
+func (f *Fleet) handLocked(in *instance) bool {
+	if len(f.waiters) == 0 || f.stopped {
+		return false
+	}
+	w := f.waiters[0]
+	f.waiters = f.waiters[1:]
+	f.reserved--
+	f.takeLocked(in)
+	w.in = in
+	close(w.ch)
+	return true
 }
 
 // commit makes an acquisition durable and hands it out.

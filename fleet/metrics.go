@@ -22,6 +22,7 @@ type metrics struct {
 	idleTarget   *prometheus.GaugeVec     // runner
 	idleActual   *prometheus.GaugeVec     // runner
 	deletions    *prometheus.CounterVec   // runner, reason
+	wasted       *prometheus.CounterVec   // runner: deleted unused by choice while jobs waited
 	acquisitions *prometheus.CounterVec   // runner
 	atProvider   *prometheus.GaugeVec     // runner: our instances in the provider's last list
 }
@@ -61,6 +62,9 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		deletions: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "mayfly_fleet_deletions_total", Help: "Instances the fleet decided to delete, by runner and reason.",
 		}, []string{"runner", "reason"}),
+		wasted: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "mayfly_fleet_deleted_unused_while_waiting_total", Help: "Instances the fleet chose to delete unused (idle_time, over_limit) while jobs were promised an instance; an invariant: must stay 0.",
+		}, []string{"runner"}),
 		acquisitions: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "mayfly_fleet_acquisitions_total", Help: "Instances handed out to jobs.",
 		}, []string{"runner"}),
@@ -75,7 +79,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		register(reg, &m.states), register(reg, &m.creation), register(reg, &m.removal),
 		register(reg, &m.errors), register(reg, &m.calls), register(reg, &m.waits),
 		register(reg, &m.waitSeconds), register(reg, &m.idleTarget), register(reg, &m.idleActual),
-		register(reg, &m.deletions), register(reg, &m.acquisitions), register(reg, &m.atProvider),
+		register(reg, &m.deletions), register(reg, &m.wasted), register(reg, &m.acquisitions), register(reg, &m.atProvider),
 	)
 	if err != nil {
 		return nil, fmt.Errorf("register fleet metrics: %w", err)

@@ -2,6 +2,9 @@ package fleet
 
 import (
 	"context"
+	"errors"
+	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -169,5 +172,205 @@ func TestEmptyPollDoesNotChurn(t *testing.T) {
 	}
 	if got := len(h.prov.callsOf(OpCreate)); got != creates {
 		t.Fatalf("50 empty polls made %d Create calls, want none", got-creates)
+	}
+}
+
+// TestWaitersServedInOrder: instances that become ready while jobs wait go
+// to the waiters in the order they began to wait (issue 20: all waiters
+// used to wake at once and race, and the first could starve).
+func TestWaitersServedInOrder(t *testing.T) {
+	const n = 5
+	h := newHarness(t, Config{
+		Schedule:      idlePolicy(schedule.Policy{IdleCount: 0}),
+		MaxGrowthRate: 1, // one instance becomes ready at a time
+	}, fake.Options{BootDelay: 10 * time.Second})
+	h.start()
+	type served struct {
+		waiter int
+		l      *Lease
+	}
+	got := make(chan served, n)
+	for i := range n {
+		go func() {
+			l, err := h.f.Acquire(context.Background())
+			if err != nil {
+				t.Error(err)
+			}
+			got <- served{i, l}
+		}()
+		h.waitForWaiters(i + 1) // the next waiter starts only once this one waits
+	}
+	var order []int
+	wallDeadline := time.Now().Add(20 * time.Second)
+	for len(order) < n && time.Now().Before(wallDeadline) {
+		h.settle()
+		h.clk.Advance(time.Second)
+		select {
+		case s := <-got: // a served waiter commits to the journal on disk: wall time
+			order = append(order, s.waiter)
+			s.l.Release(JobSucceeded)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	if !slices.Equal(order, []int{0, 1, 2, 3, 4}) {
+		t.Errorf("waiters served in order %v, want first come first served", order)
+	}
+	if c := len(h.prov.callsOf(OpCreate)); c != n {
+		t.Errorf("%d Create calls for %d waiters, want %d", c, n, n)
+	}
+}
+
+// TestHandedOverToCanceledWaiterGoesToNext: an instance handed to a waiter
+// whose context ends at that moment goes to the next waiter, unused.
+func TestHandedOverToCanceledWaiterGoesToNext(t *testing.T) {
+	h := newHarness(t, Config{Schedule: idlePolicy(schedule.Policy{IdleCount: 0}), MaxGrowthRate: 1}, fake.Options{BootDelay: 10 * time.Second})
+	h.start()
+	ctx1, cancel1 := context.WithCancel(context.Background())
+	err1 := make(chan error, 1)
+	go func() {
+		l, err := h.f.Acquire(ctx1)
+		if l != nil {
+			t.Error("a canceled waiter got a lease")
+		}
+		err1 <- err
+	}()
+	h.waitForWaiters(1)
+	got2 := make(chan *Lease, 1)
+	go func() {
+		l, err := h.f.Acquire(context.Background())
+		if err != nil {
+			t.Error(err)
+		}
+		got2 <- l
+	}()
+	h.waitForWaiters(2)
+	cancel1()
+	if err := <-err1; !errors.Is(err, context.Canceled) {
+		t.Fatalf("canceled waiter: %v", err)
+	}
+	h.until(5*time.Minute, time.Second, "second waiter served", func() bool { return h.count(StateAcquired) == 1 })
+	l := <-got2
+	if l == nil {
+		t.Fatal("no lease")
+	}
+	l.Release(JobSucceeded)
+	h.settle()
+	if st := h.f.Status(); st.Reserved != 0 {
+		t.Errorf("reserved = %d at the end", st.Reserved)
+	}
+}
+
+// waitForWaiters waits (in wall time, bounded) until n Acquire calls are
+// blocked waiting for an instance.
+func (h *harness) waitForWaiters(n int) {
+	h.t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		h.f.mu.Lock()
+		w := len(h.f.waiters)
+		h.f.mu.Unlock()
+		if w == n {
+			return
+		}
+		time.Sleep(100 * time.Microsecond)
+	}
+	h.t.Fatalf("%d waiters not reached within 5s", n)
+}
+
+// TestSlowBootsWaitingJobsWasteNothing is issue 20's repro at the fleet
+// level: boots of 20 s, IdleCount 0 and IdleTime unset, two job slots and
+// four one-second jobs. Every job must run, on at most four instances, none
+// deleted unused, each starting within one boot time plus check_interval of
+// its pick-up. GitLab's answer takes requestLatency between the promise and
+// the acquisition: an instance may become ready in between.
+func TestSlowBootsWaitingJobsWasteNothing(t *testing.T) {
+	for _, latency := range []time.Duration{0, 25 * time.Second} {
+		t.Run(fmt.Sprintf("request_latency=%v", latency), func(t *testing.T) { slowBootsWasteNothing(t, latency) })
+	}
+}
+
+func slowBootsWasteNothing(t *testing.T, requestLatency time.Duration) {
+	const (
+		jobs      = 4
+		slots     = 2
+		boot      = 20 * time.Second
+		checkIntv = 3 * time.Second
+	)
+	h := newHarness(t, Config{
+		Schedule:      idlePolicy(schedule.Policy{IdleCount: 0}),
+		CheckInterval: checkIntv,
+	}, fake.Options{BootDelay: boot})
+	h.start()
+
+	type slot struct {
+		busy     bool
+		pickedUp time.Time
+		lease    chan *Lease
+		l        *Lease
+		started  time.Time
+	}
+	var ss [slots]slot
+	done, taken := 0, 0
+	var starts []time.Duration
+	wallDeadline := time.Now().Add(30 * time.Second)
+	for done < jobs {
+		if time.Now().After(wallDeadline) || h.clk.Now().Sub(t0) > 10*time.Minute {
+			t.Fatalf("%d of %d jobs done at %v; status %+v", done, jobs, h.clk.Now().Sub(t0), h.f.Status())
+		}
+		now := h.clk.Now()
+		for i := range ss {
+			s := &ss[i]
+			switch {
+			case !s.busy && taken < jobs:
+				r, _, ok := h.f.Reserve()
+				if !ok {
+					continue
+				}
+				taken++
+				s.busy, s.pickedUp, s.l = true, now, nil
+				s.lease = make(chan *Lease, 1)
+				acquireAt := now.Add(requestLatency)
+				go func() {
+					for h.clk.Now().Before(acquireAt) {
+						time.Sleep(100 * time.Microsecond)
+					}
+					l, err := r.Acquire(context.Background())
+					if err != nil {
+						t.Error(err)
+					}
+					s.lease <- l
+				}()
+			case s.busy && s.l == nil:
+				select {
+				case s.l = <-s.lease:
+					s.started = now
+					starts = append(starts, now.Sub(s.pickedUp))
+				case <-time.After(20 * time.Millisecond): // the journal write is wall time
+				}
+			case s.busy && now.Sub(s.started) >= time.Second:
+				s.l.Release(JobSucceeded)
+				s.busy = false
+				done++
+			}
+		}
+		h.settle()
+		h.clk.Advance(time.Second)
+	}
+	h.settle()
+	st := h.f.Status()
+	if st.DeletedUnusedWhileWaiting != 0 {
+		t.Errorf("%d instances deleted unused while jobs waited", st.DeletedUnusedWhileWaiting)
+	}
+	created := 0
+	for _, c := range h.prov.callsOf(OpCreate) {
+		created += len(c.ids)
+	}
+	if created > jobs {
+		t.Errorf("%d instances created for %d jobs with IdleCount 0", created, jobs)
+	}
+	for i, d := range starts {
+		if d > max(boot, requestLatency)+checkIntv+time.Second { // one tick of this loop
+			t.Errorf("job %d started %v after pick-up, want within a boot (%v) + check_interval", i, d, boot)
+		}
 	}
 }

@@ -120,13 +120,15 @@ type Plan struct {
 // where noted:
 //   - failed instances, instances not ready within BootTimeout and idle
 //     instances that have used up MaxUses are deleted;
-//   - available = idle + requested + creating + provisioning; the idle
-//     target is policy.IdleTarget(acquired) (or PredictiveTarget from
-//     s.Demand when policy.Predictive is set, recomputed at least every
-//     PredictiveReevaluate) plus the reservations beyond the idle
-//     instances (jobs taken on demand, blocked Acquire calls);
+//   - available = idle + requested + creating + provisioning; the target
+//     is policy.IdleTarget(acquired) (or PredictiveTarget from s.Demand
+//     when policy.Predictive is set, recomputed at least every
+//     PredictiveReevaluate) plus the promises not yet handed an instance
+//     (reservations, jobs taken on demand, blocked Acquire calls) beyond
+//     the idle instances;
 //   - while available is above the target, idle instances idle for longer
-//     than IdleTime are deleted, the longest idle first;
+//     than IdleTime are deleted, the longest idle first, but never so many
+//     that fewer idle instances remain than promises;
 //   - while available is below the target, instances are created, bounded
 //     by MaxGrowthRate (instances not yet ready), MaxInstances (instances in
 //     any state, deleting included) and the creation circuit breaker
@@ -181,6 +183,11 @@ func Decide(s Snapshot, p schedule.Policy, l Limits) Plan {
 	if p.Predictive {
 		wake(now.Add(PredictiveReevaluate)) // arrivals age out of the rate windows
 	}
+	// A promise of an idle instance leaves it in the pool until it is
+	// acquired (most promises of an idle instance end in an empty poll, and
+	// replacing it at once would churn), so only the promises beyond the
+	// idle instances add to the target. But an idle instance a promise
+	// will take is never surplus: at least Reserved idle instances stay.
 	want := plan.IdleTarget + max(s.Reserved-len(idle), 0)
 	avail := len(idle) + inflight
 
@@ -193,8 +200,8 @@ func Decide(s Snapshot, p schedule.Policy, l Limits) Plan {
 	}
 
 	// Over MaxInstances (after a lowered limit): shed idle instances.
-	if l.MaxInstances > 0 && total > l.MaxInstances && len(idle) > 0 {
-		n := min(total-l.MaxInstances, len(idle))
+	if l.MaxInstances > 0 && total > l.MaxInstances && len(idle) > s.Reserved {
+		n := min(total-l.MaxInstances, len(idle)-s.Reserved)
 		slices.SortFunc(idle, byIdleSince)
 		for _, i := range idle[:n] {
 			plan.Delete = append(plan.Delete, Deletion{s.Instances[i].ID, ReasonOverLimit})
@@ -203,8 +210,9 @@ func Decide(s Snapshot, p schedule.Policy, l Limits) Plan {
 		avail -= n
 	}
 
-	// Surplus idle instances past IdleTime, the longest idle first.
-	if surplus := avail - want; surplus > 0 && len(idle) > 0 {
+	// Surplus idle instances past IdleTime, the longest idle first; never
+	// those the promises will take.
+	if surplus := min(avail-want, len(idle)-s.Reserved); surplus > 0 {
 		expired := make([]int, 0, min(len(idle), surplus))
 		var next time.Time
 		for _, i := range idle {

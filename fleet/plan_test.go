@@ -167,6 +167,33 @@ func TestDecide(t *testing.T) {
 			wantDelete: []string{"i-00 idle_time"},
 		},
 		{
+			name:       "an instance ready for a waiting job is not surplus (issue 20)",
+			snap:       Snapshot{Instances: books("idle:0s", "creating"), Reserved: 2},
+			policy:     schedule.Policy{IdleCount: 0},
+			wantTarget: 0,
+		},
+		{
+			name:       "idle instances promised to jobs outlive IdleTime",
+			snap:       Snapshot{Instances: books("idle:2h", "idle:2h", "creating", "creating", "creating"), Reserved: 2},
+			policy:     schedule.Policy{IdleCount: 0, IdleTime: time.Hour},
+			wantTarget: 0,
+		},
+		{
+			name:       "idle beyond the promised ones is still surplus",
+			snap:       Snapshot{Instances: books("idle:2h", "idle:3h", "idle:1h"), Reserved: 1},
+			policy:     schedule.Policy{IdleCount: 0, IdleTime: 30 * time.Minute},
+			wantTarget: 0,
+			wantDelete: []string{"i-01 idle_time", "i-00 idle_time"},
+		},
+		{
+			// The idle instance counts toward the target until a promise
+			// acquires it; the replacement is made then.
+			name:       "promises beyond idle and booting instances are created for",
+			snap:       Snapshot{Instances: books("idle", "creating"), Reserved: 3},
+			policy:     schedule.Policy{IdleCount: 1},
+			wantTarget: 1, wantCreate: 1,
+		},
+		{
 			name:       "boot watchdog deletes and replaces a slow instance",
 			snap:       Snapshot{Instances: books("creating:11m", "provisioning:9m")},
 			policy:     schedule.Policy{IdleCount: 2},

@@ -22,33 +22,37 @@ type InstanceStatus struct {
 // Status is a snapshot of the fleet for `mayfly fleet status` and the
 // demo's live view.
 type Status struct {
-	Runner      string           `json:"runner"`
-	Time        time.Time        `json:"time"`
-	PolicyEntry int              `json:"policy_entry"` // schedule.NoEntry for the default
-	Policy      schedule.Policy  `json:"policy"`
-	IdleTarget  int              `json:"idle_target"`
-	Held        string           `json:"held,omitempty"`
-	Counts      map[string]int   `json:"counts"`
-	Reserved    int              `json:"reserved"` // jobs promised an instance not yet handed out
-	Breaker     Breaker          `json:"breaker"`
-	APICalls    map[string]int   `json:"api_calls"`
-	Instances   []InstanceStatus `json:"instances"`
+	Runner      string          `json:"runner"`
+	Time        time.Time       `json:"time"`
+	PolicyEntry int             `json:"policy_entry"` // schedule.NoEntry for the default
+	Policy      schedule.Policy `json:"policy"`
+	IdleTarget  int             `json:"idle_target"`
+	Held        string          `json:"held,omitempty"`
+	Counts      map[string]int  `json:"counts"`
+	Reserved    int             `json:"reserved"` // jobs promised an instance not yet handed out
+	// DeletedUnusedWhileWaiting counts instances deleted unused by the
+	// fleet's choice while jobs were promised one: an invariant, always 0.
+	DeletedUnusedWhileWaiting int              `json:"deleted_unused_while_waiting"`
+	Breaker                   Breaker          `json:"breaker"`
+	APICalls                  map[string]int   `json:"api_calls"`
+	Instances                 []InstanceStatus `json:"instances"`
 }
 
 // Status returns the fleet's current state, instances sorted by creation.
 func (f *Fleet) Status() Status {
 	f.mu.Lock()
 	st := Status{
-		Runner:      f.cfg.Name,
-		Time:        f.clock.Now(),
-		PolicyEntry: f.policyEntry,
-		Policy:      f.policy,
-		IdleTarget:  f.lastPlan.IdleTarget,
-		Held:        f.lastPlan.Held,
-		Counts:      make(map[string]int, NumStates),
-		Reserved:    f.reserved,
-		Breaker:     f.breaker,
-		Instances:   make([]InstanceStatus, 0, len(f.books)),
+		Runner:                    f.cfg.Name,
+		Time:                      f.clock.Now(),
+		PolicyEntry:               f.policyEntry,
+		Policy:                    f.policy,
+		IdleTarget:                f.lastPlan.IdleTarget,
+		Held:                      f.lastPlan.Held,
+		Counts:                    make(map[string]int, NumStates),
+		Reserved:                  f.reserved,
+		DeletedUnusedWhileWaiting: f.wastedWhileWaiting,
+		Breaker:                   f.breaker,
+		Instances:                 make([]InstanceStatus, 0, len(f.books)),
 	}
 	for s := range NumStates {
 		if State(s) != StateGone {
