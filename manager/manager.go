@@ -154,7 +154,8 @@ func (m *Manager) versionInfo(rc config.Runner) runnerapi.VersionInfo {
 }
 
 // Run asks for and runs jobs until ctx ends or Drain or Abort is called, then
-// waits for the jobs still running. When ctx ends, running jobs are aborted.
+// waits for the jobs still running. When ctx ends, also while draining,
+// running jobs are aborted (and reported) before Run returns.
 func (m *Manager) Run(ctx context.Context) error {
 	pollCtx, stopPolling := context.WithCancel(ctx)
 	defer stopPolling()
@@ -177,10 +178,16 @@ func (m *Manager) Run(ctx context.Context) error {
 		}
 	}
 	pollers.Wait()
-	if ctx.Err() != nil {
+	// Running jobs finish, unless ctx ends first: also during a drain, a
+	// forceful stop aborts them (SIGTERM after SIGQUIT, as in gitlab-runner).
+	jobsDone := make(chan struct{})
+	go func() { m.jobs.Wait(); close(jobsDone) }()
+	select {
+	case <-jobsDone:
+	case <-ctx.Done():
 		m.Abort()
+		<-jobsDone
 	}
-	m.jobs.Wait()
 	m.log.Info("runner manager stopped")
 	return nil
 }

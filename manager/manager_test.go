@@ -337,6 +337,24 @@ func TestDrainFinishesRunningJobs(t *testing.T) {
 	}
 }
 
+// A forceful stop during a drain aborts the running jobs (issue 20: the
+// manager checked its context once, before waiting for the jobs).
+func TestStopDuringDrainAbortsJobs(t *testing.T) {
+	e := newEnv(t, []coordinator.JobSpec{{Name: "long", Script: []string{"echo started", "sleep 600"}}}, nil)
+	e.waitStatus("long", "running")
+	e.m.Drain()
+	time.Sleep(200 * time.Millisecond)
+	e.stop()
+	select {
+	case <-e.done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("manager still waiting for its job 30s after a stop during the drain")
+	}
+	if j := e.job("long"); j.Status != "failed" || j.FailureReason != runnerapi.FailureRunnerSystemFailure {
+		t.Errorf("job = %s %s, want failed runner_system_failure", j.Status, j.FailureReason)
+	}
+}
+
 // Abort stops running jobs and reports them as runner_system_failure.
 func TestAbortFailsRunningJobs(t *testing.T) {
 	e := newEnv(t, []coordinator.JobSpec{{Name: "long", Script: []string{"echo started", "sleep 600"}}}, nil)
