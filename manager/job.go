@@ -69,24 +69,36 @@ func (m *Manager) runJob(r *runner, job *runnerapi.JobResponse, res Reservation,
 	// of the rest of the trace also masks the plan's expanded values.
 	head := mask.NewWriter(tr, secrets(job))
 	fmt.Fprint(head, buildscript.Header("mayfly "+m.version, r.cfg.Name, gitlab.ShortToken(r.cfg.Token)))
-	lease, err := m.acquire(r, res, wait, tr, head)
+
+	// A payload mayfly cannot run fails that job, never the manager, and
+	// before it takes a VM: a bad payload must not cost an instance.
+	var lease Lease
+	_, err = m.plan(r, job, "")
+	if err != nil {
+		res.Cancel()
+		log.Error("bad job payload", "err", err)
+		err = &payloadError{err}
+	} else {
+		lease, err = m.acquire(r, res, wait, tr, head)
+	}
 	if cerr := head.Close(); cerr != nil {
 		log.Warn("flush trace", "err", cerr)
 	}
 
 	var result jobResult
 	out := mask.NewWriter(tr, secrets(job))
+	var perr *payloadError
 	switch {
+	case errors.As(err, &perr):
+		result = systemFailure("the job payload cannot be run: %v", perr.err)
 	case err != nil:
 		result = waitResult(err)
 		log.Warn("no instance for the job", "err", err)
 	default:
 		log = log.With("instance", lease.ID())
-		plan, perr := m.plan(r, job, lease)
-		if perr != nil {
-			// A payload mayfly cannot run fails that job, never the manager.
-			log.Error("bad job payload", "err", perr)
-			result = systemFailure("the job payload cannot be run: %v", perr)
+		plan, err := m.plan(r, job, lease.ID())
+		if err != nil { // the payload was checked above; only Via differs
+			result = systemFailure("the job payload cannot be run: %v", err)
 			break
 		}
 		out = mask.NewWriter(tr, append(secrets(job), plan.Secrets...)) // plus the expanded masked values
@@ -162,8 +174,14 @@ func waitResult(err error) jobResult {
 	}
 }
 
-// plan generates the job's build plan for lease.
-func (m *Manager) plan(r *runner, job *runnerapi.JobResponse, lease Lease) (*buildscript.Plan, error) {
+// payloadError is a job payload that cannot be run.
+type payloadError struct{ err error }
+
+func (e *payloadError) Error() string { return e.err.Error() }
+
+// plan generates the job's build plan for the instance named via ("" to
+// check the payload before an instance is taken).
+func (m *Manager) plan(r *runner, job *runnerapi.JobResponse, via string) (*buildscript.Plan, error) {
 	return buildscript.Generate(job, buildscript.Options{
 		Shell:            r.cfg.Shell,
 		BuildsDir:        r.cfg.BuildsDir,
@@ -171,7 +189,7 @@ func (m *Manager) plan(r *runner, job *runnerapi.JobResponse, lease Lease) (*bui
 		PreCloneScript:   r.cfg.PreCloneScript,
 		PreBuildScript:   r.cfg.PreBuildScript,
 		PostBuildScript:  r.cfg.PostBuildScript,
-		Via:              lease.ID(),
+		Via:              via,
 		RunnerVersion:    m.version,
 		RunnerShortToken: gitlab.ShortToken(r.cfg.Token),
 	})

@@ -1,0 +1,136 @@
+package manager_test
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/mayfly-ci/mayfly/manager"
+	"github.com/mayfly-ci/mayfly/manager/config"
+	"github.com/mayfly-ci/mayfly/manager/localfleet"
+)
+
+// countingFleet counts what the manager takes from a local fleet.
+type countingFleet struct {
+	local     *localfleet.Fleet
+	acquired  atomic.Int64
+	cancelled atomic.Int64
+}
+
+func (f *countingFleet) Reserve() (manager.Reservation, time.Duration, bool) {
+	r, wait, ok := f.local.Reserve()
+	if !ok {
+		return nil, 0, false
+	}
+	return &countingReservation{f: f, r: r}, wait, true
+}
+
+type countingReservation struct {
+	f *countingFleet
+	r manager.Reservation
+}
+
+func (r *countingReservation) Cancel() { r.f.cancelled.Add(1); r.r.Cancel() }
+
+func (r *countingReservation) Acquire(ctx context.Context) (manager.Lease, error) {
+	r.f.acquired.Add(1)
+	return r.r.Acquire(ctx)
+}
+
+// A payload that cannot be run is failed before a VM is taken (issue 20:
+// each bad payload used to burn a VM).
+func TestBadPayloadTakesNoInstance(t *testing.T) {
+	var (
+		mu      sync.Mutex
+		served  bool
+		updates []map[string]any
+	)
+	gl := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		mu.Lock()
+		defer mu.Unlock()
+		switch {
+		case r.URL.Path == "/api/v4/jobs/request" && !served:
+			served = true
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusCreated)
+			// Decodes, but has nothing to run.
+			_, _ = io.WriteString(w, `{"id": 7, "token": "job-token-7", "allow_git_fetch": false,
+				"job_info": {"name": "bad", "stage": "test", "project_id": 1, "project_name": "p"},
+				"git_info": {"repo_url": "http://127.0.0.1/p.git", "ref": "main", "sha": "0123456789abcdef0123456789abcdef01234567", "ref_type": "branch"},
+				"runner_info": {"timeout": 3600}, "variables": [], "steps": []}`)
+		case r.URL.Path == "/api/v4/jobs/request":
+			w.WriteHeader(http.StatusNoContent)
+		case r.Method == http.MethodPatch:
+			w.Header().Set("Range", "0-0")
+			w.WriteHeader(http.StatusAccepted)
+		case r.Method == http.MethodPut:
+			var u map[string]any
+			_ = json.Unmarshal(body, &u)
+			updates = append(updates, u)
+			w.WriteHeader(http.StatusOK)
+		default:
+			w.WriteHeader(http.StatusNotFound)
+		}
+	}))
+	defer gl.Close()
+
+	dir := t.TempDir()
+	local := localfleet.New(filepath.Join(dir, "vms"), 1)
+	defer local.Close()
+	fl := &countingFleet{local: local}
+	rc := config.Runner{
+		Name: "local", URL: gl.URL, Token: runnerToken, RequestConcurrency: 1, OutputLimitKB: 4096,
+		Executor: "instance", Shell: "bash", BuildsDir: filepath.Join(dir, "builds"), MaxJobTimeout: time.Hour,
+		Fleet: config.Fleet{Connector: config.Connector{OS: "linux", Arch: "amd64"}},
+	}
+	m, err := manager.New(manager.Options{
+		Config:     &config.Config{Concurrent: 1, CheckInterval: 20 * time.Millisecond, Runners: []config.Runner{rc}},
+		Fleets:     map[string]manager.Fleet{"local": fl},
+		Registerer: prometheus.NewRegistry(),
+		Logger:     slog.New(slog.DiscardHandler),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = m.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		mu.Lock()
+		n := len(updates)
+		mu.Unlock()
+		if n > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the bad job was never reported")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	mu.Lock()
+	u := updates[0]
+	mu.Unlock()
+	if u["state"] != "failed" || u["failure_reason"] != "runner_system_failure" {
+		t.Errorf("bad job reported %v %v, want failed runner_system_failure", u["state"], u["failure_reason"])
+	}
+	if n := fl.acquired.Load(); n != 0 {
+		t.Errorf("%d instances taken for a payload that cannot run, want 0", n)
+	}
+	if n := fl.cancelled.Load(); n < 1 {
+		t.Errorf("the bad job's reservation was not given back")
+	}
+}
