@@ -1,9 +1,11 @@
 package config
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -507,4 +509,103 @@ func TestPredictiveKeys(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestStoreWatchAppliesOnlyStableFiles: a file caught half-written is not
+// applied even when it parses, rejected reloads are logged, and a reload
+// that drops a runner's idle policy entries warns (issue 20).
+func TestStoreWatchAppliesOnlyStableFiles(t *testing.T) {
+	withPeriods := machineDoc + `    [[runners.machine.autoscaling]]
+      Periods = ["* * * * * sat,sun *"]
+      IdleCount = 70
+`
+	path := filepath.Join(t.TempDir(), "config.toml")
+	write := func(doc string) {
+		t.Helper()
+		if err := os.WriteFile(path, []byte(doc), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(withPeriods)
+	var logs syncBuffer
+	s, err := NewStore(path, slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ticks := make(chan time.Time)
+	changes := make(chan *Config, 8)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); s.watch(ctx, ticks, func(c *Config) { changes <- c }) }()
+	defer func() { cancel(); <-done }()
+	tick := func() { ticks <- time.Time{} }
+	noChange := func(when string) {
+		t.Helper()
+		tick() // the previous tick's work is done once this one is taken
+		select {
+		case c := <-changes:
+			t.Fatalf("%s: a config was applied (concurrent %d, %d entries)", when, c.Concurrent, len(c.Runners[0].Fleet.Schedule.Entries))
+		default:
+		}
+	}
+
+	// Half written: what is there parses but has lost the periods.
+	write(strings.Replace(machineDoc, "concurrent = 10", "concurrent = 20", 1))
+	noChange("half-written file")
+	write(strings.Replace(withPeriods, "concurrent = 10", "concurrent = 20", 1))
+	noChange("just finished file")
+	tick()
+	tick()
+	select {
+	case c := <-changes:
+		if c.Concurrent != 20 || len(c.Runners[0].Fleet.Schedule.Entries) != 1 {
+			t.Errorf("applied concurrent %d with %d entries, want the whole file (20, 1)", c.Concurrent, len(c.Runners[0].Fleet.Schedule.Entries))
+		}
+	default:
+		t.Fatal("the finished file was not applied")
+	}
+
+	// A rejected reload is logged, with the file and line.
+	write(strings.Replace(withPeriods, "IdleCount = 5", "IdleCount = -5", 1))
+	noChange("broken file")
+	noChange("broken file, still")
+	noChange("broken file, logged")
+	if !strings.Contains(logs.String(), "config reload rejected") || !strings.Contains(logs.String(), path+":8:") {
+		t.Errorf("rejected reload not logged with file and line:\n%s", logs.String())
+	}
+
+	// Dropping every policy entry is applied, with a warning.
+	write(machineDoc)
+	tick()
+	tick()
+	tick()
+	select {
+	case c := <-changes:
+		if len(c.Runners[0].Fleet.Schedule.Entries) != 0 {
+			t.Errorf("entries = %d", len(c.Runners[0].Fleet.Schedule.Entries))
+		}
+	default:
+		t.Fatal("the file without periods was not applied")
+	}
+	if !strings.Contains(logs.String(), `had 1 idle policy entries and has none now`) {
+		t.Errorf("no warning for the lost policy entries:\n%s", logs.String())
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for concurrent use.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

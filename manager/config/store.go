@@ -33,6 +33,13 @@ func NewStore(path string, log *slog.Logger) (*Store, error) {
 	return s, nil
 }
 
+// SetLogger sets the logger of Watch, once the config has told how to log.
+func (s *Store) SetLogger(log *slog.Logger) {
+	s.mu.Lock()
+	s.log = log
+	s.mu.Unlock()
+}
+
 // Current returns the config in force. The returned value is never modified.
 func (s *Store) Current() *Config {
 	s.mu.RLock()
@@ -55,6 +62,11 @@ func (s *Store) Reload() (changed bool, err error) {
 	if same {
 		return false, nil
 	}
+	return s.apply(data, sum)
+}
+
+// apply parses data and makes it the config in force.
+func (s *Store) apply(data []byte, sum [sha256.Size]byte) (bool, error) {
 	cfg, err := Parse(s.path, data)
 	if err != nil {
 		return false, fmt.Errorf("reload config (keeping the config in force): %w", err)
@@ -66,26 +78,50 @@ func (s *Store) Reload() (changed bool, err error) {
 }
 
 // Watch reloads the file every interval until ctx ends, calling onChange
-// with each new config that takes effect. Errors are logged, not returned:
-// the old config stays in force until the file is fixed.
+// with each new config that takes effect. A changed file is applied only
+// once it has stayed the same for one whole interval, so a file caught
+// half-written is never applied (even when what was written so far
+// parses). Rejected reloads are logged once per distinct error; the config
+// in force stays until the file is fixed. A reload that leaves a runner
+// without the idle policy entries it had is applied with a warning.
 func (s *Store) Watch(ctx context.Context, interval time.Duration, onChange func(*Config)) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
+	s.watch(ctx, t.C, onChange)
+}
+
+// watch is Watch with the ticks given.
+func (s *Store) watch(ctx context.Context, ticks <-chan time.Time, onChange func(*Config)) {
 	var lastErr string
+	var pending [sha256.Size]byte // content seen changed at the last tick
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-t.C:
+		case <-ticks:
 		}
-		changed, err := s.Reload()
+		data, err := os.ReadFile(s.path)
+		if err != nil {
+			lastErr = s.logRejected(fmt.Errorf("reload config: %w", err), lastErr)
+			continue
+		}
+		sum := sha256.Sum256(data)
+		s.mu.RLock()
+		same := sum == s.hash
+		s.mu.RUnlock()
+		switch {
+		case same:
+			pending = [sha256.Size]byte{}
+			continue
+		case sum != pending:
+			pending = sum // changed: apply it if it is still this at the next tick
+			continue
+		}
+		old := s.Current()
+		changed, err := s.apply(data, sum)
 		switch {
 		case err != nil:
-			// Log a broken file once, not on every tick.
-			if err.Error() != lastErr {
-				s.log.Error("config reload failed; keeping the config in force", "path", s.path, "err", err)
-				lastErr = err.Error()
-			}
+			lastErr = s.logRejected(err, lastErr)
 		case changed:
 			lastErr = ""
 			cfg := s.Current()
@@ -93,9 +129,40 @@ func (s *Store) Watch(ctx context.Context, interval time.Duration, onChange func
 			for _, w := range cfg.Warnings {
 				s.log.Warn("config", "warning", w.String())
 			}
+			for _, w := range PolicyLoss(old, cfg) {
+				s.log.Warn("config reloaded without idle policies a runner had", "path", s.path, "warning", w)
+			}
 			if onChange != nil {
 				onChange(cfg)
 			}
 		}
 	}
+}
+
+// logRejected logs a rejected reload unless it is the same error as the
+// last one, and returns the error's text.
+func (s *Store) logRejected(err error, last string) string {
+	if err.Error() != last {
+		s.log.Error("config reload rejected; keeping the config in force", "path", s.path, "err", err)
+	}
+	return err.Error()
+}
+
+// PolicyLoss names each runner of old whose idle policy entries (autoscaling
+// periods or autoscaler policies) are all gone in next: a reload that does
+// that is more often a mistake than a wish, and is worth a warning.
+func PolicyLoss(old, next *Config) []string {
+	if old == nil || next == nil {
+		return nil
+	}
+	var out []string
+	for _, o := range old.Runners {
+		for _, n := range next.Runners {
+			if o.Name == n.Name && len(o.Fleet.Schedule.Entries) > 0 && len(n.Fleet.Schedule.Entries) == 0 {
+				out = append(out, fmt.Sprintf("runner %q had %d idle policy entries and has none now; its default policy (IdleCount %d) applies",
+					o.Name, len(o.Fleet.Schedule.Entries), n.Fleet.Schedule.Default.IdleCount))
+			}
+		}
+	}
+	return out
 }
