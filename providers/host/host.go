@@ -162,6 +162,7 @@ func (p *Plugin) launch(ctx context.Context) (*proc, error) {
 	cmd := exec.Command(p.path, p.cfg.Args...)
 	cmd.Env = append(cmd.Env, p.cfg.Env...)
 	cmd.Env = append(cmd.Env, "PLUGIN_UNIX_SOCKET_DIR="+p.sockDir)
+	tieToParent(cmd)
 	client := plugin.NewClient(&plugin.ClientConfig{
 		HandshakeConfig:  wire.Handshake,
 		Plugins:          plugin.PluginSet{wire.PluginName: &wire.Plugin{}},

@@ -18,6 +18,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/go-plugin"
@@ -95,6 +96,12 @@ func Serve(impl providers.Provider) {
 		os.Exit(1)
 	}
 	log := Logger()
+	stopWatch := make(chan struct{})
+	defer close(stopWatch)
+	go watchParent(os.Getppid(), time.Second, stopWatch, func() {
+		log.Error("the mayfly manager that started this plugin is gone; exiting")
+		os.Exit(1)
+	})
 	plugin.Serve(&plugin.ServeConfig{
 		HandshakeConfig: wire.Handshake,
 		Plugins:         plugin.PluginSet{wire.PluginName: &wire.Plugin{Impl: impl}},
@@ -112,4 +119,24 @@ func Serve(impl providers.Provider) {
 			JSONFormat: true,
 		}),
 	})
+}
+
+// watchParent calls gone when the process's parent changes (the manager
+// died and the plugin was re-parented), checking every interval until stop
+// is closed. A plugin never outlives its manager: a restarted manager starts
+// its own plugin, whose list finds what this one made.
+func watchParent(parent int, every time.Duration, stop <-chan struct{}, gone func()) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+		}
+		if os.Getppid() != parent {
+			gone()
+			return
+		}
+	}
 }
