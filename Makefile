@@ -37,6 +37,7 @@ bench: setup build
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParsePeriod$$' -fuzztime $(FUZZTIME) ./schedule/
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) -parallel 1 ./manager/config/
+	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 3s -parallel 1 ./manager/coordinator/gitlabci/
 
 ## lint: gofmt and go vet
 lint:
