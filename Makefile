@@ -38,6 +38,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParsePeriod$$' -fuzztime $(FUZZTIME) ./schedule/
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) -parallel 1 ./manager/config/
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 3s -parallel 1 ./manager/coordinator/gitlabci/
+	$(GO) test -run '^$$' -fuzz '^FuzzGitArgv$$' -fuzztime $(FUZZTIME) ./manager/buildscript/
 
 ## lint: gofmt and go vet
 lint:

@@ -406,24 +406,6 @@ func TestStageTimeouts(t *testing.T) {
 	})
 }
 
-// TestGetSourcesAttempts: GET_SOURCES_ATTEMPTS retries a failing get_sources.
-func TestGetSourcesAttempts(t *testing.T) {
-	counter := filepath.Join(t.TempDir(), "n")
-	// A git that fails on its first call only.
-	e := newLocalExec(t, bashProgram(), map[string]string{"git": `if [ ! -e ` + counter + ` ]; then touch ` + counter + `; exit 1; fi; exec /usr/bin/git "$@"`})
-	repo, shas := makeRepo(t)
-	job := gitJob(repo, shas[0], "clone")
-	job.Variables = append(job.Variables, runnerapi.Variable{Key: "GET_SOURCES_ATTEMPTS", Value: "2"})
-	p, err := Generate(job, Options{BuildsDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r, trace := runPlan(t, context.Background(), p, e)
-	if r.State != runnerapi.StateSuccess || len(e.ran) != 4 { // prepare, get_sources x2, step_script
-		t.Fatalf("result %+v, %d scripts run\n%s", r, len(e.ran), trace)
-	}
-}
-
 // TestRunStageOrder checks which stages Run starts (onStage) for a failing
 // script, and that a failing get_sources skips the user steps and
 // after_script but still runs the on_failure upload.

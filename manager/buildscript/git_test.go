@@ -3,8 +3,8 @@ package buildscript
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -13,140 +13,244 @@ import (
 	"github.com/mayfly-ci/mayfly/manager/runnerapi"
 )
 
-// git runs git in dir and returns its trimmed output.
-func git(t testing.TB, dir string, args ...string) string {
+const testJobToken = "glcbt-64_SECRETjobTOKEN123"
+
+// storeHelperHome writes a global git config that stores credentials in
+// ~/.git-credentials, the trap a job token must not fall into.
+func storeHelperHome(t testing.TB, e *localExec) {
 	t.Helper()
-	cmd := exec.Command("git", args...)
-	cmd.Dir = dir
-	cmd.Env = append(os.Environ(), "GIT_CONFIG_NOSYSTEM=1", "HOME="+dir,
-		"GIT_AUTHOR_NAME=t", "GIT_AUTHOR_EMAIL=t@example.com",
-		"GIT_COMMITTER_NAME=t", "GIT_COMMITTER_EMAIL=t@example.com")
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("git %v: %v\n%s", args, err, out)
+	if err := os.WriteFile(filepath.Join(e.home, ".gitconfig"), []byte("[credential]\n\thelper = store\n"), 0o644); err != nil {
+		t.Fatal(err)
 	}
-	return strings.TrimSpace(string(out))
 }
 
-// makeRepo creates a repository with three commits on main and returns its
-// file:// URL and the commit shas, oldest first.
-func makeRepo(t testing.TB) (string, []string) {
+// noTokenLeft checks that the token is in none of the files a job leaves,
+// that origin has no credentials, and that no helper stored them.
+func noTokenLeft(t testing.TB, p *Plan, e *localExec, srv *gitServer) {
 	t.Helper()
-	if _, err := exec.LookPath("git"); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("git not installed")
-		}
-		t.Skip("git not installed")
+	noSecretIn(t, srv.token, p.BuildsDir, e.home)
+	if got := git(t, p.ProjectDir, "remote", "get-url", "origin"); got != srv.url("demo", "", "") {
+		t.Errorf("origin is %q, want %q", got, srv.url("demo", "", ""))
 	}
-	dir := filepath.Join(t.TempDir(), "repo")
-	git(t, filepath.Dir(dir), "init", "-q", "-b", "main", dir)
-	var shas []string
-	for _, c := range []string{"one", "two", "three"} {
-		if err := os.WriteFile(filepath.Join(dir, "file.txt"), []byte(c+"\n"), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		git(t, dir, "add", "file.txt")
-		git(t, dir, "commit", "-q", "-m", c)
-		shas = append(shas, git(t, dir, "rev-parse", "HEAD"))
+	if _, err := os.Stat(filepath.Join(e.home, ".git-credentials")); err == nil {
+		t.Error("a global credential helper stored the job token")
 	}
-	return "file://" + dir, shas
 }
 
-// addCommit adds a commit on main of the repository at url.
-func addCommit(t testing.TB, url, content string) string {
-	dir := strings.TrimPrefix(url, "file://")
-	os.WriteFile(filepath.Join(dir, "file.txt"), []byte(content+"\n"), 0o644)
-	git(t, dir, "commit", "-q", "-am", content)
-	return git(t, dir, "rev-parse", "HEAD")
+// TestGetSourcesHTTP clones over HTTP with each POSIX shell, as the hosted
+// fleet's jobs do: depth 1, the hosted config's pre_clone_script
+// `eval "$CI_PRE_CLONE_SCRIPT"` and a post_clone_script; with bash also
+// submodules by relative URL, recursively (git runs the submodule commands
+// the same whatever the shell, and they cost the most). The token
+// authenticates every fetch and is left nowhere: not in the trace,
+// .git/config, the submodules' configs, or a credential store.
+func TestGetSourcesHTTP(t *testing.T) {
+	srv := newGitServer(t, testJobToken)
+	shas := srv.demoRepos(t)
+	for _, sh := range posixShells() {
+		t.Run(sh.shell+"/"+sh.program[0], func(t *testing.T) {
+			subs := sh.program[0] == bashProgram()[0]
+			e := newLocalExec(t, sh.program, nil)
+			storeHelperHome(t, e)
+			vars := []runnerapi.Variable{{Key: "GIT_STRATEGY", Value: "clone"},
+				{Key: "CI_PRE_CLONE_SCRIPT", Value: "echo \"pre clone in $(pwd)\"\nprintf '%s\\n' 'second line'"}}
+			post, postOut := "echo post clone sees $(cat file.txt)", "post clone sees three\n"
+			want := []string{
+				"$ eval \"$CI_PRE_CLONE_SCRIPT\"", "pre clone in ", "second line\n",
+				"Fetching changes with git depth set to 1...",
+				"Created fresh repository.",
+				"Checking out " + shas[2][:8] + " as detached HEAD (ref is main)...",
+				shas[2] + "\n", "\nthree\n",
+			}
+			files := map[string]bool{"file.txt": true, "sub/sub.txt": subs, "sub/deep/lib.txt": subs}
+			if subs {
+				vars = append(vars, runnerapi.Variable{Key: "GIT_SUBMODULE_STRATEGY", Value: "recursive"})
+				post, postOut = "echo post clone sees $(cat sub/deep/lib.txt)", "post clone sees lib\n"
+				want = append(want, "Updating/initializing submodules recursively with git depth set to 1...",
+					"Updated submodules", "Configuring submodules to use parent git credentials...")
+			}
+			want = append(want, postOut)
+			job := srv.job(shas[2], vars...)
+			job.GitInfo.Depth = 1
+			job.Hooks = []runnerapi.Hook{{Name: runnerapi.HookPreGetSourcesScript, Script: []string{"echo hook after the pre_clone_script"}}}
+			p, err := Generate(job, Options{Shell: sh.shell, BuildsDir: t.TempDir(),
+				PreCloneScript: `eval "$CI_PRE_CLONE_SCRIPT"`, PostCloneScript: post})
+			if err != nil {
+				t.Fatal(err)
+			}
+			r, trace := runPlan(t, context.Background(), p, e)
+			if r.State != runnerapi.StateSuccess {
+				t.Fatalf("result %+v\n%s", r, trace)
+			}
+			if got := git(t, p.ProjectDir, "rev-parse", "HEAD"); got != shas[2] {
+				t.Fatalf("HEAD %s, want %s", got, shas[2])
+			}
+			if got := git(t, p.ProjectDir, "rev-list", "--count", "HEAD"); got != "1" {
+				t.Errorf("history has %s commits, want 1 (depth 1)", got)
+			}
+			for f, want := range files {
+				if _, err := os.Stat(filepath.Join(p.ProjectDir, f)); (err == nil) != want {
+					t.Errorf("%s checked out: %v, want %v", f, err == nil, want)
+				}
+			}
+			for _, w := range want {
+				if !strings.Contains(trace, w) {
+					t.Errorf("trace lacks %q:\n%s", w, trace)
+				}
+			}
+			if strings.Contains(trace, srv.token) {
+				t.Errorf("trace shows the token:\n%s", trace)
+			}
+			if i, k := strings.Index(trace, "second line"), strings.Index(trace, "hook after the pre_clone_script\n"); i < 0 || k < i {
+				t.Errorf("the hook did not run after pre_clone_script:\n%s", trace)
+			}
+			noTokenLeft(t, p, e, srv)
+			if srv.authed.Swap(0) == 0 {
+				t.Error("the server saw no authenticated request")
+			}
+			if !subs {
+				return
+			}
+			// git in a submodule, as a user's script might run it, still
+			// authenticates with CI_JOB_TOKEN from the environment.
+			cmd := gitInEnv(e, filepath.Join(p.ProjectDir, "sub", "deep"), "CI_JOB_TOKEN="+srv.token)
+			if out, err := cmd("fetch", "origin"); err != nil {
+				t.Errorf("git fetch in a submodule: %v\n%s", err, out)
+			}
+		})
+	}
 }
 
-func gitJob(url, sha, strategy string) *runnerapi.JobResponse {
-	j := baseJob("git rev-parse HEAD", "cat file.txt")
-	j.GitInfo = runnerapi.GitInfo{RepoURL: url, Ref: "main", Sha: sha, RefType: "branch",
-		Refspecs: []string{"+refs/heads/*:refs/remotes/origin/*"}}
-	j.Variables = []runnerapi.Variable{{Key: "GIT_STRATEGY", Value: strategy}}
-	return j
+// gitInEnv returns a runner of git in dir with the executor's environment
+// plus env.
+func gitInEnv(e *localExec, dir string, env ...string) func(args ...string) (string, error) {
+	return func(args ...string) (string, error) {
+		var out bytes.Buffer
+		script := "cd " + shQuote(dir) + "\nexport " + strings.Join(env, " ") + "\ngit"
+		for _, a := range args {
+			script += " " + shQuote(a)
+		}
+		code, err := e.Run(context.Background(), ShellBash, script, &out)
+		if err == nil && code != 0 {
+			err = fmt.Errorf("exit code %d", code)
+		}
+		return out.String(), err
+	}
 }
 
-// TestGitCloneExactSha clones a local repository and checks out a commit that
-// is not the branch tip; anything left in the project directory is removed.
-func TestGitCloneExactSha(t *testing.T) {
-	url, shas := makeRepo(t)
-	e := newLocalExec(t, bashProgram(), nil)
-	builds := t.TempDir()
-	job := gitJob(url, shas[1], "clone")
-	p, err := Generate(job, Options{BuildsDir: builds, PreCloneScript: "echo PRECLONE"})
+// testSubmodulesNormal: GIT_SUBMODULE_STRATEGY=normal takes only the first
+// level of submodules; a wrong GIT_SUBMODULE_DEPTH is a warning.
+func testSubmodulesNormal(t *testing.T, srv *gitServer, shas []string) {
+	e := newLocalExec(t, []string{"dash", "-s"}, nil)
+	job := srv.job(shas[2], runnerapi.Variable{Key: "GIT_SUBMODULE_STRATEGY", Value: "normal"},
+		runnerapi.Variable{Key: "GIT_SUBMODULE_DEPTH", Value: "deep"})
+	p, err := Generate(job, Options{Shell: ShellSh, BuildsDir: t.TempDir()})
 	if err != nil {
 		t.Fatal(err)
 	}
-	os.MkdirAll(p.ProjectDir, 0o755)
-	os.WriteFile(filepath.Join(p.ProjectDir, "stale"), []byte("x"), 0o644)
-
+	if len(p.Warnings) != 1 || !strings.Contains(p.Warnings[0], `GIT_SUBMODULE_DEPTH "deep"`) {
+		t.Errorf("warnings %q", p.Warnings)
+	}
 	r, trace := runPlan(t, context.Background(), p, e)
 	if r.State != runnerapi.StateSuccess {
 		t.Fatalf("result %+v\n%s", r, trace)
 	}
-	if got := git(t, p.ProjectDir, "rev-parse", "HEAD"); got != shas[1] {
-		t.Fatalf("HEAD %s, want %s", got, shas[1])
+	if !strings.Contains(trace, "Updating/initializing submodules...") {
+		t.Errorf("trace:\n%s", trace)
 	}
-	for _, want := range []string{"PRECLONE\n", "Created fresh repository.", "Checking out " + shas[1][:8] + " as detached HEAD (ref is main)...", shas[1] + "\n", "\ntwo\n"} {
-		if !strings.Contains(trace, want) {
-			t.Errorf("trace lacks %q:\n%s", want, trace)
+	for f, want := range map[string]bool{"sub/sub.txt": true, "sub/deep/lib.txt": false} {
+		if _, err := os.Stat(filepath.Join(p.ProjectDir, f)); (err == nil) != want {
+			t.Errorf("%s present: %v, want %v", f, err == nil, want)
 		}
 	}
-	if _, err := os.Stat(filepath.Join(p.ProjectDir, "stale")); err == nil {
-		t.Error("clone kept a stale file")
+	noTokenLeft(t, p, e, srv)
+}
+
+// TestGetSourcesCases runs the cases that share one server and do not
+// change its repositories.
+func TestGetSourcesCases(t *testing.T) {
+	srv := newGitServer(t, testJobToken)
+	shas := srv.demoRepos(t)
+	for _, c := range []struct {
+		name string
+		test func(*testing.T, *gitServer, []string)
+	}{
+		{"submodules normal", testSubmodulesNormal},
+		{"checkout false", testCheckoutFalse},
+		{"wrong token", testWrongToken},
+		{"attempts", testAttempts},
+		{"sha256 repository", testSHA256},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			srv.authed.Store(0)
+			srv.denied.Store(0)
+			c.test(t, srv, shas)
+		})
 	}
 }
 
-// TestGitFetchReuses fetches into an existing checkout: a new commit arrives,
-// untracked files are cleaned, the origin URL is updated.
-func TestGitFetchReuses(t *testing.T) {
-	url, shas := makeRepo(t)
+// TestGetSourcesFetchReuses fetches into the checkout an earlier job left:
+// a shallow one (depth 1) is deepened by a full fetch, a new commit arrives,
+// GIT_CLEAN_FLAGS decides which untracked files go, and .git is reused.
+func TestGetSourcesFetchReuses(t *testing.T) {
+	srv := newGitServer(t, testJobToken)
+	shas := srv.demoRepos(t)
 	e := newLocalExec(t, bashProgram(), nil)
 	builds := t.TempDir()
-	p1, err := Generate(gitJob(url, shas[0], "fetch"), Options{BuildsDir: builds})
+	first := srv.job(shas[2], runnerapi.Variable{Key: "GIT_STRATEGY", Value: "fetch"})
+	first.GitInfo.Depth = 1
+	p1, err := Generate(first, Options{BuildsDir: builds})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if r, trace := runPlan(t, context.Background(), p1, e); r.State != runnerapi.StateSuccess {
-		t.Fatalf("first run %+v\n%s", r, trace)
+		t.Fatalf("first job %+v\n%s", r, trace)
 	}
-	os.WriteFile(filepath.Join(p1.ProjectDir, "untracked"), []byte("x"), 0o644)
-	gitDir := filepath.Join(p1.ProjectDir, ".git")
-	before, _ := os.Stat(gitDir)
+	for _, f := range []string{"untracked", "keep.me"} {
+		os.WriteFile(filepath.Join(p1.ProjectDir, f), []byte("x"), 0o644)
+	}
+	os.WriteFile(filepath.Join(p1.ProjectDir, ".git", "index.lock"), nil, 0o644) // an interrupted git
+	before, _ := os.Stat(filepath.Join(p1.ProjectDir, ".git"))
 
-	newSha := addCommit(t, url, "four")
-	p2, err := Generate(gitJob(url, newSha, "fetch"), Options{BuildsDir: builds})
+	newSha := srv.commit(t, "demo", map[string]string{"file.txt": "four\n"})
+	second := srv.job(newSha, runnerapi.Variable{Key: "GIT_STRATEGY", Value: "fetch"},
+		runnerapi.Variable{Key: "GIT_CLEAN_FLAGS", Value: "-ffdx -e keep.me"})
+	p2, err := Generate(second, Options{BuildsDir: builds})
 	if err != nil {
 		t.Fatal(err)
 	}
 	r, trace := runPlan(t, context.Background(), p2, e)
 	if r.State != runnerapi.StateSuccess {
-		t.Fatalf("second run %+v\n%s", r, trace)
+		t.Fatalf("second job %+v\n%s", r, trace)
 	}
 	if got := git(t, p2.ProjectDir, "rev-parse", "HEAD"); got != newSha {
 		t.Fatalf("HEAD %s, want %s", got, newSha)
 	}
-	if strings.Contains(trace, "Created fresh repository.") {
-		t.Error("fetch re-created the repository")
+	if got := git(t, p2.ProjectDir, "rev-list", "--count", "HEAD"); got != "4" {
+		t.Errorf("history has %s commits, want all 4 (unshallowed)", got)
+	}
+	if strings.Contains(trace, "Created fresh repository.") || !strings.Contains(trace, "Fetching changes...") {
+		t.Errorf("fetch did not reuse the repository:\n%s", trace)
 	}
 	if _, err := os.Stat(filepath.Join(p2.ProjectDir, "untracked")); err == nil {
-		t.Error("git clean did not remove the untracked file")
+		t.Error("git clean kept an untracked file")
 	}
-	after, _ := os.Stat(gitDir)
-	if !os.SameFile(before, after) {
+	if _, err := os.Stat(filepath.Join(p2.ProjectDir, "keep.me")); err != nil {
+		t.Error("git clean removed the file GIT_CLEAN_FLAGS excludes")
+	}
+	if after, _ := os.Stat(filepath.Join(p2.ProjectDir, ".git")); !os.SameFile(before, after) {
 		t.Error("fetch replaced .git")
 	}
+	noTokenLeft(t, p2, e, srv)
 }
 
-// TestGitShallow fetches with depth 1 and checks the clone is shallow.
-func TestGitShallow(t *testing.T) {
-	url, shas := makeRepo(t)
+// testCheckoutFalse: GIT_CHECKOUT=false fetches without checking
+// out, and GIT_FETCH_EXTRA_FLAGS=none leaves out --prune --quiet.
+func testCheckoutFalse(t *testing.T, srv *gitServer, shas []string) {
 	e := newLocalExec(t, bashProgram(), nil)
-	job := gitJob(url, shas[2], "clone")
-	job.GitInfo.Depth = 1
-	job.GitInfo.Refspecs = []string{"+refs/heads/main:refs/remotes/origin/main"}
+	job := srv.job(shas[1], runnerapi.Variable{Key: "GIT_CHECKOUT", Value: "false"},
+		runnerapi.Variable{Key: "GIT_FETCH_EXTRA_FLAGS", Value: "none"})
+	job.Steps[0].Script = []string{"ls -A"}
 	p, err := Generate(job, Options{BuildsDir: t.TempDir()})
 	if err != nil {
 		t.Fatal(err)
@@ -155,23 +259,30 @@ func TestGitShallow(t *testing.T) {
 	if r.State != runnerapi.StateSuccess {
 		t.Fatalf("result %+v\n%s", r, trace)
 	}
-	if got := git(t, p.ProjectDir, "rev-list", "--count", "HEAD"); got != "1" {
-		t.Fatalf("history has %s commits, want 1 (shallow)", got)
+	if !strings.Contains(trace, "Skipping Git checkout") || strings.Contains(trace, "Checking out") ||
+		!strings.Contains(trace, "Skipping Git submodules setup") {
+		t.Errorf("trace:\n%s", trace)
 	}
-	if !strings.Contains(trace, "Fetching changes with git depth set to 1...") {
-		t.Fatalf("trace:\n%s", trace)
+	if _, err := os.Stat(filepath.Join(p.ProjectDir, "file.txt")); err == nil {
+		t.Error("file.txt checked out with GIT_CHECKOUT=false")
+	}
+	if got := git(t, p.ProjectDir, "rev-parse", "refs/remotes/origin/main"); got != shas[2] {
+		t.Errorf("origin/main %s, want %s (fetched)", got, shas[2])
+	}
+	if !strings.Contains(stage(t, p, StageGetSources).Script, "'--no-recurse-submodules' '+refs/heads/main:refs/remotes/origin/main' '+refs/tags/*:refs/tags/*'\n") {
+		t.Error("fetch has flags with GIT_FETCH_EXTRA_FLAGS=none")
 	}
 }
 
-// TestGitTokenNotPrinted: a clone that fails against 127.0.0.1:1 ends the job
-// with git's exit code as script_failure, and after masking with the plan's
-// secrets the trace does not contain the job token.
-func TestGitTokenNotPrinted(t *testing.T) {
-	_, shas := makeRepo(t)
+// testWrongToken: the server refuses the token; get_sources fails
+// with git's exit code as script_failure, no user step runs, and neither
+// token shows in the trace, masked or not.
+func testWrongToken(t *testing.T, srv *gitServer, shas []string) {
 	e := newLocalExec(t, bashProgram(), nil)
-	const token = "glcbt-SECRET-job-token-123"
-	job := gitJob("http://gitlab-ci-token:"+token+"@127.0.0.1:1/grp/demo.git", shas[0], "clone")
-	job.Token = token
+	const wrong = "glcbt-64_WRONGtoken987"
+	job := srv.job(shas[2])
+	job.Token = wrong
+	job.GitInfo.RepoURL = srv.url("demo", CredentialUser, wrong)
 	p, err := Generate(job, Options{BuildsDir: t.TempDir()})
 	if err != nil {
 		t.Fatal(err)
@@ -179,20 +290,69 @@ func TestGitTokenNotPrinted(t *testing.T) {
 	upload(t, p)
 	var raw, masked bytes.Buffer
 	m := mask.NewWriter(&masked, p.Secrets)
-	r := p.Run(context.Background(), e, teeWriter{&raw, m}, nil, nil)
+	var started []string
+	r := p.Run(context.Background(), e, teeWriter{&raw, m}, nil, func(s Stage) { started = append(started, string(s.Name)) })
 	m.Close()
 	if r.State != runnerapi.StateFailed || r.FailureReason != runnerapi.FailureScriptFailure || r.ExitCode != 128 {
 		t.Fatalf("result %+v\n%s", r, raw.String())
 	}
-	if strings.Contains(masked.String(), token) {
-		t.Fatalf("masked trace shows the token:\n%s", masked.String())
+	if got := strings.Join(started, " "); got != "prepare_script get_sources" {
+		t.Errorf("stages run: %s", got)
 	}
-	// The script itself never echoes the URL; git's own messages (if any) are masked.
-	if strings.Contains(raw.String(), token) {
-		t.Logf("git printed the token itself; masking removed it")
+	if !strings.Contains(raw.String(), "Authentication failed for '"+srv.url("demo", "", "")) {
+		t.Errorf("trace lacks git's authentication error:\n%s", raw.String())
 	}
-	if !strings.Contains(stage(t, p, StageGetSources).Script, token) {
-		t.Fatal("the clone URL with the token should reach git")
+	for _, tok := range []string{wrong, testJobToken} {
+		if strings.Contains(raw.String(), tok) {
+			t.Errorf("raw trace shows %q:\n%s", tok, raw.String())
+		}
+	}
+	if srv.denied.Load() == 0 || srv.authed.Load() != 0 {
+		t.Errorf("server: %d denied, %d authenticated", srv.denied.Load(), srv.authed.Load())
+	}
+}
+
+// testAttempts: GET_SOURCES_ATTEMPTS retries get_sources after the
+// server's first answer was a 503.
+func testAttempts(t *testing.T, srv *gitServer, shas []string) {
+	e := newLocalExec(t, bashProgram(), nil)
+	srv.failNext.Store(1)
+	job := srv.job(shas[0], runnerapi.Variable{Key: "GET_SOURCES_ATTEMPTS", Value: "2"})
+	p, err := Generate(job, Options{BuildsDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, trace := runPlan(t, context.Background(), p, e)
+	if r.State != runnerapi.StateSuccess || len(e.ran) != 4 { // prepare, get_sources x2, step_script
+		t.Fatalf("result %+v, %d scripts run\n%s", r, len(e.ran), trace)
+	}
+	if !strings.Contains(trace, "\none\n") {
+		t.Errorf("trace:\n%s", trace)
+	}
+}
+
+// TestGitStrategyEmpty: GIT_STRATEGY=empty empties the project dir and runs
+// no git and no pre_clone_script.
+func TestGitStrategyEmpty(t *testing.T) {
+	marker := filepath.Join(t.TempDir(), "git-called")
+	e := newLocalExec(t, bashProgram(), map[string]string{"git": "touch " + marker + "; exit 99"})
+	job := baseJob("ls -A; echo listed")
+	job.Variables[0].Value = "empty"
+	p, err := Generate(job, Options{BuildsDir: t.TempDir(), PreCloneScript: "echo PRECLONE"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.MkdirAll(p.ProjectDir, 0o755)
+	os.WriteFile(filepath.Join(p.ProjectDir, "stale"), nil, 0o644)
+	r, trace := runPlan(t, context.Background(), p, e)
+	if r.State != runnerapi.StateSuccess {
+		t.Fatalf("result %+v\n%s", r, trace)
+	}
+	if strings.Contains(trace, "stale") || strings.Contains(trace, "PRECLONE") || !strings.Contains(trace, "creating an empty build directory") {
+		t.Errorf("trace:\n%s", trace)
+	}
+	if _, err := os.Stat(marker); err == nil {
+		t.Error("git ran with GIT_STRATEGY=empty")
 	}
 }
 
@@ -203,4 +363,23 @@ type teeWriter struct {
 func (w teeWriter) Write(p []byte) (int, error) {
 	w.a.Write(p)
 	return w.b.Write(p)
+}
+
+// testSHA256: a repository in SHA-256 (git_info.repo_object_format) is
+// initialised in that format, else the fetch would fail.
+func testSHA256(t *testing.T, srv *gitServer, _ []string) {
+	srv.formats["demo256"] = "sha256"
+	sha := srv.commit(t, "demo256", map[string]string{"file.txt": "sha256\n"})
+	e := newLocalExec(t, bashProgram(), nil)
+	job := srv.job(sha)
+	job.GitInfo.RepoURL = srv.url("demo256", CredentialUser, srv.token)
+	job.GitInfo.RepoObjectFormat = "sha256"
+	p, err := Generate(job, Options{BuildsDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, trace := runPlan(t, context.Background(), p, e)
+	if r.State != runnerapi.StateSuccess || len(sha) != 64 || !strings.Contains(trace, sha+"\n") {
+		t.Fatalf("result %+v, sha %s\n%s", r, sha, trace)
+	}
 }

@@ -81,8 +81,11 @@ type Options struct {
 	BuildsDir string
 	// Environment holds KEY=VALUE entries from config.toml; job variables override them.
 	Environment []string
-	// PreCloneScript runs in get_sources before the clone or fetch (not with GIT_STRATEGY=none).
-	PreCloneScript string
+	// PreCloneScript (pre_get_sources_script) runs in get_sources before
+	// the clone or fetch; PostCloneScript (post_get_sources_script) after the
+	// checkout and submodules, in the project dir. Neither runs when
+	// GIT_STRATEGY is none or empty.
+	PreCloneScript, PostCloneScript string
 	// PreBuildScript runs in each user step before its commands.
 	PreBuildScript string
 	// PostBuildScript runs in each user step after its commands, only when they succeeded.
@@ -132,7 +135,7 @@ type Plan struct {
 	BuildsDir, ProjectDir, TmpDir string
 	// JobTimeout is runner_info.timeout, or DefaultJobTimeout.
 	JobTimeout time.Duration
-	// GitStrategy is clone, fetch or none.
+	// GitStrategy is clone, fetch, none or empty (see GitClone).
 	GitStrategy string
 	// Secrets are the values to mask in the trace: masked variables and the job token.
 	Secrets []string
@@ -198,6 +201,7 @@ type generator struct {
 	windows   bool                // paths use backslashes
 	vars      []variable          // exported in every stage, in order (file variables: their path)
 	lookup    map[string]variable // last definition of each key, expanded (file variables: content)
+	git       gitConfig           // get_sources settings, from gitSettings
 }
 
 // check validates the payload fields and options that do not depend on variables.
@@ -232,14 +236,6 @@ func (g *generator) check() error {
 	if user == 0 {
 		return errors.New(`job payload: steps: no "script" step, only after_script`)
 	}
-	if j.GitInfo.Depth < 0 {
-		return fmt.Errorf("job payload: git_info.depth %d: want >= 0", j.GitInfo.Depth)
-	}
-	for i, r := range j.GitInfo.Refspecs {
-		if r == "" || strings.ContainsAny(r, "\x00\r\n") {
-			return fmt.Errorf("job payload: git_info.refspecs[%d] %q: empty or contains NUL or a line break", i, r)
-		}
-	}
 	for i, kv := range g.opts.Environment {
 		k, _, ok := strings.Cut(kv, "=")
 		if !ok || k == "" {
@@ -248,6 +244,7 @@ func (g *generator) check() error {
 	}
 	for _, o := range []struct{ name, v string }{
 		{"pre_clone_script", g.opts.PreCloneScript},
+		{"post_clone_script", g.opts.PostCloneScript},
 		{"pre_build_script", g.opts.PreBuildScript},
 		{"post_build_script", g.opts.PostBuildScript},
 	} {
@@ -458,54 +455,21 @@ func (g *generator) variables() error {
 // value returns the expanded value of a variable (a file variable's content).
 func (g *generator) value(k string) string { return g.lookup[k].value }
 
-// gitSettings reads GIT_STRATEGY and friends and checks git_info against them.
-func (g *generator) gitSettings() error {
-	j, p := g.job, g.plan
-	switch s := g.value("GIT_STRATEGY"); s {
-	case "":
-		p.GitStrategy = "clone"
-		if j.AllowGitFetch {
-			p.GitStrategy = "fetch"
-		}
-	case "clone", "fetch", "none":
-		p.GitStrategy = s
-	default:
-		return fmt.Errorf("variable GIT_STRATEGY %q: want clone, fetch or none", s)
-	}
-	switch s := g.value("GIT_SUBMODULE_STRATEGY"); s {
-	case "", "none", "normal", "recursive":
-	default:
-		return fmt.Errorf("variable GIT_SUBMODULE_STRATEGY %q: want none, normal or recursive", s)
-	}
-	if p.GitStrategy == "none" {
-		return nil
-	}
-	sha := j.GitInfo.Sha
-	if len(sha) < 8 || !hexRE.MatchString(sha) {
-		return fmt.Errorf("job payload: git_info.sha %q: want at least 8 hex digits (GIT_STRATEGY is %s)", sha, p.GitStrategy)
-	}
-	if j.GitInfo.RepoURL == "" {
-		return fmt.Errorf("job payload: git_info.repo_url: empty (GIT_STRATEGY is %s)", p.GitStrategy)
-	}
-	if strings.ContainsAny(j.GitInfo.RepoURL, "\x00\r\n") {
-		return errors.New("job payload: git_info.repo_url: contains NUL or a line break")
-	}
-	if strings.ContainsAny(j.GitInfo.Ref, "\x00\r\n") {
-		return errors.New("job payload: git_info.ref: contains NUL or a line break")
-	}
-	return nil
-}
-
-// attempts reads a *_ATTEMPTS variable: 1 when unset, 1..10 otherwise.
+// attempts reads a *_ATTEMPTS variable: 1 when unset or not a number, and
+// clamped to 1..10 as gitlab-runner does.
 func (g *generator) attempts(key string) int {
 	s := g.value(key)
 	if s == "" {
 		return 1
 	}
 	n, err := strconv.Atoi(s)
-	if err != nil || n < 1 || n > 10 {
-		g.plan.Warnings = append(g.plan.Warnings, fmt.Sprintf("variable %s %q: want a number from 1 to 10; using 1", key, s))
+	if err != nil {
+		g.warnf("variable %s %q: want a number from 1 to 10; using 1", key, s)
 		return 1
+	}
+	if c := max(1, min(10, n)); c != n {
+		g.warnf("variable %s %q: want a number from 1 to 10; using %d", key, s, c)
+		return c
 	}
 	return n
 }

@@ -30,7 +30,6 @@ func TestMalformedPayload(t *testing.T) {
 		{"short sha", func(j *runnerapi.JobResponse, o *Options) { j.Variables = nil; j.GitInfo.Sha = "abc123" }, `git_info.sha "abc123": want at least 8 hex digits`},
 		{"non-hex sha", func(j *runnerapi.JobResponse, o *Options) { j.Variables = nil; j.GitInfo.Sha = "zzzzzzzzzz" }, `git_info.sha "zzzzzzzzzz"`},
 		{"no repo url", func(j *runnerapi.JobResponse, o *Options) { j.Variables = nil; j.GitInfo.RepoURL = "" }, "git_info.repo_url: empty"},
-		{"bad GIT_STRATEGY", func(j *runnerapi.JobResponse, o *Options) { j.Variables[0].Value = "rsync" }, `variable GIT_STRATEGY "rsync"`},
 		{"bad submodule strategy", func(j *runnerapi.JobResponse, o *Options) {
 			j.Variables = append(j.Variables, runnerapi.Variable{Key: "GIT_SUBMODULE_STRATEGY", Value: "all"})
 		}, `variable GIT_SUBMODULE_STRATEGY "all"`},
@@ -47,6 +46,14 @@ func TestMalformedPayload(t *testing.T) {
 		}, "variables[1] (K).value: contains a NUL"},
 		{"negative depth", func(j *runnerapi.JobResponse, o *Options) { j.GitInfo.Depth = -1 }, "git_info.depth -1"},
 		{"bad refspec", func(j *runnerapi.JobResponse, o *Options) { j.GitInfo.Refspecs = []string{"a\nb"} }, "git_info.refspecs[0]"},
+		{"option as refspec", func(j *runnerapi.JobResponse, o *Options) {
+			j.GitInfo.Refspecs = []string{"+refs/heads/*:refs/remotes/origin/*", "--upload-pack=touch /tmp/x"}
+		}, "git_info.refspecs[1]"},
+		{"option as repo_url", func(j *runnerapi.JobResponse, o *Options) { j.Variables = nil; j.GitInfo.RepoURL = "--upload-pack=x" }, "git_info.repo_url: starts with -"},
+		{"submodule exclusion", func(j *runnerapi.JobResponse, o *Options) {
+			j.Variables = []runnerapi.Variable{{Key: "GIT_SUBMODULE_STRATEGY", Value: "normal"}, {Key: "GIT_SUBMODULE_PATHS", Value: ":(exclude) sub"}}
+		}, "GIT_SUBMODULE_PATHS"},
+		{"NUL in post_clone_script", func(j *runnerapi.JobResponse, o *Options) { o.PostCloneScript = "a\x00" }, "post_clone_script: contains a NUL"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -256,9 +263,12 @@ func TestPowerShellGetSources(t *testing.T) {
 	s := stage(t, p, StageGetSources).Script
 	for _, f := range []string{
 		"& 'git' 'init' 'C:\\b\\grp\\demo' '--template' 'C:\\b\\grp\\demo.tmp\\git-template'\n" + psCheck,
-		"try { & 'git' 'remote' 'add' 'origin' 'http://gitlab-ci-token:jt-0123456789@127.0.0.1/grp/demo.git' 2>$null;",
-		"& 'git' 'fetch' 'origin' '+refs/heads/main:refs/remotes/origin/main' '--depth' '5' '--prune' '--quiet'\n" + psCheck,
-		"& 'git' 'checkout' '-f' '-q' '" + strings.Repeat("a", 40) + "'\n" + psCheck,
+		"try { & 'git' 'remote' 'add' 'origin' 'http://127.0.0.1/grp/demo.git' 2>$null | Out-Null;",
+		"& 'git' 'config' '--replace-all' 'credential.http://127.0.0.1.helper' $__mayfly_empty\n" + psCheck,
+		"& 'git' 'config' '--add' 'credential.http://127.0.0.1.helper' '" + credentialHelper + "'\n" + psCheck,
+		"& 'git' 'fetch' 'origin' '--no-recurse-submodules' '+refs/heads/main:refs/remotes/origin/main' '--depth' '5' '--prune' '--quiet'\n" + psCheck,
+		"& 'git' '-c' 'submodule.recurse=false' 'checkout' '-f' '-q' '" + strings.Repeat("a", 40) + "'\n" + psCheck,
+		"$__mayfly_empty = if ([Version]$PSVersionTable.PSVersion -lt [Version]'7.3') { '\"\"' } else { '' }\n",
 		"if (Test-Path -LiteralPath 'C:\\b\\grp\\demo') { Remove-Item -LiteralPath 'C:\\b\\grp\\demo' -Recurse -Force }",
 	} {
 		if !strings.Contains(s, f) {

@@ -32,8 +32,17 @@ type shellWriter interface {
 	mkdir(dir string)
 	rmdir(dir string)
 	rmfile(path string)
-	// gitRemote points remote origin at url, adding it if it is missing.
-	gitRemote(url string)
+	// rmFilesMatching removes every file under dir whose name matches the
+	// glob pattern (*, ? and [...]), if dir exists.
+	rmFilesMatching(dir, pattern string)
+	// ifCmd opens a block that runs when the program succeeds; its output
+	// is discarded (ifCmdShown: shown). ifFile opens one that runs when path
+	// is a regular file. Close each with endIf, optionally after orElse.
+	ifCmd(prog string, args ...string)
+	ifCmdShown(prog string, args ...string)
+	ifFile(path string)
+	orElse()
+	endIf()
 	// finish returns the whole script.
 	finish() string
 }
@@ -95,11 +104,7 @@ func (w *posixWriter) userCommand(cmd string) {
 }
 
 func (w *posixWriter) run(prog string, args ...string) {
-	words := []string{shQuote(prog)}
-	for _, a := range args {
-		words = append(words, shQuote(a))
-	}
-	w.line(strings.Join(words, " "))
+	w.line(posixCommand(prog, args))
 }
 
 func (w *posixWriter) cd(dir string)      { w.run("cd", dir) }
@@ -107,13 +112,29 @@ func (w *posixWriter) mkdir(dir string)   { w.run("mkdir", "-p", dir) }
 func (w *posixWriter) rmdir(dir string)   { w.run("rm", "-r", "-f", dir) }
 func (w *posixWriter) rmfile(path string) { w.run("rm", "-f", path) }
 
-func (w *posixWriter) gitRemote(url string) {
-	w.line("if git remote add origin " + shQuote(url) + " >/dev/null 2>&1; then")
-	w.notice("Created fresh repository.")
-	w.line("else")
-	w.run("git", "remote", "set-url", "origin", url)
-	w.line("fi")
+func (w *posixWriter) rmFilesMatching(dir, pattern string) {
+	w.line("if [ -d " + shQuote(dir) + " ]; then find " + shQuote(dir) + " -name " + shQuote(pattern) + " -type f -exec rm -f {} +; fi")
 }
+
+func posixCommand(prog string, args []string) string {
+	words := []string{shQuote(prog)}
+	for _, a := range args {
+		words = append(words, shQuote(a))
+	}
+	return strings.Join(words, " ")
+}
+
+func (w *posixWriter) ifCmd(prog string, args ...string) {
+	w.line("if " + posixCommand(prog, args) + " >/dev/null 2>&1; then")
+}
+
+func (w *posixWriter) ifCmdShown(prog string, args ...string) {
+	w.line("if " + posixCommand(prog, args) + "; then")
+}
+
+func (w *posixWriter) ifFile(path string) { w.line("if [ -f " + shQuote(path) + " ]; then") }
+func (w *posixWriter) orElse()            { w.line("else") }
+func (w *posixWriter) endIf()             { w.line("fi") }
 
 // finish wraps the body in a brace group: the shell parses all of it before
 // running any, and commands read /dev/null instead of the rest of the script
@@ -136,6 +157,9 @@ func (w *posixWriter) finish() string {
 type psWriter struct {
 	eol string
 	b   strings.Builder
+	// emptyArg: the script passes an empty argument to a program, which
+	// PowerShell before 7.3 drops unless it is written as '""'.
+	emptyArg bool
 }
 
 func newPSWriter(windowsPowerShell bool) *psWriter {
@@ -203,12 +227,26 @@ func (w *psWriter) userCommand(cmd string) {
 	w.line(psCheck)
 }
 
-func (w *psWriter) run(prog string, args ...string) {
+// psNativeEmpty holds the word that passes an empty argument to a program.
+const psNativeEmpty = "$__mayfly_empty"
+
+// command returns "& 'prog' 'arg'...", with empty arguments passed so that
+// every PowerShell version keeps them.
+func (w *psWriter) command(prog string, args []string) string {
 	words := []string{"&", psQuote(prog)}
 	for _, a := range args {
+		if a == "" {
+			w.emptyArg = true
+			words = append(words, psNativeEmpty)
+			continue
+		}
 		words = append(words, psQuote(a))
 	}
-	w.line(strings.Join(words, " "))
+	return strings.Join(words, " ")
+}
+
+func (w *psWriter) run(prog string, args ...string) {
+	w.line(w.command(prog, args))
 	w.line(psCheck)
 }
 
@@ -229,16 +267,30 @@ func (w *psWriter) rmfile(path string) {
 	w.line("if (Test-Path -LiteralPath " + psQuote(path) + ") { Remove-Item -LiteralPath " + psQuote(path) + " -Force }")
 }
 
-func (w *psWriter) gitRemote(url string) {
-	// Native stderr under $ErrorActionPreference=Stop can throw in 5.1: try/catch.
-	w.line("$__mayfly_added = $false")
-	w.line("try { & 'git' 'remote' 'add' 'origin' " + psQuote(url) + " 2>$null; $__mayfly_added = ($LASTEXITCODE -eq 0) } catch { }")
-	w.line("if ($__mayfly_added) {")
-	w.notice("Created fresh repository.")
-	w.line("} else {")
-	w.run("git", "remote", "set-url", "origin", url)
-	w.line("}")
+func (w *psWriter) rmFilesMatching(dir, pattern string) {
+	w.line("if (Test-Path -LiteralPath " + psQuote(dir) + " -PathType Container) { Get-ChildItem -LiteralPath " + psQuote(dir) +
+		" -Recurse -Force -File | Where-Object { $_.Name -like " + psQuote(pattern) + " } | Remove-Item -Force }")
 }
+
+// ifCmd and ifCmdShown catch what a native program's stderr throws under
+// $ErrorActionPreference = "Stop" in Windows PowerShell 5.1.
+func (w *psWriter) ifCmd(prog string, args ...string) {
+	w.line("$__mayfly_ok = $false")
+	w.line("try { " + w.command(prog, args) + " 2>$null | Out-Null; $__mayfly_ok = ($LASTEXITCODE -eq 0) } catch { }")
+	w.line("if ($__mayfly_ok) {")
+}
+
+func (w *psWriter) ifCmdShown(prog string, args ...string) {
+	w.line("$__mayfly_ok = $false")
+	w.line("try { " + w.command(prog, args) + "; $__mayfly_ok = ($LASTEXITCODE -eq 0) } catch { }")
+	w.line("if ($__mayfly_ok) {")
+}
+
+func (w *psWriter) ifFile(path string) {
+	w.line("if (Test-Path -LiteralPath " + psQuote(path) + " -PathType Leaf) {")
+}
+func (w *psWriter) orElse() { w.line("} else {") }
+func (w *psWriter) endIf()  { w.line("}") }
 
 // finish wraps the body in a script block, as gitlab-runner does, with
 // $ErrorActionPreference = "Stop" so failing cmdlets end the script.
@@ -247,6 +299,9 @@ func (w *psWriter) finish() string {
 	s.WriteString("& {" + w.eol)
 	s.WriteString(`$ErrorActionPreference = "Stop"` + w.eol)
 	s.WriteString("$__mayfly_esc = [char]27" + w.eol)
+	if w.emptyArg {
+		s.WriteString("$__mayfly_empty = if ([Version]$PSVersionTable.PSVersion -lt [Version]'7.3') { '\"\"' } else { '' }" + w.eol)
+	}
 	s.WriteString(w.b.String())
 	s.WriteString("}" + w.eol)
 	return s.String()

@@ -2,8 +2,6 @@ package buildscript
 
 import (
 	"fmt"
-	"strconv"
-	"strings"
 	"time"
 
 	"github.com/mayfly-ci/mayfly/manager/runnerapi"
@@ -145,92 +143,6 @@ func (g *generator) stages() error {
 func (g *generator) exports(w shellWriter) {
 	for _, v := range g.vars {
 		w.export(v.key, v.value)
-	}
-}
-
-// getSources writes pre_clone_script and the clone or fetch of the exact sha.
-// The job token is part of the repository URL: it is passed to git as an
-// argument and never printed by the script.
-func (g *generator) getSources(w shellWriter) {
-	p, gi := g.plan, g.job.GitInfo
-	if p.GitStrategy == "none" {
-		w.notice("Skipping Git repository setup")
-		w.mkdir(p.ProjectDir)
-		w.notice("Skipping Git checkout")
-		w.notice("Skipping Git submodules setup")
-		return
-	}
-	if g.opts.PreCloneScript != "" {
-		w.userCommand(g.opts.PreCloneScript)
-	}
-	if gi.Depth > 0 {
-		w.notice(fmt.Sprintf("Fetching changes with git depth set to %d...", gi.Depth))
-	} else {
-		w.notice("Fetching changes...")
-	}
-	tmpl := g.join(p.TmpDir, "git-template")
-	w.mkdir(tmpl)
-	w.run("git", "config", "-f", g.join(tmpl, "config"), "init.defaultBranch", "none")
-	w.run("git", "config", "-f", g.join(tmpl, "config"), "fetch.recurseSubmodules", "false")
-	if p.GitStrategy == "clone" {
-		w.rmdir(p.ProjectDir)
-	} else {
-		// Left behind by an interrupted git, these make the fetch fail.
-		for _, f := range []string{"index.lock", "shallow.lock", "HEAD.lock", "hooks/post-checkout", "config.lock"} {
-			w.rmfile(g.join(p.ProjectDir, ".git", f))
-		}
-	}
-	w.run("git", "init", p.ProjectDir, "--template", tmpl)
-	w.cd(p.ProjectDir)
-	w.gitRemote(gi.RepoURL)
-
-	args := []string{"fetch", "origin"}
-	args = append(args, gi.Refspecs...)
-	if gi.Depth > 0 {
-		args = append(args, "--depth", strconv.Itoa(gi.Depth))
-	}
-	if f := g.value("GIT_FETCH_EXTRA_FLAGS"); f != "" {
-		args = append(args, strings.Fields(f)...)
-	} else {
-		args = append(args, "--prune", "--quiet")
-	}
-	w.run("git", args...)
-
-	if g.value("GIT_CHECKOUT") == "false" {
-		w.notice("Skipping Git checkout")
-	} else {
-		ref := gi.Ref
-		if ref == "" {
-			ref = gi.Sha
-		}
-		w.notice(fmt.Sprintf("Checking out %s as detached HEAD (ref is %s)...", gi.Sha[:8], ref))
-		w.run("git", "checkout", "-f", "-q", gi.Sha)
-		switch f := g.value("GIT_CLEAN_FLAGS"); f {
-		case "none":
-		case "":
-			w.run("git", "clean", "-ffdx")
-		default:
-			w.run("git", append([]string{"clean"}, strings.Fields(f)...)...)
-		}
-	}
-
-	switch g.value("GIT_SUBMODULE_STRATEGY") {
-	case "normal", "recursive":
-		rec := g.value("GIT_SUBMODULE_STRATEGY") == "recursive"
-		if rec {
-			w.notice("Updating/initializing submodules recursively...")
-		} else {
-			w.notice("Updating/initializing submodules...")
-		}
-		w.run("git", "submodule", "init")
-		sync, update := []string{"submodule", "sync"}, []string{"submodule", "update", "--init"}
-		if rec {
-			sync, update = append(sync, "--recursive"), append(update, "--recursive")
-		}
-		w.run("git", sync...)
-		w.run("git", update...)
-	default:
-		w.notice("Skipping Git submodules setup")
 	}
 }
 
