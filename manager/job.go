@@ -187,6 +187,7 @@ func (m *Manager) plan(r *runner, job *runnerapi.JobResponse, via string) (*buil
 		BuildsDir:        r.cfg.BuildsDir,
 		Environment:      r.cfg.Environment,
 		PreCloneScript:   r.cfg.PreCloneScript,
+		PostCloneScript:  r.cfg.PostCloneScript,
 		PreBuildScript:   r.cfg.PreBuildScript,
 		PostBuildScript:  r.cfg.PostBuildScript,
 		Via:              via,

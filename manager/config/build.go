@@ -233,6 +233,7 @@ func (b *builder) runner(i int, raw *fileRunner) Runner {
 		BuildsDir:       raw.BuildsDir,
 		Environment:     raw.Environment,
 		PreCloneScript:  raw.PreCloneScript,
+		PostCloneScript: raw.PostCloneScript,
 		PreBuildScript:  raw.PreBuildScript,
 		PostBuildScript: raw.PostBuildScript,
 		MaxJobTimeout:   DefaultMaxJobTimeout,
@@ -268,6 +269,11 @@ func (b *builder) runner(i int, raw *fileRunner) Runner {
 		b.errorf(key("pre_get_sources_script"), "set either pre_get_sources_script or its old name pre_clone_script, not both")
 	} else if raw.PreGetSources != "" {
 		r.PreCloneScript = raw.PreGetSources
+	}
+	if raw.PostCloneScript != "" && raw.PostGetSources != "" {
+		b.errorf(key("post_get_sources_script"), "set either post_get_sources_script or its old name post_clone_script, not both")
+	} else if raw.PostGetSources != "" {
+		r.PostCloneScript = raw.PostGetSources
 	}
 	for j, kv := range raw.Environment {
 		if k, _, ok := strings.Cut(kv, "="); !ok || k == "" {

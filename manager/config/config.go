@@ -65,7 +65,8 @@ type Runner struct {
 	Shell              string
 	BuildsDir          string
 	Environment        []string
-	PreCloneScript     string
+	PreCloneScript     string // pre_get_sources_script
+	PostCloneScript    string // post_get_sources_script
 	PreBuildScript     string
 	PostBuildScript    string
 	MaxJobTimeout      time.Duration // hard cap over the job's own timeout

@@ -609,3 +609,36 @@ func (s *syncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+// The get_sources hooks under their current and old names; both names at
+// once is an error naming the new key.
+func TestGetSourcesScriptKeys(t *testing.T) {
+	at := func(key string) string {
+		return strings.Replace(machineDoc, "executor =", key+"\n  executor =", 1)
+	}
+	for _, tt := range []struct {
+		name, doc, pre, post, errKey string
+	}{
+		{"new names", at("pre_get_sources_script = \"echo pre\"\n  post_get_sources_script = \"echo post\""), "echo pre", "echo post", ""},
+		{"old names", at("pre_clone_script = \"echo pre\"\n  post_clone_script = \"echo post\""), "echo pre", "echo post", ""},
+		{"both pre", at("pre_clone_script = \"a\"\n  pre_get_sources_script = \"b\""), "", "", "runners[0].pre_get_sources_script"},
+		{"both post", at("post_clone_script = \"a\"\n  post_get_sources_script = \"b\""), "", "", "runners[0].post_get_sources_script"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := Parse("c.toml", []byte(tt.doc))
+			if tt.errKey != "" {
+				var list ErrorList
+				if !errors.As(err, &list) || list[0].Key != tt.errKey || !strings.Contains(list[0].Message, "not both") {
+					t.Fatalf("err %v, want one about %s", err, tt.errKey)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Parse: %v", err)
+			}
+			if r := cfg.Runners[0]; r.PreCloneScript != tt.pre || r.PostCloneScript != tt.post {
+				t.Errorf("pre %q post %q", r.PreCloneScript, r.PostCloneScript)
+			}
+		})
+	}
+}

@@ -32,6 +32,8 @@ type fileRunner struct {
 	Environment        []string        `toml:"environment"`
 	PreCloneScript     string          `toml:"pre_clone_script"`
 	PreGetSources      string          `toml:"pre_get_sources_script"`
+	PostCloneScript    string          `toml:"post_clone_script"`
+	PostGetSources     string          `toml:"post_get_sources_script"`
 	PreBuildScript     string          `toml:"pre_build_script"`
 	PostBuildScript    string          `toml:"post_build_script"`
 	MaxJobTimeout      *int            `toml:"max_job_timeout"`
