@@ -50,8 +50,9 @@ const instanceWaitTimeout = 15 * time.Minute
 // runJob takes the instance res promised, runs one job on it and reports
 // the job to GitLab. It always ends the reservation and the lease, whatever
 // happens.
-func (m *Manager) runJob(r *runner, job *runnerapi.JobResponse, res Reservation, wait time.Duration, received time.Time) {
+func (m *Manager) runJob(r *runner, job *runnerapi.JobResponse, res Reservation, wait time.Duration, received time.Time, phases *phaseLog) {
 	log := m.log.With("runner", r.cfg.Name, "job", job.ID)
+	defer phases.log(log)
 	m.metrics.jobs.WithLabelValues(r.cfg.Name).Inc()
 	defer m.metrics.jobs.WithLabelValues(r.cfg.Name).Dec()
 
@@ -59,7 +60,11 @@ func (m *Manager) runJob(r *runner, job *runnerapi.JobResponse, res Reservation,
 	// or canceled job still reports how it ended.
 	reportCtx, stopReport := context.WithCancel(context.Background())
 	defer stopReport()
-	tr, err := r.client.StartJobTrace(reportCtx, job.ID, job.Token, gitlab.TraceOptions{OutputLimit: r.cfg.OutputLimitKB * 1024, Interval: m.traceInterval})
+	tr, err := r.client.StartJobTrace(reportCtx, job.ID, job.Token, gitlab.TraceOptions{
+		OutputLimit:  r.cfg.OutputLimitKB * 1024,
+		Interval:     m.traceInterval,
+		ObservePatch: func(d time.Duration) { phases.add(PhaseTraceFlush, d) },
+	})
 	if err != nil {
 		log.Error("start job trace", "err", err)
 		res.Cancel()
@@ -79,7 +84,9 @@ func (m *Manager) runJob(r *runner, job *runnerapi.JobResponse, res Reservation,
 		log.Error("bad job payload", "err", err)
 		err = &payloadError{err}
 	} else {
+		acquireStart := m.now()
 		lease, err = m.acquire(r, res, wait, tr, head)
+		phases.since(PhaseAcquire, acquireStart)
 	}
 	if cerr := head.Close(); cerr != nil {
 		log.Warn("flush trace", "err", cerr)
@@ -102,7 +109,7 @@ func (m *Manager) runJob(r *runner, job *runnerapi.JobResponse, res Reservation,
 			break
 		}
 		out = mask.NewWriter(tr, append(secrets(job), plan.Secrets...)) // plus the expanded masked values
-		result = m.execute(r, job, plan, lease, out, tr, received)
+		result = m.execute(r, job, plan, lease, out, tr, received, phases)
 	}
 
 	fmt.Fprint(out, result.summaryLine())
@@ -110,14 +117,18 @@ func (m *Manager) runJob(r *runner, job *runnerapi.JobResponse, res Reservation,
 		log.Warn("flush trace", "err", err)
 	}
 	if lease != nil {
+		releaseStart := m.now()
 		lease.Release(result.state != runnerapi.StateSuccess)
+		phases.since(PhaseRelease, releaseStart)
 	}
 
 	fctx, cancel := context.WithTimeout(reportCtx, finalReportTimeout)
 	defer cancel()
+	finalStart := m.now()
 	if err := tr.Finish(fctx, result.state, result.failureReason, result.exitCode); err != nil && !errors.Is(err, gitlab.ErrJobAborted) {
 		log.Error("report job result", "err", err)
 	}
+	phases.since(PhaseFinalUpdate, finalStart)
 	m.metrics.jobsTotal.WithLabelValues(r.cfg.Name, result.state, result.failureReason).Inc()
 	if result.failureReason == runnerapi.FailureRunnerSystemFailure {
 		m.metrics.systemFailures.WithLabelValues(r.cfg.Name).Inc()
@@ -216,14 +227,21 @@ func systemFailure(format string, args ...any) jobResult {
 }
 
 // stageExecutor runs buildscript stages on a vmexec.Executor.
-type stageExecutor struct{ exec vmexec.Executor }
+type stageExecutor struct {
+	exec   vmexec.Executor
+	now    func() time.Time
+	phases *phaseLog
+	stage  buildscript.StageName // the stage running, set by onStage
+}
 
-func (s stageExecutor) Run(ctx context.Context, shell, script string, out io.Writer) (int, error) {
+func (s *stageExecutor) Run(ctx context.Context, shell, script string, out io.Writer) (int, error) {
+	start := s.now()
+	defer func() { s.phases.since(stagePhase(s.stage), start) }()
 	return s.exec.Run(ctx, vmexec.Command{Script: script, Shell: shell, Stdout: out, Stderr: out})
 }
 
 // execute runs the job's stages and decides its result.
-func (m *Manager) execute(r *runner, job *runnerapi.JobResponse, plan *buildscript.Plan, lease Lease, out io.Writer, tr *gitlab.JobTrace, received time.Time) jobResult {
+func (m *Manager) execute(r *runner, job *runnerapi.JobResponse, plan *buildscript.Plan, lease Lease, out io.Writer, tr *gitlab.JobTrace, received time.Time, phases *phaseLog) jobResult {
 	for _, w := range plan.Warnings {
 		fmt.Fprint(out, buildscript.WarningLine(w))
 	}
@@ -245,7 +263,9 @@ func (m *Manager) execute(r *runner, job *runnerapi.JobResponse, plan *buildscri
 		}
 	}()
 
+	connectStart := m.now()
 	exec, err := lease.Connect(jobCtx)
+	phases.since(PhaseConnect, connectStart)
 	if err != nil {
 		if res, ended := endedResult(jobCtx, plan.JobTimeout); ended {
 			return res
@@ -253,6 +273,7 @@ func (m *Manager) execute(r *runner, job *runnerapi.JobResponse, plan *buildscri
 		return systemFailure("cannot connect to the VM %s: %v", lease.ID(), err)
 	}
 	defer exec.Close()
+	uploadStart := m.now()
 	for _, f := range plan.Files {
 		if err := exec.Upload(jobCtx, f.Path, f.Content, f.Mode); err != nil {
 			if res, ended := endedResult(jobCtx, plan.JobTimeout); ended {
@@ -262,14 +283,20 @@ func (m *Manager) execute(r *runner, job *runnerapi.JobResponse, plan *buildscri
 		}
 	}
 
+	if len(plan.Files) > 0 {
+		phases.since(PhaseUpload, uploadStart)
+	}
+
 	startOnce := false
+	se := &stageExecutor{exec: exec, now: m.now, phases: phases}
 	onStage := func(st buildscript.Stage) {
+		se.stage = st.Name
 		if st.User && !startOnce {
 			startOnce = true
 			m.observeStart(r, job, received)
 		}
 	}
-	res := plan.Run(jobCtx, stageExecutor{exec}, out, m.now, onStage)
+	res := plan.Run(jobCtx, se, out, m.now, onStage)
 	// A lost VM and an abort end the job's context like a cancel does, but
 	// they are the runner's failures, not the user's.
 	if cause := context.Cause(jobCtx); errors.Is(cause, errInstanceLost) || errors.Is(cause, ErrAborted) {

@@ -253,12 +253,16 @@ func (m *Manager) tryRequest(ctx context.Context, r *runner) (started bool, skip
 		}
 		<-m.slots
 	}
+	reserveStart := m.now()
 	res, wait, ok := r.fleet.Reserve()
+	reserved := m.now().Sub(reserveStart)
 	if !ok {
 		release()
 		return false, "no_instance"
 	}
+	requestStart := m.now()
 	resp, err := r.client.RequestJob(ctx, r.cfg.Token, gitlab.RequestOptions{})
+	requested := m.now().Sub(requestStart)
 	m.metrics.requests.WithLabelValues(r.cfg.Name, resp.Outcome.String()).Inc()
 	if resp.Outcome != gitlab.JobReceived {
 		res.Cancel()
@@ -276,11 +280,14 @@ func (m *Manager) tryRequest(ctx context.Context, r *runner) (started bool, skip
 		return false, ""
 	}
 	received := m.now()
+	phases := newPhaseLog(m.metrics, r.cfg.Name, m.now)
+	phases.add(PhaseReserve, reserved)
+	phases.add(PhaseRequest, requested)
 	m.jobs.Add(1)
 	go func() {
 		defer m.jobs.Done()
 		defer release()
-		m.runJob(r, resp.Job, res, wait, received)
+		m.runJob(r, resp.Job, res, wait, received, phases)
 	}()
 	return true, ""
 }

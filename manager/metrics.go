@@ -22,10 +22,11 @@ type metrics struct {
 	pickupToStart   *prometheus.HistogramVec // job received to script start, by runner
 	concurrent      prometheus.Gauge
 	limit           *prometheus.GaugeVec
-	requests        *prometheus.CounterVec // job requests by runner and outcome
-	systemFailures  *prometheus.CounterVec // jobs failed with runner_system_failure, by runner
-	requestsSkipped *prometheus.CounterVec // polls that did not ask GitLab, by runner and reason
-	onDemand        *prometheus.CounterVec // jobs taken for an instance not yet ready, by runner
+	requests        *prometheus.CounterVec   // job requests by runner and outcome
+	systemFailures  *prometheus.CounterVec   // jobs failed with runner_system_failure, by runner
+	requestsSkipped *prometheus.CounterVec   // polls that did not ask GitLab, by runner and reason
+	onDemand        *prometheus.CounterVec   // jobs taken for an instance not yet ready, by runner
+	phase           *prometheus.HistogramVec // time spent in each phase of a job, by runner and phase
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -63,11 +64,15 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		onDemand: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "mayfly_jobs_on_demand_total", Help: "Jobs taken before an instance was idle, for one expected within the on-demand window, by runner.",
 		}, []string{"runner"}),
+		phase: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "mayfly_job_phase_seconds", Help: "Time spent in each phase of a job (request, reserve, acquire, connect, ready_check, upload, stage_<name>, trace_flush, final_update, release, reattach), by runner and phase.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2, 20),
+		}, []string{"runner", "phase"}),
 	}
 	if reg == nil {
 		return m, nil
 	}
-	for _, c := range []prometheus.Collector{m.jobs, m.jobsTotal, m.jobDuration, m.queueToStart, m.pickupToStart, m.concurrent, m.limit, m.requests, m.systemFailures, m.requestsSkipped, m.onDemand} {
+	for _, c := range []prometheus.Collector{m.jobs, m.jobsTotal, m.jobDuration, m.queueToStart, m.pickupToStart, m.concurrent, m.limit, m.requests, m.systemFailures, m.requestsSkipped, m.onDemand, m.phase} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -46,6 +46,9 @@ type TraceOptions struct {
 	FinalUpdateTimeout time.Duration
 	// MaxFinalAttempts bounds Finish in count.
 	MaxFinalAttempts int
+	// ObservePatch, if set, is called with the duration of every PATCH of
+	// the trace (for the job's phase timings).
+	ObservePatch func(time.Duration)
 }
 
 func (o TraceOptions) withDefaults() TraceOptions {
@@ -288,7 +291,11 @@ func (t *JobTrace) flushLocked(ctx context.Context) flushResult {
 		if len(chunk) == 0 {
 			return flushDone
 		}
+		began := t.c.clock.Now()
 		res, err := t.c.PatchTrace(ctx, t.id, t.token, start, chunk)
+		if t.opts.ObservePatch != nil {
+			t.opts.ObservePatch(t.c.clock.Now().Sub(began))
+		}
 		t.applyRemote(res.StatusCode, res.UpdateInterval, res.JobStatus)
 		if err != nil {
 			t.log.Warn("patch trace failed", "offset", start, "error", err)
