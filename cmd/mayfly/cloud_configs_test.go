@@ -14,7 +14,7 @@ import (
 	"time"
 
 	"github.com/mayfly-ci/mayfly/manager/config"
-	"github.com/mayfly-ci/mayfly/plugins/aws/ec2provider"
+	"github.com/mayfly-ci/mayfly/plugins/aws"
 	"github.com/mayfly-ci/mayfly/plugins/gce"
 	"github.com/mayfly-ci/mayfly/providers"
 )
@@ -75,7 +75,7 @@ func TestCloudConfigs(t *testing.T) {
 				s["key_secret_file"] = secretFile
 				s["endpoint"] = "http://127.0.0.1:1"
 				s["access_key_id"], s["secret_access_key"] = "AKIDTEST", "test-secret"
-				return initPlugin(ec2provider.New(ec2provider.Options{}), s)
+				return initPlugin(aws.New(aws.Options{}), s)
 			},
 		},
 		{
@@ -90,7 +90,7 @@ func TestCloudConfigs(t *testing.T) {
 				s["windows_key_file"] = windowsKeyFile
 				s["endpoint"] = "http://127.0.0.1:1"
 				s["access_key_id"], s["secret_access_key"] = "AKIDTEST", "test-secret"
-				return initPlugin(ec2provider.New(ec2provider.Options{}), s)
+				return initPlugin(aws.New(aws.Options{}), s)
 			},
 		},
 	}

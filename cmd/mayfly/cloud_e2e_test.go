@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mayfly-ci/mayfly/plugins/aws/ec2fake"
+	"github.com/mayfly-ci/mayfly/plugins/aws/awsfake"
 	"github.com/mayfly-ci/mayfly/vmexec"
 	"github.com/mayfly-ci/mayfly/vmexec/sshexec"
 	"github.com/mayfly-ci/mayfly/vmexec/sshtest"
@@ -37,7 +37,7 @@ func TestEC2LinuxFleetEndToEnd(t *testing.T) {
 	forward(t, vm, sshd.Addr)
 	vmIP, _, _ := net.SplitHostPort(vm.Addr().String())
 
-	cloudInit := func(in ec2fake.Instance) {
+	cloudInit := func(in awsfake.Instance) {
 		key := authorizedKeyFromUserData(string(in.UserData))
 		if key == "" {
 			t.Errorf("instance %s: no ssh_authorized_keys in its user data:\n%s", in.ID, in.UserData)
@@ -52,7 +52,7 @@ func TestEC2LinuxFleetEndToEnd(t *testing.T) {
 		"subnet-0e2e0000000000002": "us-east-1b",
 		"subnet-0e2e0000000000003": "us-east-1c",
 	}
-	fake := ec2fake.New(ec2fake.Options{
+	fake := awsfake.New(awsfake.Options{
 		AccessKeyID: e2eKeyID, SecretAccessKey: e2eSecret,
 		Subnets: subnets, Images: map[string]string{e2eAMI: "linux"},
 		PendingDuration: 200 * time.Millisecond, ConsoleDelay: 300 * time.Millisecond,

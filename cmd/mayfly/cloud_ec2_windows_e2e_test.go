@@ -19,7 +19,7 @@ import (
 
 	"software.sslmate.com/src/go-pkcs12"
 
-	"github.com/mayfly-ci/mayfly/plugins/aws/ec2fake"
+	"github.com/mayfly-ci/mayfly/plugins/aws/awsfake"
 	"github.com/mayfly-ci/mayfly/providers"
 	"github.com/mayfly-ci/mayfly/provisioner"
 	"github.com/mayfly-ci/mayfly/vmexec/winrm/wsmantest"
@@ -65,7 +65,7 @@ func TestEC2WindowsFleetEndToEnd(t *testing.T) {
 	// AddressFor runs under the fake's lock as RunInstances launches: each
 	// instance gets a loopback address of its own, since each serves its
 	// own certificate on the same port.
-	addressFor := func(in ec2fake.Instance) string {
+	addressFor := func(in awsfake.Instance) string {
 		ln, err := ec2WinListen(5986)
 		if err != nil {
 			t.Errorf("instance %s: %v", in.ID, err)
@@ -84,7 +84,7 @@ func TestEC2WindowsFleetEndToEnd(t *testing.T) {
 	// manager asks for the password, then connects, well after that).
 	var booting sync.WaitGroup
 	t.Cleanup(booting.Wait)
-	boot := func(in ec2fake.Instance) {
+	boot := func(in awsfake.Instance) {
 		mu.Lock()
 		vm := vms[in.ID]
 		mu.Unlock()
@@ -93,7 +93,7 @@ func TestEC2WindowsFleetEndToEnd(t *testing.T) {
 		}
 		booting.Go(func() { ec2WinBoot(t, in, vm, winrm, &mu) })
 	}
-	fake := ec2fake.New(ec2fake.Options{
+	fake := awsfake.New(awsfake.Options{
 		AccessKeyID: e2eKeyID, SecretAccessKey: e2eSecret,
 		Images:          map[string]string{e2eWinAMI: "windows"},
 		PendingDuration: 200 * time.Millisecond, PasswordDelay: 300 * time.Millisecond,
@@ -248,7 +248,7 @@ Write-Output "user-data-setting: runs after the WinRM setup"
 // ec2WinBoot plays the boot of instance in: its user data keeps the
 // user_data setting after mayfly's part, and its PFX serves WinRM over
 // HTTPS on the instance's address, relayed to winrm.
-func ec2WinBoot(t *testing.T, in ec2fake.Instance, vm *ec2WinVM, winrm *wsmantest.TestServer, mu *sync.Mutex) {
+func ec2WinBoot(t *testing.T, in awsfake.Instance, vm *ec2WinVM, winrm *wsmantest.TestServer, mu *sync.Mutex) {
 	if i, j := bytes.Index(in.UserData, []byte("$mayflyWinRMPfx")), bytes.Index(in.UserData, []byte("user-data-setting: runs")); i < 0 || j < i {
 		t.Errorf("instance %s: user data lacks mayfly's WinRM script or, after it, the user_data setting:\n%s", in.ID, in.UserData)
 	}

@@ -1,4 +1,4 @@
-package ec2fake
+package awsfake
 
 import (
 	"crypto/hmac"

@@ -1,4 +1,4 @@
-// Package ec2fake is an in-memory Amazon EC2 endpoint for tests. It speaks
+// Package awsfake is an in-memory Amazon EC2 endpoint for tests. It speaks
 // the EC2 Query protocol (API version 2016-11-15) as the real service does:
 // form-encoded POST requests carrying Action and Version, signed with AWS
 // Signature Version 4, answered with XML documents in the EC2 namespace or
@@ -10,7 +10,7 @@
 // to it over HTTP with BaseEndpoint and static credentials, and it lets a
 // test script faults: no capacity in a subnet, instance and vCPU limits,
 // throttling, spot interruptions and slow boots.
-package ec2fake
+package awsfake
 
 import (
 	"crypto/ed25519"
@@ -467,7 +467,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	if apiErr != nil {
-		s.log.Info("ec2fake error", "code", apiErr.code, "message", apiErr.message)
+		s.log.Info("awsfake error", "code", apiErr.code, "message", apiErr.message)
 		writeXML(w, apiErr.status, xmlErrorResponse{
 			Errors:    []xmlError{{Code: apiErr.code, Message: apiErr.message}},
 			RequestID: reqID,
@@ -525,7 +525,7 @@ func (s *Server) serve(r *http.Request, reqID string) (any, *apiError) {
 	defer s.mu.Unlock()
 	s.calls[action]++
 	s.requests = append(s.requests, params)
-	s.log.Debug("ec2fake request", "action", action, "request_id", reqID)
+	s.log.Debug("awsfake request", "action", action, "request_id", reqID)
 	for i, f := range s.faults {
 		if f.action == action && f.remaining != 0 {
 			f.remaining--
@@ -1072,7 +1072,7 @@ func (s *Server) describeInstances(q query, reqID string) (any, *apiError) {
 }
 
 func encodeToken(seq int) string {
-	return base64.RawURLEncoding.EncodeToString(fmt.Appendf(nil, "ec2fake-after:%d", seq))
+	return base64.RawURLEncoding.EncodeToString(fmt.Appendf(nil, "awsfake-after:%d", seq))
 }
 
 func decodeToken(tok string) (int, bool) {
@@ -1081,7 +1081,7 @@ func decodeToken(tok string) (int, bool) {
 		return 0, false
 	}
 	var n int
-	if _, err := fmt.Sscanf(string(b), "ec2fake-after:%d", &n); err != nil {
+	if _, err := fmt.Sscanf(string(b), "awsfake-after:%d", &n); err != nil {
 		return 0, false
 	}
 	return n, true
@@ -1190,7 +1190,7 @@ func (s *Server) describeInstanceAttribute(q query, reqID string) (any, *apiErro
 	case "instanceType":
 		resp.InstanceType = &xmlAttributeValue{Value: in.InstanceType}
 	default:
-		return nil, badRequest("UnsupportedOperation", "ec2fake does not serve the instance attribute %s.", attr)
+		return nil, badRequest("UnsupportedOperation", "awsfake does not serve the instance attribute %s.", attr)
 	}
 	return resp, nil
 }

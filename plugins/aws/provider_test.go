@@ -1,4 +1,4 @@
-package ec2provider_test
+package aws_test
 
 import (
 	"context"
@@ -20,8 +20,8 @@ import (
 
 	"golang.org/x/crypto/ssh"
 
-	"github.com/mayfly-ci/mayfly/plugins/aws/ec2fake"
-	"github.com/mayfly-ci/mayfly/plugins/aws/ec2provider"
+	"github.com/mayfly-ci/mayfly/plugins/aws"
+	"github.com/mayfly-ci/mayfly/plugins/aws/awsfake"
 	"github.com/mayfly-ci/mayfly/providers"
 	"github.com/mayfly-ci/mayfly/providers/conformance"
 	"github.com/mayfly-ci/mayfly/providers/host"
@@ -46,12 +46,12 @@ func TestMain(m *testing.M) {
 
 // env is one fake EC2 endpoint and the settings that reach it.
 type env struct {
-	srv      *ec2fake.Server
+	srv      *awsfake.Server
 	url      string
 	settings map[string]any
 }
 
-func newEnv(t *testing.T, opts ec2fake.Options) *env {
+func newEnv(t *testing.T, opts awsfake.Options) *env {
 	t.Helper()
 	opts.AccessKeyID, opts.SecretAccessKey = akid, secret
 	if opts.Subnets == nil {
@@ -60,7 +60,7 @@ func newEnv(t *testing.T, opts ec2fake.Options) *env {
 	if opts.Images == nil {
 		opts.Images = map[string]string{ami: "linux", winAMI: "windows"}
 	}
-	srv := ec2fake.New(opts)
+	srv := awsfake.New(opts)
 	hs := httptest.NewServer(srv)
 	t.Cleanup(hs.Close)
 	return &env{srv: srv, url: hs.URL, settings: map[string]any{
@@ -94,9 +94,9 @@ func ctxT(t *testing.T) context.Context {
 	return c
 }
 
-func start(t *testing.T, settings json.RawMessage) *ec2provider.Provider {
+func start(t *testing.T, settings json.RawMessage) *aws.Provider {
 	t.Helper()
-	p := ec2provider.New(ec2provider.Options{Logger: slog.New(slog.DiscardHandler)})
+	p := aws.New(aws.Options{Logger: slog.New(slog.DiscardHandler)})
 	if _, err := p.Init(ctxT(t), settings); err != nil {
 		t.Fatalf("Init: %v", err)
 	}
@@ -108,15 +108,15 @@ var labels = map[string]string{providers.LabelManager: "mgr-1", providers.LabelR
 func conformanceOptions(t *testing.T) conformance.Options {
 	fault := func(action, code string, times int) func(t *testing.T) json.RawMessage {
 		return func(t *testing.T) json.RawMessage {
-			e := newEnv(t, ec2fake.Options{PendingDuration: 100 * time.Millisecond})
+			e := newEnv(t, awsfake.Options{PendingDuration: 100 * time.Millisecond})
 			e.srv.FailNext(action, code, "", times)
 			return e.with()
 		}
 	}
-	bad := newEnv(t, ec2fake.Options{})
+	bad := newEnv(t, awsfake.Options{})
 	return conformance.Options{
 		Settings: func(t *testing.T) json.RawMessage {
-			return newEnv(t, ec2fake.Options{PendingDuration: 200 * time.Millisecond, ShuttingDownDuration: 200 * time.Millisecond}).with()
+			return newEnv(t, awsfake.Options{PendingDuration: 200 * time.Millisecond, ShuttingDownDuration: 200 * time.Millisecond}).with()
 		},
 		InvalidSettings: bad.with("instance_typo", "t3.micro"),
 		ReadyTimeout:    20 * time.Second,
@@ -138,7 +138,7 @@ func conformanceOptions(t *testing.T) conformance.Options {
 
 func TestConformanceInProcess(t *testing.T) {
 	conformance.Run(t, func(t *testing.T) providers.Provider {
-		return ec2provider.New(ec2provider.Options{})
+		return aws.New(aws.Options{})
 	}, conformanceOptions(t))
 }
 
@@ -190,7 +190,7 @@ func waitRunning(t *testing.T, p providers.Provider, ids []string) []providers.I
 }
 
 func TestSubnetFallback(t *testing.T) {
-	e := newEnv(t, ec2fake.Options{})
+	e := newEnv(t, awsfake.Options{})
 	p := start(t, e.with("subnet_ids", []string{subA, subB, subC}, "create_concurrency", 1))
 	e.srv.SetCapacity(subA, 0)
 	ids, err := p.Create(ctxT(t), 3, labels)
@@ -234,7 +234,7 @@ func TestSubnetFallback(t *testing.T) {
 }
 
 func TestQuota(t *testing.T) {
-	e := newEnv(t, ec2fake.Options{})
+	e := newEnv(t, awsfake.Options{})
 	p := start(t, e.with("create_concurrency", 1))
 	e.srv.SetInstanceLimit(2)
 	ids, err := p.Create(ctxT(t), 3, labels)
@@ -251,7 +251,7 @@ func TestQuota(t *testing.T) {
 }
 
 func TestThrottlingBackoff(t *testing.T) {
-	e := newEnv(t, ec2fake.Options{})
+	e := newEnv(t, awsfake.Options{})
 	p := start(t, e.with())
 	e.srv.FailNext("RunInstances", "RequestLimitExceeded", "", 3)
 	var waits []time.Duration
@@ -300,7 +300,7 @@ func TestThrottlingBackoff(t *testing.T) {
 }
 
 func TestLocalRateLimit(t *testing.T) {
-	e := newEnv(t, ec2fake.Options{})
+	e := newEnv(t, awsfake.Options{})
 	p := start(t, e.with("rate_limit", map[string]any{"describe_rate": 0.5, "describe_burst": 1}))
 	if _, err := p.List(ctxT(t)); err != nil {
 		t.Fatal(err)
@@ -318,7 +318,7 @@ func TestLocalRateLimit(t *testing.T) {
 }
 
 func TestListPaging(t *testing.T) {
-	e := newEnv(t, ec2fake.Options{})
+	e := newEnv(t, awsfake.Options{})
 	p := start(t, e.with())
 	ids, err := p.Create(ctxT(t), 12, labels)
 	if err != nil {
@@ -337,7 +337,7 @@ func TestListPaging(t *testing.T) {
 	var got []string
 	for _, in := range list {
 		got = append(got, in.ID)
-		if !in.HasLabels(labels) || in.Labels[ec2provider.TagGroup] != "mayfly" {
+		if !in.HasLabels(labels) || in.Labels[aws.TagGroup] != "mayfly" {
 			t.Errorf("instance %s labels %v", in.ID, in.Labels)
 		}
 	}
@@ -354,7 +354,7 @@ func TestListPaging(t *testing.T) {
 }
 
 func TestSpotInterruptionInList(t *testing.T) {
-	e := newEnv(t, ec2fake.Options{ShuttingDownDuration: time.Hour})
+	e := newEnv(t, awsfake.Options{ShuttingDownDuration: time.Hour})
 	p := start(t, e.with("spot", true, "spot_max_price", "0.02"))
 	ids, err := p.Create(ctxT(t), 3, labels)
 	if err != nil {
@@ -379,7 +379,7 @@ func TestSpotInterruptionInList(t *testing.T) {
 		got[in.ID] = in
 	}
 	for _, id := range ids[:2] {
-		if in := got[id]; in.State != providers.StateGone || in.Reason != ec2provider.ReasonSpotInterrupted {
+		if in := got[id]; in.State != providers.StateGone || in.Reason != aws.ReasonSpotInterrupted {
 			t.Errorf("interrupted %s listed %s (%q), want gone (spot-interrupted)", id, in.State, in.Reason)
 		}
 	}
@@ -403,7 +403,7 @@ func authorizedKeys(userData []byte) []string {
 }
 
 func TestConnectInfoLinux(t *testing.T) {
-	e := newEnv(t, ec2fake.Options{ConsoleDelay: 300 * time.Millisecond})
+	e := newEnv(t, awsfake.Options{ConsoleDelay: 300 * time.Millisecond})
 	secretFile := filepath.Join(t.TempDir(), "secret")
 	if err := os.WriteFile(secretFile, []byte(strings.Repeat("k", 48)), 0o600); err != nil {
 		t.Fatal(err)
@@ -486,7 +486,7 @@ func TestConnectInfoLinux(t *testing.T) {
 }
 
 func TestWindowsPassword(t *testing.T) {
-	e := newEnv(t, ec2fake.Options{PasswordDelay: 300 * time.Millisecond})
+	e := newEnv(t, awsfake.Options{PasswordDelay: 300 * time.Millisecond})
 	dir := t.TempDir()
 	keyFile := filepath.Join(dir, "win.pem")
 	writeRSAKey(t, keyFile)
@@ -576,7 +576,7 @@ func writeRSAKey(t *testing.T, file string) {
 }
 
 func TestDeleteUnknownAndMalformed(t *testing.T) {
-	e := newEnv(t, ec2fake.Options{})
+	e := newEnv(t, awsfake.Options{})
 	p := start(t, e.with())
 	ids, err := p.Create(ctxT(t), 2, labels)
 	if err != nil {
@@ -614,7 +614,7 @@ func TestDeleteUnknownAndMalformed(t *testing.T) {
 // the restarted process lists them (from EC2's tags, no local state), can
 // still log in to them (same key secret), and deletes them all.
 func TestRestartLeakFree(t *testing.T) {
-	e := newEnv(t, ec2fake.Options{})
+	e := newEnv(t, awsfake.Options{})
 	secretFile := filepath.Join(t.TempDir(), "secret")
 	if err := os.WriteFile(secretFile, []byte(strings.Repeat("k", 48)), 0o600); err != nil {
 		t.Fatal(err)
@@ -683,7 +683,7 @@ func publicOf(t *testing.T, pemKey []byte) string {
 }
 
 func TestRestartWithoutSecretRefusesOldInstances(t *testing.T) {
-	e := newEnv(t, ec2fake.Options{})
+	e := newEnv(t, awsfake.Options{})
 	ids, err := start(t, e.with()).Create(ctxT(t), 1, labels)
 	if err != nil {
 		t.Fatal(err)
@@ -696,7 +696,7 @@ func TestRestartWithoutSecretRefusesOldInstances(t *testing.T) {
 }
 
 func TestCreateRefusesUnlabelled(t *testing.T) {
-	e := newEnv(t, ec2fake.Options{})
+	e := newEnv(t, awsfake.Options{})
 	p := start(t, e.with("manager", "mgr-1"))
 	for _, l := range []map[string]string{
 		{providers.LabelRunner: "x"},
@@ -722,7 +722,7 @@ func TestAPICallsPerJob(t *testing.T) {
 		n    int
 	}{{"linux/1", "linux", 1}, {"linux/10", "linux", 10}, {"windows/1", "windows", 1}} {
 		t.Run(tc.name, func(t *testing.T) {
-			e := newEnv(t, ec2fake.Options{PendingDuration: 100 * time.Millisecond})
+			e := newEnv(t, awsfake.Options{PendingDuration: 100 * time.Millisecond})
 			settings := e.with()
 			if tc.os == "windows" {
 				settings = e.with("os", "windows", "ami", winAMI)
@@ -778,7 +778,7 @@ func TestAPICallsPerJob(t *testing.T) {
 }
 
 func TestUserDataDecodes(t *testing.T) {
-	e := newEnv(t, ec2fake.Options{})
+	e := newEnv(t, awsfake.Options{})
 	p := start(t, e.with())
 	ids, err := p.Create(ctxT(t), 1, labels)
 	if err != nil {
@@ -793,7 +793,7 @@ func TestUserDataDecodes(t *testing.T) {
 		t.Errorf("user data without user_data setting:\n%s", ud)
 	}
 	in, _ := e.srv.Instance(ids[0])
-	if in.Tags["Name"] == "" || in.Tags[ec2provider.TagKeyID] == "" || in.Tags[providers.LabelManager] != "mgr-1" {
+	if in.Tags["Name"] == "" || in.Tags[aws.TagKeyID] == "" || in.Tags[providers.LabelManager] != "mgr-1" {
 		t.Errorf("tags = %v", in.Tags)
 	}
 	if got := reqs[len(reqs)-1].Get("TagSpecification.2.ResourceType"); got != "volume" {
@@ -802,7 +802,7 @@ func TestUserDataDecodes(t *testing.T) {
 }
 
 func TestLaunchTemplateAndOptions(t *testing.T) {
-	e := newEnv(t, ec2fake.Options{LaunchTemplates: []ec2fake.LaunchTemplate{
+	e := newEnv(t, awsfake.Options{LaunchTemplates: []awsfake.LaunchTemplate{
 		{ID: "lt-0123456789abcdef0", Name: "runners", ImageID: ami, InstanceType: "c6i.large"},
 	}})
 	delete(e.settings, "ami")

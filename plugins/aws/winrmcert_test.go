@@ -1,4 +1,4 @@
-package ec2provider_test
+package aws_test
 
 import (
 	"bytes"
@@ -15,14 +15,14 @@ import (
 	"testing"
 	"time"
 
-	"github.com/aws/aws-sdk-go-v2/aws"
+	awssdk "github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/credentials"
 	"github.com/aws/aws-sdk-go-v2/service/ec2"
 	"github.com/aws/aws-sdk-go-v2/service/ec2/types"
 	"software.sslmate.com/src/go-pkcs12"
 
-	"github.com/mayfly-ci/mayfly/plugins/aws/ec2fake"
-	"github.com/mayfly-ci/mayfly/plugins/aws/ec2provider"
+	"github.com/mayfly-ci/mayfly/plugins/aws"
+	"github.com/mayfly-ci/mayfly/plugins/aws/awsfake"
 	"github.com/mayfly-ci/mayfly/providers"
 	"github.com/mayfly-ci/mayfly/providers/conformance"
 )
@@ -104,7 +104,7 @@ func certOfPEM(t *testing.T, b []byte) []byte {
 	return block.Bytes
 }
 
-func windowsEnv(t *testing.T, opts ec2fake.Options) (*env, json.RawMessage) {
+func windowsEnv(t *testing.T, opts awsfake.Options) (*env, json.RawMessage) {
 	t.Helper()
 	e := newEnv(t, opts)
 	keyFile := filepath.Join(t.TempDir(), "win.pem")
@@ -116,7 +116,7 @@ func windowsEnv(t *testing.T, opts ec2fake.Options) (*env, json.RawMessage) {
 // certificate of its own in its user data, ready for the WinRM HTTPS
 // listener, and that ConnectInfo pins exactly that certificate.
 func TestWinRMCertPerInstance(t *testing.T) {
-	e, settings := windowsEnv(t, ec2fake.Options{})
+	e, settings := windowsEnv(t, awsfake.Options{})
 	p := start(t, settings)
 	ids, err := p.Create(ctxT(t), 3, winLabels)
 	if err != nil {
@@ -165,7 +165,7 @@ func TestWinRMCertPerInstance(t *testing.T) {
 // each certificate back from the user data with one
 // DescribeInstanceAttribute, then serves it from memory.
 func TestWinRMCertAfterRestart(t *testing.T) {
-	e, settings := windowsEnv(t, ec2fake.Options{})
+	e, settings := windowsEnv(t, awsfake.Options{})
 	p1 := start(t, settings)
 	ids, err := p1.Create(ctxT(t), 2, winLabels)
 	if err != nil {
@@ -212,18 +212,18 @@ func TestWinRMCertAfterRestart(t *testing.T) {
 	c := ec2.New(ec2.Options{
 		Region:       "us-east-1",
 		Credentials:  credentials.NewStaticCredentialsProvider(akid, secret, ""),
-		BaseEndpoint: aws.String(e.url),
+		BaseEndpoint: awssdk.String(e.url),
 	})
-	tags := []types.Tag{{Key: aws.String(ec2provider.TagGroup), Value: aws.String("mayfly")}, {Key: aws.String(providers.LabelManager), Value: aws.String("mgr-1")}}
+	tags := []types.Tag{{Key: awssdk.String(aws.TagGroup), Value: awssdk.String("mayfly")}, {Key: awssdk.String(providers.LabelManager), Value: awssdk.String("mgr-1")}}
 	out, err := c.RunInstances(ctxT(t), &ec2.RunInstancesInput{
-		ImageId: aws.String(winAMI), MinCount: aws.Int32(1), MaxCount: aws.Int32(1), KeyName: aws.String(e.srv.KeyPairs()[0]),
-		UserData:          aws.String(base64.StdEncoding.EncodeToString([]byte("<powershell>Enable-PSRemoting</powershell>"))),
+		ImageId: awssdk.String(winAMI), MinCount: awssdk.Int32(1), MaxCount: awssdk.Int32(1), KeyName: awssdk.String(e.srv.KeyPairs()[0]),
+		UserData:          awssdk.String(base64.StdEncoding.EncodeToString([]byte("<powershell>Enable-PSRemoting</powershell>"))),
 		TagSpecifications: []types.TagSpecification{{ResourceType: types.ResourceTypeInstance, Tags: tags}},
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	foreign := aws.ToString(out.Instances[0].InstanceId)
+	foreign := awssdk.ToString(out.Instances[0].InstanceId)
 	waitRunning(t, p2, []string{foreign})
 	if _, err := p2.ConnectInfo(ctxT(t), foreign); providers.KindOf(err) != providers.KindPermanent || !strings.Contains(err.Error(), "no mayfly WinRM certificate") {
 		t.Errorf("ConnectInfo of an instance without mayfly's certificate = %v, want a permanent error", err)
@@ -243,7 +243,7 @@ func TestWinRMUserDataKeepsUserScript(t *testing.T) {
 		{"script only", "<script>echo batch</script>", "<powershell>\n", "</powershell>\n<script>echo batch</script>"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			e := newEnv(t, ec2fake.Options{})
+			e := newEnv(t, awsfake.Options{})
 			p := start(t, e.with("os", "windows", "ami", winAMI, "user_data", tc.userData))
 			ids, err := p.Create(ctxT(t), 1, winLabels)
 			if err != nil {
@@ -264,11 +264,11 @@ func TestWinRMUserDataKeepsUserScript(t *testing.T) {
 func TestConformanceWindowsInProcess(t *testing.T) {
 	opts := conformanceOptions(t)
 	opts.Settings = func(t *testing.T) json.RawMessage {
-		_, settings := windowsEnv(t, ec2fake.Options{PendingDuration: 200 * time.Millisecond, ShuttingDownDuration: 200 * time.Millisecond})
+		_, settings := windowsEnv(t, awsfake.Options{PendingDuration: 200 * time.Millisecond, ShuttingDownDuration: 200 * time.Millisecond})
 		return settings
 	}
 	opts.Faults = nil // the Linux run covers the typed errors, which do not depend on the OS
 	conformance.Run(t, func(t *testing.T) providers.Provider {
-		return ec2provider.New(ec2provider.Options{})
+		return aws.New(aws.Options{})
 	}, opts)
 }

@@ -1,4 +1,4 @@
-package ec2fake_test
+package awsfake_test
 
 import (
 	"crypto/rand"
@@ -18,7 +18,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/ec2/types"
 	"golang.org/x/crypto/ssh"
 
-	"github.com/mayfly-ci/mayfly/plugins/aws/ec2fake"
+	"github.com/mayfly-ci/mayfly/plugins/aws/awsfake"
 )
 
 // TestLocalInstanceOptions checks the options that let a local server play
@@ -29,12 +29,12 @@ func TestLocalInstanceOptions(t *testing.T) {
 	const hostKey = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKeAcxcZBdVbpJadXlwY0UpdyPXHvWq5yLxRiY1g8r5p"
 	var (
 		mu       sync.Mutex
-		launched []ec2fake.Instance
+		launched []awsfake.Instance
 	)
-	srv, c, _ := newServer(t, ec2fake.Options{
+	srv, c, _ := newServer(t, awsfake.Options{
 		Address: "127.0.0.1",
 		HostKey: hostKey,
-		OnLaunch: func(in ec2fake.Instance) {
+		OnLaunch: func(in awsfake.Instance) {
 			mu.Lock()
 			launched = append(launched, in)
 			mu.Unlock()
@@ -83,7 +83,7 @@ func TestLocalInstanceOptions(t *testing.T) {
 // empty <userData/> for an instance without any, and EC2's errors for a
 // missing or unknown attribute and an unknown instance.
 func TestDescribeInstanceAttribute(t *testing.T) {
-	srv, c, _ := newServer(t, ec2fake.Options{})
+	srv, c, _ := newServer(t, awsfake.Options{})
 	userData := "<powershell>\r\nWrite-Output 'hello'\r\n</powershell>\r\n"
 	with := aws.ToString(run(t, c, &ec2.RunInstancesInput{
 		UserData: aws.String(base64.StdEncoding.EncodeToString([]byte(userData))), InstanceType: types.InstanceTypeM5Large,
@@ -129,7 +129,7 @@ func TestDescribeInstanceAttribute(t *testing.T) {
 
 // TestDescribeInstanceAttributeXML checks the document on the wire.
 func TestDescribeInstanceAttributeXML(t *testing.T) {
-	srv := ec2fake.New(ec2fake.Options{})
+	srv := awsfake.New(awsfake.Options{})
 	hs := httptest.NewServer(srv)
 	defer hs.Close()
 	c := client(hs.URL, "AKID", "ignored")
@@ -137,7 +137,7 @@ func TestDescribeInstanceAttributeXML(t *testing.T) {
 	none := aws.ToString(run(t, c, &ec2.RunInstancesInput{}).Instances[0].InstanceId)
 	post := func(id, attr string) (int, string) {
 		t.Helper()
-		form := url.Values{"Action": {"DescribeInstanceAttribute"}, "Version": {ec2fake.APIVersion}, "InstanceId": {id}}
+		form := url.Values{"Action": {"DescribeInstanceAttribute"}, "Version": {awsfake.APIVersion}, "InstanceId": {id}}
 		if attr != "" {
 			form.Set("Attribute", attr)
 		}
@@ -172,9 +172,9 @@ func TestDescribeInstanceAttributeXML(t *testing.T) {
 func TestAddressForAndWindowsPassword(t *testing.T) {
 	const password = "Fixed-Passw0rd!"
 	var seen []string
-	srv, c, _ := newServer(t, ec2fake.Options{
+	srv, c, _ := newServer(t, awsfake.Options{
 		WindowsPassword: password,
-		AddressFor: func(in ec2fake.Instance) string {
+		AddressFor: func(in awsfake.Instance) string {
 			seen = append(seen, string(in.UserData)) // under the server's lock
 			return fmt.Sprintf("127.0.0.%d", len(seen)+1)
 		},

@@ -1,4 +1,4 @@
-// Package ec2provider is the mayfly provider for Amazon EC2, built on
+// Package aws is the mayfly provider for Amazon EC2, built on
 // aws-sdk-go-v2. Its plugin binary is cmd/mayfly-plugin-aws.
 //
 // API calls per job: a Linux instance costs one RunInstances and one
@@ -19,7 +19,7 @@
 // idempotent, and the capacity fallback and partial failures stay per
 // instance. It costs no throughput: EC2's RunInstances resource bucket
 // (2 instances/s) runs dry before its request bucket (5 calls/s) does.
-package ec2provider
+package aws
 
 import (
 	"context"

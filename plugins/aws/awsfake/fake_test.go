@@ -1,4 +1,4 @@
-package ec2fake_test
+package awsfake_test
 
 import (
 	"context"
@@ -23,7 +23,7 @@ import (
 	"github.com/aws/smithy-go"
 	"golang.org/x/crypto/ssh"
 
-	"github.com/mayfly-ci/mayfly/plugins/aws/ec2fake"
+	"github.com/mayfly-ci/mayfly/plugins/aws/awsfake"
 )
 
 const (
@@ -53,7 +53,7 @@ func (c *clock) Add(d time.Duration) {
 	c.t = c.t.Add(d)
 }
 
-func newServer(t *testing.T, opts ec2fake.Options) (*ec2fake.Server, *ec2.Client, *clock) {
+func newServer(t *testing.T, opts awsfake.Options) (*awsfake.Server, *ec2.Client, *clock) {
 	t.Helper()
 	clk := &clock{t: time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)}
 	if opts.Now == nil {
@@ -66,7 +66,7 @@ func newServer(t *testing.T, opts ec2fake.Options) (*ec2fake.Server, *ec2.Client
 	if opts.Images == nil {
 		opts.Images = map[string]string{ami: "linux", winAMI: "windows"}
 	}
-	srv := ec2fake.New(opts)
+	srv := awsfake.New(opts)
 	hs := httptest.NewServer(srv)
 	t.Cleanup(hs.Close)
 	return srv, client(hs.URL, akid, secret), clk
@@ -111,7 +111,7 @@ func tagSpec(kv ...string) []types.TagSpecification {
 }
 
 func TestLifecycle(t *testing.T) {
-	srv, c, clk := newServer(t, ec2fake.Options{PendingDuration: 30 * time.Second, ShuttingDownDuration: 10 * time.Second})
+	srv, c, clk := newServer(t, awsfake.Options{PendingDuration: 30 * time.Second, ShuttingDownDuration: 10 * time.Second})
 	ud := base64.StdEncoding.EncodeToString([]byte("#!/bin/sh\necho hi\n"))
 	out := run(t, c, &ec2.RunInstancesInput{
 		InstanceType:      types.InstanceTypeT3Micro,
@@ -233,14 +233,14 @@ func httpStatus(err error) int {
 func TestErrors(t *testing.T) {
 	tests := []struct {
 		name   string
-		setup  func(*ec2fake.Server)
+		setup  func(*awsfake.Server)
 		call   func(*ec2.Client) error
 		code   string
 		status int
 	}{
 		{
 			name:  "capacity in one subnet",
-			setup: func(s *ec2fake.Server) { s.SetCapacity(subA, 0) },
+			setup: func(s *awsfake.Server) { s.SetCapacity(subA, 0) },
 			call: func(c *ec2.Client) error {
 				_, err := c.RunInstances(context.Background(), &ec2.RunInstancesInput{ImageId: aws.String(ami), MinCount: aws.Int32(1), MaxCount: aws.Int32(1), SubnetId: aws.String(subA)})
 				return err
@@ -249,7 +249,7 @@ func TestErrors(t *testing.T) {
 		},
 		{
 			name:  "instance limit",
-			setup: func(s *ec2fake.Server) { s.SetInstanceLimit(1) },
+			setup: func(s *awsfake.Server) { s.SetInstanceLimit(1) },
 			call: func(c *ec2.Client) error {
 				_, err := c.RunInstances(context.Background(), &ec2.RunInstancesInput{ImageId: aws.String(ami), MinCount: aws.Int32(2), MaxCount: aws.Int32(2)})
 				return err
@@ -258,7 +258,7 @@ func TestErrors(t *testing.T) {
 		},
 		{
 			name:  "vcpu limit",
-			setup: func(s *ec2fake.Server) { s.SetVcpuLimit(4) },
+			setup: func(s *awsfake.Server) { s.SetVcpuLimit(4) },
 			call: func(c *ec2.Client) error {
 				_, err := c.RunInstances(context.Background(), &ec2.RunInstancesInput{ImageId: aws.String(ami), InstanceType: types.InstanceTypeM52xlarge, MinCount: aws.Int32(1), MaxCount: aws.Int32(1)})
 				return err
@@ -267,7 +267,7 @@ func TestErrors(t *testing.T) {
 		},
 		{
 			name:  "throttled",
-			setup: func(s *ec2fake.Server) { s.FailNext("DescribeInstances", "RequestLimitExceeded", "", 1) },
+			setup: func(s *awsfake.Server) { s.FailNext("DescribeInstances", "RequestLimitExceeded", "", 1) },
 			call: func(c *ec2.Client) error {
 				_, err := c.DescribeInstances(context.Background(), &ec2.DescribeInstancesInput{})
 				return err
@@ -340,7 +340,7 @@ func TestErrors(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			srv, c, _ := newServer(t, ec2fake.Options{})
+			srv, c, _ := newServer(t, awsfake.Options{})
 			if tt.setup != nil {
 				tt.setup(srv)
 			}
@@ -369,7 +369,7 @@ func TestErrors(t *testing.T) {
 }
 
 func TestPartialLaunchWithinLimits(t *testing.T) {
-	srv, c, _ := newServer(t, ec2fake.Options{})
+	srv, c, _ := newServer(t, awsfake.Options{})
 	srv.SetCapacity(subA, 3)
 	out := run(t, c, &ec2.RunInstancesInput{MinCount: aws.Int32(1), MaxCount: aws.Int32(5), SubnetId: aws.String(subA)})
 	if len(out.Instances) != 3 {
@@ -383,7 +383,7 @@ func TestPartialLaunchWithinLimits(t *testing.T) {
 }
 
 func TestPaging(t *testing.T) {
-	srv, c, _ := newServer(t, ec2fake.Options{})
+	srv, c, _ := newServer(t, awsfake.Options{})
 	for range 6 {
 		run(t, c, &ec2.RunInstancesInput{MinCount: aws.Int32(2), MaxCount: aws.Int32(2), TagSpecifications: tagSpec("mayfly-manager", "m1")})
 	}
@@ -428,7 +428,7 @@ func TestPaging(t *testing.T) {
 }
 
 func TestFilters(t *testing.T) {
-	_, c, _ := newServer(t, ec2fake.Options{})
+	_, c, _ := newServer(t, awsfake.Options{})
 	a := run(t, c, &ec2.RunInstancesInput{TagSpecifications: tagSpec("mayfly-manager", "alpha-1", "team", "x")})
 	run(t, c, &ec2.RunInstancesInput{TagSpecifications: tagSpec("mayfly-manager", "beta-1")})
 	run(t, c, &ec2.RunInstancesInput{TagSpecifications: tagSpec("other", "alpha-1")})
@@ -468,7 +468,7 @@ func describeFilters(fs []types.Filter) string {
 }
 
 func TestSpotInterruption(t *testing.T) {
-	srv, c, clk := newServer(t, ec2fake.Options{ShuttingDownDuration: 5 * time.Second, StoppingDuration: 5 * time.Second})
+	srv, c, clk := newServer(t, awsfake.Options{ShuttingDownDuration: 5 * time.Second, StoppingDuration: 5 * time.Second})
 	spot := &types.InstanceMarketOptionsRequest{MarketType: types.MarketTypeSpot}
 	a := aws.ToString(run(t, c, &ec2.RunInstancesInput{InstanceMarketOptions: spot}).Instances[0].InstanceId)
 	b := aws.ToString(run(t, c, &ec2.RunInstancesInput{InstanceMarketOptions: spot}).Instances[0].InstanceId)
@@ -499,7 +499,7 @@ func TestSpotInterruption(t *testing.T) {
 }
 
 func TestConsoleOutputHostKey(t *testing.T) {
-	srv, c, clk := newServer(t, ec2fake.Options{PendingDuration: 10 * time.Second, ConsoleDelay: 20 * time.Second})
+	srv, c, clk := newServer(t, awsfake.Options{PendingDuration: 10 * time.Second, ConsoleDelay: 20 * time.Second})
 	id := aws.ToString(run(t, c, &ec2.RunInstancesInput{}).Instances[0].InstanceId)
 	console := func() string {
 		out, err := c.GetConsoleOutput(ctx(t), &ec2.GetConsoleOutputInput{InstanceId: aws.String(id)})
@@ -531,7 +531,7 @@ func TestConsoleOutputHostKey(t *testing.T) {
 }
 
 func TestWindowsPassword(t *testing.T) {
-	srv, c, clk := newServer(t, ec2fake.Options{PasswordDelay: time.Minute})
+	srv, c, clk := newServer(t, awsfake.Options{PasswordDelay: time.Minute})
 	key, err := rsa.GenerateKey(rand.Reader, 2048)
 	if err != nil {
 		t.Fatal(err)
@@ -578,7 +578,7 @@ func TestWindowsPassword(t *testing.T) {
 }
 
 func TestRawProtocol(t *testing.T) {
-	srv := ec2fake.New(ec2fake.Options{})
+	srv := awsfake.New(awsfake.Options{})
 	hs := httptest.NewServer(srv)
 	defer hs.Close()
 	post := func(form url.Values, auth string) (*http.Response, string) {

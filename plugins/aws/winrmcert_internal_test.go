@@ -1,4 +1,4 @@
-package ec2provider
+package aws
 
 import (
 	"bytes"
