@@ -1,7 +1,9 @@
 package buildscript
 
 import (
+	"context"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -14,9 +16,29 @@ import (
 // depth 1 without and with recursive submodules, and a fetch into the
 // checkout that clone left. Each op runs the stage 5 times; the median is
 // reported as ms/get_sources (wall time, so noisy on a loaded machine).
+// "git-clone-baseline" is a bare `git clone --depth 1` of the same
+// repository by the same shell, to compare with.
 func BenchmarkGetSources(b *testing.B) {
 	srv := newGitServer(b, testJobToken)
 	shas := srv.demoRepos(b)
+	b.Run("git-clone-baseline", func(b *testing.B) {
+		e := newLocalExec(b, bashProgram(), nil)
+		dir := b.TempDir()
+		script := "rm -rf " + shQuote(dir+"/c") + " && git clone -q --depth 1 " + shQuote(srv.url("demo", CredentialUser, srv.token)) + " " + shQuote(dir+"/c")
+		var runs []time.Duration
+		for i := 0; i < b.N; i++ {
+			for range 5 {
+				start := time.Now()
+				var out strings.Builder
+				if code, err := e.Run(context.Background(), ShellBash, script, &out); code != 0 || err != nil {
+					b.Fatalf("exit %d %v\n%s", code, err, out.String())
+				}
+				runs = append(runs, time.Since(start))
+			}
+		}
+		slices.Sort(runs)
+		b.ReportMetric(float64(runs[len(runs)/2].Microseconds())/1000, "ms/get_sources")
+	})
 	for _, bc := range []struct {
 		name string
 		vars []runnerapi.Variable
