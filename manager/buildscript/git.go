@@ -223,8 +223,10 @@ func (g *generator) warnf(format string, args ...any) {
 // getSources writes the get_sources stage after the exports: the
 // repository at exactly git_info.sha, as gitlab-runner sets it up. The job
 // token reaches git only through the credential helper, so neither the
-// script's output nor .git/config ever holds it.
-func (g *generator) getSources(w shellWriter) {
+// script's output nor .git/config ever holds it. With retries, each retry
+// first empties the worktree (gitlab-runner's clear_worktree stage): a
+// marker file tells a retry from the first attempt.
+func (g *generator) getSources(w shellWriter, retries bool) {
 	p, c := g.plan, &g.git
 	w.export("GIT_TERMINAL_PROMPT", "0")
 	w.export("GCM_INTERACTIVE", "Never")
@@ -242,6 +244,20 @@ func (g *generator) getSources(w shellWriter) {
 		w.notice("Skipping Git checkout")
 		w.notice("Skipping Git submodules setup")
 		return
+	}
+	var marker string
+	if retries {
+		marker = g.join(p.TmpDir, fmt.Sprintf("get_sources.%d.attempted", g.job.ID))
+		w.ifFile(marker)
+		w.notice("Deleting tracked and untracked files...")
+		w.ifDir(g.join(p.ProjectDir, ".git"))
+		w.run("git", "-C", p.ProjectDir, "rm", "-rf", "--ignore-unmatch", "--quiet", ".")
+		w.run("git", "-C", p.ProjectDir, "clean", "-ffdx", "-q")
+		w.endIf()
+		w.orElse()
+		w.mkdir(p.TmpDir)
+		w.touch(marker)
+		w.endIf()
 	}
 	// config.toml's pre_get_sources_script, then the job's hooks:
 	// pre_get_sources_script; after the sources the other way round.
@@ -268,6 +284,9 @@ func (g *generator) getSources(w shellWriter) {
 	}
 	if g.opts.PostCloneScript != "" {
 		w.userCommand(g.opts.PostCloneScript)
+	}
+	if marker != "" {
+		w.rmfile(marker)
 	}
 }
 

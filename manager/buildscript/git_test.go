@@ -326,8 +326,11 @@ func testAttempts(t *testing.T, srv *gitServer, shas []string) {
 	if r.State != runnerapi.StateSuccess || len(e.ran) != 4 { // prepare, get_sources x2, step_script
 		t.Fatalf("result %+v, %d scripts run\n%s", r, len(e.ran), trace)
 	}
-	if !strings.Contains(trace, "\none\n") {
-		t.Errorf("trace:\n%s", trace)
+	if !strings.Contains(trace, "\none\n") || strings.Count(trace, "Deleting tracked and untracked files...") != 1 {
+		t.Errorf("want one retry after emptying the worktree:\n%s", trace)
+	}
+	if _, err := os.Stat(filepath.Join(p.TmpDir, "get_sources.42.attempted")); err == nil {
+		t.Error("the attempt marker is left after get_sources succeeded")
 	}
 }
 

@@ -32,6 +32,8 @@ type shellWriter interface {
 	mkdir(dir string)
 	rmdir(dir string)
 	rmfile(path string)
+	// touch makes an empty file (or empties it).
+	touch(path string)
 	// rmFilesMatching removes every file under dir whose name matches the
 	// glob pattern (*, ? and [...]), if dir exists.
 	rmFilesMatching(dir, pattern string)
@@ -41,6 +43,7 @@ type shellWriter interface {
 	ifCmd(prog string, args ...string)
 	ifCmdShown(prog string, args ...string)
 	ifFile(path string)
+	ifDir(path string)
 	orElse()
 	endIf()
 	// finish returns the whole script.
@@ -132,7 +135,9 @@ func (w *posixWriter) ifCmdShown(prog string, args ...string) {
 	w.line("if " + posixCommand(prog, args) + "; then")
 }
 
+func (w *posixWriter) touch(path string)  { w.line(": > " + shQuote(path)) }
 func (w *posixWriter) ifFile(path string) { w.line("if [ -f " + shQuote(path) + " ]; then") }
+func (w *posixWriter) ifDir(path string)  { w.line("if [ -d " + shQuote(path) + " ]; then") }
 func (w *posixWriter) orElse()            { w.line("else") }
 func (w *posixWriter) endIf()             { w.line("fi") }
 
@@ -286,8 +291,16 @@ func (w *psWriter) ifCmdShown(prog string, args ...string) {
 	w.line("if ($__mayfly_ok) {")
 }
 
+func (w *psWriter) touch(path string) {
+	w.line("New-Item -ItemType File -Force -Path " + psQuote(path) + " | Out-Null")
+}
+
 func (w *psWriter) ifFile(path string) {
 	w.line("if (Test-Path -LiteralPath " + psQuote(path) + " -PathType Leaf) {")
+}
+
+func (w *psWriter) ifDir(path string) {
+	w.line("if (Test-Path -LiteralPath " + psQuote(path) + " -PathType Container) {")
 }
 func (w *psWriter) orElse() { w.line("} else {") }
 func (w *psWriter) endIf()  { w.line("}") }

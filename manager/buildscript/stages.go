@@ -47,11 +47,12 @@ func (g *generator) stages() error {
 		w.hostLine(g.opts.Via)
 	})
 
+	gsAttempts := g.attempts("GET_SOURCES_ATTEMPTS")
 	gs := add(StageGetSources, WhenOnSuccess, false, func(w shellWriter) {
 		g.exports(w)
-		g.getSources(w)
+		g.getSources(w, gsAttempts > 1)
 	})
-	gs.Attempts = g.attempts("GET_SOURCES_ATTEMPTS")
+	gs.Attempts = gsAttempts
 
 	if pulls := cacheEntries(j.Cache, "pull"); len(pulls) > 0 {
 		st := add(StageRestoreCache, WhenOnSuccess, false, func(w shellWriter) {
