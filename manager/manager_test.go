@@ -223,7 +223,7 @@ func TestFailingScriptReportsExitCode(t *testing.T) {
 // the next stage.
 func TestAllowFailure(t *testing.T) {
 	e := newEnv(t, []coordinator.JobSpec{
-		{Name: "flaky", Stage: "build", Script: []string{"exit 4"}, AllowFailure: true},
+		{Name: "flaky", Stage: "build", Script: []string{"exit 4"}, AllowFailure: new(true)},
 		{Name: "next", Stage: "test", Script: []string{"echo next stage"}},
 	}, nil)
 	if j := e.job("flaky"); j.Status != "failed" || j.ExitCode != 4 || !j.AllowFailure {

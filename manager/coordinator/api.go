@@ -1,6 +1,7 @@
 package coordinator
 
 import (
+	"cmp"
 	"crypto/subtle"
 	"encoding/json"
 	"errors"
@@ -51,7 +52,7 @@ func (rp *reply) write(w http.ResponseWriter) {
 		w.Header().Set(h[0], h[1])
 	}
 	if rp.body != nil {
-		w.Header().Set("Content-Type", cmpOr(rp.ctype, "application/json"))
+		w.Header().Set("Content-Type", cmp.Or(rp.ctype, "application/json"))
 	}
 	w.WriteHeader(rp.status)
 	if rp.body != nil {
@@ -108,7 +109,7 @@ func writeErr(w http.ResponseWriter, err error) {
 	var fe *FieldError
 	switch {
 	case errors.As(err, &fe):
-		field := cmpOr(fe.Field, "base")
+		field := cmp.Or(fe.Field, "base")
 		writeJSON(w, http.StatusBadRequest, map[string]any{"message": map[string][]string{field: {fe.Msg}}, "error": err.Error()})
 	case errors.Is(err, ErrForbidden):
 		writeMessage(w, http.StatusForbidden, "403 Forbidden")
@@ -500,7 +501,7 @@ func (s *Server) updateJob(id int64, req *runnerapi.UpdateJobRequest) *reply {
 		State:         req.State,
 		FailureReason: req.FailureReason,
 		ExitCode:      req.ExitCode,
-		Checksum:      cmpOr(req.Output.Checksum, req.Checksum),
+		Checksum:      cmp.Or(req.Output.Checksum, req.Checksum),
 		Bytesize:      req.Output.Bytesize,
 	}
 	if !ok {

@@ -226,7 +226,7 @@ func TestJobPayload(t *testing.T) {
 		Name: "unit", Stage: "test",
 		BeforeScript: []string{"echo before"}, Script: []string{"make test"}, AfterScript: []string{"echo after"},
 		Variables: []VariableSpec{{Key: "SECRET_X", Value: "s3cr3t-value-123", Masked: true}, {Key: "PLAIN", Value: "1"}, {Key: "CFG", Value: "x", File: true}, {Key: "RAWV", Value: "$x", Raw: true}},
-		Tags:      []string{"linux"}, Timeout: Duration(20 * time.Minute), AllowFailure: true, GitStrategy: "none",
+		Tags:      []string{"linux"}, Timeout: Duration(20 * time.Minute), AllowFailure: new(true), GitStrategy: "none",
 	})
 	tok := e.register(runnerapi.RegisterRunnerRequest{Token: testRegToken, TagList: "linux,small", Description: "r1", MaximumTimeout: 900})
 	e.clock.Advance(42 * time.Second)

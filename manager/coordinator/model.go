@@ -6,6 +6,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/mayfly-ci/mayfly/manager/coordinator/gitlabci"
+	"github.com/mayfly-ci/mayfly/manager/coordinator/gitrepo"
 	"github.com/mayfly-ci/mayfly/manager/runnerapi"
 )
 
@@ -20,12 +22,15 @@ const (
 	StatusCanceling = runnerapi.StateCanceling
 	StatusCanceled  = runnerapi.StateCanceled
 	StatusSkipped   = "skipped"
+	// StatusManual is a when: manual job: the coordinator never runs it.
+	StatusManual = "manual"
 )
 
-// IsFinal reports whether a job status is final (success, failed, canceled, skipped).
+// IsFinal reports whether a job status is final (success, failed, canceled,
+// skipped, or manual, which the coordinator never runs).
 func IsFinal(status string) bool {
 	switch status {
-	case StatusSuccess, StatusFailed, StatusCanceled, StatusSkipped:
+	case StatusSuccess, StatusFailed, StatusCanceled, StatusSkipped, StatusManual:
 		return true
 	}
 	return false
@@ -71,7 +76,8 @@ type project struct {
 	group         *group // nil: the user namespace "root"
 	regToken      string
 	sharedRunners bool
-	pipelines     int // pipelines created, for CI_PIPELINE_IID
+	pipelines     int           // pipelines created, for CI_PIPELINE_IID
+	repo          *gitrepo.Repo // served repository (--project); nil otherwise
 
 	pending       []*job                // status pending, sorted by id
 	kinds         map[string]*kindCount // pending jobs by tags+protected, to skip projects fast
@@ -112,6 +118,14 @@ func (p *project) namespace() string {
 }
 
 func (p *project) fullPath() string { return p.namespace() + "/" + p.name }
+
+// defaultBranch is the project's default branch (its repository's, or main).
+func (p *project) defaultBranch() string {
+	if p.repo != nil {
+		return p.repo.DefaultBranch
+	}
+	return "main"
+}
 
 func (p *project) addPending(j *job) {
 	i, _ := slices.BinarySearchFunc(p.pending, j.id, cmpJobID)
@@ -199,9 +213,33 @@ type pipeline struct {
 	sha       string
 	beforeSha string
 	protected bool
-	stages    [][]*job // jobs grouped by stage, in stage order
-	jobs      []*job
+	source    string   // CI_PIPELINE_SOURCE
+	name      string   // workflow:name
+	stages    []string // stage names in order
+	jobs      []*job   // in creation order; retries appended
 	createdAt time.Time
+	commit    commitInfo
+	warnings  []string // from .gitlab-ci.yml: unsupported keywords
+	// readable are the projects whose repositories this pipeline's job
+	// tokens may clone: the project and the projects its submodules name.
+	readable []string
+}
+
+// commitInfo describes the pipeline's commit for CI_COMMIT_* variables.
+type commitInfo struct {
+	title, message, description string
+	authorName, authorEmail     string
+	timestamp                   time.Time
+}
+
+// latest returns the newest (not retried) job of the pipeline called name.
+func (pl *pipeline) latest(name string) *job {
+	for i := len(pl.jobs) - 1; i >= 0; i-- {
+		if j := pl.jobs[i]; j.name == name && !j.retried {
+			return j
+		}
+	}
+	return nil
 }
 
 type job struct {
@@ -216,6 +254,22 @@ type job struct {
 	steps        []runnerapi.Step
 	variables    []runnerapi.Variable // user variables, pipeline then job
 	token        string
+
+	stageIdx      int
+	when          string           // on_success, on_failure, always, manual
+	needs         *[]gitlabci.Need // nil: every job of the earlier stages
+	deps          *[]string        // nil: see dependencyNames
+	exitCodesOK   []int            // allow_failure: exit_codes
+	retry         gitlabci.Retry
+	attempt       int   // 0 for the first run, n for the n-th retry
+	retryOf       int64 // the job this one retries
+	retried       bool  // a newer job of this name replaced it
+	image         *runnerapi.Image
+	services      []runnerapi.Image
+	artifacts     []runnerapi.Artifact
+	caches        []runnerapi.Cache
+	hooks         []runnerapi.Hook
+	artifactsFile runnerapi.ArtifactsFile // uploaded artifacts archive, if any
 
 	status        string
 	runner        *runner
@@ -239,6 +293,12 @@ type job struct {
 
 func (j *job) processing() bool {
 	return j.status == StatusRunning || j.status == StatusCanceling
+}
+
+// failureAllowed reports whether a failure of j does not fail the pipeline:
+// allow_failure, or allow_failure:exit_codes matching its exit code.
+func (j *job) failureAllowed() bool {
+	return j.allowFailure || (j.status == StatusFailed && j.exitCode != 0 && slices.Contains(j.exitCodesOK, j.exitCode))
 }
 
 // TracePatch records one PATCH /jobs/:id/trace the coordinator answered.
@@ -269,16 +329,23 @@ type JobUpdate struct {
 
 // JobRecord is a snapshot of a job and everything the coordinator received for it.
 type JobRecord struct {
-	ID           int64    `json:"id"`
-	PipelineID   int64    `json:"pipeline_id"`
-	ProjectID    int64    `json:"project_id"`
-	ProjectPath  string   `json:"project_path"`
-	Name         string   `json:"name"`
-	Stage        string   `json:"stage"`
-	Status       string   `json:"status"`
-	Tags         []string `json:"tags"`
-	AllowFailure bool     `json:"allow_failure"`
-	Timeout      int      `json:"timeout"` // seconds sent in runner_info.timeout (0 until assigned)
+	ID          int64    `json:"id"`
+	PipelineID  int64    `json:"pipeline_id"`
+	ProjectID   int64    `json:"project_id"`
+	ProjectPath string   `json:"project_path"`
+	Name        string   `json:"name"`
+	Stage       string   `json:"stage"`
+	Status      string   `json:"status"`
+	Tags        []string `json:"tags"`
+	// AllowFailure tells that a failure of this job does not fail the
+	// pipeline (allow_failure, or allow_failure:exit_codes that matched).
+	AllowFailure bool   `json:"allow_failure"`
+	Timeout      int    `json:"timeout"` // seconds sent in runner_info.timeout (0 until assigned)
+	When         string `json:"when"`
+	// Retried tells that a newer job (a retry) replaced this one; RetryOf
+	// names the job this one retries.
+	Retried bool  `json:"retried,omitempty"`
+	RetryOf int64 `json:"retry_of,omitempty"`
 
 	RunnerID   int64      `json:"runner_id,omitempty"`
 	RunnerType RunnerType `json:"runner_type,omitempty"`
@@ -324,8 +391,11 @@ func (j *job) record() JobRecord {
 		Stage:          j.stage,
 		Status:         j.status,
 		Tags:           slices.Clone(j.tags),
-		AllowFailure:   j.allowFailure,
+		AllowFailure:   j.failureAllowed(),
 		Timeout:        j.runnerTimeout,
+		When:           j.when,
+		Retried:        j.retried,
+		RetryOf:        j.retryOf,
 		Trace:          slices.Clone(j.trace),
 		TraceSize:      len(j.trace),
 		Patches:        slices.Clone(j.patches),
@@ -458,11 +528,17 @@ type PipelineRecord struct {
 	ProjectID int64   `json:"project_id"`
 	Ref       string  `json:"ref"`
 	Sha       string  `json:"sha"`
+	Source    string  `json:"source"`
+	Name      string  `json:"name,omitempty"`
 	JobIDs    []int64 `json:"job_ids"`
+	// Warnings are the .gitlab-ci.yml lines about keywords the coordinator
+	// does not support, one each.
+	Warnings []string `json:"warnings,omitempty"`
 }
 
 func (pl *pipeline) record() PipelineRecord {
-	rec := PipelineRecord{ID: pl.id, IID: pl.iid, ProjectID: pl.project.id, Ref: pl.ref, Sha: pl.sha, JobIDs: []int64{}}
+	rec := PipelineRecord{ID: pl.id, IID: pl.iid, ProjectID: pl.project.id, Ref: pl.ref, Sha: pl.sha, Source: pl.source, Name: pl.name,
+		JobIDs: []int64{}, Warnings: slices.Clone(pl.warnings)}
 	for _, j := range pl.jobs {
 		rec.JobIDs = append(rec.JobIDs, j.id)
 	}

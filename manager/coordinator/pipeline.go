@@ -2,6 +2,7 @@ package coordinator
 
 import (
 	"bytes"
+	"cmp"
 	"crypto/sha1"
 	"encoding/hex"
 	"encoding/json"
@@ -17,6 +18,8 @@ import (
 	"time"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/mayfly-ci/mayfly/manager/coordinator/gitlabci"
 )
 
 // PipelineFile is the schema of a pipeline file (YAML or JSON) and of the
@@ -60,10 +63,25 @@ import (
 //	            timeout: 10m        # seconds (600) or a Go duration ("10m"); default 1h
 //	            allow_failure: false
 //	            git_strategy: none  # none, fetch or clone: sets GIT_STRATEGY
+//	            # GitLab's job keywords, as in .gitlab-ci.yml (package gitlabci):
+//	            when: on_success    # on_failure, always, manual (never run)
+//	            needs: [{job: compile}]            # run after these jobs only
+//	            dependencies: [compile]            # whose artifacts to download
+//	            image: {name: debian:bookworm}
+//	            services: [{name: postgres:15, alias: db}]
+//	            artifacts: {paths: [bin/], when: on_success}
+//	            cache: [{key: gems, paths: [vendor/]}]
+//	            retry: {max: 2, when: [script_failure]}
+//	            allow_failure_exit_codes: [3]
+//	            pre_get_sources_script: [echo hi]
 //
-// Jobs run stage by stage: a stage's jobs become pending when every job of
-// the earlier stages succeeded (or failed with allow_failure); otherwise the
-// later jobs are skipped.
+// Jobs run as GitLab runs them: a job without needs: waits for every job of
+// the earlier stages, a job with needs: for those jobs only. Then when:
+// decides: on_success runs if they all succeeded (failures allowed by
+// allow_failure count as success, skipped jobs too), on_failure if one
+// failed, always in any case; manual jobs are never run (status manual);
+// otherwise the job is skipped. A failed job with retry: left is retried
+// as a new job.
 type PipelineFile struct {
 	Groups   []GroupSpec   `yaml:"groups" json:"groups,omitempty"`
 	Projects []ProjectSpec `yaml:"projects" json:"projects"`
@@ -97,6 +115,8 @@ type PipelineSpec struct {
 	BeforeScript []string       `yaml:"before_script" json:"before_script,omitempty"`
 	AfterScript  []string       `yaml:"after_script" json:"after_script,omitempty"`
 	Jobs         []JobSpec      `yaml:"jobs" json:"jobs"`
+	// Source is CI_PIPELINE_SOURCE: push (default), web, api, schedule, trigger, pipeline.
+	Source string `yaml:"source" json:"source,omitempty"`
 }
 
 // JobSpec describes one job.
@@ -109,8 +129,19 @@ type JobSpec struct {
 	Variables    []VariableSpec `yaml:"variables" json:"variables,omitempty"`
 	Tags         []string       `yaml:"tags" json:"tags,omitempty"`
 	Timeout      Duration       `yaml:"timeout" json:"timeout,omitempty"`
-	AllowFailure bool           `yaml:"allow_failure" json:"allow_failure,omitempty"`
+	AllowFailure *bool          `yaml:"allow_failure" json:"allow_failure,omitempty"` // default false; true for manual jobs
 	GitStrategy  string         `yaml:"git_strategy" json:"git_strategy,omitempty"`
+
+	When                  string              `yaml:"when" json:"when,omitempty"`
+	Needs                 *[]gitlabci.Need    `yaml:"needs" json:"needs,omitempty"`
+	Dependencies          *[]string           `yaml:"dependencies" json:"dependencies,omitempty"`
+	Image                 *gitlabci.Image     `yaml:"image" json:"image,omitempty"`
+	Services              []gitlabci.Image    `yaml:"services" json:"services,omitempty"`
+	Artifacts             *gitlabci.Artifacts `yaml:"artifacts" json:"artifacts,omitempty"`
+	Cache                 []gitlabci.Cache    `yaml:"cache" json:"cache,omitempty"`
+	Retry                 gitlabci.Retry      `yaml:"retry" json:"retry,omitzero"`
+	AllowFailureExitCodes []int               `yaml:"allow_failure_exit_codes" json:"allow_failure_exit_codes,omitempty"`
+	PreGetSourcesScript   []string            `yaml:"pre_get_sources_script" json:"pre_get_sources_script,omitempty"`
 }
 
 // VariableSpec describes one CI/CD variable.
@@ -314,8 +345,8 @@ func (pl *PipelineSpec) validate(source, field string) error {
 			return fe(jf+".name", "%q is used by another job of this pipeline", j.Name)
 		case len(j.Script) == 0:
 			return fe(jf+".script", "job %q needs at least one script line", j.Name)
-		case !slices.Contains(stages, cmpOr(j.Stage, "test")):
-			return fe(jf+".stage", "%q is not one of the stages %v", cmpOr(j.Stage, "test"), stages)
+		case !slices.Contains(stages, cmp.Or(j.Stage, "test")):
+			return fe(jf+".stage", "%q is not one of the stages %v", cmp.Or(j.Stage, "test"), stages)
 		case j.Timeout < 0 || (j.Timeout > 0 && time.Duration(j.Timeout) < time.Second):
 			return fe(jf+".timeout", "must be at least 1s")
 		}
@@ -323,6 +354,22 @@ func (pl *PipelineSpec) validate(source, field string) error {
 		case "", "none", "fetch", "clone":
 		default:
 			return fe(jf+".git_strategy", "%q is not none, fetch or clone", j.GitStrategy)
+		}
+		switch j.When {
+		case "", "on_success", "on_failure", "always", "manual":
+		default:
+			return fe(jf+".when", "%q is not on_success, on_failure, always or manual", j.When)
+		}
+		if j.Retry.Max < 0 || j.Retry.Max > 2 {
+			return fe(jf+".retry.max", "must be 0, 1 or 2")
+		}
+		if j.Image != nil && j.Image.Name == "" {
+			return fe(jf+".image.name", "is required")
+		}
+		for k, svc := range j.Services {
+			if svc.Name == "" {
+				return fe(fmt.Sprintf("%s.services[%d].name", jf, k), "is required")
+			}
 		}
 		for k, t := range j.Tags {
 			if strings.TrimSpace(t) == "" || strings.Contains(t, ",") {
@@ -333,6 +380,80 @@ func (pl *PipelineSpec) validate(source, field string) error {
 			return err
 		}
 		seen[j.Name] = true
+	}
+	switch pl.Source {
+	case "", "push", "web", "api", "schedule", "trigger", "pipeline", "merge_request_event", "chat", "external":
+	default:
+		return fe(".source", "%q is not a pipeline source GitLab knows", pl.Source)
+	}
+	return checkJobGraph(pl.Jobs, stages, fe)
+}
+
+// checkJobGraph checks needs: and dependencies: of a pipeline: every job
+// named exists, needs point to the same or an earlier stage, dependencies to
+// an earlier stage or a needed job, and needs do not loop.
+func checkJobGraph(jobs []JobSpec, stages []string, fe func(f, msg string, a ...any) error) error {
+	stageOf := map[string]int{}
+	for _, j := range jobs {
+		stageOf[j.Name] = slices.Index(stages, cmp.Or(j.Stage, "test"))
+	}
+	for i, j := range jobs {
+		jf := fmt.Sprintf(".jobs[%d]", i)
+		if j.Needs != nil {
+			for k, n := range *j.Needs {
+				st, ok := stageOf[n.Job]
+				switch {
+				case !ok:
+					return fe(fmt.Sprintf("%s.needs[%d]", jf, k), "job %q is not in this pipeline", n.Job)
+				case n.Job == j.Name:
+					return fe(fmt.Sprintf("%s.needs[%d]", jf, k), "a job cannot need itself")
+				case st > stageOf[j.Name]:
+					return fe(fmt.Sprintf("%s.needs[%d]", jf, k), "job %q is in a later stage", n.Job)
+				}
+			}
+		}
+		if j.Dependencies != nil {
+			for k, d := range *j.Dependencies {
+				st, ok := stageOf[d]
+				needed := j.Needs != nil && slices.ContainsFunc(*j.Needs, func(n gitlabci.Need) bool { return n.Job == d })
+				switch {
+				case !ok:
+					return fe(fmt.Sprintf("%s.dependencies[%d]", jf, k), "job %q is not in this pipeline", d)
+				case st >= stageOf[j.Name] && !needed:
+					return fe(fmt.Sprintf("%s.dependencies[%d]", jf, k), "job %q is not in an earlier stage", d)
+				}
+			}
+		}
+	}
+	// needs within a stage may loop; a loop would never run.
+	byName := map[string]JobSpec{}
+	for _, j := range jobs {
+		byName[j.Name] = j
+	}
+	state := map[string]int{}
+	var visit func(name string) bool
+	visit = func(name string) bool {
+		switch state[name] {
+		case 1:
+			return false
+		case 2:
+			return true
+		}
+		state[name] = 1
+		if j := byName[name]; j.Needs != nil {
+			for _, n := range *j.Needs {
+				if !visit(n.Job) {
+					return false
+				}
+			}
+		}
+		state[name] = 2
+		return true
+	}
+	for i, j := range jobs {
+		if !visit(j.Name) {
+			return fe(fmt.Sprintf(".jobs[%d].needs", i), "needs of job %q form a cycle", j.Name)
+		}
 	}
 	return nil
 }

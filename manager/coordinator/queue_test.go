@@ -266,7 +266,7 @@ func TestProtectedRunner(t *testing.T) {
 func TestStagesRunInOrder(t *testing.T) {
 	twoStages := func(buildFails, allowFailure bool) PipelineSpec {
 		return PipelineSpec{Stages: []string{"build", "test"}, Jobs: []JobSpec{
-			{Name: "compile", Stage: "build", Script: []string{"make"}, AllowFailure: allowFailure},
+			{Name: "compile", Stage: "build", Script: []string{"make"}, AllowFailure: &allowFailure},
 			{Name: "lint", Stage: "build", Script: []string{"lint"}},
 			{Name: "unit", Stage: "test", Script: []string{"test"}},
 		}}

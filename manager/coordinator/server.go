@@ -70,6 +70,7 @@ type Server struct {
 	now      func() time.Time
 	mux      *http.ServeMux
 	held     atomic.Int64 // job requests held in a long poll right now
+	registry http.Handler // the container registry under /v2/; nil when not served
 
 	mu              sync.Mutex
 	faults          []*fault // armed by InjectFault
@@ -500,4 +501,13 @@ func (s *Server) UnregisterRunner(token string) error {
 	delete(s.runners, r.id)
 	s.log.Info("runner unregistered", "runner_id", r.id)
 	return nil
+}
+
+// registryHost is CI_REGISTRY (host:port of the external URL) when the
+// coordinator serves a registry, else "".
+func (s *Server) registryHost(ep endpoint) string {
+	if s.registry == nil {
+		return ""
+	}
+	return ep.host
 }
