@@ -184,3 +184,60 @@ func TestPowerShellGitText(t *testing.T) {
 		}
 	}
 }
+
+// TestGitSettings: unusable optional values fall back to gitlab-runner's
+// defaults with a warning the trace shows; GIT_DEPTH counts when the
+// payload has no depth.
+func TestGitSettings(t *testing.T) {
+	for _, tt := range []struct {
+		name     string
+		vars     []runnerapi.Variable
+		mutate   func(*runnerapi.JobResponse)
+		strategy string
+		attempts int
+		warning  string // "" = none
+		inScript string
+	}{
+		{"defaults", nil, nil, "clone", 1, "", "'fetch' 'origin' '--no-recurse-submodules' '--prune' '--quiet'\n"},
+		{"allow_git_fetch", nil, func(j *runnerapi.JobResponse) { j.AllowGitFetch = true }, "fetch", 1, "", "'rm' '-f' '/builds/grp/demo/.git/index.lock'\n"},
+		{"unknown strategy", []runnerapi.Variable{{Key: "GIT_STRATEGY", Value: "rsync"}}, nil, "clone", 1, `GIT_STRATEGY "rsync": want clone, fetch, none or empty; using clone`, ""},
+		{"bad checkout", []runnerapi.Variable{{Key: "GIT_CHECKOUT", Value: "maybe"}}, nil, "clone", 1, `GIT_CHECKOUT "maybe"`, "'checkout' '-f' '-q'"},
+		{"checkout 0", []runnerapi.Variable{{Key: "GIT_CHECKOUT", Value: "0"}}, nil, "clone", 1, "", "Skipping Git checkout"},
+		{"GIT_DEPTH", []runnerapi.Variable{{Key: "GIT_DEPTH", Value: "3"}}, nil, "clone", 1, "", "'--depth' '3' '--prune' '--quiet'\n"},
+		{"payload depth wins", []runnerapi.Variable{{Key: "GIT_DEPTH", Value: "3"}}, func(j *runnerapi.JobResponse) { j.GitInfo.Depth = 7 }, "clone", 1, "", "'--depth' '7' '--prune'"},
+		{"negative GIT_DEPTH", []runnerapi.Variable{{Key: "GIT_DEPTH", Value: "-1"}}, nil, "clone", 1, `GIT_DEPTH "-1"`, "'--unshallow'"},
+		{"attempts clamped", []runnerapi.Variable{{Key: "GET_SOURCES_ATTEMPTS", Value: "20"}}, nil, "clone", 10, `GET_SOURCES_ATTEMPTS "20": want a number from 1 to 10; using 10`, "get_sources.42.attempted"},
+		{"attempts not a number", []runnerapi.Variable{{Key: "GET_SOURCES_ATTEMPTS", Value: "x"}}, nil, "clone", 1, `GET_SOURCES_ATTEMPTS "x"`, ""},
+		{"other password", nil, func(j *runnerapi.JobResponse) { j.GitInfo.RepoURL = "https://gitlab-ci-token:other@h.example/g/p.git" }, "clone", 1,
+			"password that is not CI_JOB_TOKEN", "'remote' 'add' 'origin' 'https://h.example/g/p.git'"},
+		{"ssh remote", nil, func(j *runnerapi.JobResponse) { j.GitInfo.RepoURL = "git@h.example:g/p.git" }, "clone", 1, "", "'remote' 'add' 'origin' 'git@h.example:g/p.git'"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			j := baseJob("true")
+			j.Variables = tt.vars
+			if tt.mutate != nil {
+				tt.mutate(j)
+			}
+			p, err := Generate(j, Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			gs := stage(t, p, StageGetSources)
+			if p.GitStrategy != tt.strategy || gs.Attempts != tt.attempts {
+				t.Errorf("strategy %s attempts %d, want %s %d", p.GitStrategy, gs.Attempts, tt.strategy, tt.attempts)
+			}
+			switch {
+			case tt.warning == "" && len(p.Warnings) > 0:
+				t.Errorf("warnings %q", p.Warnings)
+			case tt.warning != "" && (len(p.Warnings) != 1 || !strings.Contains(p.Warnings[0], tt.warning)):
+				t.Errorf("warnings %q, want one with %q", p.Warnings, tt.warning)
+			}
+			if !strings.Contains(gs.Script, tt.inScript) {
+				t.Errorf("get_sources lacks %q:\n%s", tt.inScript, gs.Script)
+			}
+			if strings.Contains(gs.Script, "credential.https://h.example.helper") != strings.HasPrefix(j.GitInfo.RepoURL, "https://") {
+				t.Error("credential helper for the wrong remote")
+			}
+		})
+	}
+}
