@@ -11,7 +11,7 @@ import (
 	"github.com/mayfly-ci/mayfly/manager/gitlab"
 	"github.com/mayfly-ci/mayfly/manager/mask"
 	"github.com/mayfly-ci/mayfly/manager/runnerapi"
-	"github.com/mayfly-ci/mayfly/vmexec"
+	"github.com/mayfly-ci/mayfly/manager/stagerun"
 )
 
 // finalReportTimeout bounds sending the final trace and status of a job.
@@ -226,20 +226,6 @@ func systemFailure(format string, args ...any) jobResult {
 	return jobResult{state: runnerapi.StateFailed, failureReason: runnerapi.FailureRunnerSystemFailure, message: "(system failure) " + fmt.Sprintf(format, args...)}
 }
 
-// stageExecutor runs buildscript stages on a vmexec.Executor.
-type stageExecutor struct {
-	exec   vmexec.Executor
-	now    func() time.Time
-	phases *phaseLog
-	stage  buildscript.StageName // the stage running, set by onStage
-}
-
-func (s *stageExecutor) Run(ctx context.Context, shell, script string, out io.Writer) (int, error) {
-	start := s.now()
-	defer func() { s.phases.since(stagePhase(s.stage), start) }()
-	return s.exec.Run(ctx, vmexec.Command{Script: script, Shell: shell, Stdout: out, Stderr: out})
-}
-
 // execute runs the job's stages and decides its result.
 func (m *Manager) execute(r *runner, job *runnerapi.JobResponse, plan *buildscript.Plan, lease Lease, out io.Writer, tr *gitlab.JobTrace, received time.Time, phases *phaseLog) jobResult {
 	for _, w := range plan.Warnings {
@@ -288,15 +274,14 @@ func (m *Manager) execute(r *runner, job *runnerapi.JobResponse, plan *buildscri
 	}
 
 	startOnce := false
-	se := &stageExecutor{exec: exec, now: m.now, phases: phases}
 	onStage := func(st buildscript.Stage) {
-		se.stage = st.Name
 		if st.User && !startOnce {
 			startOnce = true
 			m.observeStart(r, job, received)
 		}
 	}
-	res := plan.Run(jobCtx, se, out, m.now, onStage)
+	runner := timedRunner{Runner: &stagerun.Attached{Exec: exec, Shell: plan.Shell}, now: m.now, phases: phases}
+	res := plan.Run(jobCtx, runner, out, buildscript.RunOptions{Now: m.now, OnStage: onStage})
 	// A lost VM and an abort end the job's context like a cancel does, but
 	// they are the runner's failures, not the user's.
 	if cause := context.Cause(jobCtx); errors.Is(cause, errInstanceLost) || errors.Is(cause, ErrAborted) {

@@ -434,7 +434,7 @@ func TestRunStageOrder(t *testing.T) {
 			upload(t, p)
 			var started []string
 			var trace strings.Builder
-			p.Run(context.Background(), e, &trace, nil, func(s Stage) { started = append(started, string(s.Name)) })
+			p.Run(context.Background(), e.runner(), &trace, RunOptions{OnStage: func(s Stage) { started = append(started, string(s.Name)) }})
 			if got := strings.Join(started, " "); got != tt.want {
 				t.Fatalf("stages %q, want %q\n%s", got, tt.want, trace.String())
 			}

@@ -74,7 +74,7 @@ func TestReproduceCapturedTraces(t *testing.T) {
 			m.Write([]byte(SectionStart(next(), "prepare_executor", `Preparing the "shell" executor`)))
 			m.Write([]byte(LogLine("Using Shell executor...")))
 			m.Write([]byte(SectionEnd(next(), "prepare_executor")))
-			r := p.Run(context.Background(), e, m, next, nil)
+			r := p.Run(context.Background(), e.runner(), m, RunOptions{Now: next})
 			if r.State != tt.wantResult.State || r.FailureReason != tt.wantResult.FailureReason ||
 				r.ExitCode != tt.wantResult.ExitCode || r.Message != tt.wantResult.Message {
 				t.Errorf("result %+v, want %+v", r, tt.wantResult)

@@ -291,7 +291,7 @@ func testWrongToken(t *testing.T, srv *gitServer, shas []string) {
 	var raw, masked bytes.Buffer
 	m := mask.NewWriter(&masked, p.Secrets)
 	var started []string
-	r := p.Run(context.Background(), e, teeWriter{&raw, m}, nil, func(s Stage) { started = append(started, string(s.Name)) })
+	r := p.Run(context.Background(), e.runner(), teeWriter{&raw, m}, RunOptions{OnStage: func(s Stage) { started = append(started, string(s.Name)) }})
 	m.Close()
 	if r.State != runnerapi.StateFailed || r.FailureReason != runnerapi.FailureScriptFailure || r.ExitCode != 128 {
 		t.Fatalf("result %+v\n%s", r, raw.String())

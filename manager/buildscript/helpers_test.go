@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +15,8 @@ import (
 	"time"
 
 	"github.com/mayfly-ci/mayfly/manager/runnerapi"
+	"github.com/mayfly-ci/mayfly/manager/stagerun"
+	"github.com/mayfly-ci/mayfly/vmexec"
 )
 
 // localExec runs stage scripts with a real local shell, the script on stdin
@@ -70,6 +73,34 @@ func (e *localExec) Run(ctx context.Context, shell, script string, out io.Writer
 	return 0, nil
 }
 
+// runner returns e as the stage runner Plan.Run takes: each stage attached
+// to its command, as over WinRM.
+func (e *localExec) runner() *stagerun.Attached {
+	return &stagerun.Attached{Exec: localExecutor{e}}
+}
+
+// localExecutor is a localExec seen as a vmexec.Executor.
+type localExecutor struct{ e *localExec }
+
+func (x localExecutor) Run(ctx context.Context, cmd vmexec.Command) (int, error) {
+	env, err := vmexec.ParseEnv(cmd.Env)
+	if err != nil {
+		return -1, err
+	}
+	var script strings.Builder
+	for _, v := range env {
+		script.WriteString("export " + v.Name + "=" + shQuote(v.Value) + "\n")
+	}
+	script.WriteString(cmd.Script)
+	return x.e.Run(ctx, cmd.Shell, script.String(), cmd.Stdout)
+}
+
+func (localExecutor) Upload(context.Context, string, []byte, fs.FileMode) error {
+	return errors.New("localExecutor: no uploads")
+}
+
+func (localExecutor) Close() error { return nil }
+
 // upload writes the plan's files as the lifecycle would before the first stage.
 func upload(t testing.TB, p *Plan) {
 	t.Helper()
@@ -88,7 +119,7 @@ func runPlan(t testing.TB, ctx context.Context, p *Plan, e *localExec) (Result, 
 	t.Helper()
 	upload(t, p)
 	var trace bytes.Buffer
-	r := p.Run(ctx, e, &trace, nil, nil)
+	r := p.Run(ctx, e.runner(), &trace, RunOptions{})
 	return r, trace.String()
 }
 
