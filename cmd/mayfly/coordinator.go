@@ -28,15 +28,20 @@ func runCoordinator(args []string, stdout, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	listen := fs.String("listen", "127.0.0.1:8929", "address to serve the GitLab runner API on")
 	regToken := fs.String("registration-token", "", "instance registration token (random when empty)")
-	var runnerTokens, pipelines stringList
+	var runnerTokens, pipelines, projects stringList
 	fs.Var(&runnerTokens, "runner-token", "register an instance runner (untagged jobs) with this authentication token; repeatable")
 	fs.Var(&pipelines, "pipeline", "enqueue the pipelines of this YAML or JSON file at start; repeatable")
+	fs.Var(&projects, "project", "serve `DIR` (a git repository, or a plain directory committed as is) as project root/<dir name>, or NAMESPACE/NAME=DIR, and run the pipeline of its .gitlab-ci.yml; repeatable")
+	externalURL := fs.String("external-url", "", "the coordinator's URL as jobs in VMs see it (git, API, registry); default: the listen address")
+	stateDir := fs.String("state-dir", "", "directory for the served repositories; default: a temporary directory removed at exit")
+	pushToken := fs.String("push-token", "", "the administrator's access token (git read of every project, pipelines through the API); random when empty")
 	longPoll := fs.Duration("long-poll", 0, "hold job requests this long while no job is queued (0 = off)")
 	exitWhenDone := fs.Bool("exit-when-done", false, "exit once every enqueued job has finished")
 	progress := fs.Bool("progress", false, "print each job's outcome as it finishes, the queue, and a summary at exit")
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: mayfly coordinator [--listen ADDR] [--pipeline FILE]... [--runner-token TOKEN]...\n\nServes an in-memory GitLab that speaks the runner API (/api/v4/...), for\ntests and the local demo, and an admin API under /-/mayfly/ to enqueue\npipelines, cancel jobs and read traces. Stops on SIGINT or SIGTERM.\n\nFlags:\n")
+		fmt.Fprintf(fs.Output(), "Usage: mayfly coordinator [--listen ADDR] [--external-url URL] [--project DIR]... [--pipeline FILE]... [--runner-token TOKEN]...\n\nServes an in-memory GitLab that speaks the runner API (/api/v4/...), for\ntests and the local demo, and an admin API under /-/mayfly/ to enqueue\npipelines, cancel jobs and read traces. Stops on SIGINT or SIGTERM.\n\nWith --project it also serves each project's repository over git's smart HTTP\n(<external-url>/<namespace>/<name>.git, read with gitlab-ci-token:<job token>\nwhile the job runs) and runs the pipeline of its .gitlab-ci.yml. A new pipeline\nof the directory as it is now: POST /api/v4/projects/<id>/pipeline?ref=<branch>\nwith the header PRIVATE-TOKEN: <push token>.\n\nFlags:\n")
 		fs.PrintDefaults()
+		fmt.Fprint(fs.Output(), unsupportedKeywordsHelp)
 	}
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -45,11 +50,35 @@ func runCoordinator(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	log := slog.New(slog.NewTextHandler(stderr, nil))
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		fmt.Fprintf(stderr, "mayfly coordinator: %v\n", err)
+		return 1
+	}
+	defer ln.Close()
+	ext := *externalURL
+	if ext == "" {
+		ext = "http://" + ln.Addr().String()
+	}
+	state := *stateDir
+	if state == "" && len(projects) > 0 {
+		tmp, err := os.MkdirTemp("", "mayfly-coordinator-")
+		if err != nil {
+			fmt.Fprintf(stderr, "mayfly coordinator: %v\n", err)
+			return 1
+		}
+		defer os.RemoveAll(tmp)
+		state = tmp
+	}
 	srv, err := coordinator.New(coordinator.Config{
 		RegistrationToken: *regToken,
-		ExternalURL:       "http://" + *listen,
+		ExternalURL:       ext,
 		LongPoll:          *longPoll,
 		Logger:            log,
+		StateDir:          state,
+		PushToken:         *pushToken,
 	})
 	if err != nil {
 		fmt.Fprintf(stderr, "mayfly coordinator: %v\n", err)
@@ -69,15 +98,16 @@ func runCoordinator(args []string, stdout, stderr io.Writer) int {
 		}
 		fmt.Fprintf(stdout, "enqueued %d pipelines from %s\n", len(res.Pipelines), p)
 	}
-
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	ln, err := net.Listen("tcp", *listen)
-	if err != nil {
-		fmt.Fprintf(stderr, "mayfly coordinator: %v\n", err)
-		return 1
+	if len(projects) > 0 {
+		if err := addProjects(ctx, stdout, srv, projects); err != nil {
+			fmt.Fprintf(stderr, "mayfly coordinator: %v\n", err)
+			return 1
+		}
 	}
 	fmt.Fprintf(stdout, "coordinator on http://%s (registration token %s)\n", ln.Addr(), srv.RegistrationToken())
+	if ext != "http://"+ln.Addr().String() {
+		fmt.Fprintf(stdout, "jobs see it at %s\n", ext)
+	}
 	if *progress {
 		progressDone := make(chan struct{})
 		progressCtx, stopProgress := context.WithCancel(ctx)
@@ -110,6 +140,51 @@ func runCoordinator(args []string, stdout, stderr io.Writer) int {
 	}
 	return 0
 }
+
+// addProjects serves the --project directories and prints what was made of each.
+func addProjects(ctx context.Context, w io.Writer, srv *coordinator.Server, args []string) error {
+	srcs := make([]coordinator.ProjectSource, len(args))
+	for i, a := range args {
+		srcs[i] = coordinator.ProjectSource{Dir: a}
+		if p, dir, ok := strings.Cut(a, "="); ok && strings.Contains(p, "/") && !strings.HasPrefix(p, ".") && !strings.HasPrefix(p, "/") {
+			srcs[i] = coordinator.ProjectSource{Path: p, Dir: dir}
+		}
+	}
+	res, err := srv.AddProjects(ctx, srcs)
+	if err != nil {
+		return err
+	}
+	for i, r := range res {
+		fmt.Fprintf(w, "project %s (id %d) from %s: %s at %.8s, git %s\n", r.Project.Path, r.Project.ID, srcs[i].Dir, r.Branch, r.Commit, r.RepoURL)
+		if r.Dirty {
+			fmt.Fprintf(w, "  note: uncommitted changes in the work tree are not served\n")
+		}
+		switch {
+		case r.Pipeline != nil:
+			fmt.Fprintf(w, "  pipeline %d: %d jobs\n", r.Pipeline.ID, len(r.Pipeline.JobIDs))
+			for _, warn := range r.Pipeline.Warnings {
+				fmt.Fprintf(w, "  warning: %s\n", warn)
+			}
+		default:
+			fmt.Fprintf(w, "  no pipeline: %s\n", r.NoPipeline)
+		}
+	}
+	fmt.Fprintf(w, "push token %s (git over HTTP with any user name; PRIVATE-TOKEN for POST /api/v4/projects/<id>/pipeline)\n", srv.PushToken())
+	return nil
+}
+
+// unsupportedKeywordsHelp lists what .gitlab-ci.yml support leaves out.
+const unsupportedKeywordsHelp = `
+.gitlab-ci.yml keywords read but not implemented (one warning line each; the
+job runs without them): environment, coverage, interruptible, resource_group,
+release, pages, secrets, id_tokens, identity, dast_configuration,
+manual_confirmation, start_in and when: delayed (starts at once),
+rules:changes (matches), rules:needs, only/except:changes and kubernetes,
+needs from other projects or pipelines, artifacts:expose_as/public/access,
+image and services docker:/kubernetes:/ports:, cache:key:files_commits,
+workflow:auto_cancel, spec:inputs, include: other than local. Jobs with
+trigger: or run: are skipped with a warning. Manual jobs never run.
+`
 
 // printProgress prints each job as it finishes and the queue when it
 // changes, until ctx ends.

@@ -15,50 +15,62 @@ import (
 	"github.com/mayfly-ci/mayfly/manager/runnerapi"
 )
 
-// TestCoordinatorCommand runs `mayfly coordinator` with the demo pipeline and
-// a preregistered runner token, drives every job through the real API client,
-// and checks that --exit-when-done ends the command by itself.
-func TestCoordinatorCommand(t *testing.T) {
+// runningCoordinator is `mayfly coordinator` running in the test.
+type runningCoordinator struct {
+	addr    string
+	lines   chan string      // output lines (dropped when nobody reads)
+	done    chan int         // exit code
+	scanned chan struct{}    // closed when the output ended
+	all     *strings.Builder // every output line, once scanned is closed
+}
+
+// runCoordinatorCmd runs `mayfly coordinator --listen 127.0.0.1:0 args…` and
+// waits for its address.
+func runCoordinatorCmd(t *testing.T, args ...string) *runningCoordinator {
+	t.Helper()
 	outR, outW := io.Pipe()
-	done := make(chan int, 1)
+	c := &runningCoordinator{lines: make(chan string, 1024), done: make(chan int, 1), scanned: make(chan struct{}), all: &strings.Builder{}}
 	go func() {
-		code := run([]string{"coordinator", "--listen", "127.0.0.1:0",
-			"--pipeline", "../../manager/coordinator/testdata/demo-pipeline.yaml",
-			"--runner-token", "cli-test-token", "--exit-when-done", "--progress"}, outW, io.Discard)
+		code := run(append([]string{"coordinator", "--listen", "127.0.0.1:0"}, args...), outW, io.Discard)
 		outW.Close()
-		done <- code
+		c.done <- code
 	}()
-	// Every output line goes to lines (never blocking the command) and to all.
-	lines := make(chan string, 1024)
-	var all strings.Builder
-	scanned := make(chan struct{})
 	go func() {
-		defer close(scanned)
-		defer close(lines)
+		defer close(c.scanned)
+		defer close(c.lines)
 		sc := bufio.NewScanner(outR)
 		for sc.Scan() {
-			all.WriteString(sc.Text() + "\n")
+			c.all.WriteString(sc.Text() + "\n")
 			select {
-			case lines <- sc.Text():
+			case c.lines <- sc.Text():
 			default:
 			}
 		}
 	}()
-	var addr string
-	deadline := time.After(10 * time.Second)
-	for addr == "" {
+	deadline := time.After(30 * time.Second)
+	for c.addr == "" {
 		select {
-		case l, ok := <-lines:
+		case l, ok := <-c.lines:
 			if !ok {
-				t.Fatalf("coordinator exited early with %d", <-done)
+				t.Fatalf("coordinator exited early with %d", <-c.done)
 			}
 			if rest, found := strings.CutPrefix(l, "coordinator on http://"); found {
-				addr, _, _ = strings.Cut(rest, " ")
+				c.addr, _, _ = strings.Cut(rest, " ")
 			}
 		case <-deadline:
 			t.Fatal("coordinator did not print its address")
 		}
 	}
+	return c
+}
+
+// TestCoordinatorCommand runs `mayfly coordinator` with the demo pipeline and
+// a preregistered runner token, drives every job through the real API client,
+// and checks that --exit-when-done ends the command by itself.
+func TestCoordinatorCommand(t *testing.T) {
+	rc := runCoordinatorCmd(t, "--pipeline", "../../manager/coordinator/testdata/demo-pipeline.yaml",
+		"--runner-token", "cli-test-token", "--exit-when-done", "--progress")
+	addr, done, scanned, all := rc.addr, rc.done, rc.scanned, rc.all
 
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()

@@ -30,6 +30,8 @@ func (s *Server) routes() {
 	mux.HandleFunc("POST /api/v4/jobs/request", s.handleJobRequest)
 	mux.HandleFunc("PATCH /api/v4/jobs/{id}/trace", s.handleTrace)
 	mux.HandleFunc("PUT /api/v4/jobs/{id}", s.handleUpdate)
+	mux.HandleFunc("POST /api/v4/projects/{id}/pipeline", s.handleCreatePipeline)
+	mux.HandleFunc("/", s.serveRoot)
 	mux.HandleFunc("/api/v4/", func(w http.ResponseWriter, r *http.Request) {
 		writeMessage(w, http.StatusNotFound, "404 Not Found")
 	})

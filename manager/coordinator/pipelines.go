@@ -13,6 +13,7 @@ import (
 
 // pipelineExtra is what a pipeline made from a repository knows beyond its spec.
 type pipelineExtra struct {
+	id       int64 // allocated beforehand (its persistent ref exists); 0: allocate
 	name     string
 	commit   commitInfo
 	warnings []string
@@ -26,8 +27,14 @@ type pipelineExtra struct {
 func (s *Server) createPipeline(p *project, spec PipelineSpec, extra *pipelineExtra) *pipeline {
 	now := s.now()
 	p.pipelines++
+	if extra == nil {
+		extra = &pipelineExtra{}
+	}
+	if extra.id == 0 {
+		extra.id = s.id("pipeline")
+	}
 	pl := &pipeline{
-		id:        s.id("pipeline"),
+		id:        extra.id,
 		iid:       p.pipelines,
 		project:   p,
 		ref:       cmp.Or(spec.Ref, "main"),
@@ -45,9 +52,6 @@ func (s *Server) createPipeline(p *project, spec PipelineSpec, extra *pipelineEx
 	}
 	if pl.sha == "" {
 		pl.sha = fakeSha(p.fullPath(), pl.ref, strconv.FormatInt(pl.id, 10))
-	}
-	if extra == nil {
-		extra = &pipelineExtra{}
 	}
 	pl.name, pl.commit, pl.warnings = extra.name, extra.commit, extra.warnings
 	pl.readable = append(pl.readable, extra.readable...)
@@ -122,9 +126,15 @@ func (s *Server) newJob(pl *pipeline, spec PipelineSpec, js JobSpec, now time.Ti
 	if len(js.PreGetSourcesScript) > 0 {
 		j.hooks = []runnerapi.Hook{{Name: runnerapi.HookPreGetSourcesScript, Script: slices.Clone(js.PreGetSourcesScript)}}
 	}
-	s.jobs[j.id] = j
-	s.jobOrder = append(s.jobOrder, j)
+	s.addJob(j)
 	return j
+}
+
+// addJob indexes a new job under s.mu.
+func (s *Server) addJob(j *job) {
+	s.jobs[j.id] = j
+	s.jobsByToken[j.token] = j
+	s.jobOrder = append(s.jobOrder, j)
 }
 
 // depState is what a job's dependencies (the earlier stages, or its needs)
@@ -271,8 +281,7 @@ func (s *Server) retryJob(j *job) {
 	}
 	j.retried = true
 	j.pipeline.jobs = append(j.pipeline.jobs, c)
-	s.jobs[c.id] = c
-	s.jobOrder = append(s.jobOrder, c)
+	s.addJob(c)
 	s.log.Info("job retried", "job_id", j.id, "retry_job_id", c.id, "attempt", c.attempt, "failure_reason", j.failureReason)
 	s.makePending(c)
 }

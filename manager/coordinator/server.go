@@ -14,6 +14,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/mayfly-ci/mayfly/manager/coordinator/gitrepo"
 )
 
 // Limits and defaults.
@@ -54,6 +56,15 @@ type Config struct {
 	MaxTraceBytes int
 	// AdminToken, when set, is required in the Private-Token header of the admin API.
 	AdminToken string
+	// PushToken is a personal access token of the administrator: it reads
+	// every repository over git, pushes to and pulls from the registry
+	// (any user name), and creates pipelines through the GitLab API
+	// (PRIVATE-TOKEN). Empty: a random token, see Server.PushToken.
+	PushToken string
+	// StateDir holds what the coordinator keeps on disk: the served
+	// repositories (StateDir/repositories) and the registry
+	// (StateDir/registry). Needed by AddProjects and the registry.
+	StateDir string
 	// Now is the clock (job timestamps, time_in_queue_seconds). Default time.Now.
 	Now func() time.Time
 	// Logger receives structured logs. Default slog.Default().
@@ -85,6 +96,9 @@ type Server struct {
 	regTokens       map[string]any // *group or *project; the instance token is cfg.RegistrationToken
 	pipelines       map[int64]*pipeline
 	jobs            map[int64]*job
+	jobsByToken     map[string]*job
+	repos           *gitrepo.Store // nil until AddProjects
+	gitHandler      http.Handler
 	jobOrder        []*job
 	pendingProjects map[int64]*project // projects with pending jobs
 	version         uint64             // queue version, X-GitLab-Last-Update
@@ -119,6 +133,9 @@ func New(cfg Config) (*Server, error) {
 	if cfg.RegistrationToken == "" {
 		cfg.RegistrationToken = newToken()
 	}
+	if cfg.PushToken == "" {
+		cfg.PushToken = newToken()
+	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
@@ -141,6 +158,7 @@ func New(cfg Config) (*Server, error) {
 		regTokens:       map[string]any{},
 		pipelines:       map[int64]*pipeline{},
 		jobs:            map[int64]*job{},
+		jobsByToken:     map[string]*job{},
 		pendingProjects: map[int64]*project{},
 		version:         1,
 		queueChanged:    make(chan struct{}),
@@ -152,6 +170,12 @@ func New(cfg Config) (*Server, error) {
 
 // RegistrationToken returns the instance-wide registration token (instance runners).
 func (s *Server) RegistrationToken() string { return s.cfg.RegistrationToken }
+
+// PushToken returns the administrator's access token (see Config.PushToken).
+func (s *Server) PushToken() string { return s.cfg.PushToken }
+
+// ExternalURL returns the URL jobs see, or "" when it follows each request's Host.
+func (s *Server) ExternalURL() string { return s.cfg.ExternalURL }
 
 // ServeHTTP implements http.Handler.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }

@@ -217,3 +217,17 @@ func globRegexp(glob string) (*regexp.Regexp, error) {
 	b.WriteString("$")
 	return regexp.Compile(b.String())
 }
+
+// ResolveRef finds a branch or tag of the repository: its commit and
+// whether it is a "branch" or a "tag".
+func (r *Repo) ResolveRef(ctx context.Context, ref string) (sha, refType string, err error) {
+	if strings.HasPrefix(ref, "-") || strings.Contains(ref, "..") {
+		return "", "", fmt.Errorf("project %s: %q is not a ref name", r.Path, ref)
+	}
+	for _, c := range []struct{ prefix, typ string }{{"refs/heads/", "branch"}, {"refs/tags/", "tag"}} {
+		if sha, err := r.g.trimmed(ctx, r.Dir, "rev-parse", "--verify", "--quiet", c.prefix+ref+"^{commit}"); err == nil && sha != "" {
+			return sha, c.typ, nil
+		}
+	}
+	return "", "", fmt.Errorf("project %s has no branch or tag %q", r.Path, ref)
+}

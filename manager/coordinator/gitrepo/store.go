@@ -178,7 +178,9 @@ func (s *Store) Import(ctx context.Context, src Source) (*Repo, error) {
 	if isGitDir(abs) {
 		err = s.cloneRepo(ctx, r)
 	} else {
-		err = s.commitDir(ctx, r)
+		if _, err = s.g.run(ctx, s.root, nil, nil, "init", "--quiet", "--bare", "--initial-branch=main", r.Dir); err == nil {
+			err = s.commitDir(ctx, r, "")
+		}
 	}
 	if err != nil {
 		_ = os.RemoveAll(dest)
@@ -200,6 +202,11 @@ func (s *Store) cloneRepo(ctx context.Context, r *Repo) error {
 	if _, err := s.g.run(ctx, s.root, nil, nil, "clone", "--bare", "--quiet", "--", r.Source, r.Dir); err != nil {
 		return err
 	}
+	return s.readSourceHead(ctx, r)
+}
+
+// readSourceHead sets r's default branch and head from its git source.
+func (s *Store) readSourceHead(ctx context.Context, r *Repo) error {
 	head, err := s.g.trimmed(ctx, r.Source, "rev-parse", "--verify", "HEAD^{commit}")
 	if err != nil {
 		return fmt.Errorf("the repository has no commit: %w", err)
@@ -221,16 +228,14 @@ func (s *Store) cloneRepo(ctx context.Context, r *Repo) error {
 	return nil
 }
 
-// commitDir commits a plain directory as it is on branch main, linking the
-// submodules its .gitmodules names among the store's projects.
-func (s *Store) commitDir(ctx context.Context, r *Repo) error {
-	if _, err := s.g.run(ctx, s.root, nil, nil, "init", "--quiet", "--bare", "--initial-branch=main", r.Dir); err != nil {
-		return err
-	}
+// commitDir commits a plain directory as it is on branch main (on top of
+// parent, unless the tree did not change), linking the submodules its
+// .gitmodules names among the store's projects.
+func (s *Store) commitDir(ctx context.Context, r *Repo, parent string) error {
 	index := filepath.Join(r.Dir, "mayfly-import.index")
 	defer os.Remove(index)
 	env := []string{"GIT_DIR=" + r.Dir, "GIT_WORK_TREE=" + r.Source, "GIT_INDEX_FILE=" + index}
-	if _, err := s.g.run(ctx, r.Source, env, nil, "add", "--all", "--force", "."); err != nil {
+	if _, err := s.g.run(ctx, r.Source, env, nil, "add", "--all", "."); err != nil {
 		return err
 	}
 	mods, err := parseGitmodules(filepath.Join(r.Source, ".gitmodules"))
@@ -258,10 +263,20 @@ func (s *Store) commitDir(ctx context.Context, r *Repo) error {
 		return err
 	}
 	tree := strings.TrimSpace(string(treeOut))
+	if parent != "" {
+		if old, err := s.g.trimmed(ctx, r.Dir, "rev-parse", parent+"^{tree}"); err == nil && old == tree {
+			r.DefaultBranch, r.Head = "main", parent
+			return nil
+		}
+	}
 	when := time.Now().UTC().Format(time.RFC3339)
 	idEnv := []string{"GIT_AUTHOR_NAME=mayfly", "GIT_AUTHOR_EMAIL=mayfly@localhost", "GIT_AUTHOR_DATE=" + when,
 		"GIT_COMMITTER_NAME=mayfly", "GIT_COMMITTER_EMAIL=mayfly@localhost", "GIT_COMMITTER_DATE=" + when}
-	out, err := s.g.run(ctx, r.Dir, idEnv, nil, "commit-tree", tree, "-m", "Import "+filepath.Base(r.Source)+" by mayfly coordinator")
+	args := []string{"commit-tree", tree, "-m", "Import " + filepath.Base(r.Source) + " by mayfly coordinator"}
+	if parent != "" {
+		args = append(args, "-p", parent)
+	}
+	out, err := s.g.run(ctx, r.Dir, idEnv, nil, args...)
 	if err != nil {
 		return err
 	}
@@ -271,6 +286,40 @@ func (s *Store) commitDir(ctx context.Context, r *Repo) error {
 	}
 	r.DefaultBranch, r.Head = "main", commit
 	return nil
+}
+
+// Refresh brings the repository of a project up to date with its source,
+// as a push would: a git source's branches and tags are fetched, a plain
+// directory is committed again on top of the default branch. Pipeline refs
+// stay. It returns the repository as it is now and the commit its default
+// branch pointed at before.
+func (s *Store) Refresh(ctx context.Context, project string) (*Repo, string, error) {
+	s.mu.Lock()
+	old := s.repos[project]
+	s.mu.Unlock()
+	if old == nil {
+		return nil, "", fmt.Errorf("project %s is not served", project)
+	}
+	r := &Repo{Path: old.Path, Dir: old.Dir, Source: old.Source, g: s.g}
+	var err error
+	if isGitDir(r.Source) {
+		_, err = s.g.run(ctx, r.Dir, nil, nil, "fetch", "--quiet", "--prune", "--force", "--", r.Source, "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*")
+		if err == nil {
+			err = s.readSourceHead(ctx, r)
+		}
+		if err == nil {
+			_, err = s.g.run(ctx, r.Dir, nil, nil, "symbolic-ref", "HEAD", "refs/heads/"+r.DefaultBranch)
+		}
+	} else {
+		err = s.commitDir(ctx, r, old.Head)
+	}
+	if err != nil {
+		return nil, "", fmt.Errorf("refresh project %s from %s: %w", project, r.Source, err)
+	}
+	s.mu.Lock()
+	s.repos[project] = r
+	s.mu.Unlock()
+	return r, old.Head, nil
 }
 
 // Submodule is one entry of .gitmodules.

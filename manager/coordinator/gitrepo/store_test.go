@@ -335,3 +335,47 @@ func BenchmarkCloneSample(b *testing.B) {
 		git(b, work, "clone", "-q", "--depth", "1", url, filepath.Join(work, "c", strings.Repeat("x", i%5+1)+string(rune('0'+i%10))+time.Now().Format("150405.000000000")))
 	}
 }
+
+func TestRefreshKeepsPipelineRefs(t *testing.T) {
+	needGit(t)
+	ctx := context.Background()
+	src := gitProject(t)
+	plain := t.TempDir()
+	writeFiles(t, plain, map[string]string{"a.txt": "one\n", ".gitignore": "build/\n", "build/out": "ignored\n"})
+	s, err := NewStore(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	repos, err := s.ImportAll(ctx, []Source{{Path: "root/app", Dir: src}, {Path: "root/plain", Dir: plain}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	app, pl := repos[0], repos[1]
+	if tree := git(t, pl.Dir, "ls-tree", "-r", "--name-only", pl.Head); strings.Contains(tree, "build/out") {
+		t.Errorf(".gitignore not honoured:\n%s", tree)
+	}
+	for _, r := range repos {
+		if err := r.SetRef(ctx, "refs/pipelines/1", r.Head); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Unchanged plain directory: same commit.
+	if r, before, err := s.Refresh(ctx, "root/plain"); err != nil || r.Head != pl.Head || before != pl.Head {
+		t.Errorf("refresh unchanged: %v %v %v", r, before, err)
+	}
+	writeFiles(t, plain, map[string]string{"a.txt": "two\n"})
+	r, before, err := s.Refresh(ctx, "root/plain")
+	if err != nil || r.Head == pl.Head || before != pl.Head || git(t, r.Dir, "rev-parse", r.Head+"^") != pl.Head {
+		t.Fatalf("refresh plain: %+v before %s err %v", r, before, err)
+	}
+	git(t, src, "commit", "-q", "-am", "second")
+	ra, before, err := s.Refresh(ctx, "root/app")
+	if err != nil || ra.Head != git(t, src, "rev-parse", "HEAD") || before != app.Head || s.Repo("root/app") != ra {
+		t.Fatalf("refresh git: %+v before %s err %v", ra, before, err)
+	}
+	for _, r := range []*Repo{r, ra} {
+		if got := git(t, r.Dir, "rev-parse", "refs/pipelines/1"); got == r.Head {
+			t.Errorf("%s: refs/pipelines/1 moved to the new head", r.Path)
+		}
+	}
+}
