@@ -126,8 +126,7 @@ log_level = "info"
       endpoint = %q
       without_authentication = true
       poll_interval = "100ms"
-      rate_limit = 50.0
-      rate_burst = 20
+      rate_limit = { rate = 50.0, burst = 20 }
     [runners.autoscaler.connector_config]
       os = "linux"
       protocol = "ssh"

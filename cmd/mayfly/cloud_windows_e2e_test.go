@@ -88,8 +88,7 @@ log_level = "info"
       without_authentication = true
       poll_interval = "100ms"
       password_timeout = "10s"
-      rate_limit = 50.0
-      rate_burst = 20
+      rate_limit = { rate = 50.0, burst = 20 }
     [runners.autoscaler.connector_config]
       os = "windows"
       protocol = "winrm"

@@ -35,7 +35,7 @@ output "gce_plugin_config" {
     network         = google_compute_network.fleet.self_link
     subnetwork      = google_compute_subnetwork.runners.self_link
     service_account = google_service_account.runner_vm.email
-    no_external_ip  = !var.runner_external_ip
-    use_internal_ip = true
+    external_ip     = var.runner_external_ip
+    use_external_ip = false
   }
 }

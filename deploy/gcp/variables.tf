@@ -39,7 +39,7 @@ variable "runner_egress_deny_ranges" {
 }
 
 variable "enable_nat" {
-  description = "Create a Cloud Router and Cloud NAT so job VMs without an external address (gce plugin no_external_ip = true) reach the internet."
+  description = "Create a Cloud Router and Cloud NAT so job VMs without an external address (gce plugin external_ip = false) reach the internet."
   type        = bool
   default     = true
 }
@@ -98,7 +98,7 @@ variable "vm_service_account_scopes" {
 }
 
 variable "runner_external_ip" {
-  description = "Job VMs get an ephemeral external address (gce plugin no_external_ip = false). Adds compute.subnetworks.useExternalIp to the manager's role. Ingress stays closed either way."
+  description = "Job VMs get an ephemeral external address (gce plugin external_ip = true). Adds compute.subnetworks.useExternalIp to the manager's role. Ingress stays closed either way."
   type        = bool
   default     = false
 }

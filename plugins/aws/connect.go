@@ -109,11 +109,11 @@ func (p *Provider) ConnectInfo(ctx context.Context, id string) (providers.Connec
 		Arch:     goArch(inst.Architecture),
 		Username: st.cfg.Username,
 	}
-	if st.cfg.UsePublicIP {
+	if st.cfg.UseExternalIP {
 		ci.Address = aws.ToString(inst.PublicIpAddress)
 	}
 	if ci.Address == "" {
-		return providers.ConnectInfo{}, providers.Transient(fmt.Errorf("aws connect info %s: instance has no address yet (use_public_ip=%t)", id, st.cfg.UsePublicIP))
+		return providers.ConnectInfo{}, providers.Transient(fmt.Errorf("aws connect info %s: instance has no address yet (use_external_ip=%t)", id, st.cfg.UseExternalIP))
 	}
 	switch st.cfg.os {
 	case "linux":

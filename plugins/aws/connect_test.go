@@ -81,13 +81,13 @@ func TestConnectInfoLinux(t *testing.T) {
 		t.Errorf("a known host key was fetched again (%d → %d calls)", before, after)
 	}
 
-	pub := start(t, e.with("use_public_ip", true))
+	pub := start(t, e.with("use_external_ip", true))
 	ci, err = pub.ConnectInfo(ctxT(t), ids[1])
 	if err != nil {
 		t.Fatal(err)
 	}
 	if in, _ := e.srv.Instance(ids[1]); ci.Address != in.PublicIP || ci.Address == in.PrivateIP {
-		t.Errorf("use_public_ip address %q, public %q", ci.Address, in.PublicIP)
+		t.Errorf("use_external_ip address %q, public %q", ci.Address, in.PublicIP)
 	}
 	// An instance of another group is not ours to connect to.
 	other := start(t, e.with("name_prefix", "other"))

@@ -1,6 +1,7 @@
 package aws
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -8,19 +9,20 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/ec2"
 	"github.com/aws/aws-sdk-go-v2/service/ec2/types"
 
 	"github.com/mayfly-ci/mayfly/providers"
+	"github.com/mayfly-ci/mayfly/providers/pluginkit"
 )
 
 // Create implements providers.Provider: one RunInstances per instance, up
 // to Settings.CreateConcurrency at a time, each trying the subnets in
-// order until one has capacity. It stops at the first error other than a
-// subnet's lack of capacity and returns the ids made so far with it.
+// order until one has capacity (pluginkit.Placement). Partial failures
+// follow pluginkit.FanOut's rule; the ids made are returned with the
+// error.
 func (p *Provider) Create(ctx context.Context, n int, labels map[string]string) ([]string, error) {
 	st, err := p.state("create")
 	if err != nil {
@@ -40,49 +42,11 @@ func (p *Provider) Create(ctx context.Context, n int, labels map[string]string) 
 			return nil, err
 		}
 	}
-	var (
-		mu       sync.Mutex
-		ids      []string
-		firstErr error
-		wg       sync.WaitGroup
-	)
-	sem := make(chan struct{}, st.cfg.CreateConcurrency)
-	failed := func() bool {
-		mu.Lock()
-		defer mu.Unlock()
-		return firstErr != nil
-	}
-launch:
-	for range n {
-		select {
-		case sem <- struct{}{}:
-		case <-ctx.Done():
-			break launch
-		}
-		if failed() {
-			<-sem
-			break
-		}
-		wg.Go(func() {
-			defer func() { <-sem }()
-			id, err := p.createOne(ctx, st, labels)
-			mu.Lock()
-			defer mu.Unlock()
-			if err != nil {
-				if firstErr == nil {
-					firstErr = err
-				}
-				return
-			}
-			ids = append(ids, id)
-		})
-	}
-	wg.Wait()
-	if firstErr == nil && len(ids) < n {
-		firstErr = providers.Transient(fmt.Errorf("aws create: made %d of %d instances: %w", len(ids), n, ctx.Err()))
-	}
-	if firstErr != nil {
-		return ids, fmt.Errorf("aws create: %w", firstErr)
+	ids, err := pluginkit.FanOut(ctx, n, st.cfg.CreateConcurrency, func(ctx context.Context, _ int) (string, error) {
+		return p.createOne(ctx, st, labels)
+	})
+	if err != nil {
+		return ids, fmt.Errorf("aws create: %w", err)
 	}
 	return ids, nil
 }
@@ -91,53 +55,18 @@ launch:
 var reservedTags = []string{TagName, TagGroup, TagKeyID}
 
 func checkLabels(cfg config, labels map[string]string) error {
-	if labels[providers.LabelManager] == "" {
-		return providers.InvalidArgument(fmt.Errorf("aws create: labels lack %q; every instance must carry its manager", providers.LabelManager))
-	}
-	if cfg.Manager != "" && labels[providers.LabelManager] != cfg.Manager {
-		return providers.InvalidArgument(fmt.Errorf("aws create: label %s=%q differs from the manager setting %q; List would not see the instance",
-			providers.LabelManager, labels[providers.LabelManager], cfg.Manager))
+	if err := pluginkit.CheckCreateLabels(labels, cfg.Manager, reservedTags...); err != nil {
+		return fmt.Errorf("aws %w", err)
 	}
 	if len(labels)+len(reservedTags) > 50 {
 		return providers.InvalidArgument(fmt.Errorf("aws create: %d labels; EC2 allows 50 tags per instance, %d of them taken by mayfly", len(labels), len(reservedTags)))
 	}
 	for k, v := range labels {
-		if slices.Contains(reservedTags, k) {
-			return providers.InvalidArgument(fmt.Errorf("aws create: label %q is reserved for the plugin", k))
-		}
 		if err := checkTag(k, v); err != nil {
 			return providers.InvalidArgument(fmt.Errorf("aws create: label: %w", err))
 		}
 	}
 	return nil
-}
-
-// subnetOrder returns the subnets to try: those without a recent capacity
-// failure in configured order, then the others, least recently failed
-// first. No subnet is ever skipped.
-func (p *Provider) subnetOrder(cfg config) []string {
-	if len(cfg.SubnetIDs) == 0 {
-		return []string{""}
-	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	now := p.now()
-	var fresh, cooling []string
-	for _, s := range cfg.SubnetIDs {
-		if t, ok := p.exhausted[s]; ok && now.Sub(t) < cfg.capacityCooldown {
-			cooling = append(cooling, s)
-		} else {
-			fresh = append(fresh, s)
-		}
-	}
-	slices.SortStableFunc(cooling, func(a, b string) int { return p.exhausted[a].Compare(p.exhausted[b]) })
-	return append(fresh, cooling...)
-}
-
-func (p *Provider) markExhausted(subnet string) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.exhausted[subnet] = p.now()
 }
 
 func (p *Provider) createOne(ctx context.Context, st state, labels map[string]string) (string, error) {
@@ -150,7 +79,7 @@ func (p *Provider) createOne(ctx context.Context, st state, labels map[string]st
 	}
 	cfg := st.cfg
 	if lt := cfg.LaunchTemplate; lt != nil {
-		spec := &types.LaunchTemplateSpecification{Version: aws.String(cmpOr(lt.Version, "$Default"))}
+		spec := &types.LaunchTemplateSpecification{Version: aws.String(cmp.Or(lt.Version, "$Default"))}
 		if lt.ID != "" {
 			spec.LaunchTemplateId = aws.String(lt.ID)
 		} else {
@@ -206,12 +135,11 @@ func (p *Provider) createOne(ctx context.Context, st state, labels map[string]st
 		in.UserData = aws.String(ud)
 	}
 
-	subnets := p.subnetOrder(cfg)
-	var capErrs []error
-	for i, subnet := range subnets {
+	var id string
+	err := st.placement.Try(cfg.Region, func(subnet string, attempt int) error {
 		// A fresh client token per attempt: the nonce part names the key,
 		// the suffix keeps EC2 from treating another subnet as a replay.
-		in.ClientToken = aws.String(nonce + "-" + strconv.Itoa(i))
+		in.ClientToken = aws.String(nonce + "-" + strconv.Itoa(attempt))
 		if subnet != "" {
 			in.SubnetId = aws.String(subnet)
 		}
@@ -221,38 +149,27 @@ func (p *Provider) createOne(ctx context.Context, st state, labels map[string]st
 			out, err = st.client.RunInstances(ctx, in)
 			return err
 		})
-		if err == nil {
-			if len(out.Instances) == 0 || out.Instances[0].InstanceId == nil {
-				return "", providers.Transient(errors.New("ec2 RunInstances: answer lists no instance"))
-			}
-			inst := out.Instances[0]
-			id := aws.ToString(inst.InstanceId)
-			p.remember(inst)
-			if cert != nil {
-				p.mu.Lock()
-				p.certs[id] = cert.certPEM
-				p.mu.Unlock()
-			}
-			p.log.Info("instance launched", "id", id, "subnet", aws.ToString(inst.SubnetId), "attempt", i+1)
-			return id, nil
+		if err != nil {
+			return p.classify(st, "RunInstances", err, cfg.Region)
 		}
-		if subnet != "" && isCapacity(err) {
-			p.markExhausted(subnet)
-			p.log.Warn("no capacity in subnet, trying the next", "subnet", subnet, "code", errorCode(err), "error", err)
-			capErrs = append(capErrs, fmt.Errorf("subnet %s: %w", subnet, err))
-			continue
+		if len(out.Instances) == 0 || out.Instances[0].InstanceId == nil {
+			return providers.Transient(errors.New("ec2 RunInstances: answer lists no instance"))
 		}
-		return "", p.classify(st, "RunInstances", err, cfg.Region)
+		inst := out.Instances[0]
+		id = aws.ToString(inst.InstanceId)
+		p.remember(inst)
+		if cert != nil {
+			p.mu.Lock()
+			p.certs[id] = cert.certPEM
+			p.mu.Unlock()
+		}
+		p.log.Info("instance launched", "id", id, "subnet", aws.ToString(inst.SubnetId), "attempt", attempt+1)
+		return nil
+	})
+	if _, capacity := providers.IsCapacityExhausted(err); capacity && len(cfg.SubnetIDs) > 0 {
+		return "", fmt.Errorf("ec2 RunInstances of %s: %w", cmp.Or(cfg.InstanceType, "the instance"), err)
 	}
-	return "", providers.CapacityExhausted(cfg.Region,
-		fmt.Errorf("ec2 RunInstances: no subnet could launch %s: %w", cmpOr(cfg.InstanceType, "the instance"), errors.Join(capErrs...)))
-}
-
-func cmpOr(a, b string) string {
-	if a != "" {
-		return a
-	}
-	return b
+	return id, err
 }
 
 func tagSpecs(st state, labels map[string]string, nonce string) []types.TagSpecification {

@@ -97,9 +97,10 @@ func (p *Provider) classify(st state, action string, err error, scope string) er
 	code := errorCode(err)
 	switch {
 	case throttleCodes[code]:
-		wait := st.limit.throttled(action)
+		err := st.limit.throttled(action, wrapped)
+		wait, _ := providers.IsRateLimited(err)
 		p.log.Warn("EC2 throttled the plugin", "action", action, "code", code, "pause", wait)
-		return providers.RateLimited(wait, wrapped)
+		return err
 	case quotaCodes[code]:
 		return providers.QuotaExceeded(scope, wrapped)
 	case capacityCodes[code]:

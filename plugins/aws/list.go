@@ -10,6 +10,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/ec2/types"
 
 	"github.com/mayfly-ci/mayfly/providers"
+	"github.com/mayfly-ci/mayfly/providers/pluginkit"
 )
 
 // maxPages bounds the DescribeInstances pages of one List.
@@ -29,14 +30,7 @@ func groupFilters(cfg config) []types.Filter {
 // inGroup reports whether inst carries the group's tags.
 func inGroup(cfg config, inst types.Instance) bool {
 	tags := tagMap(inst.Tags)
-	if tags[TagGroup] != cfg.NamePrefix {
-		return false
-	}
-	if cfg.Manager != "" {
-		return tags[providers.LabelManager] == cfg.Manager
-	}
-	_, ok := tags[providers.LabelManager]
-	return ok
+	return tags[TagGroup] == cfg.NamePrefix && pluginkit.Owned(tags, cfg.Manager)
 }
 
 func tagMap(tags []types.Tag) map[string]string {

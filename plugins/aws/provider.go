@@ -38,6 +38,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/ec2"
 
 	"github.com/mayfly-ci/mayfly/providers"
+	"github.com/mayfly-ci/mayfly/providers/pluginkit"
 )
 
 // Version is the version Init reports.
@@ -81,11 +82,11 @@ type Provider struct {
 	cfg       config
 	client    *ec2.Client
 	limit     *limiter
+	placement *pluginkit.Placement // subnets
 	keys      *sshKeys
 	win       *windowsKey
-	imported  bool                 // win is imported as an EC2 key pair
-	exhausted map[string]time.Time // subnet → when it last had no capacity
-	cache     map[string]cached    // instance data by id
+	imported  bool              // win is imported as an EC2 key pair
+	cache     map[string]cached // instance data by id
 	hostKeys  map[string]string
 	passwords map[string]string
 	certs     map[string][]byte // WinRM certificate (PEM) by instance id
@@ -105,7 +106,6 @@ func New(opts Options) *Provider {
 	return &Provider{
 		log:       opts.Logger,
 		now:       opts.Now,
-		exhausted: map[string]time.Time{},
 		cache:     map[string]cached{},
 		hostKeys:  map[string]string{},
 		passwords: map[string]string{},
@@ -116,7 +116,7 @@ func New(opts Options) *Provider {
 
 // Init implements providers.Provider. It makes no API call.
 func (p *Provider) Init(ctx context.Context, raw json.RawMessage) (providers.Info, error) {
-	cfg, err := parseSettings(raw)
+	cfg, err := parseSettings(raw, p.log)
 	if err != nil {
 		return providers.Info{}, err
 	}
@@ -143,6 +143,9 @@ func (p *Provider) Init(ctx context.Context, raw json.RawMessage) (providers.Inf
 	}
 	p.cfg, p.client, p.keys, p.win = cfg, client, keys, win
 	p.limit = newLimiter(cfg.RateLimit, p.now)
+	p.placement = pluginkit.NewPlacement(pluginkit.PlacementOptions{
+		Kind: "subnet", Locations: cfg.SubnetIDs, Cooldown: cfg.capacityCooldown, Now: p.now, Logger: p.log,
+	})
 	p.inited = true
 	p.log.Info("aws provider initialised", "region", cfg.Region, "group", cfg.NamePrefix, "os", cfg.os,
 		"subnets", len(cfg.SubnetIDs), "spot", cfg.Spot, "endpoint", cfg.Endpoint)
@@ -194,11 +197,12 @@ func newRetryer() aws.Retryer {
 
 // state is what one call needs, read under p.mu.
 type state struct {
-	cfg    config
-	client *ec2.Client
-	limit  *limiter
-	keys   *sshKeys
-	win    *windowsKey
+	cfg       config
+	client    *ec2.Client
+	limit     *limiter
+	placement *pluginkit.Placement
+	keys      *sshKeys
+	win       *windowsKey
 }
 
 func (p *Provider) state(op string) (state, error) {
@@ -210,7 +214,7 @@ func (p *Provider) state(op string) (state, error) {
 	case !p.inited:
 		return state{}, providers.InvalidArgument(fmt.Errorf("aws %s: provider is not initialised", op))
 	}
-	return state{cfg: p.cfg, client: p.client, limit: p.limit, keys: p.keys, win: p.win}, nil
+	return state{cfg: p.cfg, client: p.client, limit: p.limit, placement: p.placement, keys: p.keys, win: p.win}, nil
 }
 
 // call runs one EC2 API call of action affecting n instances, paced by
@@ -247,7 +251,7 @@ func (p *Provider) Shutdown(ctx context.Context) error {
 		p.mu.Unlock()
 		return nil
 	}
-	st := state{cfg: p.cfg, client: p.client, limit: p.limit, keys: p.keys, win: p.win}
+	st := state{cfg: p.cfg, client: p.client, limit: p.limit, placement: p.placement, keys: p.keys, win: p.win}
 	deleteKey := p.inited && p.win != nil && p.win.ephemeral && p.imported
 	p.closed = true
 	p.mu.Unlock()

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/url"
 	"regexp"
 	"strconv"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/mayfly-ci/mayfly/providers"
+	"github.com/mayfly-ci/mayfly/providers/pluginkit"
 )
 
 // Settings are the JSON settings Init accepts. Unknown keys are rejected.
@@ -64,9 +66,10 @@ type Settings struct {
 	// certificate script goes first in its <powershell> block (one is
 	// added when it has none); an EC2Launch v2 YAML document is refused.
 	UserData string `json:"user_data"`
-	// UsePublicIP makes ConnectInfo give the public address instead of
-	// the private one.
-	UsePublicIP bool `json:"use_public_ip"`
+	// UseExternalIP makes ConnectInfo give the instance's public address
+	// instead of its private one. Formerly use_public_ip (still read, with
+	// a deprecation warning).
+	UseExternalIP bool `json:"use_external_ip"`
 	// KeySecretFile holds at least 32 bytes of secret from which the
 	// per-instance SSH keys are derived, so that a restarted plugin can
 	// still log in to the instances it made. Without it a random secret
@@ -138,12 +141,11 @@ type RateLimit struct {
 	// (default 10/s, burst 500).
 	TerminateRate  float64 `json:"terminate_rate"`
 	TerminateBurst int     `json:"terminate_burst"`
-	// ThrottleBackoff is the pause of an action after EC2 answers
-	// RequestLimitExceeded (default 1s); it doubles with each further
-	// throttle of the action up to MaxThrottleBackoff (default 1m) and
-	// resets after a success.
-	ThrottleBackoff    providers.Duration `json:"throttle_backoff"`
-	MaxThrottleBackoff providers.Duration `json:"max_throttle_backoff"`
+	// Throttle holds throttle_backoff, the pause of an action after EC2
+	// answers RequestLimitExceeded (default 1s), which doubles with each
+	// further throttle of the action up to max_throttle_backoff (default
+	// 1m) and resets after a success: pluginkit.Limiter's policy.
+	pluginkit.Throttle
 }
 
 // config is Settings validated and with defaults applied.
@@ -171,10 +173,17 @@ func keyErr(key, format string, args ...any) error {
 	return providers.InvalidArgument(fmt.Errorf("aws settings key %q: %s", key, fmt.Sprintf(format, args...)))
 }
 
-// parseSettings decodes and validates raw settings.
-func parseSettings(raw json.RawMessage) (config, error) {
+// deprecatedKeys are the settings keys renamed so that the cloud plugins
+// name alike what means the same.
+var deprecatedKeys = []pluginkit.Alias{
+	{Old: "use_public_ip", New: "use_external_ip"},
+}
+
+// parseSettings decodes and validates raw settings; log receives the
+// deprecation warnings.
+func parseSettings(raw json.RawMessage, log *slog.Logger) (config, error) {
 	var c config
-	if err := providers.DecodeSettings(raw, &c.Settings); err != nil {
+	if err := pluginkit.DecodeSettings(raw, &c.Settings, log, deprecatedKeys...); err != nil {
 		return c, fmt.Errorf("aws init: %w", err)
 	}
 	s := &c.Settings
@@ -356,15 +365,8 @@ func (r *RateLimit) validate() error {
 			*x.burst = x.db
 		}
 	}
-	if r.ThrottleBackoff == 0 {
-		r.ThrottleBackoff = providers.Duration(time.Second)
-	}
-	if r.MaxThrottleBackoff == 0 {
-		r.MaxThrottleBackoff = providers.Duration(time.Minute)
-	}
-	if r.MaxThrottleBackoff < r.ThrottleBackoff {
-		return keyErr("rate_limit", "max_throttle_backoff %s is below throttle_backoff %s",
-			time.Duration(r.MaxThrottleBackoff), time.Duration(r.ThrottleBackoff))
+	if err := r.Throttle.Defaults(time.Second, time.Minute); err != nil {
+		return providers.InvalidArgument(fmt.Errorf("aws %w", err))
 	}
 	return nil
 }

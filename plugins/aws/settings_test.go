@@ -2,6 +2,7 @@ package aws
 
 import (
 	"encoding/json"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -36,7 +37,7 @@ func TestParseSettingsErrors(t *testing.T) {
 		{`{` + base + `,"name_prefix":"bad prefix"}`, `"name_prefix"`},
 		{`{` + base + `,"windows_key_file":"/k.pem"}`, `"windows_key_file"`},
 		{`{` + base + `,"cache_ttl":"soon"}`, `"cache_ttl"`},
-		{`{` + base + `,"rate_limit":{"throttle_backoff":"2m"}}`, `"rate_limit"`},
+		{`{` + base + `,"rate_limit":{"throttle_backoff":"2m","max_throttle_backoff":"1m"}}`, `"rate_limit"`},
 		{`{"region":"us-east-1","launch_template":{}}`, `"launch_template"`},
 		{`{"region":"us-east-1","launch_template":{"id":"lt-0123456789abcdef0","name":"x"}}`, `"launch_template"`},
 		{`{"region":"us-east-1","launch_template":{"name":"x","version":"newest"}}`, `"launch_template"`},
@@ -47,7 +48,7 @@ func TestParseSettingsErrors(t *testing.T) {
 		{`{` + base + `,"user_data":"#!/bin/sh` + strings.Repeat("#", 12<<10) + `"}`, `"user_data"`},
 	}
 	for _, tt := range tests {
-		_, err := parseSettings(json.RawMessage(tt.json))
+		_, err := parseSettings(json.RawMessage(tt.json), nil)
 		if err == nil {
 			t.Errorf("parseSettings(%s) succeeded, want an error naming %s", tt.json, tt.key)
 			continue
@@ -62,7 +63,7 @@ func TestParseSettingsErrors(t *testing.T) {
 }
 
 func TestParseSettingsDefaults(t *testing.T) {
-	c, err := parseSettings(json.RawMessage(`{"region":"eu-west-1","launch_template":{"name":"runners"}}`))
+	c, err := parseSettings(json.RawMessage(`{"region":"eu-west-1","launch_template":{"name":"runners"}}`), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -77,7 +78,7 @@ func TestParseSettingsDefaults(t *testing.T) {
 		r.LaunchRate != 1 || r.LaunchBurst != 500 || time.Duration(r.ThrottleBackoff) != time.Second {
 		t.Errorf("rate limit defaults: %+v", r)
 	}
-	w, err := parseSettings(json.RawMessage(`{"region":"eu-west-1","ami":"ami-0123456789abcdef0","instance_type":"m5.large","os":"windows","cache_ttl":"0s"}`))
+	w, err := parseSettings(json.RawMessage(`{"region":"eu-west-1","ami":"ami-0123456789abcdef0","instance_type":"m5.large","os":"windows","cache_ttl":"0s"}`), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -118,5 +119,23 @@ func TestKeySecretFile(t *testing.T) {
 	kr, _ := r.authorizedKey(n1)
 	if k1 != k1b || k1 == k2 || k1 == kr {
 		t.Errorf("derived keys: same secret+nonce equal %t, other nonce differs %t, other secret differs %t", k1 == k1b, k1 != k2, k1 != kr)
+	}
+}
+
+// TestDeprecatedKeys: use_public_ip, renamed use_external_ip as in the gce
+// plugin, is still read, with a deprecation warning.
+func TestDeprecatedKeys(t *testing.T) {
+	base := `"region":"us-east-1","ami":"ami-0123456789abcdef0","instance_type":"t3.micro"`
+	var logs strings.Builder
+	c, err := parseSettings(json.RawMessage(`{`+base+`,"use_public_ip":true}`), slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil || !c.UseExternalIP {
+		t.Errorf("use_public_ip: %+v, %v; want use_external_ip set", c.Settings, err)
+	}
+	if !strings.Contains(logs.String(), "deprecated settings key") || !strings.Contains(logs.String(), "use_public_ip") {
+		t.Errorf("no deprecation warning naming use_public_ip: %q", logs.String())
+	}
+	_, err = parseSettings(json.RawMessage(`{`+base+`,"use_public_ip":true,"use_external_ip":false}`), nil)
+	if err == nil || !strings.Contains(err.Error(), "use_public_ip") || providers.KindOf(err) != providers.KindInvalidArgument {
+		t.Errorf("both names: %v, want an invalid_argument error naming use_public_ip", err)
 	}
 }

@@ -44,7 +44,8 @@ func conformanceOptions() conformance.Options {
 				Settings: with(func(f *gcefake.Server) {
 					f.FailNext(gcefake.Fault{Method: "instances.aggregatedList", Status: 403, Reason: "rateLimitExceeded"})
 				}),
-				Op: "list", Want: providers.KindRateLimited, WantRetryAfter: 0,
+				// No Retry-After: the pause is the first backoff step.
+				Op: "list", Want: providers.KindRateLimited, WantRetryAfter: 200 * time.Millisecond,
 			},
 			{
 				Name: "QuotaExceededOperation",

@@ -24,6 +24,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/mayfly-ci/mayfly/providers"
+	"github.com/mayfly-ci/mayfly/providers/pluginkit"
 )
 
 // Metadata keys read by the GCE guest agent.
@@ -250,12 +251,12 @@ func (p *Provider) ConnectInfo(ctx context.Context, id string) (providers.Connec
 		return providers.ConnectInfo{}, providers.NotFound(id)
 	}
 	inst := p.cached(id)
-	if inst == nil || address(inst, s.UseInternalIP) == "" {
+	if inst == nil || address(inst, !*s.UseExternalIP) == "" {
 		if inst, err = p.getInstance(ctx, s, zone, name); err != nil {
 			return providers.ConnectInfo{}, err
 		}
 	}
-	addr := address(inst, s.UseInternalIP)
+	addr := address(inst, !*s.UseExternalIP)
 	if addr == "" {
 		return providers.ConnectInfo{}, providers.Transient(fmt.Errorf("connect info %s: instance (%s) has no address yet", id, inst.GetStatus()))
 	}
@@ -309,7 +310,7 @@ func (p *Provider) hostKey(ctx context.Context, s Settings, zone, name string) (
 		Project: s.Project, Zone: zone, Instance: name, QueryPath: proto.String(hostKeysPath),
 	}, noRetry)
 	if err != nil {
-		err = classify(err, zone)
+		err = p.throttle(classify(err, zone))
 		if providers.IsNotFound(err) {
 			return "", nil // not published (yet)
 		}
@@ -365,7 +366,7 @@ func (p *Provider) setMetadata(ctx context.Context, s Settings, zone, name, key 
 	}, noRetry)
 	cancel()
 	if err != nil {
-		return fmt.Errorf("set metadata %s: %w", key, classify(err, zone))
+		return fmt.Errorf("set metadata %s: %w", key, p.throttle(classify(err, zone)))
 	}
 	if err := p.waitOp(ctx, s, zone, op.Proto()); err != nil {
 		return fmt.Errorf("set metadata %s: %w", key, err)
@@ -433,7 +434,7 @@ func (p *Provider) windowsPassword(ctx context.Context, s Settings, zone, name s
 		if !time.Now().Add(time.Duration(s.PollInterval)).Before(deadline) {
 			return "", providers.Transient(errors.New("windows password not yet on serial port 4"))
 		}
-		if err := sleepCtx(ctx, time.Duration(s.PollInterval)); err != nil {
+		if err := pluginkit.Sleep(ctx, time.Duration(s.PollInterval)); err != nil {
 			return "", providers.Transient(fmt.Errorf("waiting for the windows password: %w", err))
 		}
 	}
@@ -453,7 +454,7 @@ func (p *Provider) readPassword(ctx context.Context, s Settings, zone, name stri
 	}, noRetry)
 	cancel()
 	if err != nil {
-		err = classify(err, zone)
+		err = p.throttle(classify(err, zone))
 		if providers.IsNotFound(err) {
 			return "", providers.NotFound(instanceID(zone, name))
 		}

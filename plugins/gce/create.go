@@ -1,6 +1,7 @@
 package gce
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/base32"
@@ -8,14 +9,13 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"strings"
-	"sync"
 	"time"
 
 	"cloud.google.com/go/compute/apiv1/computepb"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/mayfly-ci/mayfly/providers"
+	"github.com/mayfly-ci/mayfly/providers/pluginkit"
 )
 
 var nameEncoding = base32.NewEncoding("abcdefghijklmnopqrstuvwxyz234567").WithPadding(base32.NoPadding)
@@ -30,7 +30,8 @@ func newName(prefix string) string {
 // Create implements providers.Provider: one instances.insert per instance
 // (in parallel, at most CreateConcurrency at once), each followed by
 // zoneOperations.wait until the operation is done. A zone out of capacity
-// is skipped for ZoneCooldown and the next zone is tried.
+// is tried last for CapacityCooldown and the next zone is tried
+// (pluginkit.Placement). Partial failures follow pluginkit.FanOut's rule.
 func (p *Provider) Create(ctx context.Context, n int, labels map[string]string) ([]string, error) {
 	s, _, _, err := p.client()
 	if err != nil {
@@ -42,13 +43,8 @@ func (p *Provider) Create(ctx context.Context, n int, labels map[string]string) 
 	case n == 0:
 		return nil, nil
 	}
-	mgr := labels[providers.LabelManager]
-	if mgr == "" {
-		return nil, providers.InvalidArgument(fmt.Errorf("create: label %q is required (List finds instances by it)", providers.LabelManager))
-	}
-	if s.Manager != "" && mgr != s.Manager {
-		return nil, providers.InvalidArgument(fmt.Errorf("create: label %s=%q differs from settings manager %q; List would not see the instance",
-			providers.LabelManager, mgr, s.Manager))
+	if err := pluginkit.CheckCreateLabels(labels, s.Manager); err != nil {
+		return nil, err
 	}
 	gl, err := gceLabels(labels)
 	if err != nil {
@@ -59,66 +55,11 @@ func (p *Provider) Create(ctx context.Context, n int, labels map[string]string) 
 		return nil, providers.InvalidArgument(fmt.Errorf("create: labels: %w", err))
 	}
 
-	var (
-		mu   sync.Mutex
-		ids  []string
-		errs []error
-		left = n
-		wg   sync.WaitGroup
-	)
-	for range min(n, s.CreateConcurrency) {
-		wg.Go(func() {
-			for {
-				mu.Lock()
-				if left == 0 {
-					mu.Unlock()
-					return
-				}
-				left--
-				if err := ctx.Err(); err != nil {
-					errs = append(errs, providers.Transient(fmt.Errorf("create instance: %w", err)))
-					mu.Unlock()
-					continue
-				}
-				mu.Unlock()
-				id, err := p.createOne(ctx, s, gl, string(stored))
-				mu.Lock()
-				if id != "" {
-					ids = append(ids, id)
-				}
-				if err != nil {
-					errs = append(errs, err)
-				}
-				mu.Unlock()
-			}
-		})
-	}
-	wg.Wait()
+	ids, err := pluginkit.FanOut(ctx, n, s.CreateConcurrency, func(ctx context.Context, _ int) (string, error) {
+		return p.createOne(ctx, s, gl, string(stored))
+	})
 	slices.Sort(ids)
-	return ids, errors.Join(errs...)
-}
-
-// zoneOrder returns the zones to try: those not cooling down in settings
-// order, then the cooling ones (a last resort).
-func (p *Provider) zoneOrder(s Settings) []string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	now := time.Now()
-	var fresh, cooling []string
-	for _, z := range s.Zones {
-		if now.Before(p.zoneCool[z]) {
-			cooling = append(cooling, z)
-		} else {
-			fresh = append(fresh, z)
-		}
-	}
-	return append(fresh, cooling...)
-}
-
-func (p *Provider) coolZone(zone string, d time.Duration) {
-	p.mu.Lock()
-	p.zoneCool[zone] = time.Now().Add(d)
-	p.mu.Unlock()
+	return ids, err
 }
 
 // createOne creates one instance, falling back through the zones on
@@ -134,42 +75,41 @@ func (p *Provider) createOne(ctx context.Context, s Settings, labels map[string]
 	if err != nil {
 		return "", err
 	}
-	var exhausted []string
-	var lastErr error
-	for _, zone := range p.zoneOrder(s) {
-		id := instanceID(zone, name)
+	var id string
+	err = p.placement().Try("", func(zone string, _ int) error {
+		id = instanceID(zone, name)
 		res, err := p.instanceResource(s, zone, name, labels, stored, sec)
 		if err != nil {
-			return "", fmt.Errorf("create instance %s: %w", id, err)
+			id = ""
+			return err
 		}
 		cctx, cancel := context.WithTimeout(ctx, apiCallTimeout)
 		op, err := ic.Insert(cctx, &computepb.InsertInstanceRequest{Project: s.Project, Zone: zone, InstanceResource: res}, noRetry)
 		cancel()
-		if err == nil {
-			err = p.waitOp(ctx, s, zone, op.Proto())
-			if err == nil {
-				p.putSecret(id, sec)
-				p.log.Info("instance created", "id", id, "zone", zone)
-				return id, nil
-			}
-			if !isCapacity(err) && !isDefinite(err) {
-				// The insert was accepted and its outcome is unknown: the
-				// instance may exist, so hand its id out to be tracked.
-				p.putSecret(id, sec)
-				return id, fmt.Errorf("create instance %s: %w", id, err)
-			}
-		} else {
-			err = classify(err, zone)
+		if err != nil {
+			id = ""
+			return p.throttle(classify(err, zone))
 		}
-		if !isCapacity(err) {
-			return "", fmt.Errorf("create instance %s: %w", id, err)
+		err = p.waitOp(ctx, s, zone, op.Proto())
+		switch {
+		case err == nil:
+			p.putSecret(id, sec)
+			p.log.Info("instance created", "id", id, "zone", zone)
+			return nil
+		case isCapacity(err) || isDefinite(err):
+			// The operation failed: the instance does not exist.
+			id = ""
+			return err
 		}
-		p.coolZone(zone, time.Duration(s.ZoneCooldown))
-		p.log.Warn("zone out of capacity; trying the next zone", "zone", zone, "instance", name, "error", err)
-		exhausted = append(exhausted, zone)
-		lastErr = err
+		// The insert was accepted and its outcome is unknown: the instance
+		// may exist, so hand its id out to be tracked.
+		p.putSecret(id, sec)
+		return err
+	})
+	if err != nil {
+		return id, fmt.Errorf("create instance %s: %w", cmp.Or(id, name), err)
 	}
-	return "", providers.CapacityExhausted(strings.Join(exhausted, ","), fmt.Errorf("create instance %s in every zone: %w", name, lastErr))
+	return id, nil
 }
 
 func isCapacity(err error) bool {
@@ -208,12 +148,12 @@ func (p *Provider) waitOp(ctx context.Context, s Settings, zone string, op *comp
 		next, err := oc.Wait(wctx, &computepb.WaitZoneOperationRequest{Project: s.Project, Zone: zone, Operation: op.GetName()}, noRetry)
 		wcancel()
 		if err != nil {
-			return fmt.Errorf("wait for operation %s: %w", op.GetName(), classify(err, zone))
+			return fmt.Errorf("wait for operation %s: %w", op.GetName(), p.throttle(classify(err, zone)))
 		}
 		op = next
 	}
 	if err := operationError(op, zone); err != nil {
-		return &opFailed{err: err}
+		return &opFailed{err: p.throttle(err)}
 	}
 	return nil
 }
@@ -259,7 +199,7 @@ func (p *Provider) instanceResource(s Settings, zone, name string, labels map[st
 	if sub := s.subnetworkPath(zone); sub != "" {
 		nic.Subnetwork = proto.String(sub)
 	}
-	if !s.NoExternalIP {
+	if *s.ExternalIP {
 		nic.AccessConfigs = []*computepb.AccessConfig{{Name: proto.String("External NAT"), Type: proto.String("ONE_TO_ONE_NAT")}}
 	}
 	// A VM that crashes or loses its host must not come back mid-job.

@@ -2,35 +2,30 @@ package gce
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"slices"
-	"sync"
 	"time"
 
 	compute "cloud.google.com/go/compute/apiv1"
 	"cloud.google.com/go/compute/apiv1/computepb"
 
 	"github.com/mayfly-ci/mayfly/providers"
+	"github.com/mayfly-ci/mayfly/providers/pluginkit"
 )
 
 // Delete implements providers.Provider: one instances.delete per id; an
 // accepted deletion or a 404 confirms the id. It does not wait for the
 // delete operation: List shows the instance deleting until it is gone.
 // Ids that are not of the form <zone>/<name> were never issued by this
-// plugin and are confirmed without a call.
+// plugin and are confirmed without a call. At most CreateConcurrency
+// deletions are requested at once; partial failures follow
+// pluginkit.FanOut's rule.
 func (p *Provider) Delete(ctx context.Context, ids []string) ([]string, error) {
 	s, ic, _, err := p.client()
 	if err != nil {
 		return nil, err
 	}
-	var (
-		mu        sync.Mutex
-		confirmed []string
-		errs      []error
-		todo      []string
-		wg        sync.WaitGroup
-	)
+	var confirmed, todo []string
 	for _, id := range slices.Compact(slices.Sorted(slices.Values(ids))) {
 		if _, _, ok := splitID(id); ok {
 			todo = append(todo, id)
@@ -38,31 +33,15 @@ func (p *Provider) Delete(ctx context.Context, ids []string) ([]string, error) {
 			confirmed = append(confirmed, id)
 		}
 	}
-	for range min(len(todo), s.CreateConcurrency) {
-		wg.Go(func() {
-			for {
-				mu.Lock()
-				if len(todo) == 0 {
-					mu.Unlock()
-					return
-				}
-				id := todo[0]
-				todo = todo[1:]
-				mu.Unlock()
-				err := p.deleteOne(ctx, s, ic, id)
-				mu.Lock()
-				if err == nil {
-					confirmed = append(confirmed, id)
-				} else {
-					errs = append(errs, err)
-				}
-				mu.Unlock()
-			}
-		})
-	}
-	wg.Wait()
+	deleted, err := pluginkit.FanOut(ctx, len(todo), s.CreateConcurrency, func(ctx context.Context, i int) (string, error) {
+		if err := p.deleteOne(ctx, s, ic, todo[i]); err != nil {
+			return "", err
+		}
+		return todo[i], nil
+	})
+	confirmed = append(confirmed, deleted...)
 	slices.Sort(confirmed)
-	return confirmed, errors.Join(errs...)
+	return confirmed, err
 }
 
 // deleteOne requests deletion of id; nil when it is accepted or the
@@ -76,7 +55,7 @@ func (p *Provider) deleteOne(ctx context.Context, s Settings, ic *compute.Instan
 	_, err := ic.Delete(cctx, &computepb.DeleteInstanceRequest{Project: s.Project, Zone: zone, Instance: name}, noRetry)
 	cancel()
 	if err != nil {
-		err = classify(err, zone)
+		err = p.throttle(classify(err, zone))
 	}
 	switch {
 	case err == nil:

@@ -95,6 +95,28 @@ func classify(err error, zone string) error {
 	return err
 }
 
+// throttle passes err on, except that a rate-limit error pauses all API
+// requests of the plugin first (pluginkit.Limiter's backoff) and then
+// carries that pause as its retry-after: the fleet waits as long as the
+// plugin does.
+func (p *Provider) throttle(err error) error {
+	retryAfter, ok := providers.IsRateLimited(err)
+	if !ok {
+		return err
+	}
+	p.mu.Lock()
+	lim := p.lim
+	p.mu.Unlock()
+	if lim == nil {
+		return err
+	}
+	cause := err
+	if e, ok := errors.AsType[*providers.Error](err); ok {
+		cause = e.Err
+	}
+	return lim.throttled(retryAfter, cause)
+}
+
 // retryAfter reads a Retry-After header in seconds or as an HTTP date.
 func retryAfter(h http.Header) time.Duration {
 	v := h.Get("Retry-After")

@@ -8,9 +8,11 @@
 // lookup and work after a plugin restart.
 //
 // Every API request passes one rate limiter per plugin (see Settings
-// RateLimit); rate-limit answers pause all requests and halve the rate
-// instead of being retried. The plugin makes no retries of its own (the
-// SDK's are switched off too): the fleet owns the retry policy.
+// RateLimit); a rate-limit answer pauses all requests by the toolkit's one
+// backoff policy (pluginkit.Limiter) instead of being retried, and the
+// error carries that pause to the fleet. The plugin makes no retries of
+// its own (the SDK's are switched off too): the fleet owns the retry
+// policy.
 //
 // API requests per instance: instances.insert and zoneOperations.wait (one
 // more wait per two minutes the operation runs) in Create;
@@ -30,10 +32,11 @@
 //	  "image_family": "mayfly-runner", "image_project": "my-ci-project",
 //	  "disk_size_gb": 25, "disk_type": "pd-balanced",
 //	  "network": "ci", "subnetwork": "runners", "network_tags": ["mayfly-vm"],
-//	  "no_external_ip": true,
+//	  "external_ip": false,
 //	  "spot": true,
 //	  "manager": "runner-manager-1",
-//	  "rate_limit": 5, "rate_burst": 10
+//	  "rate_limit": {"rate": 5, "burst": 10},
+//	  "capacity_cooldown": "5m"
 //	}
 package gce
 
@@ -55,6 +58,7 @@ import (
 	htransport "google.golang.org/api/transport/http"
 
 	"github.com/mayfly-ci/mayfly/providers"
+	"github.com/mayfly-ci/mayfly/providers/pluginkit"
 )
 
 // Version is the plugin version reported by Init.
@@ -110,7 +114,7 @@ type Provider struct {
 	lim       *limiter
 	instances *compute.InstancesClient
 	ops       *compute.ZoneOperationsClient
-	zoneCool  map[string]time.Time
+	zones     *pluginkit.Placement
 	secrets   map[string]*secret
 	cache     map[string]*computepb.Instance // from List, for ConnectInfo
 	deleting  map[string]time.Time
@@ -129,7 +133,6 @@ func New(opts Options) *Provider {
 	return &Provider{
 		log:      opts.Logger,
 		base:     opts.Transport,
-		zoneCool: map[string]time.Time{},
 		secrets:  map[string]*secret{},
 		cache:    map[string]*computepb.Instance{},
 		deleting: map[string]time.Time{},
@@ -143,7 +146,10 @@ func (p *Provider) Init(ctx context.Context, raw json.RawMessage) (providers.Inf
 	if err != nil {
 		return providers.Info{}, err
 	}
-	lim := newLimiter(p.base, s.RateLimit, s.RateBurst, time.Duration(s.ThrottleBackoff), p.log)
+	lim := newLimiter(p.base, s.RateLimit)
+	zones := pluginkit.NewPlacement(pluginkit.PlacementOptions{
+		Kind: "zone", Locations: s.Zones, Cooldown: time.Duration(s.CapacityCooldown), Logger: p.log,
+	})
 	// The clients outlive this call: their setup must not end with ctx.
 	cctx := context.WithoutCancel(ctx)
 	var opts []option.ClientOption
@@ -186,9 +192,9 @@ func (p *Provider) Init(ctx context.Context, raw json.RawMessage) (providers.Inf
 		p.instances.Close()
 		p.ops.Close()
 	}
-	p.s, p.lim, p.instances, p.ops, p.inited = s, lim, ic, oc, true
+	p.s, p.lim, p.zones, p.instances, p.ops, p.inited = s, lim, zones, ic, oc, true
 	p.log.Info("gce provider initialised", "project", s.Project, "zones", s.Zones,
-		"machine_type", s.MachineType, "os", s.OS, "rate_limit", s.RateLimit, "rate_burst", s.RateBurst)
+		"machine_type", s.MachineType, "os", s.OS, "rate_limit", s.RateLimit.Rate, "rate_burst", s.RateLimit.Burst)
 	return providers.Info{
 		ID:      fmt.Sprintf("gce/%s/%s/%s", s.Project, strings.Join(s.Zones, ","), s.NamePrefix),
 		MaxSize: s.MaxSize,
@@ -208,6 +214,13 @@ func (p *Provider) client() (Settings, *compute.InstancesClient, *compute.ZoneOp
 		return Settings{}, nil, nil, providers.Permanent(errors.New("gce: provider not initialised"))
 	}
 	return p.s, p.instances, p.ops, nil
+}
+
+// placement returns the zones of the settings in force.
+func (p *Provider) placement() *pluginkit.Placement {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.zones
 }
 
 // APIStats reports the plugin's use of the Compute API.
@@ -256,7 +269,7 @@ func (p *Provider) getInstance(ctx context.Context, s Settings, zone, name strin
 	defer cancel()
 	inst, err := ic.Get(cctx, &computepb.GetInstanceRequest{Project: s.Project, Zone: zone, Instance: name}, noRetry)
 	if err != nil {
-		err = classify(err, zone)
+		err = p.throttle(classify(err, zone))
 		if providers.IsNotFound(err) {
 			return nil, providers.NotFound(instanceID(zone, name))
 		}

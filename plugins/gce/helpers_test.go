@@ -46,9 +46,7 @@ func settings(t *testing.T, endpoint string, extra map[string]any) json.RawMessa
 		"zones":                  []string{"us-east1-b"},
 		"endpoint":               endpoint,
 		"without_authentication": true,
-		"rate_limit":             500,
-		"rate_burst":             100,
-		"throttle_backoff":       "200ms",
+		"rate_limit":             map[string]any{"rate": 500, "burst": 100, "throttle_backoff": "200ms"},
 		"poll_interval":          "20ms",
 		"password_timeout":       "5s",
 	}

@@ -1,11 +1,6 @@
 package gce
 
 import (
-	"bytes"
-	"context"
-	"fmt"
-	"io"
-	"log/slog"
 	"maps"
 	"net/http"
 	"strings"
@@ -13,153 +8,60 @@ import (
 	"time"
 
 	"golang.org/x/time/rate"
+
+	"github.com/mayfly-ci/mayfly/providers/pluginkit"
 )
 
 // limiter is an http.RoundTripper through which every Compute API request
-// of the plugin passes. It waits for a token of a shared rate limit before
-// sending, and on a rate-limit answer (HTTP 429, or 403 with reason
-// rateLimitExceeded / userRateLimitExceeded) it pauses all requests for the
-// Retry-After the server asked for (or a default backoff) and halves the
-// rate, which then grows back linearly to the configured rate over
-// recoveryPeriod (GCE refills its rate quotas per minute). It also counts
-// requests per API method.
+// of the plugin passes. It waits for a token of the plugin's one bucket
+// and while the pluginkit.Limiter pauses all requests after a rate-limit
+// answer (the pause is set by Provider.classify, which sees every answer
+// the SDK turns into an error); a successful answer resets the backoff.
+// It also counts requests per API method.
 type limiter struct {
-	next     http.RoundTripper
-	log      *slog.Logger
-	max      rate.Limit
-	floor    rate.Limit
-	backoff  time.Duration
-	lim      *rate.Limiter
-	now      func() time.Time
-	sleepCtx func(ctx context.Context, d time.Duration) error
+	next   http.RoundTripper
+	rate   float64
+	bucket *rate.Limiter
+	pause  *pluginkit.Limiter
 
-	mu        sync.Mutex
-	until     time.Time  // no request starts before
-	low       rate.Limit // the rate right after the last throttle
-	lowAt     time.Time  // when it was throttled; zero: never
-	calls     map[string]int
-	throttled int
-	waited    time.Duration
+	mu    sync.Mutex
+	calls map[string]int
 }
 
-// recoveryPeriod is how long the rate takes to grow back to the
-// configured rate after a throttle.
-const recoveryPeriod = time.Minute
+// allCalls is the limiter key of every request: a rate-limit answer
+// pauses them all (GCE's rate quotas are per project, not per method).
+const allCalls = "compute API"
 
-func newLimiter(next http.RoundTripper, perSecond float64, burst int, backoff time.Duration, log *slog.Logger) *limiter {
-	max := rate.Limit(perSecond)
+func newLimiter(next http.RoundTripper, rl RateLimit) *limiter {
 	return &limiter{
-		next:     next,
-		log:      log,
-		max:      max,
-		floor:    max / 16,
-		backoff:  backoff,
-		lim:      rate.NewLimiter(max, burst),
-		now:      time.Now,
-		sleepCtx: sleepCtx,
-		calls:    map[string]int{},
-	}
-}
-
-func sleepCtx(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
+		next:   next,
+		rate:   rl.Rate,
+		bucket: rate.NewLimiter(rate.Limit(rl.Rate), rl.Burst),
+		pause:  pluginkit.NewLimiter(rl.Throttle, nil),
+		calls:  map[string]int{},
 	}
 }
 
 // RoundTrip implements http.RoundTripper.
 func (l *limiter) RoundTrip(req *http.Request) (*http.Response, error) {
-	ctx := req.Context()
-	start := l.now()
-	for {
-		l.mu.Lock()
-		wait := l.until.Sub(l.now())
-		l.mu.Unlock()
-		if wait <= 0 {
-			break
-		}
-		if err := l.sleepCtx(ctx, wait); err != nil {
-			return nil, fmt.Errorf("waiting %s for the API rate limit: %w", wait, err)
-		}
-	}
-	l.mu.Lock()
-	l.lim.SetLimit(l.rateLocked())
-	l.mu.Unlock()
-	if err := l.lim.Wait(ctx); err != nil {
-		return nil, fmt.Errorf("waiting for the API rate limit: %w", err)
+	if err := l.pause.Wait(req.Context(), allCalls, pluginkit.Take{Bucket: l.bucket, N: 1}); err != nil {
+		return nil, err
 	}
 	method := apiMethod(req.Method, req.URL.Path)
 	l.mu.Lock()
 	l.calls[method]++
-	l.waited += l.now().Sub(start)
 	l.mu.Unlock()
-
 	resp, err := l.next.RoundTrip(req)
-	if err != nil {
-		return resp, err
+	if err == nil && resp.StatusCode < 300 {
+		l.pause.Succeeded(allCalls)
 	}
-	if throttled, body := isThrottle(resp); throttled {
-		l.throttle(method, retryAfter(resp.Header))
-		resp.Body = io.NopCloser(bytes.NewReader(body))
-	} else if body != nil {
-		resp.Body = io.NopCloser(bytes.NewReader(body))
-	}
-	return resp, nil
+	return resp, err
 }
 
-// isThrottle reports whether resp is a rate-limit answer. For 403 answers
-// it reads the body (returned, to be put back) to find the reason.
-func isThrottle(resp *http.Response) (bool, []byte) {
-	switch resp.StatusCode {
-	case http.StatusTooManyRequests:
-		body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-		resp.Body.Close()
-		return true, body
-	case http.StatusForbidden:
-		body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-		resp.Body.Close()
-		s := string(body)
-		return strings.Contains(s, `"`+reasonRateLimitExceeded+`"`) || strings.Contains(s, `"`+reasonUserRateLimitExceeded+`"`), body
-	}
-	return false, nil
-}
-
-// throttle pauses all requests for d (the default backoff when 0) and
-// halves the rate.
-func (l *limiter) throttle(method string, d time.Duration) {
-	if d <= 0 {
-		d = l.backoff
-	}
-	l.mu.Lock()
-	now := l.now()
-	l.throttled++
-	if until := now.Add(d); until.After(l.until) {
-		l.until = until
-	}
-	l.low = max(l.rateLocked()/2, l.floor)
-	l.lowAt = now
-	r := l.low
-	l.lim.SetLimit(r)
-	l.mu.Unlock()
-	l.log.Warn("compute API rate limit hit; slowing down", "method", method, "pause", d, "rate_per_second", float64(r))
-}
-
-// rateLocked is the rate in force now: the configured one, or after a
-// throttle the halved one growing back linearly over recoveryPeriod.
-func (l *limiter) rateLocked() rate.Limit {
-	if l.lowAt.IsZero() {
-		return l.max
-	}
-	elapsed := l.now().Sub(l.lowAt)
-	if elapsed >= recoveryPeriod {
-		return l.max
-	}
-	return l.low + (l.max-l.low)*rate.Limit(elapsed)/rate.Limit(recoveryPeriod)
+// throttled pauses all requests after a rate-limit answer, for
+// retryAfter when the API said, and returns the error for the caller.
+func (l *limiter) throttled(retryAfter time.Duration, cause error) error {
+	return l.pause.Throttled(allCalls, retryAfter, cause)
 }
 
 // limiterStats is a snapshot of a limiter's counters.
@@ -173,17 +75,15 @@ type limiterStats struct {
 
 func (l *limiter) stats() limiterStats {
 	l.mu.Lock()
-	defer l.mu.Unlock()
-	left := l.until.Sub(l.now())
-	if left < 0 {
-		left = 0
-	}
+	calls := maps.Clone(l.calls)
+	l.mu.Unlock()
+	st := l.pause.Stats()
 	return limiterStats{
-		Calls:     maps.Clone(l.calls),
-		Throttled: l.throttled,
-		Waited:    l.waited,
-		Rate:      float64(l.rateLocked()),
-		PauseLeft: left,
+		Calls:     calls,
+		Throttled: st.Throttles,
+		Waited:    st.Waited,
+		Rate:      l.rate,
+		PauseLeft: l.pause.PauseLeft(allCalls),
 	}
 }
 

@@ -1,14 +1,16 @@
 package gce
 
 import (
-	"context"
+	"errors"
 	"io"
-	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/mayfly-ci/mayfly/providers"
+	"github.com/mayfly-ci/mayfly/providers/pluginkit"
 )
 
 func TestAPIMethod(t *testing.T) {
@@ -32,87 +34,55 @@ func TestAPIMethod(t *testing.T) {
 	}
 }
 
-// TestLimiterBacksOff checks that a rate-limit answer pauses the next
-// request for Retry-After (or the default backoff), halves the rate, which
-// grows back over recoveryPeriod, and that the 403 body reaches the caller
-// intact.
-func TestLimiterBacksOff(t *testing.T) {
-	answers := []struct {
-		status int
-		body   string
-		hdr    string
-	}{
-		{429, `{"error":{"code":429,"errors":[{"reason":"rateLimitExceeded"}]}}`, "3"},
-		{200, `{}`, ""},
-		{403, `{"error":{"code":403,"errors":[{"reason":"rateLimitExceeded"}]}}`, ""},
-		{403, `{"error":{"code":403,"errors":[{"reason":"forbidden"}]}}`, ""},
-		{200, `{}`, ""},
-	}
-	i := 0
+// TestLimiterPausesAfterThrottle checks the limiter's part of the one
+// backoff policy: a throttle pauses every request (the next one waits it
+// out), a successful answer resets the backoff, answers reach the caller
+// intact and requests are counted by API method.
+func TestLimiterPausesAfterThrottle(t *testing.T) {
+	status := http.StatusOK
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		a := answers[i]
-		i++
-		if a.hdr != "" {
-			w.Header().Set("Retry-After", a.hdr)
-		}
-		w.WriteHeader(a.status)
-		_, _ = io.WriteString(w, a.body)
+		w.WriteHeader(status)
+		_, _ = io.WriteString(w, `{"error":{"code":403,"errors":[{"reason":"rateLimitExceeded"}]}}`)
 	}))
 	defer srv.Close()
-
-	now := time.Unix(1000, 0)
-	var slept []time.Duration
-	l := newLimiter(http.DefaultTransport, 10, 100, 5*time.Second, slog.New(slog.DiscardHandler))
-	l.now = func() time.Time { return now }
-	l.sleepCtx = func(_ context.Context, d time.Duration) error {
-		slept = append(slept, d)
-		now = now.Add(d)
-		return nil
-	}
+	l := newLimiter(http.DefaultTransport, RateLimit{Rate: 1000, Burst: 10, Throttle: pluginkit.Throttle{
+		ThrottleBackoff: providers.Duration(80 * time.Millisecond), MaxThrottleBackoff: providers.Duration(time.Second),
+	}})
 	c := &http.Client{Transport: l}
-	get := func() (int, string) {
+	get := func() (int, string, time.Duration) {
 		t.Helper()
+		begin := time.Now()
 		resp, err := c.Get(srv.URL + "/compute/v1/projects/p/aggregated/instances")
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer resp.Body.Close()
 		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(b)
+		return resp.StatusCode, string(b), time.Since(begin)
 	}
-	near := func(a, b float64) bool { return a-b < 1e-9 && b-a < 1e-9 }
 
-	if code, _ := get(); code != 429 {
-		t.Fatalf("first answer %d", code)
-	}
-	if st := l.stats(); !near(st.Rate, 5) || st.Throttled != 1 || st.PauseLeft != 3*time.Second {
-		t.Errorf("after 429: rate %g throttled %d pause %s; want 5, 1, 3s", st.Rate, st.Throttled, st.PauseLeft)
-	}
-	get() // waits out Retry-After, then succeeds
-	if len(slept) != 1 || slept[0] != 3*time.Second {
-		t.Errorf("slept %v before the request after the 429, want [3s]", slept)
-	}
-	now = now.Add(27 * time.Second) // 30s after the throttle: half way back
-	if st := l.stats(); !near(st.Rate, 7.5) {
-		t.Errorf("rate 30s after a throttle = %g, want 7.5", st.Rate)
-	}
-	code, body := get()
+	status = http.StatusForbidden
+	code, body, _ := get()
 	if code != 403 || !strings.Contains(body, "rateLimitExceeded") {
 		t.Errorf("403 answer %d %q did not reach the caller intact", code, body)
 	}
-	if st := l.stats(); !near(st.Rate, 3.75) || st.PauseLeft != 5*time.Second {
-		t.Errorf("after 403 rateLimitExceeded: rate %g pause %s; want 3.75, 5s (default backoff)", st.Rate, st.PauseLeft)
+	err := l.throttled(0, errors.New("rate limit exceeded"))
+	if ra, ok := providers.IsRateLimited(err); !ok || ra != 80*time.Millisecond {
+		t.Errorf("throttled = %v (retry after %s), want rate_limited after the 80ms first step", err, ra)
 	}
-	code, body = get()
-	if code != 403 || !strings.Contains(body, "forbidden") {
-		t.Errorf("403 forbidden answer %d %q", code, body)
+	if st := l.stats(); st.Throttled != 1 || st.PauseLeft <= 0 || st.Rate != 1000 {
+		t.Errorf("stats after a throttle: %+v; want 1 throttled, a pause, the configured rate", st)
 	}
-	if st := l.stats(); st.Throttled != 2 {
-		t.Errorf("403 forbidden counted as throttling: %d", st.Throttled)
+	status = http.StatusOK
+	if _, _, took := get(); took < 60*time.Millisecond {
+		t.Errorf("request inside an 80ms pause took %s; it did not wait", took)
 	}
-	now = now.Add(recoveryPeriod)
-	get()
-	if st := l.stats(); !near(st.Rate, 10) || st.Calls["instances.aggregatedList"] != 5 {
-		t.Errorf("after the recovery period: rate %g, calls %v; want 10 and 5 aggregatedList", st.Rate, st.Calls)
+	// The success reset the backoff: the next throttle pauses for the
+	// first step again, not a doubled one.
+	if ra, _ := providers.IsRateLimited(l.throttled(0, errors.New("again"))); ra != 80*time.Millisecond {
+		t.Errorf("throttle after a success: retry after %s, want 80ms", ra)
+	}
+	if st := l.stats(); st.Calls["instances.aggregatedList"] != 2 {
+		t.Errorf("calls %v, want 2 aggregatedList", st.Calls)
 	}
 }

@@ -51,7 +51,7 @@ func (p *Provider) List(ctx context.Context) ([]providers.Instance, error) {
 			if errors.Is(err, iterator.Done) {
 				break
 			}
-			return nil, fmt.Errorf("list instances: %w", classify(err, ""))
+			return nil, fmt.Errorf("list instances: %w", p.throttle(classify(err, "")))
 		}
 		if w := pair.Value.GetWarning(); w.GetCode() == "UNREACHABLE" {
 			return nil, providers.Transient(fmt.Errorf("list instances: %s unreachable: %s", pair.Key, w.GetMessage()))

@@ -25,6 +25,11 @@ func asString(v string) (any, error) { return v, nil }
 
 func asBool(v string) (any, error) { return strconv.ParseBool(v) }
 
+func asNegatedBool(v string) (any, error) {
+	b, err := strconv.ParseBool(v)
+	return !b, err
+}
+
 func asInt(v string) (any, error) { return strconv.ParseInt(v, 10, 64) }
 
 func asList(v string) (any, error) {
@@ -60,8 +65,8 @@ var machineOptions = map[string]machineOption{
 	"google-subnetwork":           {"subnetwork", asString},
 	"google-tags":                 {"network_tags", asList},
 	"google-preemptible":          {"preemptible", asBool},
-	"google-use-internal-ip":      {"use_internal_ip", asBool},
-	"google-use-internal-ip-only": {"no_external_ip", asBool},
+	"google-use-internal-ip":      {"use_external_ip", asNegatedBool},
+	"google-use-internal-ip-only": {"external_ip", asNegatedBool},
 	"google-username":             {"username", asString},
 	"google-service-account":      {"service_account", asString},
 	"google-scopes":               {"service_account_scopes", asList},

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/mayfly-ci/mayfly/providers"
+	"github.com/mayfly-ci/mayfly/providers/pluginkit"
+	"google.golang.org/protobuf/proto"
 )
 
 // Settings are the plugin's settings, a JSON object decoded strictly
@@ -49,11 +51,15 @@ type Settings struct {
 	// Preemptible and Spot pick the provisioning model (at most one).
 	Preemptible bool `json:"preemptible"`
 	Spot        bool `json:"spot"`
-	// NoExternalIP leaves the instance without an external address.
-	NoExternalIP bool `json:"no_external_ip"`
-	// UseInternalIP makes ConnectInfo return the internal address even when
-	// the instance has an external one (implied by NoExternalIP).
-	UseInternalIP bool `json:"use_internal_ip"`
+	// ExternalIP gives the instance an external address (default true).
+	// Formerly no_external_ip, negated (still read, with a deprecation
+	// warning).
+	ExternalIP *bool `json:"external_ip"`
+	// UseExternalIP makes ConnectInfo return the instance's external
+	// address rather than its internal one (default: ExternalIP; false
+	// whenever ExternalIP is). Formerly use_internal_ip, negated (still
+	// read, with a deprecation warning).
+	UseExternalIP *bool `json:"use_external_ip"`
 	// NamePrefix starts every instance name (default "mayfly").
 	NamePrefix string `json:"name_prefix"`
 	// OS is "linux" (SSH, default) or "windows" (WinRM over HTTPS).
@@ -80,21 +86,16 @@ type Settings struct {
 	// WithoutAuthentication sends requests without credentials (for a
 	// test endpoint only).
 	WithoutAuthentication bool `json:"without_authentication"`
-	// RateLimit (requests/s) and RateBurst bound every API request the
-	// plugin makes (defaults 5 and 10: a fifth of GCE's default 1,500
-	// requests/min per project and quota group).
-	RateLimit float64 `json:"rate_limit"`
-	RateBurst int     `json:"rate_burst"`
-	// ThrottleBackoff is how long all calls pause after a rate-limit answer
-	// without Retry-After (default 10s).
-	ThrottleBackoff providers.Duration `json:"throttle_backoff"`
+	// RateLimit bounds every API request the plugin makes (see RateLimit).
+	RateLimit RateLimit `json:"rate_limit"`
 	// ListPageSize is maxResults of list calls (default 500, GCE's maximum).
 	ListPageSize int `json:"list_page_size"`
 	// OperationTimeout bounds the wait for a zone operation (default 5m).
 	OperationTimeout providers.Duration `json:"operation_timeout"`
-	// ZoneCooldown is how long a zone out of capacity is tried last
-	// (default 5m).
-	ZoneCooldown providers.Duration `json:"zone_cooldown"`
+	// CapacityCooldown is how long a zone out of capacity is tried last
+	// (default 5m). Formerly zone_cooldown (still read, with a deprecation
+	// warning).
+	CapacityCooldown providers.Duration `json:"capacity_cooldown"`
 	// PasswordTimeout bounds one ConnectInfo's wait for the Windows
 	// password on serial port 4 (default 45s); the caller retries after.
 	PasswordTimeout providers.Duration `json:"password_timeout"`
@@ -102,6 +103,34 @@ type Settings struct {
 	PollInterval providers.Duration `json:"poll_interval"`
 	// CreateConcurrency bounds parallel inserts of one Create (default 8).
 	CreateConcurrency int `json:"create_concurrency"`
+}
+
+// RateLimit is the "rate_limit" settings object: one token bucket for
+// every API request of the plugin, and the backoff after a rate-limit
+// answer (pluginkit.Limiter's policy, all requests paused together).
+type RateLimit struct {
+	// Rate (requests/s) and Burst bound the requests (defaults 5 and 10:
+	// a fifth of GCE's default 1,500 requests/min per project and quota
+	// group). Formerly the number rate_limit and rate_burst.
+	Rate  float64 `json:"rate"`
+	Burst int     `json:"burst"`
+	// Throttle holds throttle_backoff, the pause of all requests after a
+	// rate-limit answer without Retry-After (default 10s; formerly the
+	// top-level throttle_backoff), doubling with each further throttle up
+	// to max_throttle_backoff (default 5m).
+	pluginkit.Throttle
+}
+
+// deprecatedKeys are the settings keys renamed so that the cloud plugins
+// name alike what means the same. The number form of rate_limit comes
+// first, so that rate_burst can move into the object it becomes.
+var deprecatedKeys = []pluginkit.Alias{
+	{Old: "rate_limit", New: "rate_limit.rate", Match: pluginkit.IsNumber},
+	{Old: "rate_burst", New: "rate_limit.burst"},
+	{Old: "throttle_backoff", New: "rate_limit.throttle_backoff"},
+	{Old: "zone_cooldown", New: "capacity_cooldown"},
+	{Old: "no_external_ip", New: "external_ip", Convert: pluginkit.Negate},
+	{Old: "use_internal_ip", New: "use_external_ip", Convert: pluginkit.Negate},
 }
 
 var (
@@ -124,7 +153,7 @@ func decodeSettings(raw json.RawMessage, log *slog.Logger) (Settings, error) {
 	if err != nil {
 		return s, err
 	}
-	if err := providers.DecodeSettings(raw, &s); err != nil {
+	if err := pluginkit.DecodeSettings(raw, &s, log, deprecatedKeys...); err != nil {
 		return s, err
 	}
 	s.defaults()
@@ -148,25 +177,28 @@ func (s *Settings) defaults() {
 			s.ImageFamily, s.ImageProject = "debian-12", "debian-cloud"
 		}
 	}
-	if s.RateLimit == 0 {
-		s.RateLimit = 5
+	if s.RateLimit.Rate == 0 {
+		s.RateLimit.Rate = 5
 	}
-	if s.RateBurst == 0 {
-		s.RateBurst = 10
+	if s.RateLimit.Burst == 0 {
+		s.RateLimit.Burst = 10
 	}
-	setDuration(&s.ThrottleBackoff, 10*time.Second)
 	if s.ListPageSize == 0 {
 		s.ListPageSize = 500
 	}
 	setDuration(&s.OperationTimeout, 5*time.Minute)
-	setDuration(&s.ZoneCooldown, 5*time.Minute)
+	setDuration(&s.CapacityCooldown, 5*time.Minute)
 	setDuration(&s.PasswordTimeout, 45*time.Second)
 	setDuration(&s.PollInterval, 10*time.Second)
 	if s.CreateConcurrency == 0 {
 		s.CreateConcurrency = 8
 	}
-	if s.NoExternalIP {
-		s.UseInternalIP = true
+	if s.ExternalIP == nil {
+		s.ExternalIP = proto.Bool(true)
+	}
+	if s.UseExternalIP == nil || !*s.ExternalIP {
+		// Without an external address there is only the internal one.
+		s.UseExternalIP = proto.Bool(*s.ExternalIP)
 	}
 	if s.ServiceAccount != "" && len(s.ServiceAccountScopes) == 0 {
 		s.ServiceAccountScopes = []string{"cloud-platform"}
@@ -271,12 +303,16 @@ func (s *Settings) validate() error {
 	if s.WithoutAuthentication && s.CredentialsFile != "" {
 		bad("credentials_file", "conflicts with without_authentication")
 	}
-	if s.RateLimit < 0 {
-		bad("rate_limit", "%g is negative", s.RateLimit)
+	if s.RateLimit.Rate < 0 {
+		bad("rate_limit", "rate %g is negative", s.RateLimit.Rate)
 	}
-	if s.RateBurst < 1 {
-		bad("rate_burst", "%d must be at least 1", s.RateBurst)
+	if s.RateLimit.Burst < 1 {
+		bad("rate_limit", "burst %d must be at least 1", s.RateLimit.Burst)
 	}
+	if err := s.RateLimit.Throttle.Defaults(10*time.Second, 5*time.Minute); err != nil {
+		errs = append(errs, err)
+	}
+
 	if s.ListPageSize < 1 || s.ListPageSize > 500 {
 		bad("list_page_size", "%d is not within 1-500", s.ListPageSize)
 	}

@@ -27,12 +27,15 @@ func TestDecodeSettingsDefaults(t *testing.T) {
 		{"username", s.Username, "mayfly"},
 		{"name_prefix", s.NamePrefix, "mayfly"},
 		{"network", s.networkPath(), "global/networks/default"},
-		{"rate_limit", s.RateLimit, 5.0},
-		{"rate_burst", s.RateBurst, 10},
-		{"throttle_backoff", time.Duration(s.ThrottleBackoff), 10 * time.Second},
+		{"rate_limit.rate", s.RateLimit.Rate, 5.0},
+		{"rate_limit.burst", s.RateLimit.Burst, 10},
+		{"rate_limit.throttle_backoff", time.Duration(s.RateLimit.ThrottleBackoff), 10 * time.Second},
+		{"rate_limit.max_throttle_backoff", time.Duration(s.RateLimit.MaxThrottleBackoff), 5 * time.Minute},
+		{"capacity_cooldown", time.Duration(s.CapacityCooldown), 5 * time.Minute},
+		{"external_ip", *s.ExternalIP, true},
 		{"list_page_size", s.ListPageSize, 500},
 		{"operation_timeout", time.Duration(s.OperationTimeout), 5 * time.Minute},
-		{"use_internal_ip", s.UseInternalIP, false},
+		{"use_external_ip", *s.UseExternalIP, true},
 	}
 	for _, c := range checks {
 		if c.got != c.want {
@@ -41,7 +44,7 @@ func TestDecodeSettingsDefaults(t *testing.T) {
 	}
 
 	w, err := decodeSettings(json.RawMessage(`{"project": "my-project", "zones": ["us-east1-b"], "os": "windows",
-		"subnetwork": "runners", "no_external_ip": true}`), slog.New(slog.DiscardHandler))
+		"subnetwork": "runners", "external_ip": false}`), slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -51,8 +54,8 @@ func TestDecodeSettingsDefaults(t *testing.T) {
 	if got := w.subnetworkPath("us-east1-b"); got != "regions/us-east1/subnetworks/runners" {
 		t.Errorf("subnetwork = %q", got)
 	}
-	if !w.UseInternalIP {
-		t.Error("no_external_ip does not imply use_internal_ip")
+	if *w.UseExternalIP {
+		t.Error("external_ip false does not imply use_external_ip false")
 	}
 }
 
@@ -87,6 +90,10 @@ func TestDecodeSettingsErrorsNameTheKey(t *testing.T) {
 		{`{` + base + `, "operation_timeout": "soon"}`, `"operation_timeout"`},
 		{`{` + base + `, "zone": "us-east1-b"}`, `"zone"`},
 		{`{` + base + `, "rate_burst": "ten"}`, `"rate_burst"`},
+		{`{` + base + `, "rate_limit": {"burst": 0.5}}`, `rate_limit`},
+		{`{` + base + `, "rate_limit": {"throttle_backoff": "1m", "max_throttle_backoff": "1s"}}`, `"rate_limit"`},
+		{`{` + base + `, "zone_cooldown": "1m", "capacity_cooldown": "2m"}`, `"zone_cooldown"`},
+		{`{` + base + `, "no_external_ip": "yes"}`, `"no_external_ip"`},
 	}
 	for _, tt := range tests {
 		_, err := decodeSettings(json.RawMessage(tt.json), slog.New(slog.DiscardHandler))
@@ -125,7 +132,7 @@ func TestDockerMachineOptions(t *testing.T) {
 	}
 	if s.Project != "gitlab-ci-runners" || !slices.Equal(s.Zones, []string{"us-east1-c"}) || s.MachineType != "n1-standard-1" ||
 		s.DiskSizeGB != 25 || s.DiskType != "pd-standard" || s.sourceImage() != "projects/cos-cloud/global/images/family/cos-stable" ||
-		!slices.Equal(s.NetworkTags, []string{"gitlab-com", "srm"}) || !s.UseInternalIP || s.NoExternalIP || !s.Preemptible {
+		!slices.Equal(s.NetworkTags, []string{"gitlab-com", "srm"}) || *s.UseExternalIP || !*s.ExternalIP || !s.Preemptible {
 		t.Errorf("decoded %+v", s)
 	}
 
@@ -152,6 +159,52 @@ func TestDockerMachineOptions(t *testing.T) {
 		_, err := decodeSettings(json.RawMessage(tt.opts), slog.New(slog.DiscardHandler))
 		if err == nil || !strings.Contains(err.Error(), tt.key) || providers.KindOf(err) != providers.KindInvalidArgument {
 			t.Errorf("%s: %v, want an invalid_argument error naming %s", tt.opts, err, tt.key)
+		}
+	}
+}
+
+// TestDeprecatedKeys: the keys renamed so that the cloud plugins name alike
+// what means the same are still read, each with a deprecation warning,
+// and mean what they meant.
+func TestDeprecatedKeys(t *testing.T) {
+	base := `"project": "my-project", "zones": ["us-east1-b"]`
+	tests := []struct {
+		old, new string
+		check    func(Settings) bool
+	}{
+		{`"rate_limit": 7, "rate_burst": 3, "throttle_backoff": "2s"`, `"rate_limit": {"rate": 7, "burst": 3, "throttle_backoff": "2s"}`,
+			func(s Settings) bool {
+				return s.RateLimit.Rate == 7 && s.RateLimit.Burst == 3 && time.Duration(s.RateLimit.ThrottleBackoff) == 2*time.Second
+			}},
+		{`"zone_cooldown": "90s"`, `"capacity_cooldown": "90s"`,
+			func(s Settings) bool { return time.Duration(s.CapacityCooldown) == 90*time.Second }},
+		{`"no_external_ip": true`, `"external_ip": false`,
+			func(s Settings) bool { return !*s.ExternalIP && !*s.UseExternalIP }},
+		{`"use_internal_ip": true`, `"use_external_ip": false`,
+			func(s Settings) bool { return *s.ExternalIP && !*s.UseExternalIP }},
+		{`"use_internal_ip": false`, `"use_external_ip": true`,
+			func(s Settings) bool { return *s.ExternalIP && *s.UseExternalIP }},
+	}
+	for _, tt := range tests {
+		var logs strings.Builder
+		old, err := decodeSettings(json.RawMessage(`{`+base+`, `+tt.old+`}`), slog.New(slog.NewTextHandler(&logs, nil)))
+		if err != nil {
+			t.Errorf("old keys %s: %v", tt.old, err)
+			continue
+		}
+		if !tt.check(old) {
+			t.Errorf("old keys %s decoded to %+v", tt.old, old)
+		}
+		if !strings.Contains(logs.String(), "deprecated settings key") {
+			t.Errorf("old keys %s: no deprecation warning in %q", tt.old, logs.String())
+		}
+		logs.Reset()
+		cur, err := decodeSettings(json.RawMessage(`{`+base+`, `+tt.new+`}`), slog.New(slog.NewTextHandler(&logs, nil)))
+		if err != nil || !tt.check(cur) {
+			t.Errorf("new keys %s: %+v, %v", tt.new, cur, err)
+		}
+		if strings.Contains(logs.String(), "deprecated") {
+			t.Errorf("new keys %s warned: %q", tt.new, logs.String())
 		}
 	}
 }

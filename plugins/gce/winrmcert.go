@@ -72,7 +72,7 @@ func (p *Provider) winrmCert(ctx context.Context, s Settings, zone, name string)
 		Project: s.Project, Zone: zone, Instance: name, VariableKey: proto.String(winrmCertKey),
 	}, noRetry)
 	if err != nil {
-		err = classify(err, zone)
+		err = p.throttle(classify(err, zone))
 		if providers.IsNotFound(err) {
 			return nil, nil // not published (yet)
 		}

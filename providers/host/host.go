@@ -26,6 +26,7 @@ import (
 
 	"github.com/mayfly-ci/mayfly/providers"
 	"github.com/mayfly-ci/mayfly/providers/internal/wire"
+	"github.com/mayfly-ci/mayfly/providers/pluginkit"
 )
 
 // Config configures a plugin host.
@@ -266,12 +267,8 @@ func (p *Plugin) supervise(pr *proc) {
 			delay := p.backoff(failures)
 			failures++
 			p.log.Info("restarting plugin", "in", delay, "attempt", failures)
-			t := time.NewTimer(delay)
-			select {
-			case <-p.ctx.Done():
-				t.Stop()
+			if pluginkit.Sleep(p.ctx, delay) != nil {
 				return
-			case <-t.C:
 			}
 			next, err := p.launch(p.ctx)
 			if err == nil {

@@ -13,6 +13,7 @@
 package awsfake
 
 import (
+	"cmp"
 	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/rsa"
@@ -656,9 +657,9 @@ func (s *Server) runInstances(q query, now time.Time, reqID string) (any, *apiEr
 			return nil, apiErr
 		}
 		ltID = lt.ID
-		imageID = cmpOr(imageID, lt.ImageID)
-		instanceType = cmpOr(instanceType, lt.InstanceType)
-		keyName = cmpOr(keyName, lt.KeyName)
+		imageID = cmp.Or(imageID, lt.ImageID)
+		instanceType = cmp.Or(instanceType, lt.InstanceType)
+		keyName = cmp.Or(keyName, lt.KeyName)
 	}
 	if imageID == "" {
 		return nil, badRequest("MissingParameter", "The request must contain the parameter ImageId")
@@ -731,7 +732,7 @@ func (s *Server) runInstances(q query, now time.Time, reqID string) (any, *apiEr
 		if b := q.get("InstanceMarketOptions.SpotOptions.InstanceInterruptionBehavior"); b != "" {
 			behavior = b
 		}
-		st := cmpOr(q.get("InstanceMarketOptions.SpotOptions.SpotInstanceType"), "one-time")
+		st := cmp.Or(q.get("InstanceMarketOptions.SpotOptions.SpotInstanceType"), "one-time")
 		if st == "one-time" && behavior != "terminate" {
 			return nil, badRequest("InvalidParameterCombination", "The instance interruption behavior %q is only supported with persistent spot requests.", behavior)
 		}
@@ -816,7 +817,7 @@ func (s *Server) runInstances(q query, now time.Time, reqID string) (any, *apiEr
 				PublicIP:       fmt.Sprintf("203.0.113.%d", 1+s.seq%254),
 				Spot:           spot,
 				SpotMaxPrice:   maxPrice,
-				IAMProfile:     cmpOr(q.get("IamInstanceProfile.Arn"), q.get("IamInstanceProfile.Name")),
+				IAMProfile:     cmp.Or(q.get("IamInstanceProfile.Arn"), q.get("IamInstanceProfile.Name")),
 				SecurityGroups: groups,
 				UserData:       userData,
 			},
@@ -860,13 +861,6 @@ func (s *Server) runInstances(q query, now time.Time, reqID string) (any, *apiEr
 	}
 	s.advance(now)
 	return s.reservationResponse(rid, reqID), nil
-}
-
-func cmpOr(a, b string) string {
-	if a != "" {
-		return a
-	}
-	return b
 }
 
 func (s *Server) launchTemplate(id, name, version string) (LaunchTemplate, *apiError) {

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"cloud.google.com/go/compute/apiv1/computepb"
+	"github.com/mayfly-ci/mayfly/providers/pluginkit"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 )
@@ -541,11 +542,7 @@ func (s *Server) getOp(w http.ResponseWriter, r *http.Request, project, zone, na
 		}
 		s.mu.Unlock()
 		d := min(doneAt.Sub(now), deadline.Sub(now))
-		t := time.NewTimer(d)
-		select {
-		case <-t.C:
-		case <-r.Context().Done():
-			t.Stop()
+		if pluginkit.Sleep(r.Context(), d) != nil {
 			return
 		}
 	}
