@@ -34,7 +34,10 @@ func runCoordinator(args []string, stdout, stderr io.Writer) int {
 	fs.Var(&projects, "project", "serve `DIR` (a git repository, or a plain directory committed as is) as project root/<dir name>, or NAMESPACE/NAME=DIR, and run the pipeline of its .gitlab-ci.yml; repeatable")
 	externalURL := fs.String("external-url", "", "the coordinator's URL as jobs in VMs see it (git, API, registry); default: the listen address")
 	stateDir := fs.String("state-dir", "", "directory for the served repositories; default: a temporary directory removed at exit")
-	pushToken := fs.String("push-token", "", "the administrator's access token (git read of every project, pipelines through the API); random when empty")
+	pushToken := fs.String("push-token", "", "the administrator's access token (git read of every project, registry push, pipelines through the API); random when empty")
+	withRegistry := fs.Bool("registry", true, "serve a container registry at <external-url>/v2/ (CI_REGISTRY), stored under --state-dir")
+	registryMax := fs.Int64("registry-max-bytes", 10<<30, "bound on the registry's disk use")
+	anonPull := fs.Bool("registry-anonymous-pull", false, "let the registry serve pulls without credentials")
 	longPoll := fs.Duration("long-poll", 0, "hold job requests this long while no job is queued (0 = off)")
 	exitWhenDone := fs.Bool("exit-when-done", false, "exit once every enqueued job has finished")
 	progress := fs.Bool("progress", false, "print each job's outcome as it finishes, the queue, and a summary at exit")
@@ -63,7 +66,7 @@ func runCoordinator(args []string, stdout, stderr io.Writer) int {
 		ext = "http://" + ln.Addr().String()
 	}
 	state := *stateDir
-	if state == "" && len(projects) > 0 {
+	if state == "" && (len(projects) > 0 || *withRegistry) {
 		tmp, err := os.MkdirTemp("", "mayfly-coordinator-")
 		if err != nil {
 			fmt.Fprintf(stderr, "mayfly coordinator: %v\n", err)
@@ -72,18 +75,23 @@ func runCoordinator(args []string, stdout, stderr io.Writer) int {
 		defer os.RemoveAll(tmp)
 		state = tmp
 	}
-	srv, err := coordinator.New(coordinator.Config{
+	cfg := coordinator.Config{
 		RegistrationToken: *regToken,
 		ExternalURL:       ext,
 		LongPoll:          *longPoll,
 		Logger:            log,
 		StateDir:          state,
 		PushToken:         *pushToken,
-	})
+	}
+	if *withRegistry {
+		cfg.Registry = &coordinator.RegistryConfig{MaxBytes: *registryMax, AnonymousPull: *anonPull}
+	}
+	srv, err := coordinator.New(cfg)
 	if err != nil {
 		fmt.Fprintf(stderr, "mayfly coordinator: %v\n", err)
 		return 1
 	}
+	defer srv.Close()
 	for _, tok := range runnerTokens {
 		if _, err := srv.RegisterRunner(coordinator.RunnerOptions{RegistrationToken: srv.RegistrationToken(), RunUntagged: true, Description: "preregistered", Token: tok}); err != nil {
 			fmt.Fprintf(stderr, "mayfly coordinator: --runner-token: %v\n", err)
@@ -107,6 +115,9 @@ func runCoordinator(args []string, stdout, stderr io.Writer) int {
 	fmt.Fprintf(stdout, "coordinator on http://%s (registration token %s)\n", ln.Addr(), srv.RegistrationToken())
 	if ext != "http://"+ln.Addr().String() {
 		fmt.Fprintf(stdout, "jobs see it at %s\n", ext)
+	}
+	if *withRegistry {
+		fmt.Fprintf(stdout, "registry at %s (push: any user name, password = the push token %s)\n", strings.TrimPrefix(strings.TrimPrefix(ext, "http://"), "https://"), srv.PushToken())
 	}
 	if *progress {
 		progressDone := make(chan struct{})

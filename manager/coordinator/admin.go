@@ -104,6 +104,12 @@ func (s *Server) adminInfo(w http.ResponseWriter, r *http.Request) {
 		"runners":            len(s.runners),
 		"jobs":               len(s.jobs),
 		"held_long_polls":    s.held.Load(),
+		"push_token":         s.cfg.PushToken,
+		"external_url":       s.cfg.ExternalURL,
+		"registry":           s.registry != nil,
+	}
+	if s.registry != nil {
+		info["registry_used_bytes"] = s.registry.UsedBytes()
 	}
 	s.mu.Unlock()
 	writeJSON(w, http.StatusOK, info)

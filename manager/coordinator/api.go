@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/mayfly-ci/mayfly/manager/coordinator/registry"
 	"github.com/mayfly-ci/mayfly/manager/runnerapi"
 )
 
@@ -32,6 +33,11 @@ func (s *Server) routes() {
 	mux.HandleFunc("PUT /api/v4/jobs/{id}", s.handleUpdate)
 	mux.HandleFunc("POST /api/v4/projects/{id}/pipeline", s.handleCreatePipeline)
 	mux.HandleFunc("/", s.serveRoot)
+	if s.registry != nil {
+		mux.Handle("/v2/", s.registry)
+		mux.Handle("/v2", s.registry)
+		mux.Handle(registry.TokenPath, s.registry)
+	}
 	mux.HandleFunc("/api/v4/", func(w http.ResponseWriter, r *http.Request) {
 		writeMessage(w, http.StatusNotFound, "404 Not Found")
 	})

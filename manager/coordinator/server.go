@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/mayfly-ci/mayfly/manager/coordinator/gitrepo"
+	"github.com/mayfly-ci/mayfly/manager/coordinator/registry"
 )
 
 // Limits and defaults.
@@ -65,6 +66,11 @@ type Config struct {
 	// repositories (StateDir/repositories) and the registry
 	// (StateDir/registry). Needed by AddProjects and the registry.
 	StateDir string
+	// Registry, when set, serves a container registry as GitLab does
+	// (/v2/ and its token realm /jwt/auth on the same listener), with
+	// CI_REGISTRY, CI_REGISTRY_IMAGE, CI_REGISTRY_USER, CI_REGISTRY_PASSWORD
+	// and registry credentials in every payload. Needs StateDir.
+	Registry *RegistryConfig
 	// Now is the clock (job timestamps, time_in_queue_seconds). Default time.Now.
 	Now func() time.Time
 	// Logger receives structured logs. Default slog.Default().
@@ -80,8 +86,8 @@ type Server struct {
 	log      *slog.Logger
 	now      func() time.Time
 	mux      *http.ServeMux
-	held     atomic.Int64 // job requests held in a long poll right now
-	registry http.Handler // the container registry under /v2/; nil when not served
+	held     atomic.Int64       // job requests held in a long poll right now
+	registry *registry.Registry // the container registry under /v2/; nil when not served
 
 	mu              sync.Mutex
 	faults          []*fault // armed by InjectFault
@@ -164,8 +170,21 @@ func New(cfg Config) (*Server, error) {
 		queueChanged:    make(chan struct{}),
 		stateChanged:    make(chan struct{}),
 	}
+	if cfg.Registry != nil {
+		if err := s.openRegistry(); err != nil {
+			return nil, err
+		}
+	}
 	s.routes()
 	return s, nil
+}
+
+// Close releases what the server holds open (the registry's journal).
+func (s *Server) Close() error {
+	if s.registry != nil {
+		return s.registry.Close()
+	}
+	return nil
 }
 
 // RegistrationToken returns the instance-wide registration token (instance runners).
