@@ -17,6 +17,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -37,6 +38,53 @@ import (
 type runFlags struct {
 	config, pluginDir, stateDir, managerID string
 	view                                   time.Duration
+	// shutdownTimeout, when set, receives shutdown_timeout of the config
+	// in force (nanoseconds), for the signal handler.
+	shutdownTimeout *atomic.Int64
+}
+
+// handleSignals turns signals into the manager's shutdown, as gitlab-runner
+// does: SIGQUIT drains (no new jobs; running jobs finish, however long they
+// take); SIGTERM or SIGINT stops forcefully (running jobs are aborted and
+// reported), also during a drain, and if the manager has not exited
+// shutdown_timeout later, the process exits anyway; a second SIGTERM or
+// SIGINT exits at once. It returns when stop is closed.
+func handleSignals(sigs <-chan os.Signal, stop <-chan struct{}, drain chan<- struct{}, abort func(), timeout *atomic.Int64, stderr io.Writer, exit func(int)) {
+	drained, forced := false, false
+	var timer *time.Timer
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
+	for {
+		var sig os.Signal
+		select {
+		case <-stop:
+			return
+		case sig = <-sigs:
+		}
+		switch {
+		case sig == syscall.SIGQUIT && !drained && !forced:
+			drained = true
+			fmt.Fprintln(stderr, "mayfly run: SIGQUIT: graceful shutdown, running jobs finish (SIGTERM to abort them)")
+			close(drain)
+		case sig == syscall.SIGQUIT:
+		case !forced:
+			forced = true
+			d := time.Duration(timeout.Load())
+			fmt.Fprintf(stderr, "mayfly run: %v: forceful shutdown, aborting running jobs; exiting within shutdown_timeout (%v)\n", sig, d)
+			abort()
+			timer = time.AfterFunc(d, func() {
+				fmt.Fprintf(stderr, "mayfly run: shutdown did not finish within shutdown_timeout (%v); exiting\n", d)
+				exit(1)
+			})
+		default:
+			fmt.Fprintf(stderr, "mayfly run: %v again: exiting now\n", sig)
+			exit(1)
+			return
+		}
+	}
 }
 
 func runRun(args []string, stdout, stderr io.Writer) int {
@@ -49,7 +97,7 @@ func runRun(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&f.managerID, "manager-id", "", "identity carried by every instance this manager creates (default: host name and config path)")
 	fs.DurationVar(&f.view, "view", 0, "print the fleet and jobs every interval (0 = off)")
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: mayfly run --config FILE [flags]\n\nRuns the runner manager: asks GitLab for jobs for every [[runners]] entry and\nruns each in a fresh VM of that runner's fleet.\n\nSignals: SIGQUIT drains (no new jobs; running ones finish), SIGTERM or\nSIGINT abort (running jobs are stopped and reported as runner_system_failure).\n\nFlags:\n")
+		fmt.Fprintf(fs.Output(), "Usage: mayfly run --config FILE [flags]\n\nRuns the runner manager: asks GitLab for jobs for every [[runners]] entry and\nruns each in a fresh VM of that runner's fleet.\n\nSignals: SIGQUIT drains (no new jobs; running ones finish, however long they\ntake). SIGTERM or SIGINT abort, also during a drain: running jobs are\nstopped and reported as runner_system_failure, and the process exits at\nthe latest shutdown_timeout seconds later. A second SIGTERM or SIGINT exits\nat once.\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -58,20 +106,19 @@ func runRun(args []string, stdout, stderr io.Writer) int {
 		}
 		return 2
 	}
-	// SIGQUIT drains; SIGTERM and SIGINT abort.
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	quit := make(chan os.Signal, 1)
-	signal.Notify(quit, syscall.SIGQUIT)
-	defer signal.Stop(quit)
+	// SIGQUIT drains; SIGTERM and SIGINT abort, also during a drain, and
+	// bound what follows by shutdown_timeout; a second one exits at once.
+	ctx, abort := context.WithCancel(context.Background())
+	defer abort()
 	drain := make(chan struct{})
-	go func() {
-		select {
-		case <-quit:
-			close(drain)
-		case <-ctx.Done():
-		}
-	}()
+	f.shutdownTimeout = new(atomic.Int64)
+	f.shutdownTimeout.Store(int64(config.DefaultShutdownTimeout))
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM, syscall.SIGQUIT)
+	defer signal.Stop(sigs)
+	stopSignals := make(chan struct{})
+	defer close(stopSignals)
+	go handleSignals(sigs, stopSignals, drain, abort, f.shutdownTimeout, stderr, os.Exit)
 	if err := runManager(ctx, drain, f, stdout, stderr); err != nil {
 		fmt.Fprintf(stderr, "mayfly run: %v\n", err)
 		return 1
@@ -124,6 +171,10 @@ func runManager(ctx context.Context, drain <-chan struct{}, f runFlags, stdout, 
 	}
 	cfg := store.Current()
 	log := newLogger(cfg, stderr)
+	store.SetLogger(log)
+	if f.shutdownTimeout != nil {
+		f.shutdownTimeout.Store(int64(cfg.ShutdownTimeout))
+	}
 	for _, w := range cfg.Warnings {
 		log.Warn("config", "warning", w.String())
 	}
@@ -203,7 +254,12 @@ func runManager(ctx context.Context, drain <-chan struct{}, f runFlags, stdout, 
 		case <-watchCtx.Done():
 		}
 	}()
-	go store.Watch(watchCtx, 3*time.Second, func(next *config.Config) { applyReload(next, fleets, log) })
+	go store.Watch(watchCtx, 3*time.Second, func(next *config.Config) {
+		if f.shutdownTimeout != nil {
+			f.shutdownTimeout.Store(int64(next.ShutdownTimeout))
+		}
+		applyReload(next, fleets, log)
+	})
 	if f.view > 0 {
 		go printView(watchCtx, stdout, f.view, fleets)
 	}
