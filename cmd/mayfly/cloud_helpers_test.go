@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/mayfly-ci/mayfly/manager/coordinator"
+	"github.com/mayfly-ci/mayfly/plugins/gce/gcefake"
 	"github.com/mayfly-ci/mayfly/providers/plugintest"
 	"github.com/mayfly-ci/mayfly/vmexec/winrm/wsmantest"
 )
@@ -239,4 +240,20 @@ func checkWindowsJobs(t *testing.T, jobs []coordinator.JobRecord, commands []wsm
 	if ready < len(jobs) || stages < len(jobs) {
 		t.Errorf("%d commands exited 0 (ready commands) and %d did not (stages); want at least %d of each", ready, stages, len(jobs))
 	}
+}
+
+// gceCredentials writes the gcefake's service-account key for the fake at
+// apiURL and returns its path: the gce plugin authenticates against the
+// fake as it does against Google.
+func gceCredentials(t *testing.T, apiURL, project string) string {
+	t.Helper()
+	key, err := gcefake.ServiceAccountKey(apiURL, project)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "gce-service-account.json")
+	if err := os.WriteFile(path, key, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
 }

@@ -124,7 +124,7 @@ log_level = "info"
       os = "linux"
       username = %q
       endpoint = %q
-      without_authentication = true
+      credentials_file = %q
       poll_interval = "100ms"
       rate_limit = { rate = 50.0, burst = 20 }
     [runners.autoscaler.connector_config]
@@ -134,7 +134,7 @@ log_level = "info"
     [[runners.autoscaler.policy]]
       idle_count = 1
       idle_time = "1m"
-`, url, cloudToken, filepath.Join(dir, "builds"), sshd.User, api.URL)
+`, url, cloudToken, filepath.Join(dir, "builds"), sshd.User, api.URL, gceCredentials(t, api.URL, "e2e-project"))
 
 	stop := make(chan struct{})
 	results := make(chan preemptResult, 1)

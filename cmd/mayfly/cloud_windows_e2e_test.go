@@ -85,7 +85,7 @@ log_level = "info"
       os = "windows"
       username = %q
       endpoint = %q
-      without_authentication = true
+      credentials_file = %q
       poll_interval = "100ms"
       password_timeout = "10s"
       rate_limit = { rate = 50.0, burst = 20 }
@@ -96,7 +96,7 @@ log_level = "info"
     [[runners.autoscaler.policy]]
       idle_count = 1
       idle_time = "1m"
-`, url, cloudToken, user, api.URL)
+`, url, cloudToken, user, api.URL, gceCredentials(t, api.URL, "e2e-project"))
 	runUntilDone(t, srv, dir, pluginDir, cfg, 45*time.Second)
 
 	jobs := srv.Jobs()

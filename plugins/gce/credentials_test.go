@@ -1,16 +1,9 @@
 package gce_test
 
 import (
-	"crypto/rand"
-	"crypto/rsa"
-	"crypto/x509"
 	"encoding/json"
-	"encoding/pem"
-	"io"
 	"net/http"
 	"net/http/httptest"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -19,63 +12,28 @@ import (
 	"github.com/mayfly-ci/mayfly/providers"
 )
 
-// TestServiceAccountCredentials runs the production authentication path:
-// a service-account key file whose token endpoint is a local server, the
-// SDK's authenticating transport over the plugin's limiter, and the fake
-// API checking every request carries the bearer token.
+// TestServiceAccountCredentials runs the production authentication path
+// (every test does, through settings): a service-account key file whose
+// token endpoint is the fake's, the SDK's authenticating transport over
+// the plugin's limiter, and the fake checking every API request carries
+// the access token it issued.
 func TestServiceAccountCredentials(t *testing.T) {
 	var (
-		mu         sync.Mutex
-		tokenCalls int
-		auths      []string
+		mu    sync.Mutex
+		auths []string
 	)
-	tokens := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		body, _ := io.ReadAll(r.Body)
-		mu.Lock()
-		tokenCalls++
-		mu.Unlock()
-		if !strings.Contains(string(body), "assertion=") {
-			http.Error(w, "want a JWT bearer grant", http.StatusBadRequest)
-			return
-		}
-		w.Header().Set("Content-Type", "application/json")
-		_, _ = io.WriteString(w, `{"access_token": "test-token-1", "token_type": "Bearer", "expires_in": 3600}`)
-	}))
-	t.Cleanup(tokens.Close)
-
 	fake := gcefake.New(gcefake.Options{Project: testProject})
 	api := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		mu.Lock()
-		auths = append(auths, r.Header.Get("Authorization"))
-		mu.Unlock()
+		if r.URL.Path != gcefake.TokenPath {
+			mu.Lock()
+			auths = append(auths, r.Header.Get("Authorization"))
+			mu.Unlock()
+		}
 		fake.ServeHTTP(w, r)
 	}))
 	t.Cleanup(api.Close)
 
-	key, err := rsa.GenerateKey(rand.Reader, 2048)
-	if err != nil {
-		t.Fatal(err)
-	}
-	der, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sa, _ := json.Marshal(map[string]string{
-		"type":           "service_account",
-		"project_id":     testProject,
-		"private_key_id": "key-1",
-		"private_key":    string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})),
-		"client_email":   "mayfly@" + testProject + ".iam.gserviceaccount.com",
-		"client_id":      "1234567890",
-		"token_uri":      tokens.URL + "/token",
-	})
-	path := filepath.Join(t.TempDir(), "sa.json")
-	if err := os.WriteFile(path, sa, 0o600); err != nil {
-		t.Fatal(err)
-	}
-
-	raw := settings(t, api.URL, map[string]any{"without_authentication": false, "credentials_file": path})
-	p := newProvider(t, raw)
+	p := newProvider(t, settings(t, api.URL, nil))
 	id := createOne(t, p, testLabels)
 	if _, err := p.List(ctx(t)); err != nil {
 		t.Fatal(err)
@@ -89,13 +47,27 @@ func TestServiceAccountCredentials(t *testing.T) {
 		t.Fatalf("the API saw %d requests", len(auths))
 	}
 	for i, a := range auths {
-		if !strings.HasPrefix(a, "Bearer ") || len(a) < len("Bearer ")+8 {
-			t.Errorf("request %d carried Authorization %q, want a bearer token", i, a)
+		if a != auths[0] || !strings.HasPrefix(a, "Bearer ya29.gcefake-") {
+			t.Errorf("request %d carried Authorization %.30q..., want the access token the fake issued", i, a)
 		}
 	}
-	t.Logf("token endpoint calls: %d; API requests: %d; first Authorization: %.20s...", tokenCalls, len(auths), auths[0])
+	if n := fake.TokenGrants(); n != 1 {
+		t.Errorf("token grants = %d, want 1 (the token is reused)", n)
+	}
 	if calls := p.Stats().Calls; calls["instances.insert"] != 1 || calls["instances.delete"] != 1 {
 		t.Errorf("limiter counted %v: it is not under the authenticating transport", calls)
+	}
+}
+
+// TestUnauthenticatedIsRefused: the fake answers 401 to requests without
+// credentials, and the plugin reports that as permanent (retrying the
+// same credentials will not help).
+func TestUnauthenticatedIsRefused(t *testing.T) {
+	_, url := startFake(t, gcefake.Options{})
+	p := newProvider(t, settings(t, url, map[string]any{"without_authentication": true, "credentials_file": ""}))
+	_, err := p.List(ctx(t))
+	if err == nil || !providers.IsPermanent(err) || !strings.Contains(err.Error(), "401") {
+		t.Errorf("List without credentials = %v, want a permanent error with the 401", err)
 	}
 }
 

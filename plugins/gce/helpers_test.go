@@ -7,6 +7,7 @@ import (
 	"maps"
 	"net/http/httptest"
 	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -38,17 +39,18 @@ func startFake(t *testing.T, opts gcefake.Options) (*gcefake.Server, string) {
 }
 
 // settings returns plugin settings for the fake at endpoint, with extra
-// keys merged in.
+// keys merged in. The plugin authenticates as in production, with a
+// service-account key whose token endpoint is the fake's.
 func settings(t *testing.T, endpoint string, extra map[string]any) json.RawMessage {
 	t.Helper()
 	s := map[string]any{
-		"project":                testProject,
-		"zones":                  []string{"us-east1-b"},
-		"endpoint":               endpoint,
-		"without_authentication": true,
-		"rate_limit":             map[string]any{"rate": 500, "burst": 100, "throttle_backoff": "200ms"},
-		"poll_interval":          "20ms",
-		"password_timeout":       "5s",
+		"project":          testProject,
+		"zones":            []string{"us-east1-b"},
+		"endpoint":         endpoint,
+		"credentials_file": credentialsFile(t, endpoint),
+		"rate_limit":       map[string]any{"rate": 500, "burst": 100, "throttle_backoff": "200ms"},
+		"poll_interval":    "20ms",
+		"password_timeout": "5s",
 	}
 	maps.Copy(s, extra)
 	b, err := json.Marshal(s)
@@ -56,6 +58,21 @@ func settings(t *testing.T, endpoint string, extra map[string]any) json.RawMessa
 		t.Fatal(err)
 	}
 	return b
+}
+
+// credentialsFile writes the fake's service-account key for the fake at
+// endpoint and returns its path.
+func credentialsFile(t *testing.T, endpoint string) string {
+	t.Helper()
+	key, err := gcefake.ServiceAccountKey(endpoint, testProject)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "service-account.json")
+	if err := os.WriteFile(path, key, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
 }
 
 // newProvider returns an initialised in-process provider.

@@ -37,14 +37,20 @@ import (
 // OwnerID is the AWS account id the fake reports.
 const OwnerID = "123456789012"
 
+// Test credentials the fake accepts when Options name none.
+const (
+	DefaultAccessKeyID     = "AKIDAWSFAKE000000000"
+	DefaultSecretAccessKey = "awsfake-secret-access-key"
+)
+
 // Options configure a Server. The zero value serves region us-east-1 with
-// one default subnet, instant boots and no signature check.
+// one default subnet, instant boots and the default test credentials.
 type Options struct {
 	// Region is the region requests must be signed for (default us-east-1).
 	Region string
-	// AccessKeyID and SecretAccessKey, if set, are the only credentials
-	// accepted; the SigV4 signature of every request is then verified.
-	// Without them the Authorization header is parsed but not verified.
+	// AccessKeyID and SecretAccessKey are the only credentials accepted
+	// (default DefaultAccessKeyID and DefaultSecretAccessKey). The SigV4
+	// signature of every request is verified, with the SDK's signer.
 	AccessKeyID     string
 	SecretAccessKey string
 	// Now is the clock for state transitions (default time.Now).
@@ -187,6 +193,9 @@ type Server struct {
 func New(opts Options) *Server {
 	if opts.Region == "" {
 		opts.Region = "us-east-1"
+	}
+	if opts.AccessKeyID == "" && opts.SecretAccessKey == "" {
+		opts.AccessKeyID, opts.SecretAccessKey = DefaultAccessKeyID, DefaultSecretAccessKey
 	}
 	if opts.Now == nil {
 		opts.Now = time.Now
@@ -576,9 +585,6 @@ func (s *Server) authenticate(r *http.Request, body []byte) *apiError {
 	}
 	if sig.Region != s.opts.Region {
 		return errorf(http.StatusUnauthorized, "AuthFailure", "Credential should be scoped to a valid region, not %q (this endpoint serves %s).", sig.Region, s.opts.Region)
-	}
-	if s.opts.AccessKeyID == "" {
-		return nil
 	}
 	if sig.AccessKeyID != s.opts.AccessKeyID {
 		return errorf(http.StatusUnauthorized, "AuthFailure", "AWS was not able to validate the provided access credentials")

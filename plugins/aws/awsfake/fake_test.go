@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -581,11 +582,13 @@ func TestRawProtocol(t *testing.T) {
 	srv := awsfake.New(awsfake.Options{})
 	hs := httptest.NewServer(srv)
 	defer hs.Close()
-	post := func(form url.Values, auth string) (*http.Response, string) {
-		req, _ := http.NewRequest(http.MethodPost, hs.URL, strings.NewReader(form.Encode()))
+	// post sends form unsigned (service "") or signed for service.
+	post := func(form url.Values, service string) (*http.Response, string) {
+		body := form.Encode()
+		req, _ := http.NewRequest(http.MethodPost, hs.URL, strings.NewReader(body))
 		req.Header.Set("Content-Type", "application/x-www-form-urlencoded; charset=utf-8")
-		if auth != "" {
-			req.Header.Set("Authorization", auth)
+		if service != "" {
+			req = signedPost(t, hs.URL, service, body, body, awsfake.DefaultSecretAccessKey)
 		}
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
@@ -596,25 +599,54 @@ func TestRawProtocol(t *testing.T) {
 		_, _ = io.Copy(&b, resp.Body)
 		return resp, b.String()
 	}
-	sig := "AWS4-HMAC-SHA256 Credential=AKID/20300102/us-east-1/ec2/aws4_request, SignedHeaders=host;x-amz-date, Signature=" + strings.Repeat("ab", 32)
 	resp, body := post(url.Values{"Action": {"DescribeInstances"}, "Version": {"2016-11-15"}}, "")
 	if resp.StatusCode != 401 || !strings.Contains(body, "<Code>MissingAuthenticationToken</Code>") {
 		t.Errorf("unsigned: %d %s", resp.StatusCode, body)
 	}
-	resp, body = post(url.Values{"Action": {"DescribeInstances"}, "Version": {"2016-11-15"}}, sig)
+	resp, body = post(url.Values{"Action": {"DescribeInstances"}, "Version": {"2016-11-15"}}, "ec2")
 	if resp.StatusCode != 200 || !strings.Contains(body, `<DescribeInstancesResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">`) {
 		t.Errorf("signed describe: %d %s", resp.StatusCode, body)
 	}
-	resp, body = post(url.Values{"Action": {"Bogus"}, "Version": {"2016-11-15"}}, sig)
+	resp, body = post(url.Values{"Action": {"Bogus"}, "Version": {"2016-11-15"}}, "ec2")
 	if resp.StatusCode != 400 || !strings.Contains(body, "<Response><Errors><Error><Code>InvalidAction</Code>") || !strings.Contains(body, "<RequestID>") {
 		t.Errorf("bogus action: %d %s", resp.StatusCode, body)
 	}
-	resp, _ = post(url.Values{"Action": {"DescribeInstances"}, "Version": {"2014-01-01"}}, sig)
+	resp, _ = post(url.Values{"Action": {"DescribeInstances"}, "Version": {"2014-01-01"}}, "ec2")
 	if resp.StatusCode != 400 {
 		t.Errorf("old version: %d", resp.StatusCode)
 	}
-	resp, body = post(url.Values{"Action": {"DescribeInstances"}, "Version": {"2016-11-15"}}, strings.Replace(sig, "/ec2/", "/s3/", 1))
+	resp, body = post(url.Values{"Action": {"DescribeInstances"}, "Version": {"2016-11-15"}}, "s3")
 	if resp.StatusCode != 401 || !strings.Contains(body, "AuthFailure") {
 		t.Errorf("wrong service scope: %d %s", resp.StatusCode, body)
+	}
+
+	// The signature is checked always, also with the default credentials:
+	// a made-up signature, a body changed after signing and a wrong
+	// secret all fail.
+	send := func(req *http.Request) (int, string) {
+		t.Helper()
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	signed := func(signBody, sendBody, secret string) *http.Request {
+		return signedPost(t, hs.URL, "ec2", signBody, sendBody, secret)
+	}
+	describe := url.Values{"Action": {"DescribeInstances"}, "Version": {"2016-11-15"}}.Encode()
+	terminate := url.Values{"Action": {"TerminateInstances"}, "Version": {"2016-11-15"}, "InstanceId.1": {"i-0123456789abcdef0"}}.Encode()
+	madeUp := signed(describe, describe, awsfake.DefaultSecretAccessKey)
+	madeUp.Header.Set("Authorization", regexp.MustCompile(`Signature=[0-9a-f]+`).ReplaceAllString(madeUp.Header.Get("Authorization"), "Signature="+strings.Repeat("ab", 32)))
+	for name, req := range map[string]*http.Request{
+		"made-up signature":          madeUp,
+		"body changed after signing": signed(describe, terminate, awsfake.DefaultSecretAccessKey),
+		"wrong secret":               signed(describe, describe, "not-the-secret"),
+	} {
+		if code, body := send(req); code != 401 || !strings.Contains(body, "<Code>AuthFailure</Code>") {
+			t.Errorf("%s: %d %s, want 401 AuthFailure", name, code, body)
+		}
 	}
 }

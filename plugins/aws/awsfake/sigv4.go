@@ -1,6 +1,7 @@
 package awsfake
 
 import (
+	"context"
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/hex"
@@ -10,6 +11,9 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	v4 "github.com/aws/aws-sdk-go-v2/aws/signer/v4"
 )
 
 // sigV4 is a parsed AWS Signature Version 4 Authorization header.
@@ -63,92 +67,50 @@ func parseSigV4(header string) (sigV4, error) {
 	return s, nil
 }
 
-// verify recomputes the signature of r (whose body is body) with secret and
-// compares it with the one in the header.
+// verify signs again, with the SDK's own SigV4 signer and secret, the parts
+// of r the client signed (its method, URL, the signed headers and body),
+// at the time the client signed it, and compares the signatures.
 func (s sigV4) verify(r *http.Request, body []byte, secret string) error {
 	amzDate := r.Header.Get("X-Amz-Date")
-	t, err := time.Parse("20060102T150405Z", amzDate)
+	at, err := time.Parse("20060102T150405Z", amzDate)
 	if err != nil {
 		return fmt.Errorf("X-Amz-Date %q: %w", amzDate, err)
 	}
-	if t.Format("20060102") != s.Date {
+	if at.Format("20060102") != s.Date {
 		return fmt.Errorf("X-Amz-Date %s does not match the credential date %s", amzDate, s.Date)
 	}
-	var canon strings.Builder
-	canon.WriteString(r.Method + "\n")
-	uri := r.URL.EscapedPath()
-	if uri == "" {
-		uri = "/"
+	again, err := http.NewRequest(r.Method, r.URL.String(), nil)
+	if err != nil {
+		return fmt.Errorf("copy the request: %w", err)
 	}
-	canon.WriteString(uri + "\n")
-	canon.WriteString(canonicalQuery(r) + "\n")
+	again.Host = r.Host
 	for _, h := range s.SignedHeaders {
-		var v string
-		if h == "host" {
-			v = r.Host
-		} else {
-			vals := r.Header.Values(h)
-			for i := range vals {
-				vals[i] = strings.Join(strings.Fields(vals[i]), " ")
-			}
-			v = strings.Join(vals, ",")
+		switch h {
+		case "host":
+		case "content-length":
+			again.ContentLength = r.ContentLength
+		default:
+			again.Header[http.CanonicalHeaderKey(h)] = r.Header.Values(h)
 		}
-		canon.WriteString(h + ":" + v + "\n")
 	}
-	canon.WriteString("\n" + strings.Join(s.SignedHeaders, ";") + "\n")
-	payload := sha256.Sum256(body)
-	canon.WriteString(hex.EncodeToString(payload[:]))
-
-	scope := strings.Join([]string{s.Date, s.Region, s.Service, "aws4_request"}, "/")
-	canonHash := sha256.Sum256([]byte(canon.String()))
-	toSign := sigV4Algorithm + "\n" + amzDate + "\n" + scope + "\n" + hex.EncodeToString(canonHash[:])
-
-	key := hmacSHA256([]byte("AWS4"+secret), s.Date)
-	key = hmacSHA256(key, s.Region)
-	key = hmacSHA256(key, s.Service)
-	key = hmacSHA256(key, "aws4_request")
-	want := hex.EncodeToString(hmacSHA256(key, toSign))
-	if !hmac.Equal([]byte(want), []byte(s.Signature)) {
+	payload := r.Header.Get("X-Amz-Content-Sha256")
+	if payload == "" {
+		sum := sha256.Sum256(body)
+		payload = hex.EncodeToString(sum[:])
+	}
+	creds := aws.Credentials{AccessKeyID: s.AccessKeyID, SecretAccessKey: secret, SessionToken: r.Header.Get("X-Amz-Security-Token")}
+	if err := v4.NewSigner().SignHTTP(context.Background(), creds, again, payload, s.Service, s.Region, at); err != nil {
+		return fmt.Errorf("sign the request again: %w", err)
+	}
+	want, err := parseSigV4(again.Header.Get("Authorization"))
+	if err != nil {
+		return fmt.Errorf("the signer's own header: %w", err)
+	}
+	if !slices.Equal(want.SignedHeaders, s.SignedHeaders) {
+		return fmt.Errorf("signed headers %s, the request carries %s", strings.Join(s.SignedHeaders, ";"), strings.Join(want.SignedHeaders, ";"))
+	}
+	if !hmac.Equal([]byte(want.Signature), []byte(s.Signature)) {
 		return errors.New("signature does not match")
 	}
 	return nil
-}
-
-func canonicalQuery(r *http.Request) string {
-	q := r.URL.Query()
-	keys := make([]string, 0, len(q))
-	for k := range q {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
-	var parts []string
-	for _, k := range keys {
-		vals := slices.Clone(q[k])
-		slices.Sort(vals)
-		for _, v := range vals {
-			parts = append(parts, awsEscape(k)+"="+awsEscape(v))
-		}
-	}
-	return strings.Join(parts, "&")
-}
-
-// awsEscape percent-encodes s as SigV4 requires (RFC 3986 unreserved
-// characters are kept).
-func awsEscape(s string) string {
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if 'A' <= c && c <= 'Z' || 'a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-' || c == '_' || c == '.' || c == '~' {
-			b.WriteByte(c)
-		} else {
-			fmt.Fprintf(&b, "%%%02X", c)
-		}
-	}
-	return b.String()
-}
-
-func hmacSHA256(key []byte, data string) []byte {
-	m := hmac.New(sha256.New, key)
-	m.Write([]byte(data))
-	return m.Sum(nil)
 }

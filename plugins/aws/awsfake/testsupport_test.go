@@ -3,7 +3,9 @@ package awsfake_test
 import (
 	"crypto/rand"
 	"crypto/rsa"
+	"crypto/sha256"
 	"encoding/base64"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"net/http"
@@ -12,8 +14,10 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
+	v4 "github.com/aws/aws-sdk-go-v2/aws/signer/v4"
 	"github.com/aws/aws-sdk-go-v2/service/ec2"
 	"github.com/aws/aws-sdk-go-v2/service/ec2/types"
 	"golang.org/x/crypto/ssh"
@@ -132,7 +136,7 @@ func TestDescribeInstanceAttributeXML(t *testing.T) {
 	srv := awsfake.New(awsfake.Options{})
 	hs := httptest.NewServer(srv)
 	defer hs.Close()
-	c := client(hs.URL, "AKID", "ignored")
+	c := client(hs.URL, awsfake.DefaultAccessKeyID, awsfake.DefaultSecretAccessKey)
 	id := aws.ToString(run(t, c, &ec2.RunInstancesInput{UserData: aws.String(base64.StdEncoding.EncodeToString([]byte("abc")))}).Instances[0].InstanceId)
 	none := aws.ToString(run(t, c, &ec2.RunInstancesInput{}).Instances[0].InstanceId)
 	post := func(id, attr string) (int, string) {
@@ -141,9 +145,7 @@ func TestDescribeInstanceAttributeXML(t *testing.T) {
 		if attr != "" {
 			form.Set("Attribute", attr)
 		}
-		req, _ := http.NewRequest(http.MethodPost, hs.URL, strings.NewReader(form.Encode()))
-		req.Header.Set("Content-Type", "application/x-www-form-urlencoded; charset=utf-8")
-		req.Header.Set("Authorization", "AWS4-HMAC-SHA256 Credential=AKID/20300102/us-east-1/ec2/aws4_request, SignedHeaders=host;x-amz-date, Signature="+strings.Repeat("ab", 32))
+		req := signedPost(t, hs.URL, "ec2", form.Encode(), form.Encode(), awsfake.DefaultSecretAccessKey)
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			t.Fatal(err)
@@ -216,4 +218,22 @@ func TestAddressForAndWindowsPassword(t *testing.T) {
 			t.Errorf("%s decrypted password %q (%v), want %q", id, pt, err, password)
 		}
 	}
+}
+
+// signedPost returns a POST of sendBody to endpoint, signed for service in
+// us-east-1 with the SDK's SigV4 signer over signBody, as the default
+// credentials of the fake with secret.
+func signedPost(t *testing.T, endpoint, service, signBody, sendBody, secret string) *http.Request {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodPost, endpoint, strings.NewReader(sendBody))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded; charset=utf-8")
+	sum := sha256.Sum256([]byte(signBody))
+	creds := aws.Credentials{AccessKeyID: awsfake.DefaultAccessKeyID, SecretAccessKey: secret}
+	if err := v4.NewSigner().SignHTTP(t.Context(), creds, req, hex.EncodeToString(sum[:]), service, "us-east-1", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	return req
 }

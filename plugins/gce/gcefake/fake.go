@@ -20,7 +20,10 @@
 // Lists honour filter (the subset of the list filter syntax: labels.KEY:*,
 // FIELD = value, FIELD != value, terms joined by AND or parenthesised),
 // maxResults and pageToken.
-// Errors use Google's JSON error format, failed operations carry
+// Every API request must carry a bearer token: an access token the fake
+// issued at TokenPath (OAuth 2.0 JWT bearer grant, signed with the key of
+// ServiceAccountKey) or a JWT that key signed; others get Compute
+// Engine's 401. Errors use Google's JSON error format, failed operations carry
 // error.errors[].code (ZONE_RESOURCE_POOL_EXHAUSTED, QUOTA_EXCEEDED, ...).
 //
 // Instances move PROVISIONING → STAGING → RUNNING after BootDelay and
@@ -169,6 +172,8 @@ type Server struct {
 	requests    []Request
 	opSeq       uint64
 	ipSeq       uint32
+	tokens      map[string]time.Time // access token → expiry
+	tokenGrants int
 }
 
 type instance struct {
@@ -214,6 +219,7 @@ func New(opts Options) *Server {
 		ops:         map[string]*operation{},
 		quota:       map[string]int{},
 		unreachable: map[string]bool{},
+		tokens:      map[string]time.Time{},
 	}
 }
 

@@ -2,9 +2,11 @@ package gcefake
 
 import (
 	"bytes"
+	"crypto"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha1"
+	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
@@ -24,8 +26,9 @@ import (
 const base = "/compute/v1/projects/p"
 
 type client struct {
-	t   *testing.T
-	url string
+	t     *testing.T
+	url   string
+	token string
 }
 
 func newClient(t *testing.T, opts Options) (*Server, *client) {
@@ -34,7 +37,56 @@ func newClient(t *testing.T, opts Options) (*Server, *client) {
 	s := New(opts)
 	srv := httptest.NewServer(s)
 	t.Cleanup(srv.Close)
-	return s, &client{t: t, url: srv.URL}
+	return s, &client{t: t, url: srv.URL, token: grant(t, srv.URL, signedJWT(t, srv.URL+TokenPath, time.Hour))}
+}
+
+// signedJWT returns a service-account JWT for aud, signed with the fake's
+// key, valid for ttl (negative: expired).
+func signedJWT(t *testing.T, aud string, ttl time.Duration) string {
+	t.Helper()
+	key, err := serviceAccount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	seg := func(v any) string {
+		b, _ := json.Marshal(v)
+		return base64.RawURLEncoding.EncodeToString(b)
+	}
+	now := time.Now()
+	unsigned := seg(map[string]string{"alg": "RS256", "typ": "JWT"}) + "." + seg(map[string]any{
+		"iss": ServiceAccountEmail, "aud": aud, "scope": "https://www.googleapis.com/auth/compute",
+		"iat": now.Unix(), "exp": now.Add(ttl).Unix(),
+	})
+	sum := sha256.Sum256([]byte(unsigned))
+	sig, err := rsa.SignPKCS1v15(rand.Reader, key, crypto.SHA256, sum[:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return unsigned + "." + base64.RawURLEncoding.EncodeToString(sig)
+}
+
+// grant exchanges assertion for an access token at the fake's token
+// endpoint (JWT bearer grant), failing the test when it is refused.
+func grant(t *testing.T, baseURL, assertion string) string {
+	t.Helper()
+	code, m := tokenRequest(t, baseURL, url.Values{"grant_type": {"urn:ietf:params:oauth:grant-type:jwt-bearer"}, "assertion": {assertion}})
+	tok, _ := m["access_token"].(string)
+	if code != 200 || tok == "" || m["token_type"] != "Bearer" {
+		t.Fatalf("token grant: %d %v", code, m)
+	}
+	return tok
+}
+
+func tokenRequest(t *testing.T, baseURL string, form url.Values) (int, map[string]any) {
+	t.Helper()
+	resp, err := http.PostForm(baseURL+TokenPath, form)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var m map[string]any
+	_ = json.NewDecoder(resp.Body).Decode(&m)
+	return resp.StatusCode, m
 }
 
 // do sends a request and decodes the JSON answer into a generic map, so
@@ -44,6 +96,9 @@ func (c *client) do(method, path, body string) (int, map[string]any, http.Header
 	req, err := http.NewRequest(method, c.url+path, strings.NewReader(body))
 	if err != nil {
 		c.t.Fatal(err)
+	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
@@ -525,5 +580,57 @@ func TestListOperationsPaging(t *testing.T) {
 	code, m, _ := c.do("GET", base+"/zones/us-east1-b/operations?filter=labels.a%3A*", "")
 	if c, r := errorReason(m); code != 400 || c != 400 || r != "invalid" {
 		t.Errorf("operations filter on labels: %d %v, want 400 invalid", code, m)
+	}
+}
+
+// TestAuthentication: the API answers 401 as Compute Engine does without a
+// bearer token, with a token it did not issue, and with a JWT whose
+// signature does not verify; the token endpoint refuses expired or foreign grants; a JWT the
+// service account signed itself is accepted as a bearer token.
+func TestAuthentication(t *testing.T) {
+	s, c := newClient(t, Options{})
+	for _, tt := range []struct {
+		name, token, reason string
+	}{
+		{"no token", "", "required"},
+		{"unknown token", "ya29.not-issued", "authError"},
+		{"JWT with a bad signature", func() string {
+			j := signedJWT(t, c.url+TokenPath, time.Hour)
+			return j[:strings.LastIndexByte(j, '.')] + ".AAAA"
+		}(), "authError"},
+	} {
+		anon := &client{t: t, url: c.url, token: tt.token}
+		code, m, h := anon.do("GET", base+"/aggregated/instances", "")
+		if code != 401 {
+			t.Errorf("%s: status %d, want 401", tt.name, code)
+		}
+		if _, reason := errorReason(m); reason != tt.reason {
+			t.Errorf("%s: reason %q, want %q", tt.name, reason, tt.reason)
+		}
+		if e, _ := m["error"].(map[string]any); e["status"] != "UNAUTHENTICATED" || h.Get("WWW-Authenticate") == "" {
+			t.Errorf("%s: error %v, WWW-Authenticate %q", tt.name, m["error"], h.Get("WWW-Authenticate"))
+		}
+	}
+	if code, _, _ := c.do("GET", base+"/aggregated/instances", ""); code != 200 {
+		t.Errorf("with an issued token: status %d", code)
+	}
+	self := &client{t: t, url: c.url, token: signedJWT(t, "https://compute.googleapis.com/", time.Hour)}
+	if code, _, _ := self.do("GET", base+"/aggregated/instances", ""); code != 200 {
+		t.Errorf("with a self-signed service-account JWT: status %d", code)
+	}
+	for name, form := range map[string]url.Values{
+		"expired JWT":      {"grant_type": {"urn:ietf:params:oauth:grant-type:jwt-bearer"}, "assertion": {signedJWT(t, c.url+TokenPath, -time.Minute)}},
+		"wrong audience":   {"grant_type": {"urn:ietf:params:oauth:grant-type:jwt-bearer"}, "assertion": {signedJWT(t, "https://example.invalid/", time.Hour)}},
+		"other grant type": {"grant_type": {"client_credentials"}},
+	} {
+		if code, m := tokenRequest(t, c.url, form); code != 400 || m["error"] == nil {
+			t.Errorf("%s: %d %v, want 400 with an OAuth error", name, code, m)
+		}
+	}
+	if n := s.TokenGrants(); n != 1 {
+		t.Errorf("TokenGrants = %d, want 1", n)
+	}
+	if key, err := ServiceAccountKey(c.url, "p"); err != nil || !strings.Contains(string(key), `"token_uri":"`+c.url+TokenPath+`"`) {
+		t.Errorf("ServiceAccountKey = %s, %v", key, err)
 	}
 }

@@ -132,6 +132,10 @@ func route(httpMethod string, parts []string) (method, zone, name string) {
 
 // ServeHTTP implements http.Handler.
 func (s *Server) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
+	if r.URL.Path == TokenPath {
+		s.serveToken(rw, r) // counted by TokenGrants, not among the API requests
+		return
+	}
 	start := time.Now()
 	w := &statusWriter{ResponseWriter: rw}
 	method, zone, name := "unknown", "", ""
@@ -152,6 +156,9 @@ func (s *Server) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 		return
 	}
 	method, zone, name = m, z, n
+	if !s.authenticate(w, r) {
+		return
+	}
 	project := parts[0]
 	if s.opts.Project != "" && project != s.opts.Project {
 		writeError(w, 404, "notFound", fmt.Sprintf("The resource 'projects/%s' was not found", project))
