@@ -28,6 +28,7 @@ const maxAdminWait = 10 * time.Minute
 //	GET  /-/mayfly/projects                → []ProjectRecord
 //	POST /-/mayfly/projects/{id}/pipelines PipelineSpec → 201 PipelineRecord
 //	POST /-/mayfly/pipelines               PipelineFile → 201 ApplyResult
+//	GET  /-/mayfly/pipelines/{id}          → PipelineRecord (status, warnings)
 //	POST /-/mayfly/pipelines/{id}/cancel   → 200
 //	GET  /-/mayfly/jobs[?status=running]   → []JobRecord without trace
 //	GET  /-/mayfly/jobs/{id}               → JobRecord with "trace" as a string
@@ -49,6 +50,18 @@ func (s *Server) adminRoutes(mux *http.ServeMux) {
 	h("GET /projects", func(w http.ResponseWriter, r *http.Request) { writeJSON(w, http.StatusOK, s.Projects()) })
 	h("POST /projects/{id}/pipelines", s.adminEnqueue)
 	h("POST /pipelines", s.adminApply)
+	h("GET /pipelines/{id}", func(w http.ResponseWriter, r *http.Request) {
+		id, ok := pathID(w, r)
+		if !ok {
+			return
+		}
+		rec, err := s.Pipeline(id)
+		if err != nil {
+			writeErr(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, rec)
+	})
 	h("POST /pipelines/{id}/cancel", s.adminCancelPipeline)
 	h("GET /jobs", s.adminJobs)
 	h("GET /jobs/{id}", s.adminJob)

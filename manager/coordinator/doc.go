@@ -11,7 +11,15 @@
 //	PATCH  /jobs/:id/trace   append at Content-Range start → 202 Range: 0-size; 416 on offset mismatch
 //	PUT    /jobs/:id         running heartbeat, success/failed with reason, exit code and output checksum
 //
-// and a separate admin API under /-/mayfly (see AdminPrefix).
+//	POST   /projects/:id/pipeline  a pipeline from a served project's .gitlab-ci.yml (PRIVATE-TOKEN)
+//
+// and a separate admin API under /-/mayfly (see AdminPrefix). With
+// AddProjects (mayfly coordinator --project) it also serves projects'
+// repositories over git's smart HTTP at /<namespace>/<name>.git (package
+// gitrepo; job tokens read them while their job runs) and makes pipelines
+// from their .gitlab-ci.yml (package gitlabci); with Config.Registry it
+// serves a container registry under /v2/ (package registry). Every URL in
+// a job payload uses Config.ExternalURL, the coordinator as VMs see it.
 //
 // The data model follows GitLab: groups (with subgroups) hold projects,
 // projects run pipelines, pipelines run jobs stage by stage. Runners get

@@ -147,12 +147,10 @@ func (s *Server) handleCreatePipeline(w http.ResponseWriter, r *http.Request) {
 		base = "http://" + r.Host
 	}
 	s.mu.Lock()
-	pl := s.pipelines[rec.ID]
-	status := pipelineStatus(pl)
-	created := pl.createdAt
+	created := s.pipelines[rec.ID].createdAt
 	s.mu.Unlock()
 	writeJSON(w, http.StatusCreated, apiPipeline{ID: rec.ID, IID: rec.IID, ProjectID: rec.ProjectID, SHA: rec.Sha, Ref: rec.Ref,
-		Status: status, Source: rec.Source, Name: rec.Name, CreatedAt: created.UTC(),
+		Status: rec.Status, Source: rec.Source, Name: rec.Name, CreatedAt: created.UTC(),
 		WebURL: base + "/" + p.fullPath() + "/-/pipelines/" + strconv.FormatInt(rec.ID, 10)})
 }
 

@@ -530,6 +530,7 @@ type PipelineRecord struct {
 	Sha       string  `json:"sha"`
 	Source    string  `json:"source"`
 	Name      string  `json:"name,omitempty"`
+	Status    string  `json:"status"` // created, pending, running, success or failed
 	JobIDs    []int64 `json:"job_ids"`
 	// Warnings are the .gitlab-ci.yml lines about keywords the coordinator
 	// does not support, one each.
@@ -538,7 +539,7 @@ type PipelineRecord struct {
 
 func (pl *pipeline) record() PipelineRecord {
 	rec := PipelineRecord{ID: pl.id, IID: pl.iid, ProjectID: pl.project.id, Ref: pl.ref, Sha: pl.sha, Source: pl.source, Name: pl.name,
-		JobIDs: []int64{}, Warnings: slices.Clone(pl.warnings)}
+		Status: pipelineStatus(pl), JobIDs: []int64{}, Warnings: slices.Clone(pl.warnings)}
 	for _, j := range pl.jobs {
 		rec.JobIDs = append(rec.JobIDs, j.id)
 	}

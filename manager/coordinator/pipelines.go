@@ -400,3 +400,14 @@ func payloadCaches(cs []gitlabci.Cache, protected bool, digest func([]string) (s
 	}
 	return out
 }
+
+// Pipeline returns a snapshot of pipeline id.
+func (s *Server) Pipeline(id int64) (PipelineRecord, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	pl := s.pipelines[id]
+	if pl == nil {
+		return PipelineRecord{}, notFound("pipeline", id)
+	}
+	return pl.record(), nil
+}

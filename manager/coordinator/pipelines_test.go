@@ -93,21 +93,27 @@ projects:
           - {name: clean, stage: cleanup, script: [x], when: always}
 `
 	tests := []struct {
-		name string
-		runs map[string]outcome
-		want map[string]string
+		name     string
+		runs     map[string]outcome
+		want     map[string]string
+		pipeline string
 	}{
-		{"all pass", nil, map[string]string{"build": "success", "flaky": "success", "codes": "success", "unit": "success", "notify": "skipped", "clean": "success"}},
+		{"all pass", nil, map[string]string{"build": "success", "flaky": "success", "codes": "success", "unit": "success", "notify": "skipped", "clean": "success"}, "success"},
 		{"allowed failures", map[string]outcome{"flaky": fail(1), "codes": fail(3)},
-			map[string]string{"flaky": "failed", "codes": "failed", "unit": "success", "notify": "skipped", "clean": "success"}},
+			map[string]string{"flaky": "failed", "codes": "failed", "unit": "success", "notify": "skipped", "clean": "success"}, "success"},
 		{"exit code not allowed", map[string]outcome{"codes": fail(1)},
-			map[string]string{"codes": "failed", "unit": "skipped", "notify": "success", "clean": "success"}},
+			map[string]string{"codes": "failed", "unit": "skipped", "notify": "success", "clean": "success"}, "failed"},
 		{"build fails", map[string]outcome{"build": fail(2)},
-			map[string]string{"build": "failed", "unit": "skipped", "notify": "success", "clean": "success"}},
+			map[string]string{"build": "failed", "unit": "skipped", "notify": "success", "clean": "success"}, "failed"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			_, st, e := runPipelineFile(t, src, byName(tt.runs))
+			r := e.do("GET", "/-/mayfly/pipelines/1", nil, nil)
+			var pl PipelineRecord
+			if err := json.Unmarshal(r.body, &pl); err != nil || r.status != 200 || pl.Status != tt.pipeline || len(pl.JobIDs) != 6 {
+				t.Errorf("admin pipeline: %d %s, want status %s", r.status, r.body, tt.pipeline)
+			}
 			for name, want := range tt.want {
 				if got := st[name]; len(got) != 1 || got[0] != want {
 					t.Errorf("%s: %v, want %s", name, got, want)

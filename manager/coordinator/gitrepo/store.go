@@ -20,6 +20,9 @@ import (
 type Store struct {
 	root string
 	g    *runner
+	// importMu serializes imports and refreshes: they write a repository's
+	// index and refs.
+	importMu sync.Mutex
 
 	mu    sync.Mutex
 	repos map[string]*Repo
@@ -153,6 +156,8 @@ func isGitDir(dir string) bool {
 // Import (re)makes the repository of src.Path from src.Dir. An existing
 // repository of that path is replaced.
 func (s *Store) Import(ctx context.Context, src Source) (*Repo, error) {
+	s.importMu.Lock()
+	defer s.importMu.Unlock()
 	if !projectPath.MatchString(src.Path) || strings.Contains(src.Path, "..") {
 		return nil, fmt.Errorf("project path %q: want namespace/name of letters, digits, _ . -", src.Path)
 	}
@@ -294,6 +299,8 @@ func (s *Store) commitDir(ctx context.Context, r *Repo, parent string) error {
 // stay. It returns the repository as it is now and the commit its default
 // branch pointed at before.
 func (s *Store) Refresh(ctx context.Context, project string) (*Repo, string, error) {
+	s.importMu.Lock()
+	defer s.importMu.Unlock()
 	s.mu.Lock()
 	old := s.repos[project]
 	s.mu.Unlock()
