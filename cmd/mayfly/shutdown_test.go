@@ -369,3 +369,56 @@ projects:
 		t.Errorf("instances left after the drain: %v", left)
 	}
 }
+
+// TestSlowBootsIdleZeroEndToEnd is issue 20's repro through mayfly run, with
+// boots shortened from 20 s to 5 s: IdleCount 0, IdleTime unset, concurrent
+// 2, four one-second jobs. All finish, on at most four instances, none
+// deleted unused, each starting within one boot plus check_interval of its
+// pick-up (plus a second for SSH and the first trace).
+func TestSlowBootsIdleZeroEndToEnd(t *testing.T) {
+	e := newProcEnv(t, `
+projects:
+  - name: web
+    pipelines:
+      - variables: [{key: GIT_STRATEGY, value: none}]
+        jobs:
+          - {name: a, script: ["sleep 1"]}
+          - {name: b, script: ["sleep 1"]}
+          - {name: c, script: ["sleep 1"]}
+          - {name: d, script: ["sleep 1"]}
+`, "", 0)
+	b, err := os.ReadFile(e.cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(e.cfgPath, []byte(strings.Replace(string(b), `boot_delay = "100ms"`, `boot_delay = "5s"`, 1)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd, exited := e.start()
+	for _, n := range []string{"a", "b", "c", "d"} {
+		e.waitJob(n, "success", 2*time.Minute)
+	}
+	_ = cmd.Process.Signal(syscall.SIGQUIT)
+	<-exited
+	log := e.runStderr.String()
+	created := 0
+	for _, m := range regexp.MustCompile(`msg="instances created".* count=(\d+)`).FindAllStringSubmatch(log, -1) {
+		n, _ := strconv.Atoi(m[1])
+		created += n
+	}
+	if created > 4 {
+		t.Errorf("%d instances created for 4 jobs with IdleCount 0", created)
+	}
+	if n := strings.Count(log, "reason=idle_time uses=0"); n > 0 {
+		t.Errorf("%d instances deleted unused for idle_time", n)
+	}
+	starts := regexp.MustCompile(`job script starting.* pickup_to_start_seconds=([0-9.]+)`).FindAllStringSubmatch(log, -1)
+	if len(starts) != 4 {
+		t.Fatalf("%d job starts in the log, want 4:\n%s", len(starts), log)
+	}
+	for _, m := range starts {
+		if d, _ := strconv.ParseFloat(m[1], 64); d > 5+1+1 {
+			t.Errorf("a job started %.1fs after pick-up, want within one boot (5s) + check_interval (1s)", d)
+		}
+	}
+}
