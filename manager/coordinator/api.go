@@ -32,6 +32,7 @@ func (s *Server) routes() {
 	mux.HandleFunc("PATCH /api/v4/jobs/{id}/trace", s.handleTrace)
 	mux.HandleFunc("PUT /api/v4/jobs/{id}", s.handleUpdate)
 	mux.HandleFunc("POST /api/v4/projects/{id}/pipeline", s.handleCreatePipeline)
+	mux.HandleFunc("GET /api/v4/projects/{id}/pipelines/{pid}", s.handleGetPipeline)
 	mux.HandleFunc("/", s.serveRoot)
 	if s.registry != nil {
 		mux.Handle("/v2/", s.registry)

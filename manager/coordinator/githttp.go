@@ -115,6 +115,9 @@ func (s *Server) handleCreatePipeline(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	if ref == "" && strings.Contains(r.Header.Get("Content-Type"), "form") {
+		ref = r.PostFormValue("ref")
+	}
 	if ref == "" {
 		writeJSON(w, http.StatusBadRequest, map[string]string{"error": "ref is missing"})
 		return
@@ -142,16 +145,41 @@ func (s *Server) handleCreatePipeline(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, err)
 		return
 	}
-	base := s.cfg.ExternalURL
-	if base == "" {
-		base = "http://" + r.Host
-	}
+	writeJSON(w, http.StatusCreated, s.apiPipeline(r, rec.ID))
+}
+
+// apiPipeline renders pipeline id as GitLab's API does.
+func (s *Server) apiPipeline(r *http.Request, id int64) apiPipeline {
 	s.mu.Lock()
-	created := s.pipelines[rec.ID].createdAt
+	defer s.mu.Unlock()
+	pl := s.pipelines[id]
+	return apiPipeline{ID: pl.id, IID: pl.iid, ProjectID: pl.project.id, SHA: pl.sha, Ref: pl.ref,
+		Status: pipelineStatus(pl), Source: pl.source, Name: pl.name, CreatedAt: pl.createdAt.UTC(),
+		WebURL: s.baseURL(r) + "/" + pl.project.fullPath() + "/-/pipelines/" + strconv.FormatInt(pl.id, 10)}
+}
+
+// handleGetPipeline is GitLab's GET /api/v4/projects/:id/pipelines/:pipeline_id
+// (PRIVATE-TOKEN: the push or admin token).
+func (s *Server) handleGetPipeline(w http.ResponseWriter, r *http.Request) {
+	tok := r.Header.Get("Private-Token")
+	if tok == "" {
+		tok = r.URL.Query().Get("private_token")
+	}
+	if !s.adminCredential(tok) {
+		writeMessage(w, http.StatusUnauthorized, "401 Unauthorized")
+		return
+	}
+	id, err := strconv.ParseInt(r.PathValue("pid"), 10, 64)
+	s.mu.Lock()
+	p := s.projectByIDOrPath(r.PathValue("id"))
+	pl := s.pipelines[id]
+	found := err == nil && p != nil && pl != nil && pl.project == p
 	s.mu.Unlock()
-	writeJSON(w, http.StatusCreated, apiPipeline{ID: rec.ID, IID: rec.IID, ProjectID: rec.ProjectID, SHA: rec.Sha, Ref: rec.Ref,
-		Status: rec.Status, Source: rec.Source, Name: rec.Name, CreatedAt: created.UTC(),
-		WebURL: base + "/" + p.fullPath() + "/-/pipelines/" + strconv.FormatInt(rec.ID, 10)})
+	if !found {
+		writeMessage(w, http.StatusNotFound, "404 Not found")
+		return
+	}
+	writeJSON(w, http.StatusOK, s.apiPipeline(r, id))
 }
 
 // pipelineStatus is the pipeline's status as GitLab sums it up (simplified).

@@ -195,6 +195,15 @@ func TestCreatePipelineThroughGitLabAPI(t *testing.T) {
 	if before != first.Commit {
 		t.Errorf("before_sha %s, want the previous head %s", before, first.Commit)
 	}
+	// GitLab's GET of the pipeline, by project path.
+	r = e.do("GET", "/api/v4/projects/"+strings.ReplaceAll(first.Project.Path, "/", "%2F")+"/pipelines/"+itoa(pl.ID), map[string]string{"Private-Token": e.s.PushToken()}, nil)
+	var got apiPipeline
+	if err := json.Unmarshal(r.body, &got); err != nil || r.status != 200 || got.ID != pl.ID || got.SHA != pl.SHA || got.Status != "pending" {
+		t.Errorf("get pipeline: %d %s", r.status, r.body)
+	}
+	if r := e.do("GET", "/api/v4/projects/1/pipelines/999", map[string]string{"Private-Token": e.s.PushToken()}, nil); r.status != 404 {
+		t.Errorf("get unknown pipeline: %d", r.status)
+	}
 	for _, c := range []struct {
 		path string
 		want int
