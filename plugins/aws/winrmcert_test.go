@@ -267,7 +267,7 @@ func TestConformanceWindowsInProcess(t *testing.T) {
 		_, settings := windowsEnv(t, awsfake.Options{PendingDuration: 200 * time.Millisecond, ShuttingDownDuration: 200 * time.Millisecond})
 		return settings
 	}
-	opts.Faults = nil // the Linux run covers the typed errors, which do not depend on the OS
+	opts.Faults, opts.NoFaults = nil, "TestConformanceInProcess covers the typed errors; they do not depend on the OS"
 	conformance.Run(t, func(t *testing.T) providers.Provider {
 		return aws.New(aws.Options{})
 	}, opts)

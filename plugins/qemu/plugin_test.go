@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -198,16 +199,62 @@ func processGone(pid int) bool {
 
 func TestConformance(t *testing.T) {
 	img := baseImage(t)
+	// groupDir is the state directory of the group of the fault case that
+	// runs (the kit runs them one after the other).
+	var groupDir string
+	faultSettings := func(extra map[string]any) func(t *testing.T) json.RawMessage {
+		return func(t *testing.T) json.RawMessage {
+			dir := stateDir(t)
+			groupDir = filepath.Join(dir, qemu.DefaultGroup)
+			s := map[string]any{"state_dir": dir, "kernel": img.Kernel, "initrd": img.Initrd, "boot_timeout": bootTimeout.String()}
+			maps.Copy(s, extra)
+			return settingsJSON(t, s)
+		}
+	}
+	// placeholder is the state directory of an instance the group counts
+	// but that runs no VM: it fills max_instances without a boot.
+	placeholder := func() string { return filepath.Join(groupDir, "mayfly-000000000000") }
 	conformance.Run(t, func(t *testing.T) providers.Provider {
 		return startPlugin(t)
 	}, conformance.Options{
-		Settings: func(t *testing.T) json.RawMessage {
-			return settingsJSON(t, map[string]any{
-				"state_dir": stateDir(t), "kernel": img.Kernel, "initrd": img.Initrd,
-				"boot_timeout": bootTimeout.String(),
-			})
-		},
+		Settings:        faultSettings(nil),
 		InvalidSettings: json.RawMessage(`{"memroy_mb": 512}`),
+		Faults: []conformance.Fault{
+			{
+				Name:     "MaxInstancesReached",
+				Settings: faultSettings(map[string]any{"max_instances": 1}),
+				Arm: func(t *testing.T) {
+					if err := os.MkdirAll(placeholder(), 0o700); err != nil {
+						t.Fatal(err)
+					}
+				},
+				Disarm: func(t *testing.T) {
+					if err := os.RemoveAll(placeholder()); err != nil {
+						t.Fatal(err)
+					}
+				},
+				Op: "create", Want: providers.KindQuotaExceeded, WantScope: "qemu/" + qemu.DefaultGroup,
+			},
+			{
+				Name:     "StateDirUnreadable",
+				Settings: faultSettings(nil),
+				Arm: func(t *testing.T) {
+					// A file where the group's directory was: List cannot read it.
+					if err := os.RemoveAll(groupDir); err != nil {
+						t.Fatal(err)
+					}
+					if err := os.WriteFile(groupDir, nil, 0o600); err != nil {
+						t.Fatal(err)
+					}
+				},
+				Disarm: func(t *testing.T) {
+					if err := os.Remove(groupDir); err != nil {
+						t.Fatal(err)
+					}
+				},
+				Op: "list", Want: providers.KindTransient,
+			},
+		},
 		// Instances must run within the boot timeout plus qemu's start.
 		ReadyTimeout: bootTimeout + 15*time.Second,
 		PollInterval: 250 * time.Millisecond,

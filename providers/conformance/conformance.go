@@ -34,9 +34,13 @@ type Options struct {
 	// Settings returns the Init settings for one subtest, e.g. with a fresh
 	// state directory. Required.
 	Settings func(t *testing.T) json.RawMessage
-	// InvalidSettings, if set, must make Init fail with a permanent or
-	// invalid-argument error (e.g. an unknown key).
+	// InvalidSettings must make Init fail with a permanent or
+	// invalid-argument error (e.g. an unknown key). Required, unless
+	// NoInvalidSettings says why the plugin has none.
 	InvalidSettings json.RawMessage
+	// NoInvalidSettings is the reason a plugin accepts every settings
+	// object; the subtest is then skipped with it.
+	NoInvalidSettings string
 	// Labels mark the instances the suite creates. The default is
 	// mayfly-manager=conformance-<random> and mayfly-runner=conformance.
 	Labels map[string]string
@@ -50,17 +54,28 @@ type Options struct {
 	CallTimeout time.Duration
 	// Concurrency is the number of concurrent Create calls (default 4).
 	Concurrency int
-	// Faults are the typed-error cases; a plugin that cannot inject faults
-	// leaves it empty and the subtest says so.
+	// Faults are the typed-error cases. Required, unless NoFaults says why
+	// the plugin cannot have them.
 	Faults []Fault
+	// NoFaults is the reason a plugin has no typed-error cases; the
+	// subtest is then skipped with it.
+	NoFaults string
 }
 
-// Fault is one typed-error case: under Settings, the next call of Op fails
-// once with an error of kind Want; the call after it succeeds.
+// Fault is one typed-error case: under Settings (and after Arm), the next
+// call of Op fails with an error of kind Want; after Disarm, the call
+// after it succeeds.
 type Fault struct {
 	Name string
 	// Settings returns Init settings that arm the fault.
 	Settings func(t *testing.T) json.RawMessage
+	// Arm, if set, arms the fault after Init, e.g. by changing what the
+	// plugin reads on the host.
+	Arm func(t *testing.T)
+	// Disarm, if set, lifts the fault before the call that must succeed,
+	// for faults that do not lift by themselves after one call (a quota
+	// that is full until an instance goes).
+	Disarm func(t *testing.T)
 	// Op is "create", "delete" or "list".
 	Op string
 	// Want is the kind the error must have after crossing the boundary.
@@ -258,8 +273,10 @@ func (s *suite) testInit(t *testing.T) {
 
 func (s *suite) testInitInvalid(t *testing.T) {
 	if s.opts.InvalidSettings == nil {
-		t.Log("no Options.InvalidSettings given; nothing to check")
-		return
+		if s.opts.NoInvalidSettings != "" {
+			t.Skip("the plugin has no invalid settings: " + s.opts.NoInvalidSettings)
+		}
+		t.Fatal("conformance: Options.InvalidSettings is required (or Options.NoInvalidSettings with the reason the plugin accepts every settings object)")
 	}
 	p := s.newProvider(t)
 	_, err := p.Init(s.ctx(t), s.opts.InvalidSettings)
@@ -408,8 +425,10 @@ func (s *suite) testConcurrentCreates(t *testing.T) {
 
 func (s *suite) testFaults(t *testing.T) {
 	if len(s.opts.Faults) == 0 {
-		t.Log("no Options.Faults given: the plugin does not inject faults; typed errors unchecked")
-		return
+		if s.opts.NoFaults != "" {
+			t.Skip("typed errors unchecked: " + s.opts.NoFaults)
+		}
+		t.Fatal("conformance: Options.Faults is required (or Options.NoFaults with the reason the plugin cannot have typed-error cases): without them the kinds of its errors are never checked")
 	}
 	for _, f := range s.opts.Faults {
 		t.Run(f.Name, func(t *testing.T) { s.testFault(t, f) })
@@ -418,6 +437,9 @@ func (s *suite) testFaults(t *testing.T) {
 
 func (s *suite) testFault(t *testing.T, f Fault) {
 	p := s.start(t, f.Settings(t))
+	if f.Arm != nil {
+		f.Arm(t)
+	}
 	var call func() error
 	switch f.Op {
 	case "create":
@@ -466,6 +488,9 @@ func (s *suite) testFault(t *testing.T, f Fault) {
 		if !providers.IsNotFound(err) {
 			t.Errorf("IsNotFound(%q) = false", err)
 		}
+	}
+	if f.Disarm != nil {
+		f.Disarm(t)
 	}
 	if err := call(); err != nil {
 		t.Errorf("%s after the fault: %v, want success", f.Op, err)

@@ -149,6 +149,14 @@ func TestBrokenHelper(t *testing.T) {
 	}
 	opts := options()
 	opts.ReadyTimeout = 300 * time.Millisecond
+	switch defect {
+	case "no-invalid-settings":
+		opts.InvalidSettings = nil
+	case "no-faults":
+		opts.Faults = nil
+	case "no-faults-with-reason":
+		opts.Faults, opts.NoFaults = nil, "this fake cannot fail"
+	}
 	conformance.Run(t, func(t *testing.T) providers.Provider {
 		f, err := fake.New(fake.Options{})
 		if err != nil {
@@ -169,6 +177,8 @@ func TestKitCatchesDefects(t *testing.T) {
 		{"delete-does-nothing", "still listed"},
 		{"labels-dropped", "lack"},
 		{"errors-flattened", "has kind unknown, want rate_limited"},
+		{"no-invalid-settings", "Options.InvalidSettings is required"},
+		{"no-faults", "Options.Faults is required"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.defect, func(t *testing.T) {
@@ -182,5 +192,19 @@ func TestKitCatchesDefects(t *testing.T) {
 				t.Errorf("suite output for defect %s lacks %q:\n%s", tt.defect, tt.want, out)
 			}
 		})
+	}
+}
+
+// TestKitSkipsVisibly: a plugin that says why it has no typed-error cases
+// passes, and the skip and its reason show in the output.
+func TestKitSkipsVisibly(t *testing.T) {
+	cmd := exec.CommandContext(t.Context(), os.Args[0], "-test.run=^TestBrokenHelper$", "-test.count=1", "-test.v")
+	cmd.Env = append(os.Environ(), "MAYFLY_CONFORMANCE_DEFECT=no-faults-with-reason")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("suite failed a plugin that gave its reason:\n%s", out)
+	}
+	if !strings.Contains(string(out), "--- SKIP: TestBrokenHelper/TypedErrors") || !strings.Contains(string(out), "this fake cannot fail") {
+		t.Errorf("the skip and its reason are not in the output:\n%s", out)
 	}
 }
