@@ -74,6 +74,7 @@ func TestConfigErrorsNameFileLineKey(t *testing.T) {
 		{"bad cache key", "a:\n  script: x\n  cache: {key: a/b}\n", 3, "cannot contain /"},
 		{"too many caches", "a:\n  script: x\n  cache: [{}, {}, {}, {}, {}]\n", 3, "at most 4 caches"},
 		{"bad parallel", "a:\n  script: x\n  parallel: 500\n", 3, "between 1 and 200"},
+		{"empty matrix values", "a:\n  script: x\n  parallel:\n    matrix:\n      - {OS: []}\n", 5, "needs at least one value"},
 		{"rules and only", "a:\n  script: x\n  only: [main]\n  rules: [{when: always}]\n", 1, "cannot be used with only"},
 		{"default unknown", "default:\n  stage: build\na: {script: x}\n", 2, `"stage" cannot be set in default`},
 		{"two documents", "a: {script: x}\n---\nb: {script: y}\n", 2, "more than one YAML document"},

@@ -590,6 +590,9 @@ func (p *parser) parallel(n *node, key string, j *Job) error {
 			if err != nil {
 				return err
 			}
+			if len(vals) == 0 {
+				return p.errorf(e.vals[k], kp+": "+vk.value, "needs at least one value")
+			}
 			row = append(row, MatrixVar{Name: vk.value, Values: vals})
 			combos *= max(len(vals), 1)
 			if combos > 200 {

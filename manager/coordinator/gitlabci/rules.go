@@ -51,7 +51,7 @@ func (p *parser) rules(n *node, key string) ([]Rule, error) {
 				r.Exists, err = p.list(v, kk)
 			case "changes":
 				p.warn(k, kk, "not supported by mayfly's coordinator; the rule matches as if files changed")
-			case "needs", "start_in", "interruptible":
+			case "needs", "start_in", "interruptible", "auto_cancel":
 				p.warn(k, kk, "not supported by mayfly's coordinator; ignored")
 			default:
 				return nil, p.errorf(k, kp, "unknown key %q (if, when, allow_failure, variables, exists, changes)", k.value)
