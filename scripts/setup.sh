@@ -33,8 +33,9 @@ as_root() {
 	fi
 }
 
-# Packages whose programs the tests run for real.
-packages=(git openssh-server openssh-client dropbear-bin prometheus)
+# Packages whose programs the tests run for real (docker.io: a private
+# dockerd per test run, see vmexec/dockertest; never the system service).
+packages=(git openssh-server openssh-client dropbear-bin prometheus docker.io)
 missing=()
 for pkg in "${packages[@]}"; do
 	if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then

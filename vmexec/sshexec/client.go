@@ -413,6 +413,28 @@ func (c *Client) Close() error {
 	return nil
 }
 
+// DialContext opens a connection from the machine to addr over this SSH
+// connection: network "tcp" asks the server to connect to host:port
+// (direct-tcpip), "unix" to the Unix socket at the path addr
+// (direct-streamlocal, an OpenSSH extension that dropbear lacks). The
+// manager reaches the VM's Docker Engine this way, and services'
+// ports on the VM's container networks. ctx bounds the dial only.
+func (c *Client) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	if err := c.Err(); err != nil {
+		return nil, fmt.Errorf("dial %s %s on the machine: %w", network, addr, err)
+	}
+	switch network {
+	case "tcp", "tcp4", "tcp6", "unix":
+	default:
+		return nil, fmt.Errorf("dial %s %s on the machine: network %q: want tcp or unix", network, addr, network)
+	}
+	conn, err := c.client.DialContext(ctx, network, addr)
+	if err != nil {
+		return nil, fmt.Errorf("dial %s %s on the machine: %w", network, addr, c.connErr(err))
+	}
+	return conn, nil
+}
+
 // probe checks the connection answers a keepalive within AttemptTimeout, so
 // that a channel closed by a dying connection is reported as ErrConnectionLost.
 func (c *Client) probe() error {
