@@ -28,30 +28,8 @@ type Config struct {
 	// Schedule gives the idle policy in force at each time; SetSchedule
 	// replaces it while the fleet runs.
 	Schedule schedule.Schedule
-	// CheckInterval is how often the runner asks for jobs (check_interval):
-	// part of the lead time of the predictive policy (default 3s).
-	CheckInterval time.Duration
-	// MaxUses is how many jobs an instance runs before it is deleted
-	// (MaxBuilds, max_use_count). 0 means 1.
-	MaxUses int
-	// MaxGrowthRate caps instances being created at once; 0 = no cap.
-	MaxGrowthRate int
-	// MaxInstances caps instances in every state (limit, max_instances);
-	// 0 = no cap.
-	MaxInstances int
-	// OnDemandWithin lets Reserve promise a job an instance that is not
-	// idle yet but expected within this time (see Reservable); 0 = only
-	// idle ones, unless IdleCount is 0.
-	OnDemandWithin time.Duration
-	// BootTimeout bounds creation to ready; a slower instance is deleted and
-	// counted as a provider failure (default 10m).
-	BootTimeout time.Duration
-	// ReconcileInterval is how often the provider's list is compared with
-	// the books when nothing is expected to change (default 1m).
-	ReconcileInterval time.Duration
-	// PollInterval is how often the list is read while instances are being
-	// created (default 2s).
-	PollInterval time.Duration
+	// Limits are the fleet's bounds and cadences.
+	Limits
 	// OrphanGrace is how long an unknown instance with our labels is
 	// spared while Create calls are in flight, since it may be one of
 	// theirs (default 10m).
@@ -98,20 +76,16 @@ func (c *Config) validate() error {
 	case c.Provider == nil:
 		return errors.New("fleet config: Provider is nil")
 	}
-	ints := []struct {
-		name string
-		v    int
-	}{{"MaxUses", c.MaxUses}, {"MaxGrowthRate", c.MaxGrowthRate}, {"MaxInstances", c.MaxInstances}, {"ProviderMaxSize", c.ProviderMaxSize}, {"APIBurst", c.APIBurst}}
-	for _, f := range ints {
-		if f.v < 0 {
-			return fmt.Errorf("fleet config: %s must not be negative, got %d", f.name, f.v)
-		}
+	if err := c.Limits.Validate(); err != nil {
+		return fmt.Errorf("fleet config: %w", err)
+	}
+	if c.ProviderMaxSize < 0 || c.APIBurst < 0 {
+		return fmt.Errorf("fleet config: ProviderMaxSize and APIBurst must not be negative, got %d and %d", c.ProviderMaxSize, c.APIBurst)
 	}
 	durs := []struct {
 		name string
 		v    time.Duration
 	}{
-		{"BootTimeout", c.BootTimeout}, {"CheckInterval", c.CheckInterval}, {"OnDemandWithin", c.OnDemandWithin}, {"ReconcileInterval", c.ReconcileInterval}, {"PollInterval", c.PollInterval},
 		{"OrphanGrace", c.OrphanGrace}, {"ShutdownTimeout", c.ShutdownTimeout}, {"CallTimeout", c.CallTimeout},
 		{"CreateBackoff", c.CreateBackoff}, {"CreateBackoffMax", c.CreateBackoffMax},
 		{"DeleteBackoff", c.DeleteBackoff}, {"DeleteBackoffMax", c.DeleteBackoffMax},
@@ -133,10 +107,7 @@ func (c *Config) defaults() {
 			*d = v
 		}
 	}
-	setDur(&c.BootTimeout, 10*time.Minute)
-	setDur(&c.CheckInterval, DefaultCheckInterval)
-	setDur(&c.ReconcileInterval, time.Minute)
-	setDur(&c.PollInterval, 2*time.Second)
+	c.Limits = c.Limits.WithDefaults()
 	setDur(&c.OrphanGrace, 10*time.Minute)
 	setDur(&c.ShutdownTimeout, 30*time.Second)
 	setDur(&c.CallTimeout, 5*time.Minute)
@@ -146,9 +117,6 @@ func (c *Config) defaults() {
 	setDur(&c.DeleteBackoffMax, time.Minute)
 	c.CreateBackoffMax = max(c.CreateBackoffMax, c.CreateBackoff)
 	c.DeleteBackoffMax = max(c.DeleteBackoffMax, c.DeleteBackoff)
-	if c.MaxUses == 0 {
-		c.MaxUses = 1
-	}
 	if c.APIRate == 0 {
 		c.APIRate = 10
 	}

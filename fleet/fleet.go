@@ -109,24 +109,18 @@ func New(cfg Config) (*Fleet, error) {
 		return nil, err
 	}
 	cfg.defaults()
+	cfg.MaxInstances = minPositive(cfg.MaxInstances, cfg.ProviderMaxSize)
 	m, err := newMetrics(cfg.Registerer)
 	if err != nil {
 		return nil, err
 	}
 	f := &Fleet{
-		cfg:    cfg,
-		clock:  cfg.Clock,
-		log:    cfg.Logger.With("runner", cfg.Name),
-		m:      m,
-		labels: map[string]string{providers.LabelManager: cfg.ManagerID, providers.LabelRunner: cfg.Name},
-		limits: Limits{
-			MaxUses:        cfg.MaxUses,
-			MaxGrowthRate:  cfg.MaxGrowthRate,
-			MaxInstances:   minPositive(cfg.MaxInstances, cfg.ProviderMaxSize),
-			BootTimeout:    cfg.BootTimeout,
-			CheckInterval:  cfg.CheckInterval,
-			OnDemandWithin: cfg.OnDemandWithin,
-		},
+		cfg:      cfg,
+		clock:    cfg.Clock,
+		log:      cfg.Logger.With("runner", cfg.Name),
+		m:        m,
+		labels:   map[string]string{providers.LabelManager: cfg.ManagerID, providers.LabelRunner: cfg.Name},
+		limits:   cfg.Limits,
 		wakeCh:   make(chan struct{}, 1),
 		stopCh:   make(chan struct{}),
 		books:    map[string]*instance{},

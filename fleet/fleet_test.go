@@ -123,7 +123,7 @@ func TestUnusedReturnsToIdleUncounted(t *testing.T) {
 }
 
 func TestMaxUsesReuseThenDelete(t *testing.T) {
-	h := newHarness(t, Config{MaxUses: 2, Schedule: idlePolicy(schedule.Policy{IdleCount: 1})}, fake.Options{})
+	h := newHarness(t, Config{Schedule: idlePolicy(schedule.Policy{IdleCount: 1}), Limits: Limits{MaxUses: 2}}, fake.Options{})
 	h.start()
 	h.until(time.Minute, time.Second, "1 idle", func() bool { return h.f.Available() == 1 })
 	l := h.acquire()
@@ -278,7 +278,7 @@ func TestIdleScaleFactorAndIdleTime(t *testing.T) {
 
 func TestMaxGrowthRateNeverExceeded(t *testing.T) {
 	const rate = 3
-	h := newHarness(t, Config{MaxGrowthRate: rate, Schedule: idlePolicy(schedule.Policy{IdleCount: 20})}, fake.Options{BootDelay: 7 * time.Second})
+	h := newHarness(t, Config{Schedule: idlePolicy(schedule.Policy{IdleCount: 20}), Limits: Limits{MaxGrowthRate: rate}}, fake.Options{BootDelay: 7 * time.Second})
 	h.start()
 	maxSeen := 0
 	for i := 0; i < 200 && h.f.Available() < 20; i++ {
@@ -308,7 +308,7 @@ func TestMaxGrowthRateNeverExceeded(t *testing.T) {
 }
 
 func TestMaxInstancesCap(t *testing.T) {
-	h := newHarness(t, Config{MaxInstances: 4, Schedule: idlePolicy(schedule.Policy{IdleCount: 10})}, fake.Options{})
+	h := newHarness(t, Config{Schedule: idlePolicy(schedule.Policy{IdleCount: 10}), Limits: Limits{MaxInstances: 4}}, fake.Options{})
 	h.start()
 	h.advance(time.Minute, time.Second)
 	if n := len(h.providerIDs("")); n != 4 || h.f.Available() != 4 {
@@ -505,7 +505,7 @@ func TestIdleInstanceVanishedIsReplaced(t *testing.T) {
 }
 
 func TestBootWatchdog(t *testing.T) {
-	h := newHarness(t, Config{Schedule: idlePolicy(schedule.Policy{IdleCount: 1}), BootTimeout: 5 * time.Minute}, fake.Options{BootDelay: time.Hour})
+	h := newHarness(t, Config{Schedule: idlePolicy(schedule.Policy{IdleCount: 1}), Limits: Limits{BootTimeout: 5 * time.Minute}}, fake.Options{BootDelay: time.Hour})
 	h.start()
 	first := h.providerIDs("")
 	h.advance(5*time.Minute, 30*time.Second)
@@ -641,8 +641,8 @@ func TestConfigErrorsNameTheField(t *testing.T) {
 		{Config{ManagerID: "m", Provider: fk}, "Name"},
 		{Config{Name: "r", Provider: fk}, "ManagerID"},
 		{Config{Name: "r", ManagerID: "m"}, "Provider"},
-		{Config{Name: "r", ManagerID: "m", Provider: fk, MaxGrowthRate: -1}, "MaxGrowthRate"},
-		{Config{Name: "r", ManagerID: "m", Provider: fk, BootTimeout: -time.Second}, "BootTimeout"},
+		{Config{Name: "r", ManagerID: "m", Provider: fk, Limits: Limits{MaxGrowthRate: -1}}, "MaxGrowthRate"},
+		{Config{Name: "r", ManagerID: "m", Provider: fk, Limits: Limits{BootTimeout: -time.Second}}, "BootTimeout"},
 	} {
 		_, err := New(tt.cfg)
 		if err == nil || !strings.Contains(err.Error(), tt.want) {
@@ -708,7 +708,7 @@ func TestWaitsForPublishedHostKey(t *testing.T) {
 				}
 				return c, nil
 			}
-			h := newHarness(t, Config{Schedule: idlePolicy(schedule.Policy{IdleCount: 1}), BootTimeout: 5 * time.Minute}, fake.Options{ConnectInfo: ci})
+			h := newHarness(t, Config{Schedule: idlePolicy(schedule.Policy{IdleCount: 1}), Limits: Limits{BootTimeout: 5 * time.Minute}}, fake.Options{ConnectInfo: ci})
 			h.start()
 			first := h.providerIDs("")
 			h.advance(6*time.Minute, 10*time.Second)

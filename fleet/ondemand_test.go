@@ -89,8 +89,8 @@ func TestReservable(t *testing.T) {
 // and Decide creates one for a promise beyond the idle instances.
 func TestReserveOnDemand(t *testing.T) {
 	h := newHarness(t, Config{
-		Schedule:       idlePolicy(schedule.Policy{IdleCount: 1, IdleTime: time.Hour}),
-		OnDemandWithin: 90 * time.Second,
+		Schedule: idlePolicy(schedule.Policy{IdleCount: 1, IdleTime: time.Hour}),
+		Limits:   Limits{OnDemandWithin: 90 * time.Second},
 	}, fake.Options{BootDelay: 45 * time.Second})
 	h.start()
 	if _, _, ok := h.f.Reserve(); ok {
@@ -181,8 +181,8 @@ func TestEmptyPollDoesNotChurn(t *testing.T) {
 func TestWaitersServedInOrder(t *testing.T) {
 	const n = 5
 	h := newHarness(t, Config{
-		Schedule:      idlePolicy(schedule.Policy{IdleCount: 0}),
-		MaxGrowthRate: 1, // one instance becomes ready at a time
+		Schedule: idlePolicy(schedule.Policy{IdleCount: 0}),
+		Limits:   Limits{MaxGrowthRate: 1}, // one instance becomes ready at a time
 	}, fake.Options{BootDelay: 10 * time.Second})
 	h.start()
 	type served struct {
@@ -223,7 +223,7 @@ func TestWaitersServedInOrder(t *testing.T) {
 // TestHandedOverToCanceledWaiterGoesToNext: an instance handed to a waiter
 // whose context ends at that moment goes to the next waiter, unused.
 func TestHandedOverToCanceledWaiterGoesToNext(t *testing.T) {
-	h := newHarness(t, Config{Schedule: idlePolicy(schedule.Policy{IdleCount: 0}), MaxGrowthRate: 1}, fake.Options{BootDelay: 10 * time.Second})
+	h := newHarness(t, Config{Schedule: idlePolicy(schedule.Policy{IdleCount: 0}), Limits: Limits{MaxGrowthRate: 1}}, fake.Options{BootDelay: 10 * time.Second})
 	h.start()
 	ctx1, cancel1 := context.WithCancel(context.Background())
 	err1 := make(chan error, 1)
@@ -297,8 +297,8 @@ func slowBootsWasteNothing(t *testing.T, requestLatency time.Duration) {
 		checkIntv = 3 * time.Second
 	)
 	h := newHarness(t, Config{
-		Schedule:      idlePolicy(schedule.Policy{IdleCount: 0}),
-		CheckInterval: checkIntv,
+		Schedule: idlePolicy(schedule.Policy{IdleCount: 0}),
+		Limits:   Limits{CheckInterval: checkIntv},
 	}, fake.Options{BootDelay: boot})
 	h.start()
 

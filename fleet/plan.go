@@ -41,28 +41,6 @@ type Snapshot struct {
 	Demand Demand
 }
 
-// Limits are the fleet's fixed bounds, from its configuration and the
-// provider's own maximum size.
-type Limits struct {
-	// MaxUses is how many jobs an instance runs before deletion (0: 1).
-	MaxUses int
-	// MaxGrowthRate caps instances being created (requested, creating,
-	// provisioning) at once; 0 = no cap.
-	MaxGrowthRate int
-	// MaxInstances caps instances in every state, deleting included; 0 = no cap.
-	MaxInstances int
-	// BootTimeout is how long an instance may take from creation to ready
-	// before the watchdog deletes it; 0 = forever.
-	BootTimeout time.Duration
-	// CheckInterval is how often the runner asks for jobs: part of the
-	// predictive policy's lead time (0: DefaultCheckInterval).
-	CheckInterval time.Duration
-	// OnDemandWithin is how soon an instance must be expected for a job to
-	// be taken before one is idle (see Reservable); 0 = never, unless
-	// IdleCount is 0.
-	OnDemandWithin time.Duration
-}
-
 // Reason says why an instance is deleted. It is a metric label value.
 type Reason string
 

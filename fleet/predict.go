@@ -14,9 +14,6 @@ const (
 	// recomputed when nothing else happens, as arrivals age out of the
 	// rate windows.
 	PredictiveReevaluate = 30 * time.Second
-	// DefaultCheckInterval is the runner's check_interval assumed when
-	// Limits.CheckInterval is 0.
-	DefaultCheckInterval = 3 * time.Second
 )
 
 // rateWindows are the sliding windows over which the acquisition rate is

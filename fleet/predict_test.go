@@ -148,8 +148,8 @@ func TestDecidePredictive(t *testing.T) {
 func TestPredictiveFleetFollowsRate(t *testing.T) {
 	const ceiling = 6
 	h := newHarness(t, Config{
-		Schedule:      idlePolicy(schedule.Policy{Predictive: true, IdleCount: ceiling, IdleTime: 10 * time.Minute}),
-		CheckInterval: 3 * time.Second,
+		Schedule: idlePolicy(schedule.Policy{Predictive: true, IdleCount: ceiling, IdleTime: 10 * time.Minute}),
+		Limits:   Limits{CheckInterval: 3 * time.Second},
 	}, fake.Options{BootDelay: 20 * time.Second})
 	h.start()
 	if got := h.f.Status().IdleTarget; got != 1 {

@@ -85,18 +85,18 @@ func (f *Fleet) pass(ctx context.Context) time.Time {
 // read every ReconcileInterval. f.mu is held.
 func (f *Fleet) nextListLocked() time.Time {
 	if !f.recovered {
-		return f.lastList.Add(f.cfg.PollInterval)
+		return f.lastList.Add(f.cfg.ListIntervalBooting)
 	}
 	if f.counts[StateCreating] == 0 {
-		return f.lastList.Add(f.cfg.ReconcileInterval)
+		return f.lastList.Add(f.cfg.ListInterval)
 	}
-	next := f.lastList.Add(f.cfg.PollInterval)
+	next := f.lastList.Add(f.cfg.ListIntervalBooting)
 	if lead := f.bootLead(); lead > 0 && !f.firstCreating.IsZero() {
 		if expect := f.firstCreating.Add(lead); expect.After(next) {
 			next = expect
 		}
 	}
-	if limit := f.lastList.Add(f.cfg.ReconcileInterval); limit.Before(next) {
+	if limit := f.lastList.Add(f.cfg.ListInterval); limit.Before(next) {
 		return limit
 	}
 	return next
@@ -113,7 +113,7 @@ func (f *Fleet) bootLead() time.Duration {
 	if shortest == 0 {
 		return 0
 	}
-	return max(shortest-f.cfg.PollInterval, 0)
+	return max(shortest-f.cfg.ListIntervalBooting, 0)
 }
 
 // observeBootLocked records how long an instance took to run. f.mu is held.

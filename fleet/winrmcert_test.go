@@ -42,7 +42,7 @@ func TestWaitsForPublishedWinRMCert(t *testing.T) {
 				}
 				return c, nil
 			}
-			h := newHarness(t, Config{Schedule: idlePolicy(schedule.Policy{IdleCount: 1}), BootTimeout: 5 * time.Minute}, fake.Options{ConnectInfo: ci})
+			h := newHarness(t, Config{Schedule: idlePolicy(schedule.Policy{IdleCount: 1}), Limits: Limits{BootTimeout: 5 * time.Minute}}, fake.Options{ConnectInfo: ci})
 			h.start()
 			first := h.providerIDs("")
 			h.advance(6*time.Minute, 10*time.Second)

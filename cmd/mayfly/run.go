@@ -206,7 +206,7 @@ func runManager(ctx context.Context, drain <-chan struct{}, f runFlags, stdout, 
 	}()
 	managerFleets := map[string]manager.Fleet{}
 	for _, r := range cfg.Runners {
-		fr, err := startFleet(ctx, r, cfg.CheckInterval, f, pluginDirs, reg, log)
+		fr, err := startFleet(ctx, r, f, pluginDirs, reg, log)
 		if err != nil {
 			return fmt.Errorf("runner %q: %w", r.Name, err)
 		}
@@ -268,7 +268,7 @@ func runManager(ctx context.Context, drain <-chan struct{}, f runFlags, stdout, 
 	return m.Run(ctx)
 }
 
-func startFleet(ctx context.Context, r config.Runner, checkInterval time.Duration, f runFlags, dirs []string, reg prometheus.Registerer, log *slog.Logger) (*fleetRun, error) {
+func startFleet(ctx context.Context, r config.Runner, f runFlags, dirs []string, reg prometheus.Registerer, log *slog.Logger) (*fleetRun, error) {
 	plugin, err := host.Start(ctx, host.Config{Name: r.Fleet.Provider, Dirs: dirs, Logger: log})
 	if err != nil {
 		return nil, err
@@ -290,24 +290,17 @@ func startFleet(ctx context.Context, r config.Runner, checkInterval time.Duratio
 		return nil, fmt.Errorf("init provider %s: %w", r.Fleet.Provider, err)
 	}
 	fl, err := fleet.New(fleet.Config{
-		Name:              r.Name,
-		ManagerID:         f.managerID,
-		Provider:          plugin,
-		ProviderMaxSize:   info.MaxSize,
-		Schedule:          r.Fleet.Schedule,
-		MaxUses:           r.Fleet.MaxUses,
-		MaxGrowthRate:     r.Fleet.MaxGrowthRate,
-		OnDemandWithin:    r.Fleet.OnDemandWithin,
-		ReconcileInterval: r.Fleet.ListInterval,
-		PollInterval:      r.Fleet.ListIntervalBooting,
-		MaxInstances:      r.Fleet.MaxInstances,
-		CheckInterval:     checkInterval,
-		BootTimeout:       r.Fleet.Connector.Timeout,
-		DeleteOnShutdown:  r.Fleet.DeleteOnShutdown,
-		Provisioner:       &provisioner.Ready{Timeout: r.Fleet.Connector.Timeout, Command: r.Fleet.InstanceReadyCommand, Shell: r.Shell, Logger: log},
-		JournalPath:       filepath.Join(f.stateDir, sanitize(r.Name)+".journal"),
-		Logger:            log.With("runner", r.Name),
-		Registerer:        reg,
+		Name:             r.Name,
+		ManagerID:        f.managerID,
+		Provider:         plugin,
+		ProviderMaxSize:  info.MaxSize,
+		Schedule:         r.Fleet.Schedule,
+		Limits:           r.Fleet.Limits,
+		DeleteOnShutdown: r.Fleet.DeleteOnShutdown,
+		Provisioner:      &provisioner.Ready{Timeout: r.Fleet.Connector.Timeout, Command: r.Fleet.InstanceReadyCommand, Shell: r.Shell, Logger: log},
+		JournalPath:      filepath.Join(f.stateDir, sanitize(r.Name)+".journal"),
+		Logger:           log.With("runner", r.Name),
+		Registerer:       reg,
 	})
 	if err != nil {
 		plugin.Close()

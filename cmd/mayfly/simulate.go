@@ -61,7 +61,7 @@ func runSimulate(args []string, stdout, stderr io.Writer) int {
 		if len(jobs) > 0 {
 			opts.Provider = sim.DefaultProvider(jobs[0].OS)
 		}
-		if err := sim.FromConfig(cfg, *runner, &opts); err != nil {
+		if err := simOptions(cfg, *runner, &opts); err != nil {
 			fmt.Fprintf(stderr, "mayfly simulate: %v\n", err)
 			return 1
 		}
@@ -109,4 +109,26 @@ func runSimulate(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	return 0
+}
+
+// simOptions fills the fleet settings of opts from runner i of a loaded
+// config: its schedule and limits, and MaxJobs (the smaller positive of
+// concurrent and the runner's limit). A Windows runner gets the simulated
+// provider's Windows boot times unless opts has some already.
+func simOptions(cfg *config.Config, i int, opts *sim.Options) error {
+	if i < 0 || i >= len(cfg.Runners) {
+		return fmt.Errorf("config %s: no runner %d (it has %d)", cfg.Path, i, len(cfg.Runners))
+	}
+	r := &cfg.Runners[i]
+	opts.Schedule = r.Fleet.Schedule
+	opts.Limits = r.Fleet.Limits
+	opts.MaxJobs = cfg.Concurrent
+	if r.Limit > 0 && (opts.MaxJobs <= 0 || r.Limit < opts.MaxJobs) {
+		opts.MaxJobs = r.Limit
+	}
+	opts.MaxJobs = max(opts.MaxJobs, 0)
+	if r.Fleet.Connector.OS == "windows" && opts.Provider.Boot.Median == 0 {
+		opts.Provider = sim.DefaultProvider("windows")
+	}
+	return nil
 }

@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mayfly-ci/mayfly/manager/config"
+	"github.com/mayfly-ci/mayfly/fleet"
 	"github.com/mayfly-ci/mayfly/schedule"
 )
 
@@ -22,18 +22,35 @@ func loadTrace(tb testing.TB, name string) []Job {
 	return jobs
 }
 
-// hostedOptions is the hosted Linux config on the nightly trace (one day).
+// hostedOptions is the hosted Linux fleet of testdata/hosted-gcp-linux.toml
+// (IdleCount 50, 70 at weekends, 700 for the 03:30-04:30 spike, IdleTime
+// 1h, MaxBuilds 1, MaxGrowthRate 100, limit 1000) on the nightly trace
+// (one day). cmd/mayfly's tests check that the config maps to these.
 func hostedOptions(tb testing.TB, policy string) Options {
 	tb.Helper()
-	cfg, err := config.Load("../../testdata/hosted-gcp-linux.toml")
-	if err != nil {
-		tb.Fatal(err)
+	per := func(exprs ...string) []schedule.Period {
+		var out []schedule.Period
+		for _, e := range exprs {
+			p, err := schedule.ParsePeriod(e, time.UTC)
+			if err != nil {
+				tb.Fatal(err)
+			}
+			out = append(out, p)
+		}
+		return out
 	}
-	o := Options{Policy: policy, Trace: "nightly.csv", Jobs: loadTrace(tb, "nightly.csv"), Provider: DefaultProvider("linux")}
-	if err := FromConfig(cfg, 0, &o); err != nil {
-		tb.Fatal(err)
+	return Options{
+		Policy: policy, Trace: "nightly.csv", Jobs: loadTrace(tb, "nightly.csv"), Provider: DefaultProvider("linux"),
+		Schedule: schedule.Schedule{
+			Default: schedule.Policy{IdleCount: 50, IdleTime: time.Hour},
+			Entries: []schedule.Entry{
+				{Periods: per("* * * * * sat,sun *"), Policy: schedule.Policy{IdleCount: 70, IdleTime: time.Hour}},
+				{Periods: per("* 30-59 3 * * * *", "* 0-30 4 * * * *"), Policy: schedule.Policy{IdleCount: 700, IdleTime: time.Hour}},
+			},
+		},
+		Limits:  fleet.Limits{MaxUses: 1, MaxGrowthRate: 100, MaxInstances: 1000, OnDemandWithin: 90 * time.Second, CheckInterval: 3 * time.Second},
+		MaxJobs: 1000,
 	}
-	return o
 }
 
 // BenchmarkHostedDay replays one simulated day (the nightly trace) with the
@@ -136,14 +153,11 @@ func BenchmarkCompare(b *testing.B) {
 		for _, tr := range compareTraces {
 			jobs := loadTrace(b, tr.name)
 			base := Options{
-				Trace:          tr.name,
-				Jobs:           jobs,
-				Schedule:       schedule.Schedule{Default: schedule.Policy{IdleTime: 10 * time.Minute}},
-				MaxUses:        1,
-				MaxGrowthRate:  100,
-				CheckInterval:  3 * time.Second,
-				OnDemandWithin: config.DefaultOnDemandWithin,
-				Provider:       DefaultProvider(tr.os),
+				Trace:    tr.name,
+				Jobs:     jobs,
+				Schedule: schedule.Schedule{Default: schedule.Policy{IdleTime: 10 * time.Minute}},
+				Provider: DefaultProvider(tr.os),
+				Limits:   fleet.Limits{MaxUses: 1, MaxGrowthRate: 100, CheckInterval: 3 * time.Second, OnDemandWithin: 90 * time.Second},
 			}
 			run := func(p string) Report {
 				o := base

@@ -48,7 +48,7 @@ type mayfly struct {
 func newMayfly(w *world, predictive bool) *mayfly {
 	m := &mayfly{
 		w:      w,
-		limits: fleet.Limits{MaxUses: w.o.MaxUses, MaxGrowthRate: w.o.MaxGrowthRate, MaxInstances: w.o.MaxInstances, BootTimeout: w.o.BootTimeout, CheckInterval: w.o.CheckInterval, OnDemandWithin: w.o.OnDemandWithin},
+		limits: w.o.Limits,
 		sched:  newPolicyCache(w.o.Schedule),
 		byID:   map[string]*vm{},
 		dirty:  true,

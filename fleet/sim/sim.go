@@ -5,9 +5,11 @@
 //
 // The "mayfly" and "predictive" policies drive fleet.Decide, the same pure
 // function the runtime fleet's scaler calls; "docker-machine" and
-// "taskscaler" re-implement gitlab-runner's two autoscalers as baselines
-// (see /work/shared/notes/autoscaler-algorithms.md); "oracle" knows the
-// future and is a lower bound.
+// "taskscaler" re-implement gitlab-runner's two autoscalers as baselines,
+// after gitlab-runner's source and documentation (docker+machine's
+// executors/docker/machine, taskscaler's documented settings; the
+// taskscaler capacity formula is inferred and marked so in the report's
+// assumptions); "oracle" knows the future and is a lower bound.
 package sim
 
 import (
@@ -18,6 +20,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/mayfly-ci/mayfly/fleet"
 	"github.com/mayfly-ci/mayfly/schedule"
 )
 
@@ -43,26 +46,16 @@ type Options struct {
 	Jobs []Job
 	// Schedule is the idle policy in force at each time.
 	Schedule schedule.Schedule
-	// MaxUses is jobs per VM (MaxBuilds, max_use_count); 0 means 1.
-	MaxUses int
-	// MaxGrowthRate caps VMs being created at once; 0 = no cap. The
-	// taskscaler baseline has no such setting and ignores it.
-	MaxGrowthRate int
-	// MaxInstances caps VMs in any state (limit, max_instances); 0 = no cap.
-	MaxInstances int
+	// Limits are the fleet's bounds and cadences, as the runtime fleet
+	// takes them. The taskscaler baseline has no MaxGrowthRate and
+	// ignores it; the baselines ignore OnDemandWithin, BootTimeout and the
+	// list intervals.
+	fleet.Limits
 	// MaxJobs caps jobs running at once (concurrent and the runner's
 	// limit); 0 = no cap.
 	MaxJobs int
-	// CheckInterval is how often the runner asks for a job (default 3s).
-	CheckInterval time.Duration
 	// Provider is the simulated cloud.
 	Provider Provider
-	// BootTimeout is the mayfly fleet's boot watchdog (default 10m).
-	BootTimeout time.Duration
-	// OnDemandWithin is the mayfly fleet's on-demand window: a job is
-	// taken for an instance expected within it (0: only for idle ones,
-	// unless IdleCount is 0). FromConfig sets the config's value.
-	OnDemandWithin time.Duration
 	// Predictive tunes the predictive policy.
 	Predictive Predictive
 	// Warmup is how long before the first arrival the simulation starts,
@@ -87,16 +80,14 @@ func (o *Options) defaults() error {
 	if !slices.IsSortedFunc(o.Jobs, func(a, b Job) int { return a.Arrival.Compare(b.Arrival) }) {
 		return errors.New("trace: jobs not sorted by arrival")
 	}
-	for _, f := range []struct {
-		name string
-		v    int
-	}{{"MaxUses", o.MaxUses}, {"MaxGrowthRate", o.MaxGrowthRate}, {"MaxInstances", o.MaxInstances}, {"MaxJobs", o.MaxJobs}} {
-		if f.v < 0 {
-			return fmt.Errorf("%s must not be negative, got %d", f.name, f.v)
-		}
+	if err := o.Limits.Validate(); err != nil {
+		return err
 	}
-	if o.CheckInterval < 0 || o.BootTimeout < 0 || o.OnDemandWithin < 0 || o.Horizon < 0 || o.SLO < 0 || o.SeriesStep < 0 {
-		return errors.New("CheckInterval, BootTimeout, OnDemandWithin, Horizon, SLO and SeriesStep must not be negative")
+	if o.MaxJobs < 0 {
+		return fmt.Errorf("MaxJobs must not be negative, got %d", o.MaxJobs)
+	}
+	if o.Horizon < 0 || o.SLO < 0 || o.SeriesStep < 0 {
+		return errors.New("Horizon, SLO and SeriesStep must not be negative")
 	}
 	if err := o.Provider.validate(); err != nil {
 		return err
@@ -104,15 +95,7 @@ func (o *Options) defaults() error {
 	if err := o.Predictive.defaults(); err != nil {
 		return err
 	}
-	if o.MaxUses == 0 {
-		o.MaxUses = 1
-	}
-	if o.CheckInterval == 0 {
-		o.CheckInterval = 3 * time.Second
-	}
-	if o.BootTimeout == 0 {
-		o.BootTimeout = 10 * time.Minute
-	}
+	o.Limits = o.Limits.WithDefaults()
 	switch {
 	case o.Warmup == 0:
 		o.Warmup = 10 * time.Minute

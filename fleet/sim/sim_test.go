@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mayfly-ci/mayfly/fleet"
 	"github.com/mayfly-ci/mayfly/schedule"
 )
 
@@ -22,13 +23,12 @@ func smallCase(policy string, pol schedule.Policy) Options {
 		{Arrival: at(1000), Duration: 100 * time.Second},
 	}
 	return Options{
-		Policy:        policy,
-		Jobs:          jobs,
-		Schedule:      schedule.Schedule{Default: pol},
-		MaxUses:       1,
-		CheckInterval: 10 * time.Second,
-		Provider:      Provider{Boot: Boot{Kind: "fixed", Median: 30 * time.Second}},
-		Warmup:        60 * time.Second,
+		Policy:   policy,
+		Jobs:     jobs,
+		Schedule: schedule.Schedule{Default: pol},
+		Provider: Provider{Boot: Boot{Kind: "fixed", Median: 30 * time.Second}},
+		Warmup:   60 * time.Second,
+		Limits:   fleet.Limits{MaxUses: 1, CheckInterval: 10 * time.Second},
 	}
 }
 

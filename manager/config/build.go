@@ -12,6 +12,7 @@ import (
 
 	toml "github.com/pelletier/go-toml/v2"
 
+	"github.com/mayfly-ci/mayfly/fleet"
 	"github.com/mayfly-ci/mayfly/schedule"
 )
 
@@ -217,6 +218,8 @@ func (b *builder) build(raw *fileConfig) *Config {
 			b.errorf(fmt.Sprintf("runners[%d].name", i), "runner name %q is already used by runners[%d]", r.Name, prev)
 		}
 		names[r.Name] = i
+		r.Fleet.CheckInterval = cfg.CheckInterval
+		r.Fleet.BootTimeout = r.Fleet.Connector.Timeout
 		cfg.Runners = append(cfg.Runners, r)
 	}
 	return cfg
@@ -323,14 +326,16 @@ func (b *builder) runner(i int, raw *fileRunner) Runner {
 func (b *builder) machine(key string, m *fileMachine, limit int) Fleet {
 	k := func(s string) string { return key + "." + s }
 	f := Fleet{
-		Block:          "runners.machine",
-		Provider:       provider(m.MachineDriver),
-		NameTemplate:   m.MachineName,
-		MaxGrowthRate:  b.nonNegative(k("MaxGrowthRate"), m.MaxGrowthRate, 0),
-		MaxInstances:   limit, // docker+machine's limit caps machines in every state
-		OnDemandWithin: b.seconds(k("OnDemandWithin"), m.OnDemandWithin, DefaultOnDemandWithin),
-		MaxUses:        b.nonNegative(k("MaxBuilds"), m.MaxBuilds, 0),
-		Connector:      Connector{OS: "linux", Arch: "amd64", Protocol: "ssh", Timeout: DefaultConnectTimeout},
+		Block:        "runners.machine",
+		Provider:     provider(m.MachineDriver),
+		NameTemplate: m.MachineName,
+		Limits: fleet.Limits{
+			MaxGrowthRate:  b.nonNegative(k("MaxGrowthRate"), m.MaxGrowthRate, 0),
+			MaxInstances:   limit, // docker+machine's limit caps machines in every state
+			OnDemandWithin: b.seconds(k("OnDemandWithin"), m.OnDemandWithin, DefaultOnDemandWithin),
+			MaxUses:        b.nonNegative(k("MaxBuilds"), m.MaxBuilds, 0),
+		},
+		Connector: Connector{OS: "linux", Arch: "amd64", Protocol: "ssh", Timeout: DefaultConnectTimeout},
 	}
 	if m.MachineDriver == "" {
 		b.errorf(k("MachineDriver"), "is required: it names the provider plugin (for example qemu, google, amazonec2)")
@@ -434,17 +439,19 @@ func (b *builder) maxUses(key string, v *int) int {
 func (b *builder) autoscaler(key string, a *fileAutoscaler) Fleet {
 	k := func(s string) string { return key + "." + s }
 	f := Fleet{
-		Block:                "runners.autoscaler",
-		Provider:             provider(a.Plugin),
-		ProviderConfig:       a.PluginConfig,
-		MaxGrowthRate:        b.nonNegative(k("max_growth_rate"), a.MaxGrowthRate, 0),
-		MaxInstances:         b.nonNegative(k("max_instances"), a.MaxInstances, 0),
-		OnDemandWithin:       b.duration(k("on_demand_within"), a.OnDemandWithin, DefaultOnDemandWithin),
-		ListInterval:         b.duration(k("update_interval"), a.UpdateInterval, 0),
-		ListIntervalBooting:  b.duration(k("update_interval_when_expecting"), a.UpdateIntervalExpecting, 0),
+		Block:          "runners.autoscaler",
+		Provider:       provider(a.Plugin),
+		ProviderConfig: a.PluginConfig,
+		Limits: fleet.Limits{
+			MaxGrowthRate:       b.nonNegative(k("max_growth_rate"), a.MaxGrowthRate, 0),
+			MaxInstances:        b.nonNegative(k("max_instances"), a.MaxInstances, 0),
+			OnDemandWithin:      b.duration(k("on_demand_within"), a.OnDemandWithin, DefaultOnDemandWithin),
+			ListInterval:        b.duration(k("update_interval"), a.UpdateInterval, 0),
+			ListIntervalBooting: b.duration(k("update_interval_when_expecting"), a.UpdateIntervalExpecting, 0),
+			MaxUses:             b.maxUses(k("max_use_count"), a.MaxUseCount),
+		},
 		InstanceReadyCommand: a.InstanceReadyCommand,
 		DeleteOnShutdown:     a.DeleteInstancesOnShutdown,
-		MaxUses:              b.maxUses(k("max_use_count"), a.MaxUseCount),
 		Connector:            b.connector(k("connector_config"), &a.ConnectorConfig),
 	}
 	if a.Plugin == "" {

@@ -18,6 +18,7 @@ import (
 
 	toml "github.com/pelletier/go-toml/v2"
 
+	"github.com/mayfly-ci/mayfly/fleet"
 	"github.com/mayfly-ci/mayfly/schedule"
 )
 
@@ -75,17 +76,16 @@ type Runner struct {
 
 // Fleet is how a runner's VMs are made, used and kept idle.
 type Fleet struct {
-	Block                string            // "runners.machine" or "runners.autoscaler"
-	Provider             string            // plugin name
-	ProviderOptions      map[string]string // MachineOptions as key=value
-	ProviderConfig       map[string]any    // [runners.autoscaler.plugin_config]
-	NameTemplate         string            // instance name with %s, for docker+machine
-	MaxUses              int               // jobs per instance before deletion (1 = single use)
-	MaxGrowthRate        int               // instances being created at once; 0 = unlimited
-	MaxInstances         int               // instances in any state; 0 = unlimited
-	OnDemandWithin       time.Duration     // take a job for a VM expected within this; 0 = only idle VMs
-	ListInterval         time.Duration     // read the provider's list this often (update_interval); 0 = fleet default
-	ListIntervalBooting  time.Duration     // ... while VMs boot (update_interval_when_expecting); 0 = fleet default
+	Block           string            // "runners.machine" or "runners.autoscaler"
+	Provider        string            // plugin name
+	ProviderOptions map[string]string // MachineOptions as key=value
+	ProviderConfig  map[string]any    // [runners.autoscaler.plugin_config]
+	NameTemplate    string            // instance name with %s, for docker+machine
+	// Limits are the fleet's bounds and cadences: MaxBuilds or
+	// max_use_count, MaxGrowthRate, limit or max_instances,
+	// OnDemandWithin, update_interval and update_interval_when_expecting,
+	// the connector's timeout as BootTimeout and the global check_interval.
+	fleet.Limits
 	InstanceReadyCommand string
 	DeleteOnShutdown     bool
 	Connector            Connector
