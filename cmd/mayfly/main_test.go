@@ -26,7 +26,7 @@ func TestVerifyHosted(t *testing.T) {
 		"each VM runs one job and is deleted",
 		`2026-11-24T03:45:00Z: idle 700, idle time 1h0m0s [period 1: "* 30-59 3 * * * *", "* 0-30 4 * * * *" UTC]`,
 		"2026-11-24T04:31:00Z (in 46m0s): idle 50, idle time 1h0m0s [default]",
-		"runners.docker: ignored",
+		"jobs with an image run in containers on the VM's Docker Engine (unix:///var/run/docker.sock), default image ruby:3.1, privileged, pull policy always",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %q:\n%s", want, out)

@@ -303,8 +303,9 @@ func (b *builder) runner(i int, raw *fileRunner) Runner {
 	case raw.Autoscaler != nil:
 		r.Fleet = b.autoscaler(key("autoscaler"), raw.Autoscaler)
 	}
-	if r.Executor == "docker+machine" || r.Executor == "docker-autoscaler" {
-		b.warnf(key("executor"), "mayfly runs the job script in the VM's own shell; the job's image and services are not used")
+	r.Docker = b.docker(key("docker"), raw.Docker, r.Executor, r.Fleet.Connector.OS)
+	if r.Docker != nil && r.Docker.Image == "" {
+		b.warnf(key("executor"), "jobs that name no image run in the VM's own shell, as no [runners.docker] image is set (gitlab-runner's %s executor fails them)", r.Executor)
 	}
 
 	if r.Shell == "" {

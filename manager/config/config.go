@@ -72,6 +72,9 @@ type Runner struct {
 	PostBuildScript    string
 	MaxJobTimeout      time.Duration // hard cap over the job's own timeout
 	Fleet              Fleet
+	// Docker is set when jobs with an image run in containers on their VM
+	// (docker+machine and docker-autoscaler on Linux VMs); nil otherwise.
+	Docker *Docker
 }
 
 // Fleet is how a runner's VMs are made, used and kept idle.

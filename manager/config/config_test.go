@@ -181,9 +181,7 @@ func TestParseWarnings(t *testing.T) {
 		"runners[0].machine.MaxBuilds":                 "mayfly uses each VM for one job",
 		"runners.machine.OffPeakPeriods":               "removed in gitlab-runner 14.0",
 		"runners[0].machine.autoscaling[0].Periods[0]": "only at second 0",
-		"runners.docker":                               "not in a container",
 		"session_server":                               "no interactive web terminal",
-		"runners[0].executor":                          "image and services are not used",
 	}
 	got := map[string]string{}
 	for _, w := range cfg.Warnings {

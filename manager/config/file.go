@@ -39,6 +39,7 @@ type fileRunner struct {
 	MaxJobTimeout      *int            `toml:"max_job_timeout"`
 	Machine            *fileMachine    `toml:"machine"`
 	Autoscaler         *fileAutoscaler `toml:"autoscaler"`
+	Docker             *fileDocker     `toml:"docker"`
 }
 
 type fileMachine struct {
@@ -142,7 +143,6 @@ var ignoredKeys = map[string]string{
 	"runners.unhealthy_interval":                    "mayfly backs off instead of disabling a runner",
 	"runners.post_clone_script":                     "not supported yet",
 	"runners.post_get_sources_script":               "not supported yet",
-	"runners.docker":                                "mayfly runs the job script in the VM's shell, not in a container",
 	"runners.kubernetes":                            "mayfly runs jobs in VMs, not pods",
 	"runners.custom":                                "mayfly runs jobs itself; custom executor scripts are not used",
 	"runners.custom_build_dir":                      "builds run in builds_dir inside a fresh VM",

@@ -29,6 +29,7 @@ func WriteSummary(w io.Writer, cfg *Config, now time.Time) error {
 		p("  provider\t%s (from [%s])%s\n", f.Provider, f.Block, options(f))
 		p("  instances\t%s, %s, %s\n", limitText(f.MaxInstances, "instances"), growthText(f.MaxGrowthRate), usesText(f.MaxUses))
 		p("  jobs\t%s, hard timeout %s\n", limitText(r.Limit, "jobs"), r.MaxJobTimeout)
+		p("  images\t%s\n", dockerText(r.Docker))
 		p("  on demand\t%s\n", onDemandText(f))
 		p("  provider list\t%s\n", listText(f))
 		p("  connector\t%s over %s, %s/%s, connect timeout %s\n", userText(f.Connector.Username), f.Connector.Protocol, f.Connector.OS, f.Connector.Arch, f.Connector.Timeout)
@@ -51,6 +52,23 @@ func WriteSummary(w io.Writer, cfg *Config, now time.Time) error {
 		p("\nnote\tmayfly puts a time in a period when that second matches; gitlab-runner tests the next second, so its windows open and close one second early.\n")
 	}
 	return tw.Flush()
+}
+
+// dockerText says where jobs with an image run.
+func dockerText(d *Docker) string {
+	if d == nil {
+		return "not used: every job runs in the VM's own shell"
+	}
+	s := "jobs with an image run in containers on the VM's Docker Engine (" + d.Host + ")"
+	if d.Image != "" {
+		s += ", default image " + d.Image
+	} else {
+		s += ", jobs without one in the VM's shell"
+	}
+	if d.Privileged {
+		s += ", privileged"
+	}
+	return s + ", pull policy " + strings.Join(d.PullPolicy, " then ")
 }
 
 // onDemandText says when a job is taken before a VM is idle, and how that
