@@ -5,13 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync"
 	"time"
 
 	"github.com/mayfly-ci/mayfly/manager/buildscript"
 	"github.com/mayfly-ci/mayfly/manager/gitlab"
 	"github.com/mayfly-ci/mayfly/manager/mask"
 	"github.com/mayfly-ci/mayfly/manager/runnerapi"
-	"github.com/mayfly-ci/mayfly/manager/stagerun"
+	"github.com/mayfly-ci/mayfly/vmexec"
 )
 
 // finalReportTimeout bounds sending the final trace and status of a job.
@@ -259,18 +260,46 @@ func (m *Manager) execute(r *runner, job *runnerapi.JobResponse, plan *buildscri
 		return systemFailure("cannot connect to the VM %s: %v", lease.ID(), err)
 	}
 	defer exec.Close()
-	uploadStart := m.now()
-	for _, f := range plan.Files {
-		if err := exec.Upload(jobCtx, f.Path, f.Content, f.Mode); err != nil {
-			if res, ended := endedResult(jobCtx, plan.JobTimeout); ended {
-				return res
-			}
-			return systemFailure("upload %s: %v", f.Path, err)
+	// Connections opened to follow the stages after this one broke.
+	var (
+		redialMu sync.Mutex
+		redialed []vmexec.Executor
+	)
+	defer func() {
+		redialMu.Lock()
+		defer redialMu.Unlock()
+		for _, e := range redialed {
+			e.Close()
 		}
+	}()
+	redial := func(ctx context.Context) (vmexec.Executor, error) {
+		e, err := lease.Connect(ctx)
+		if err == nil {
+			redialMu.Lock()
+			redialed = append(redialed, e)
+			redialMu.Unlock()
+		}
+		return e, err
 	}
-
-	if len(plan.Files) > 0 {
-		phases.since(PhaseUpload, uploadStart)
+	stages, closeStages, err := m.newStageRunner(plan, jobDir(plan, job.ID), exec, redial)
+	if err != nil {
+		return systemFailure("the job's stages cannot run: %v", err)
+	}
+	defer closeStages()
+	if !detachable(plan.Shell) {
+		// Detached runners write the files with the first stage.
+		uploadStart := m.now()
+		for _, f := range plan.Files {
+			if err := exec.Upload(jobCtx, f.Path, f.Content, f.Mode); err != nil {
+				if res, ended := endedResult(jobCtx, plan.JobTimeout); ended {
+					return res
+				}
+				return systemFailure("upload %s: %v", f.Path, err)
+			}
+		}
+		if len(plan.Files) > 0 {
+			phases.since(PhaseUpload, uploadStart)
+		}
 	}
 
 	startOnce := false
@@ -280,7 +309,7 @@ func (m *Manager) execute(r *runner, job *runnerapi.JobResponse, plan *buildscri
 			m.observeStart(r, job, received)
 		}
 	}
-	runner := timedRunner{Runner: &stagerun.Attached{Exec: exec, Shell: plan.Shell}, now: m.now, phases: phases}
+	runner := jobRunner{Runner: stages, now: m.now, phases: phases, lost: lease.Lost()}
 	res := plan.Run(jobCtx, runner, out, buildscript.RunOptions{Now: m.now, OnStage: onStage})
 	// A lost VM and an abort end the job's context like a cancel does, but
 	// they are the runner's failures, not the user's.

@@ -89,11 +89,13 @@ func (w *posixWriter) notice(text string)  { w.colored(ansiBoldGreen, text) }
 func (w *posixWriter) warning(text string) { w.colored(ansiYellow, text) }
 
 func (w *posixWriter) hostLine(via string) {
+	// The kernel's host name through a builtin: no process on the hot path.
+	w.line(`{ read -r mayfly_host </proc/sys/kernel/hostname; } 2>/dev/null || mayfly_host=$(hostname)`)
 	if via == "" {
-		w.line(`printf 'Running on %s...\n' "$(hostname)"`)
+		w.line(`printf 'Running on %s...\n' "$mayfly_host"`)
 		return
 	}
-	w.line(`printf 'Running on %s via %s...\n' "$(hostname)" ` + shQuote(via))
+	w.line(`printf 'Running on %s via %s...\n' "$mayfly_host" ` + shQuote(via))
 }
 
 func (w *posixWriter) userCommand(cmd string) {
@@ -150,7 +152,8 @@ func (w *posixWriter) finish() string {
 	if w.bash {
 		s.WriteString("set -eo pipefail\n")
 	} else {
-		s.WriteString("set -e\nif set -o | grep -q pipefail; then set -o pipefail; fi\n")
+		// A subshell tries pipefail first: dash has none and would exit.
+		s.WriteString("set -e\nif (set -o pipefail) 2>/dev/null; then set -o pipefail; fi\n")
 	}
 	s.WriteString("set +o noclobber\n{\n")
 	s.WriteString(w.b.String())

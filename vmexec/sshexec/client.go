@@ -40,6 +40,9 @@ const (
 	minBackoff = 100 * time.Millisecond
 	maxBackoff = 2 * time.Second
 	maxStderr  = 4 << 10 // stderr kept from helper commands for error messages
+	// maxExecAttempts bounds opening a session whose exec request the
+	// server answered by closing it.
+	maxExecAttempts = 5
 )
 
 // Target says where and how to connect.
@@ -495,22 +498,33 @@ func (c *Client) openExec(ctx context.Context, op, command string) (*session, er
 	}
 	r := make(chan result, 1)
 	go func() { // ends when the server answers or the connection closes
-		ch, reqs, err := c.client.OpenChannel("session", nil)
-		if err != nil {
-			r <- result{nil, err}
-			return
-		}
-		s := watch(ch, reqs)
-		ok, err := ch.SendRequest("exec", true, ssh.Marshal(struct{ Command string }{command}))
-		if err == nil && !ok {
-			err = errors.New("server refused the exec request")
-		}
-		if err != nil {
+		for attempt := 1; ; attempt++ {
+			ch, reqs, err := c.client.OpenChannel("session", nil)
+			if err != nil {
+				r <- result{nil, err}
+				return
+			}
+			s := watch(ch, reqs)
+			ok, err := ch.SendRequest("exec", true, ssh.Marshal(struct{ Command string }{command}))
+			if err == nil && !ok {
+				err = errors.New("server refused the exec request")
+			}
+			if err == nil {
+				r <- result{s, nil}
+				return
+			}
 			ch.Close()
-			r <- result{nil, err}
-			return
+			// dropbear sometimes closes a new session before it answers
+			// the exec request while another session of the connection
+			// ends. Nothing ran: the command's input, which is all it
+			// runs, is only sent once the request is accepted. Try again.
+			if !errors.Is(err, io.EOF) || attempt == maxExecAttempts || c.Err() != nil || ctx.Err() != nil {
+				r <- result{nil, err}
+				return
+			}
+			c.log.Debug("ssh session closed before its exec request was answered; retrying", "attempt", attempt)
+			time.Sleep(time.Duration(attempt) * 10 * time.Millisecond)
 		}
-		r <- result{s, nil}
 	}()
 	select {
 	case x := <-r:

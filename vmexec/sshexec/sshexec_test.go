@@ -748,3 +748,31 @@ func TestOutputWriterErrorDoesNotStall(t *testing.T) {
 		}
 	})
 }
+
+// Sessions that start while another session of the connection ends all
+// run: dropbear sometimes closes such a session before it answers the exec
+// request, and the client tries again.
+func TestSessionsStartingWhileOthersEnd(t *testing.T) {
+	eachServer(t, func(t *testing.T, srv *sshtest.Server) {
+		c := dial(t, srv, nil)
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		for i := range 20 {
+			done := make(chan error, 1)
+			go func() {
+				_, err := c.Run(ctx, vmexec.Command{Script: "echo a; sleep 0.05"})
+				done <- err
+			}()
+			time.Sleep(time.Duration(40+i) * time.Millisecond)
+			for j := range 3 {
+				var out bytes.Buffer
+				if code, err := c.Run(ctx, vmexec.Command{Script: "echo b", Stdout: &out}); err != nil || code != 0 || out.String() != "b\n" {
+					t.Errorf("run %d/%d: %d %v %q", i, j, code, err, out.String())
+				}
+			}
+			if err := <-done; err != nil {
+				t.Errorf("run %d: %v", i, err)
+			}
+		}
+	})
+}

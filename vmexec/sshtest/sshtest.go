@@ -279,8 +279,12 @@ func (s *Server) prepareDropbear() {
 			s.t.Fatal(err)
 		}
 	}
+	// dropbear is not PID 1: as init it would reap the orphans of sessions
+	// (detached processes) and take their exits for those of its sessions'
+	// children when pids are reused, closing new sessions at once. The
+	// shell stays PID 1 and reaps them, as a VM's init does.
 	s.script = `set -e; mount --bind "$1" /etc/passwd; mount --bind "$2" /usr/bin; ` +
-		`exec "$0" -F -E -s -m -p "$3" -r "$4" -P "$5"`
+		`"$0" -F -E -s -m -p "$3" -r "$4" -P "$5" & wait`
 	s.args = []string{dropbearPath, passwd, bin, s.Addr, hostKeyFile, filepath.Join(s.dir, "dropbear.pid")}
 }
 
@@ -309,8 +313,9 @@ func (s *Server) Start() error {
 		s.mu.Unlock()
 		return errors.New("sshtest: server already started")
 	}
-	// A PID namespace of its own: the server is its PID 1, orphans of killed
-	// sessions are reparented to it, and killing it kills them all.
+	// A PID namespace of its own: the server (or, for dropbear, the shell
+	// that started it) is its PID 1, orphans of killed sessions are
+	// reparented to it, and killing it kills them all.
 	args := append([]string{"--pid", "--fork", "--kill-child", "--mount-proc",
 		"--mount", "--propagation", "private", "/bin/sh", "-c", s.script}, s.args...)
 	cmd := exec.Command("/usr/bin/unshare", args...)

@@ -1,0 +1,747 @@
+// Package detach runs the stages of a job on a machine with a POSIX shell,
+// detached from the connection: each stage runs under a small supervisor
+// started with setsid, which keeps the stage's output, exit status and its
+// own identity in files of a job directory on the machine. The connection
+// only starts supervisors and follows the files, so when it breaks, or the
+// process that holds it dies, the stages go on, and a Runner made later
+// (by a restarted manager) finds them again by their IDs and follows their
+// output from any byte offset.
+//
+// One session does the work of a run that goes well: the first Run writes
+// the job's scripts and files (once per job), starts a supervisor for the
+// stage and the chain of stages given in Stage.Then, and follows them all;
+// later Runs of the chained stages read what that session already follows.
+// On the machine only shell builtins run on that path, besides mkdir, mv,
+// setsid, the stages' own commands, and cat and sleep while following.
+//
+// The runner needs sh, setsid, mkdir, mv, rm, rmdir, cat, sleep (with
+// fractions) and dd on the machine, and /proc: busybox is enough.
+package detach
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"path"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/mayfly-ci/mayfly/vmexec"
+)
+
+// Stage is one attempt of one stage.
+type Stage struct {
+	// ID names the attempt on the machine: letters, digits, _ and -.
+	ID string
+	// Script is the program text for Options.Shell.
+	Script string
+	// Env holds "NAME=value" pairs exported to the script.
+	Env []string
+	// From is the byte offset of the output to stream from.
+	From int64
+	// Then are the stages the supervisor starts after this one, in order,
+	// each only if the one before it exited 0.
+	Then []Stage
+}
+
+// File is a file the first session writes on the machine, mode 0600.
+type File struct {
+	Path    string
+	Content []byte
+}
+
+// Defaults of Options.
+const (
+	DefaultReconnectTimeout = 2 * time.Minute
+	DefaultKillGrace        = 2 * time.Second
+	DefaultDrainTimeout     = 5 * time.Second
+	DefaultMaxBuffer        = 16 << 20
+)
+
+// Options configure a Runner.
+type Options struct {
+	// Dir is the job's directory on the machine: absolute, made 0700.
+	Dir string
+	// Shell runs the stages and their supervisor: sh (default) or bash.
+	Shell string
+	// Scripts are stage scripts known in advance, written with the first
+	// session so that later stages need no upload.
+	Scripts []string
+	// Files are written with the first session (file variables).
+	Files []File
+	// Exec runs the sessions: the job's connection.
+	Exec vmexec.Executor
+	// Redial, if set, opens a new connection when the one in use broke.
+	Redial func(ctx context.Context) (vmexec.Executor, error)
+	// ReconnectTimeout bounds reconnecting after the connection broke,
+	// before Run and Stop give up (default 2m).
+	ReconnectTimeout time.Duration
+	// KillGrace is the time between SIGTERM and SIGKILL in Stop (default 2s).
+	KillGrace time.Duration
+	// DrainTimeout is how long processes a stage left behind may run on
+	// after it exited before they are killed (default 5s).
+	DrainTimeout time.Duration
+	// MaxBuffer bounds the output held for chained stages not yet asked
+	// for (default 16 MiB); beyond it they are read again later.
+	MaxBuffer int
+	// Logger receives the runner's events; nil: slog.Default().
+	Logger *slog.Logger
+}
+
+// maxFruitless bounds sessions in a row that end early for another reason
+// than a broken connection without following anything.
+const maxFruitless = 5
+
+// ErrLost is wrapped by errors of Run when the stage cannot be found or
+// followed: its supervisor is gone without a result (the machine restarted,
+// or it was killed), or the job directory cannot be written.
+var ErrLost = errors.New("stage lost")
+
+var (
+	idRE    = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]*$`)
+	shellRE = regexp.MustCompile(`^[A-Za-z0-9_./+-]+$`)
+)
+
+// Runner runs the stages of one job on one machine. It is safe for
+// concurrent use.
+type Runner struct {
+	opts Options
+	log  *slog.Logger
+
+	ctx    context.Context // ends with Close: the sessions' parent
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu       sync.Mutex
+	exec     vmexec.Executor
+	written  map[string]bool // names in D/f known written
+	filesOK  bool
+	streams  map[string]*stream
+	sessions map[*session]struct{}
+	buffered int // bytes held by streams nobody reads yet
+	closed   bool
+}
+
+// New checks opts and returns a Runner. Nothing happens on the machine
+// until the first Run.
+func New(opts Options) (*Runner, error) {
+	switch {
+	case opts.Exec == nil:
+		return nil, errors.New("detach: Options.Exec is nil")
+	case !path.IsAbs(opts.Dir) || path.Clean(opts.Dir) != opts.Dir || strings.ContainsAny(opts.Dir, "\x00\r\n"):
+		return nil, fmt.Errorf("detach: Options.Dir %q: want a clean absolute path", opts.Dir)
+	}
+	if opts.Shell == "" {
+		opts.Shell = "sh"
+	}
+	if !shellRE.MatchString(opts.Shell) {
+		return nil, fmt.Errorf("detach: Options.Shell %q: want a program name or path", opts.Shell)
+	}
+	for i, f := range opts.Files {
+		if !path.IsAbs(f.Path) || path.Clean(f.Path) != f.Path || strings.ContainsAny(f.Path, "\x00\r\n") {
+			return nil, fmt.Errorf("detach: Options.Files[%d].Path %q: want a clean absolute path", i, f.Path)
+		}
+		if bytes.IndexByte(f.Content, 0) >= 0 {
+			return nil, fmt.Errorf("detach: Options.Files[%d] %s: contains a NUL byte", i, f.Path)
+		}
+	}
+	if opts.ReconnectTimeout <= 0 {
+		opts.ReconnectTimeout = DefaultReconnectTimeout
+	}
+	if opts.KillGrace <= 0 {
+		opts.KillGrace = DefaultKillGrace
+	}
+	if opts.DrainTimeout <= 0 {
+		opts.DrainTimeout = DefaultDrainTimeout
+	}
+	if opts.MaxBuffer <= 0 {
+		opts.MaxBuffer = DefaultMaxBuffer
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Runner{
+		opts: opts, log: log.With("job_dir", opts.Dir), ctx: ctx, cancel: cancel,
+		exec: opts.Exec, written: map[string]bool{}, streams: map[string]*stream{}, sessions: map[*session]struct{}{},
+	}, nil
+}
+
+// Close stops following (the stages run on) and waits for the sessions to
+// end. It does not close the connection.
+func (r *Runner) Close() error {
+	r.mu.Lock()
+	r.closed = true
+	r.mu.Unlock()
+	r.cancel()
+	r.wg.Wait()
+	return nil
+}
+
+// scriptName is the file name of a script or env file, by content.
+func scriptName(content string) string {
+	sum := sha256.Sum256([]byte(content))
+	return hex.EncodeToString(sum[:10])
+}
+
+// envFile is the text of a stage's env file.
+func envFile(env []vmexec.EnvVar) string {
+	var b strings.Builder
+	for _, v := range env {
+		b.WriteString("export " + v.Name + "=" + quote(v.Value) + "\n")
+	}
+	return b.String()
+}
+
+// spec is the supervisor's SPEC of s, and the files it needs.
+func (r *Runner) spec(s Stage) (string, []fileWrite, error) {
+	if !idRE.MatchString(s.ID) {
+		return "", nil, fmt.Errorf("stage ID %q: want letters, digits, _, . and -", s.ID)
+	}
+	if strings.IndexByte(s.Script, 0) >= 0 {
+		return "", nil, fmt.Errorf("stage %s: the script contains a NUL byte", s.ID)
+	}
+	env, err := vmexec.ParseEnv(s.Env)
+	if err != nil {
+		return "", nil, fmt.Errorf("stage %s: %w", s.ID, err)
+	}
+	e := envFile(env)
+	sn, en := scriptName(s.Script), scriptName(e)+".env"
+	return s.ID + ":" + sn + ":" + en, []fileWrite{{Name: sn, Content: s.Script}, {Name: en, Content: e}}, nil
+}
+
+// Run implements stagerun.Runner: it starts s unless it was started, and
+// follows its output from s.From to out until it ends.
+func (r *Runner) Run(ctx context.Context, s Stage, out io.Writer) (int, error) {
+	if ctx.Err() != nil {
+		return -1, fmt.Errorf("stage %s: %w", s.ID, context.Cause(ctx))
+	}
+	delivered := s.From
+	reconnectBy := time.Time{}
+	fruitless := 0 // sessions in a row that ended early without a transport failure or progress
+	for {
+		st, err := r.streamFor(s, delivered)
+		if err != nil {
+			return -1, err
+		}
+		code, n, res := st.consume(ctx, delivered, out)
+		progressed := n > delivered
+		delivered = n
+		switch res.kind {
+		case resEnded:
+			r.forget(st)
+			return code, nil
+		case resLost:
+			r.forget(st)
+			return -1, fmt.Errorf("stage %s: %w: %s", s.ID, ErrLost, res.reason)
+		case resCanceled:
+			return -1, fmt.Errorf("stage %s: %w", s.ID, context.Cause(ctx))
+		case resWrite:
+			r.forget(st)
+			return -1, fmt.Errorf("stage %s: write output: %w", s.ID, res.err)
+		}
+		// The session ended before the stage did: follow again from where
+		// we are, on a new connection when this one broke.
+		r.forget(st)
+		if progressed {
+			fruitless = 0
+		} else if fruitless++; fruitless >= maxFruitless && !vmexec.IsSystemFailure(res.err) {
+			return -1, fmt.Errorf("stage %s: following keeps failing: %w", s.ID, res.err)
+		}
+		if res.err != nil && vmexec.IsSystemFailure(res.err) {
+			if reconnectBy.IsZero() {
+				reconnectBy = time.Now().Add(r.opts.ReconnectTimeout)
+			}
+			if err := r.reconnect(ctx, reconnectBy, res.err); err != nil {
+				return -1, fmt.Errorf("stage %s: %w", s.ID, err)
+			}
+		}
+		s.Then = nil // the chain was started; it is followed one by one now
+	}
+}
+
+// streamFor returns the stream that follows s from offset from, starting a
+// session when no live one follows it.
+func (r *Runner) streamFor(s Stage, from int64) (*stream, error) {
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		return nil, fmt.Errorf("stage %s: runner closed", s.ID)
+	}
+	if st := r.streams[s.ID]; st != nil && st.usable(from) {
+		r.mu.Unlock()
+		return st, nil
+	}
+	r.mu.Unlock()
+	return r.startSession(s, from)
+}
+
+// forget drops st when it is still the stream of its stage.
+func (r *Runner) forget(st *stream) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.streams[st.id] == st {
+		delete(r.streams, st.id)
+	}
+	r.buffered -= st.drop()
+}
+
+// startSession starts a session that starts s (and its chain) unless it
+// was started, and follows it from offset from.
+func (r *Runner) startSession(s Stage, from int64) (*stream, error) {
+	specs := []string{}
+	var files []fileWrite
+	follow := []string{s.ID}
+	sp, fw, err := r.spec(s)
+	if err != nil {
+		return nil, err
+	}
+	specs, files = append(specs, sp), append(files, fw...)
+	for _, n := range s.Then {
+		sp, fw, err := r.spec(n)
+		if err != nil {
+			return nil, err
+		}
+		specs, files = append(specs, sp), append(files, fw...)
+		follow = append(follow, n.ID)
+	}
+	for _, sc := range r.opts.Scripts {
+		files = append(files, fileWrite{Name: scriptName(sc), Content: sc})
+	}
+	files = append(files, fileWrite{Name: "sup.sh", Content: supervisorScript})
+
+	r.mu.Lock()
+	var todo []fileWrite
+	seen := map[string]bool{}
+	for _, f := range files {
+		if !r.written[f.Name] && !seen[f.Name] {
+			seen[f.Name] = true
+			todo = append(todo, f)
+		}
+	}
+	if !r.filesOK {
+		for _, f := range r.opts.Files {
+			todo = append(todo, fileWrite{Path: f.Path, Content: string(f.Content)})
+		}
+	}
+	tok := newToken()
+	ss := &session{r: r, token: tok, names: todo, chain: map[string]*stream{}}
+	ctx, cancel := context.WithCancel(r.ctx)
+	ss.cancel = cancel
+	// Every stage the session may follow has its stream now, so that a Run
+	// of a chained stage waits for this session rather than start another.
+	for i, id := range follow {
+		st := newStream(id, 0, ss)
+		if i == 0 {
+			st.base = from
+			ss.current = st
+		}
+		if old := r.streams[id]; old != nil {
+			r.buffered -= old.drop()
+		}
+		r.streams[id] = st
+		ss.chain[id] = st
+	}
+	first := ss.current
+	r.sessions[ss] = struct{}{}
+	exec := r.exec
+	r.mu.Unlock()
+
+	script := sessionScript{
+		dir: r.opts.Dir, token: tok, files: todo, launch: specs, shell: r.opts.Shell,
+		drainSec: int((r.opts.DrainTimeout + time.Second - 1) / time.Second), follow: follow, from: from,
+	}.String()
+	r.wg.Add(1)
+	go func() {
+		defer r.wg.Done()
+		defer cancel()
+		var stderr capWriter
+		dm := &demux{tok: []byte(tok), s: ss}
+		code, err := exec.Run(ctx, vmexec.Command{Script: script, Shell: "sh", Stdout: dm, Stderr: &stderr})
+		r.log.Debug("follow session ended", "stage", s.ID, "exit_code", code, "err", err, "stderr", strings.TrimSpace(stderr.String()))
+		if err == nil && !ss.finished() {
+			err = &vmexec.SystemError{Op: "follow", Err: fmt.Errorf("session ended early: %s", strings.TrimSpace(stderr.String()))}
+		}
+		ss.end(err)
+	}()
+	return first, nil
+}
+
+// reconnect replaces a broken connection, retrying until by.
+func (r *Runner) reconnect(ctx context.Context, by time.Time, cause error) error {
+	if r.opts.Redial == nil {
+		return fmt.Errorf("connection lost, no way to reconnect: %w", cause)
+	}
+	r.log.Warn("connection to the machine lost; reconnecting to follow the stages", "err", cause)
+	for attempt := 1; ; attempt++ {
+		rctx, cancel := context.WithDeadline(ctx, by)
+		e, err := r.opts.Redial(rctx)
+		cancel()
+		if err == nil {
+			r.mu.Lock()
+			old := r.exec
+			r.exec = e
+			r.mu.Unlock()
+			if old != nil && old != e {
+				old.Close()
+			}
+			return nil
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("reconnect: %w", context.Cause(ctx))
+		}
+		if !time.Now().Before(by) {
+			return fmt.Errorf("%w: no connection within %s after %d attempts: %v (connection lost: %v)", ErrLost, r.opts.ReconnectTimeout, attempt, err, cause)
+		}
+		t := time.NewTimer(min(time.Duration(attempt)*time.Second, 5*time.Second))
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+		}
+	}
+}
+
+// Stop implements stagerun.Runner: see stopFunctions.
+func (r *Runner) Stop(ctx context.Context, id string) error {
+	if !idRE.MatchString(id) {
+		return fmt.Errorf("stop: stage ID %q: want letters, digits, _, . and -", id)
+	}
+	by := time.Now().Add(r.opts.ReconnectTimeout)
+	for {
+		r.mu.Lock()
+		exec := r.exec
+		r.mu.Unlock()
+		tok := newToken()
+		var out, stderr capWriter
+		_, err := exec.Run(ctx, vmexec.Command{Script: stopScript(r.opts.Dir, tok, id, int((r.opts.KillGrace+time.Second-1)/time.Second)), Shell: "sh", Stdout: &out, Stderr: &stderr})
+		res := out.String()
+		switch {
+		case err == nil && strings.Contains(res, tok+" s"):
+			return nil
+		case err == nil && strings.Contains(res, tok+" l "):
+			_, why, _ := strings.Cut(res, tok+" l ")
+			return fmt.Errorf("stop stage %s: %s", id, strings.TrimSpace(why))
+		case err == nil:
+			return fmt.Errorf("stop stage %s: no answer from the machine: %s", id, strings.TrimSpace(stderr.String()))
+		case ctx.Err() != nil:
+			return fmt.Errorf("stop stage %s: %w", id, context.Cause(ctx))
+		case vmexec.IsSystemFailure(err):
+			if rerr := r.reconnect(ctx, by, err); rerr != nil {
+				return fmt.Errorf("stop stage %s: %w", id, rerr)
+			}
+		default:
+			return fmt.Errorf("stop stage %s: %w", id, err)
+		}
+	}
+}
+
+// newToken returns a random marker that stage output cannot predict.
+func newToken() string {
+	var b [16]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		panic("detach: crypto/rand: " + err.Error())
+	}
+	return "mf" + hex.EncodeToString(b[:])
+}
+
+// capWriter keeps the first 64 KiB written to it.
+type capWriter struct {
+	mu sync.Mutex
+	b  []byte
+}
+
+func (w *capWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if room := 64<<10 - len(w.b); room > 0 {
+		w.b = append(w.b, p[:min(room, len(p))]...)
+	}
+	return len(p), nil
+}
+
+func (w *capWriter) String() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return string(w.b)
+}
+
+// session is one connection session following a chain of stages.
+type session struct {
+	r      *Runner
+	token  string
+	names  []fileWrite // files this session writes
+	cancel context.CancelFunc
+	chain  map[string]*stream // the streams of the stages it may follow, by ID
+
+	// guarded by r.mu
+	current *stream
+	done    bool // "x" seen
+	ended   bool
+}
+
+func (ss *session) finished() bool {
+	ss.r.mu.Lock()
+	defer ss.r.mu.Unlock()
+	return ss.done
+}
+
+// end records that the session's command returned with err.
+func (ss *session) end(err error) {
+	r := ss.r
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ss.ended = true
+	delete(r.sessions, ss)
+	for _, st := range ss.chain {
+		if !st.ended && st.lost == "" && !st.broken {
+			st.broken = true
+			st.err = err
+			st.signal()
+		}
+	}
+}
+
+// marker handles one marker line of the session (without the token).
+func (ss *session) marker(line string) {
+	r := ss.r
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	f := strings.Fields(line)
+	if len(f) == 0 {
+		return
+	}
+	cur := ss.current
+	switch f[0] {
+	case "w": // the files are written
+		for _, fw := range ss.names {
+			if fw.Path != "" {
+				r.filesOK = true
+			} else {
+				r.written[fw.Name] = true
+			}
+		}
+	case "e":
+		if cur == nil {
+			return
+		}
+		code := -1
+		if len(f) > 1 {
+			if n, err := strconv.Atoi(f[1]); err == nil {
+				code = n
+			}
+		}
+		if code < 0 {
+			cur.lost = "the stage ended without a readable exit status"
+		} else {
+			cur.ended, cur.code = true, code
+		}
+		cur.signal()
+	case "n":
+		if len(f) < 2 {
+			return
+		}
+		ss.current = ss.chain[f[1]] // nil (data dropped) for an ID it was not started with
+	case "l":
+		why := strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(line), "l"))
+		if cur != nil {
+			cur.lost = why
+			cur.signal()
+		}
+	case "u": // a chained stage was not started after all: nothing to follow
+		if cur != nil {
+			cur.broken = true
+			cur.signal()
+		}
+		ss.current = nil
+	case "x":
+		ss.done = true
+		ss.current = nil
+	}
+}
+
+// data appends output of the current stage.
+func (ss *session) data(p []byte) {
+	if len(p) == 0 {
+		return
+	}
+	r := ss.r
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	cur := ss.current
+	if cur == nil || cur.dropped {
+		return
+	}
+	cur.buf = append(cur.buf, p...)
+	r.buffered += len(p)
+	cur.signal()
+	if !cur.reading && r.buffered > r.opts.MaxBuffer {
+		// Nobody reads this chained stage yet: let it be read again later.
+		r.log.Warn("output of chained stages not yet asked for exceeds the buffer; it will be read again", "stage", cur.id, "buffered", r.buffered)
+		r.buffered -= cur.drop()
+		cur.broken = true
+		ss.cancel()
+	}
+}
+
+// stream is the output of one stage as one session follows it.
+type stream struct {
+	id      string
+	ss      *session
+	base    int64 // offset of buf[0] in the stage's output
+	buf     []byte
+	ended   bool
+	code    int
+	lost    string
+	broken  bool  // the session ended (or gave up) before the stage did
+	err     error // why the session ended
+	dropped bool
+	reading bool // a Run is consuming it
+	notify  chan struct{}
+}
+
+func newStream(id string, base int64, ss *session) *stream {
+	return &stream{id: id, ss: ss, base: base, notify: make(chan struct{})}
+}
+
+// signal wakes the reader; r.mu is held.
+func (st *stream) signal() {
+	close(st.notify)
+	st.notify = make(chan struct{})
+}
+
+// drop releases the buffer and returns its size; r.mu is held.
+func (st *stream) drop() int {
+	n := len(st.buf)
+	st.buf, st.dropped = nil, true
+	return n
+}
+
+// usable reports whether a Run from offset from can read st; r.mu is held.
+func (st *stream) usable(from int64) bool {
+	return !st.dropped && !st.broken && st.base <= from && (st.lost == "" || st.base+int64(len(st.buf)) >= from)
+}
+
+type resultKind int
+
+const (
+	resEnded resultKind = iota
+	resLost
+	resCanceled
+	resBroken
+	resWrite
+)
+
+type consumeResult struct {
+	kind   resultKind
+	reason string
+	err    error
+}
+
+// consume writes st's output from offset from to out until the stage
+// ends, the stream breaks, or ctx ends. It returns the exit code and the
+// offset reached.
+func (st *stream) consume(ctx context.Context, from int64, out io.Writer) (int, int64, consumeResult) {
+	r := st.ss.r
+	r.mu.Lock()
+	st.reading = true
+	r.mu.Unlock()
+	defer func() {
+		r.mu.Lock()
+		st.reading = false
+		r.mu.Unlock()
+	}()
+	for {
+		r.mu.Lock()
+		var chunk []byte
+		if end := st.base + int64(len(st.buf)); end > from && from >= st.base {
+			chunk = slices.Clone(st.buf[from-st.base:])
+			// What is read is no longer needed.
+			r.buffered -= len(st.buf)
+			st.buf = st.buf[:0]
+			st.base = end
+		}
+		ended, code, lost, broken, err, notify := st.ended, st.code, st.lost, st.broken, st.err, st.notify
+		r.mu.Unlock()
+		if len(chunk) > 0 {
+			if _, werr := out.Write(chunk); werr != nil {
+				return -1, from, consumeResult{kind: resWrite, err: werr}
+			}
+			from += int64(len(chunk))
+			continue
+		}
+		switch {
+		case ended:
+			return code, from, consumeResult{kind: resEnded}
+		case lost != "":
+			return -1, from, consumeResult{kind: resLost, reason: lost}
+		case broken:
+			return -1, from, consumeResult{kind: resBroken, err: err}
+		}
+		select {
+		case <-notify:
+		case <-ctx.Done():
+			return -1, from, consumeResult{kind: resCanceled}
+		}
+	}
+}
+
+// demux splits a session's stdout into stage output and marker lines.
+type demux struct {
+	tok      []byte
+	s        *session
+	pending  []byte
+	inMarker bool
+}
+
+func (d *demux) Write(p []byte) (int, error) {
+	d.pending = append(d.pending, p...)
+	for {
+		if d.inMarker {
+			i := bytes.IndexByte(d.pending, '\n')
+			if i < 0 {
+				if len(d.pending) > 4096 { // not a marker of ours after all
+					d.inMarker = false
+					continue
+				}
+				return len(p), nil
+			}
+			d.s.marker(string(d.pending[:i]))
+			d.pending = d.pending[i+1:]
+			d.inMarker = false
+			continue
+		}
+		if i := bytes.Index(d.pending, d.tok); i >= 0 {
+			d.s.data(d.pending[:i])
+			d.pending = d.pending[i+len(d.tok):]
+			d.inMarker = true
+			continue
+		}
+		keep := partialSuffix(d.pending, d.tok)
+		d.s.data(d.pending[:len(d.pending)-keep])
+		d.pending = append([]byte(nil), d.pending[len(d.pending)-keep:]...)
+		return len(p), nil
+	}
+}
+
+// partialSuffix returns the length of the longest suffix of b that is a
+// proper prefix of tok.
+func partialSuffix(b, tok []byte) int {
+	for n := min(len(b), len(tok)-1); n > 0; n-- {
+		if bytes.Equal(b[len(b)-n:], tok[:n]) {
+			return n
+		}
+	}
+	return 0
+}

@@ -1,0 +1,367 @@
+package detach_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/mayfly-ci/mayfly/vmexec"
+	"github.com/mayfly-ci/mayfly/vmexec/detach"
+	"github.com/mayfly-ci/mayfly/vmexec/sshexec"
+	"github.com/mayfly-ci/mayfly/vmexec/sshtest"
+)
+
+// Each test runs against a real OpenSSH (dash as sh, coreutils) and a real
+// dropbear with a busybox userland like the microVMs'.
+func eachServer(t *testing.T, f func(t *testing.T, srv *sshtest.Server)) {
+	for _, k := range []sshtest.Kind{sshtest.OpenSSH, sshtest.Dropbear} {
+		t.Run(string(k), func(t *testing.T) { s := sshtest.Run(t, k); serverLog = s.Log; f(t, s) })
+	}
+}
+
+var serverLog func() string
+
+func dial(t *testing.T, srv *sshtest.Server) *sshexec.Client {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	c, err := sshexec.Dial(ctx, srv.Target())
+	if err != nil {
+		t.Fatalf("dial %s: %v", srv.Kind, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// countingExec counts the sessions run on an executor.
+type countingExec struct {
+	vmexec.Executor
+	runs atomic.Int64
+}
+
+func (c *countingExec) Run(ctx context.Context, cmd vmexec.Command) (int, error) {
+	c.runs.Add(1)
+	return c.Executor.Run(ctx, cmd)
+}
+
+func newRunner(t *testing.T, exec vmexec.Executor, dir string, mod func(*detach.Options)) *detach.Runner {
+	t.Helper()
+	o := detach.Options{Dir: dir, Exec: exec, DrainTimeout: time.Second, KillGrace: time.Second,
+		Logger: slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))}
+	if mod != nil {
+		mod(&o)
+	}
+	r, err := detach.New(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return r
+}
+
+func run(t *testing.T, r *detach.Runner, s detach.Stage) (int, string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var out bytes.Buffer
+	code, err := r.Run(ctx, s, &out)
+	if err != nil {
+		t.Fatalf("Run %s: %v\noutput: %q\n%s", s.ID, err, out.String(), serverLog())
+	}
+	return code, out.String()
+}
+
+// A chain runs in one session: the first Run writes the scripts and
+// files, starts the chain and follows it; the chained Runs only read.
+func TestChainInOneSession(t *testing.T) {
+	eachServer(t, func(t *testing.T, srv *sshtest.Server) {
+		exec := &countingExec{Executor: dial(t, srv)}
+		dir := filepath.Join(t.TempDir(), "job")
+		fileVar := filepath.Join(t.TempDir(), "tmp", "SECRET_FILE")
+		r := newRunner(t, exec, dir, func(o *detach.Options) {
+			o.Files = []detach.File{{Path: fileVar, Content: []byte("it's a 'file'\n$HOME\n")}}
+		})
+		a := detach.Stage{ID: "00-a-1", Script: "echo a=$CI_JOB_STATUS; printf 'no newline'", Env: []string{"CI_JOB_STATUS=running"}}
+		b := detach.Stage{ID: "01-b-1", Script: "cat \"$F\"; echo b >&2", Env: []string{"CI_JOB_STATUS=running", "F=" + fileVar}}
+		c := detach.Stage{ID: "02-c-1", Script: "echo c=$CI_JOB_STATUS; exit 3", Env: []string{"CI_JOB_STATUS=success"}}
+		d := detach.Stage{ID: "03-d-1", Script: "echo never"}
+		first := a
+		first.Then = []detach.Stage{b, c, d}
+		for _, tt := range []struct {
+			s    detach.Stage
+			code int
+			out  string
+		}{
+			{first, 0, "a=running\nno newline"},
+			{b, 0, "it's a 'file'\n$HOME\nb\n"},
+			{c, 3, "c=success\n"},
+		} {
+			code, out := run(t, r, tt.s)
+			if code != tt.code || out != tt.out {
+				t.Errorf("%s: %d %q, want %d %q", tt.s.ID, code, out, tt.code, tt.out)
+			}
+		}
+		if n := exec.runs.Load(); n != 1 {
+			t.Errorf("%d sessions for a chain of three stages, want 1", n)
+		}
+		if _, err := os.Stat(filepath.Join(dir, "s", "03-d-1.sup")); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("the stage after a failed one was started: %v", err)
+		}
+		if fi, err := os.Stat(fileVar); err != nil || fi.Mode().Perm() != 0o600 {
+			t.Errorf("file variable: %v, mode %v; want 0600", err, fi.Mode())
+		}
+		if fi, err := os.Stat(dir); err != nil || fi.Mode().Perm() != 0o700 {
+			t.Errorf("job dir: %v; want mode 0700", err)
+		}
+		// A stage that ran is found again, from any offset, and not rerun.
+		code, out := run(t, r, detach.Stage{ID: "00-a-1", Script: "echo a=$CI_JOB_STATUS; printf 'no newline'", From: 4})
+		if code != 0 || out != "nning\nno newline" {
+			t.Errorf("reread from 4: %d %q", code, out)
+		}
+	})
+}
+
+// A manager that dies mid-stage leaves the stage running; a new Runner,
+// with no memory of the first, follows it from the offset reached and
+// gets the rest of the output and the exit code.
+func TestReattachAfterManagerDeath(t *testing.T) {
+	eachServer(t, func(t *testing.T, srv *sshtest.Server) {
+		dir := filepath.Join(t.TempDir(), "job")
+		script := `i=0; while [ $i -lt 8 ]; do echo line$i; i=$((i+1)); sleep 0.2; done; exit 7`
+		first := newRunner(t, dial(t, srv), dir, nil)
+		ctx, cancel := context.WithCancel(context.Background())
+		var seen bytes.Buffer
+		w := &notifyWriter{w: &seen, at: "line2\n", hit: cancel}
+		_, err := first.Run(ctx, detach.Stage{ID: "00-s-1", Script: script}, w)
+		if err == nil || !errors.Is(err, context.Canceled) {
+			t.Fatalf("Run: %v, want the cancel", err)
+		}
+		first.Close() // the first manager is gone
+
+		second := newRunner(t, dial(t, srv), dir, nil)
+		code, rest := run(t, second, detach.Stage{ID: "00-s-1", Script: script, From: int64(seen.Len())})
+		all := seen.String() + rest
+		var want strings.Builder
+		for i := range 8 {
+			fmt.Fprintf(&want, "line%d\n", i)
+		}
+		if code != 7 || all != want.String() {
+			t.Errorf("after reattach: %d %q, want 7 %q", code, all, want.String())
+		}
+	})
+}
+
+// notifyWriter calls hit once the output contains at.
+type notifyWriter struct {
+	mu  sync.Mutex
+	w   *bytes.Buffer
+	at  string
+	hit func()
+	did bool
+}
+
+func (n *notifyWriter) Write(p []byte) (int, error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.w.Write(p)
+	if !n.did && strings.Contains(n.w.String(), n.at) {
+		n.did = true
+		n.hit()
+	}
+	return len(p), nil
+}
+
+// Stop ends a running stage and every process it started, and the chain
+// after it; the output until then can still be read.
+func TestStop(t *testing.T) {
+	eachServer(t, func(t *testing.T, srv *sshtest.Server) {
+		exec := dial(t, srv)
+		dir := filepath.Join(t.TempDir(), "job")
+		r := newRunner(t, exec, dir, nil)
+		pidFile := filepath.Join(t.TempDir(), "child")
+		s := detach.Stage{ID: "00-hang-1", Script: fmt.Sprintf("sleep 300 & echo $! >%s; echo started; sleep 300", pidFile),
+			Then: []detach.Stage{{ID: "01-next-1", Script: "echo next"}}}
+		ctx, cancel := context.WithCancel(context.Background())
+		var out bytes.Buffer
+		done := make(chan error, 1)
+		go func() {
+			_, err := r.Run(ctx, s, &notifyWriter{w: &out, at: "started\n", hit: cancel})
+			done <- err
+		}()
+		if err := <-done; !errors.Is(err, context.Canceled) {
+			t.Fatalf("Run: %v", err)
+		}
+		b, err := os.ReadFile(pidFile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !alive(t, exec, strings.TrimSpace(string(b))) {
+			t.Fatalf("the stage's background process %s is not seen running before Stop", strings.TrimSpace(string(b)))
+		}
+		start := time.Now()
+		sctx, scancel := context.WithTimeout(context.Background(), time.Minute)
+		defer scancel()
+		if err := r.Stop(sctx, s.ID); err != nil {
+			t.Fatalf("Stop: %v", err)
+		}
+		t.Logf("Stop took %v", time.Since(start).Round(time.Millisecond))
+		code, rest := run(t, r, detach.Stage{ID: s.ID, Script: s.Script, From: int64(out.Len())})
+		if code != 143 && code != 137 || rest != "" {
+			t.Errorf("after Stop: %d %q, want 143 or 137 and no more output", code, rest)
+		}
+		if alive(t, exec, strings.TrimSpace(string(b))) {
+			t.Errorf("the stage's background process %s survived Stop", strings.TrimSpace(string(b)))
+		}
+		if _, err := os.Stat(filepath.Join(dir, "s", "01-next-1.sup")); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("the chain went on after Stop: %v", err)
+		}
+		// A stage stopped before it started never starts.
+		if err := r.Stop(sctx, "02-later-1"); err != nil {
+			t.Fatalf("Stop of a stage not started: %v", err)
+		}
+		code, out2 := run(t, r, detach.Stage{ID: "02-later-1", Script: "echo ran"})
+		if code != 143 || out2 != "" {
+			t.Errorf("a stage stopped before it started ran: %d %q", code, out2)
+		}
+	})
+}
+
+// alive reports whether the process with this pid in the server's PID
+// namespace runs (and is not a zombie), asked over exec.
+func alive(t *testing.T, exec vmexec.Executor, pid string) bool {
+	t.Helper()
+	if _, err := strconv.Atoi(pid); err != nil {
+		t.Fatalf("pid %q", pid)
+	}
+	var out bytes.Buffer
+	code, err := exec.Run(context.Background(), vmexec.Command{
+		Script: `read -r _ _ s _ </proc/` + pid + `/stat && [ "$s" != Z ]`, Stdout: &out, Stderr: &out})
+	if err != nil {
+		t.Fatalf("check pid %s: %v", pid, err)
+	}
+	return code == 0
+}
+
+// A stage whose supervisor was killed without writing a result is lost.
+func TestLostSupervisor(t *testing.T) {
+	eachServer(t, func(t *testing.T, srv *sshtest.Server) {
+		exec := dial(t, srv)
+		dir := filepath.Join(t.TempDir(), "job")
+		r := newRunner(t, exec, dir, nil)
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		done := make(chan error, 1)
+		go func() {
+			_, err := r.Run(ctx, detach.Stage{ID: "00-s-1", Script: "echo up; sleep 300"}, io.Discard)
+			done <- err
+		}()
+		supFile := filepath.Join(dir, "s", "00-s-1.sup")
+		var sup []string
+		for deadline := time.Now().Add(30 * time.Second); len(sup) == 0; time.Sleep(10 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatal("the stage did not start")
+			}
+			b, _ := os.ReadFile(supFile)
+			sup = strings.Fields(string(b))
+		}
+		// Kill the supervisor (not the stage) from inside the server's namespace.
+		var out bytes.Buffer
+		if code, err := exec.Run(ctx, vmexec.Command{Script: "kill -9 " + sup[0], Stdout: &out, Stderr: &out}); err != nil || code != 0 {
+			t.Fatalf("kill the supervisor: %d %v %s", code, err, out.String())
+		}
+		err := <-done
+		if !errors.Is(err, detach.ErrLost) || !strings.Contains(err.Error(), "supervisor") {
+			t.Errorf("Run = %v, want ErrLost about the supervisor", err)
+		}
+	})
+}
+
+// A connection that drops mid-stage is replaced; the stage never noticed.
+func TestConnectionDropMidStage(t *testing.T) {
+	eachServer(t, func(t *testing.T, srv *sshtest.Server) {
+		first := dial(t, srv)
+		var redials atomic.Int64
+		dir := filepath.Join(t.TempDir(), "job")
+		r := newRunner(t, first, dir, func(o *detach.Options) {
+			o.Redial = func(ctx context.Context) (vmexec.Executor, error) {
+				redials.Add(1)
+				return sshexec.Dial(ctx, srv.Target())
+			}
+		})
+		script := `i=0; while [ $i -lt 6 ]; do echo line$i; i=$((i+1)); sleep 0.2; done`
+		var out bytes.Buffer
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		code, err := r.Run(ctx, detach.Stage{ID: "00-s-1", Script: script}, &notifyWriter{w: &out, at: "line1\n", hit: func() { go first.Close() }})
+		if err != nil || code != 0 {
+			t.Fatalf("Run: %d %v", code, err)
+		}
+		if got := out.String(); got != "line0\nline1\nline2\nline3\nline4\nline5\n" {
+			t.Errorf("output %q", got)
+		}
+		if redials.Load() != 1 {
+			t.Errorf("%d redials, want 1", redials.Load())
+		}
+	})
+}
+
+// Processes a stage leaves behind are given the drain time, then killed;
+// the stage's exit code stands.
+func TestLeftoversAreKilled(t *testing.T) {
+	eachServer(t, func(t *testing.T, srv *sshtest.Server) {
+		exec := dial(t, srv)
+		r := newRunner(t, exec, filepath.Join(t.TempDir(), "job"), nil)
+		pidFile := filepath.Join(t.TempDir(), "bg")
+		start := time.Now()
+		code, out := run(t, r, detach.Stage{ID: "00-s-1", Script: fmt.Sprintf("sleep 300 & echo $! >%s; echo done", pidFile)})
+		if code != 0 || out != "done\n" {
+			t.Errorf("%d %q", code, out)
+		}
+		if d := time.Since(start); d > 20*time.Second {
+			t.Errorf("took %v; the drain is 1s", d)
+		}
+		b, _ := os.ReadFile(pidFile)
+		if alive(t, exec, strings.TrimSpace(string(b))) {
+			t.Errorf("the background process survived the stage")
+		}
+	})
+}
+
+func TestOptionsValidation(t *testing.T) {
+	tests := []struct {
+		name string
+		o    detach.Options
+		want string
+	}{
+		{"no exec", detach.Options{Dir: "/x"}, "Exec is nil"},
+		{"relative dir", detach.Options{Dir: "x", Exec: &countingExec{}}, "Dir"},
+		{"bad shell", detach.Options{Dir: "/x", Exec: &countingExec{}, Shell: "sh -c"}, "Shell"},
+		{"relative file", detach.Options{Dir: "/x", Exec: &countingExec{}, Files: []detach.File{{Path: "a"}}}, "Files[0]"},
+	}
+	for _, tt := range tests {
+		if _, err := detach.New(tt.o); err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%s: %v, want %q", tt.name, err, tt.want)
+		}
+	}
+}
+
+// testWriter logs through t.
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Helper()
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
