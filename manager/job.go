@@ -309,7 +309,7 @@ func (m *Manager) execute(r *runner, job *runnerapi.JobResponse, plan *buildscri
 			m.observeStart(r, job, received)
 		}
 	}
-	runner := jobRunner{Runner: stages, now: m.now, phases: phases, lost: lease.Lost()}
+	runner := jobRunner{Runner: stages, now: m.now, phases: phases, lost: lease.Lost(), firstOutput: new(sync.Once), flush: tr.FlushSoon}
 	res := plan.Run(jobCtx, runner, out, buildscript.RunOptions{Now: m.now, OnStage: onStage})
 	// A lost VM and an abort end the job's context like a cancel does, but
 	// they are the runner's failures, not the user's.

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"path"
+	"sync"
 	"time"
 
 	"github.com/mayfly-ci/mayfly/manager/buildscript"
@@ -18,11 +19,16 @@ import (
 // jobRunner is the job's stage runner as the manager uses it: every Run
 // of a stage is timed as that stage's phase, and once the VM is lost
 // (lost closed) nothing more is asked of it.
+//
+// The first byte of output any stage writes asks the trace to go out at
+// once (firstOutput), rather than at the next trace interval.
 type jobRunner struct {
 	stagerun.Runner
-	now    func() time.Time
-	phases *phaseLog
-	lost   <-chan struct{}
+	now         func() time.Time
+	phases      *phaseLog
+	lost        <-chan struct{}
+	firstOutput *sync.Once
+	flush       func()
 }
 
 func (t jobRunner) Run(ctx context.Context, s stagerun.Stage, out io.Writer) (int, error) {
@@ -34,7 +40,25 @@ func (t jobRunner) Run(ctx context.Context, s stagerun.Stage, out io.Writer) (in
 		_, name, _, _ := stagerun.ParseStageID(s.ID)
 		t.phases.since(stagePhase(buildscript.StageName(name)), start)
 	}()
+	if t.firstOutput != nil && t.flush != nil {
+		out = &onFirstWrite{w: out, once: t.firstOutput, f: t.flush}
+	}
 	return t.Runner.Run(ctx, s, out)
+}
+
+// onFirstWrite calls f after the first non-empty write through it.
+type onFirstWrite struct {
+	w    io.Writer
+	once *sync.Once
+	f    func()
+}
+
+func (o *onFirstWrite) Write(p []byte) (int, error) {
+	n, err := o.w.Write(p)
+	if n > 0 {
+		o.once.Do(o.f)
+	}
+	return n, err
 }
 
 func (t jobRunner) Stop(ctx context.Context, id string) error {

@@ -60,6 +60,9 @@ type Manager struct {
 	abortJobs context.CancelCauseFunc
 	jobsCtx   context.Context
 	jobs      sync.WaitGroup
+
+	jobEndMu sync.Mutex
+	jobEnd   chan struct{} // closed (and replaced) when a job ends
 }
 
 // runner is one [[runners]] entry at run time.
@@ -83,6 +86,7 @@ func New(opts Options) (*Manager, error) {
 		slots:         make(chan struct{}, opts.Config.Concurrent),
 		traceInterval: opts.TraceInterval,
 		drain:         make(chan struct{}),
+		jobEnd:        make(chan struct{}),
 	}
 	if m.log == nil {
 		m.log = slog.Default()
@@ -211,8 +215,13 @@ func (m *Manager) Abort() {
 }
 
 // poll is one job-request loop of runner r.
+//
+// A poll that found no free slot (concurrent, limit) waits for the next
+// tick or for a job to end, whichever comes first: as gitlab-runner does,
+// the next job is asked for as soon as one ends. After a request GitLab
+// answered without a job, or that failed, it waits for the tick.
 func (m *Manager) poll(ctx context.Context, r *runner) {
-	wait := func() bool {
+	wait := func(freed <-chan struct{}) bool {
 		t := time.NewTimer(m.cfg.CheckInterval)
 		defer t.Stop()
 		select {
@@ -220,9 +229,12 @@ func (m *Manager) poll(ctx context.Context, r *runner) {
 			return false
 		case <-t.C:
 			return true
+		case <-freed:
+			return true
 		}
 	}
 	for ctx.Err() == nil {
+		freed := m.jobEndSignal() // before trying, so that no end is missed
 		started, reason := m.tryRequest(ctx, r)
 		if started {
 			continue // as gitlab-runner: ask again at once after a job arrives
@@ -230,10 +242,28 @@ func (m *Manager) poll(ctx context.Context, r *runner) {
 		if reason != "" {
 			m.metrics.requestsSkipped.WithLabelValues(r.cfg.Name, reason).Inc()
 		}
-		if !wait() {
+		if reason != "concurrent" && reason != "limit" {
+			freed = nil
+		}
+		if !wait(freed) {
 			return
 		}
 	}
+}
+
+// jobEndSignal returns a channel closed when the next job ends.
+func (m *Manager) jobEndSignal() <-chan struct{} {
+	m.jobEndMu.Lock()
+	defer m.jobEndMu.Unlock()
+	return m.jobEnd
+}
+
+// signalJobEnd wakes the polls waiting for a free slot.
+func (m *Manager) signalJobEnd() {
+	m.jobEndMu.Lock()
+	defer m.jobEndMu.Unlock()
+	close(m.jobEnd)
+	m.jobEnd = make(chan struct{})
 }
 
 // tryRequest asks GitLab for one job if a slot is free and the fleet
@@ -286,6 +316,7 @@ func (m *Manager) tryRequest(ctx context.Context, r *runner) (started bool, skip
 	m.jobs.Add(1)
 	go func() {
 		defer m.jobs.Done()
+		defer m.signalJobEnd() // after the slots are free
 		defer release()
 		m.runJob(r, resp.Job, res, wait, received, phases)
 	}()

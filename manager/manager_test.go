@@ -44,6 +44,13 @@ func newEnv(t *testing.T, jobs []coordinator.JobSpec, edit func(*config.Runner),
 // local fleet (nil: the local fleet itself).
 func newEnvFleet(t *testing.T, jobs []coordinator.JobSpec, edit func(*config.Runner), wrap func(*localfleet.Fleet) manager.Fleet, faults ...coordinator.Fault) *env {
 	t.Helper()
+	return newEnvConfig(t, jobs, nil, nil, edit, wrap, faults...)
+}
+
+// newEnvConfig is newEnvFleet with the manager's whole config edited by
+// editCfg (nil: concurrent 4, check_interval 20ms).
+func newEnvConfig(t *testing.T, jobs []coordinator.JobSpec, editCfg func(*config.Config), editOpts func(*manager.Options), edit func(*config.Runner), wrap func(*localfleet.Fleet) manager.Fleet, faults ...coordinator.Fault) *env {
+	t.Helper()
 	srv, err := coordinator.New(coordinator.Config{Logger: slog.New(slog.DiscardHandler), TraceUpdateInterval: time.Second})
 	if err != nil {
 		t.Fatal(err)
@@ -97,13 +104,21 @@ func newEnvFleet(t *testing.T, jobs []coordinator.JobSpec, edit func(*config.Run
 	if wrap != nil {
 		mf = wrap(fleet)
 	}
-	m, err := manager.New(manager.Options{
-		Config:        &config.Config{Concurrent: 4, CheckInterval: 20 * time.Millisecond, Runners: []config.Runner{rc}},
+	cfg := &config.Config{Concurrent: 4, CheckInterval: 20 * time.Millisecond, Runners: []config.Runner{rc}}
+	if editCfg != nil {
+		editCfg(cfg)
+	}
+	opts := manager.Options{
+		Config:        cfg,
 		Fleets:        map[string]manager.Fleet{"local": mf},
 		Registerer:    reg,
 		Logger:        slog.New(slog.DiscardHandler),
 		TraceInterval: 50 * time.Millisecond,
-	})
+	}
+	if editOpts != nil {
+		editOpts(&opts)
+	}
+	m, err := manager.New(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -483,5 +498,61 @@ func TestRequestBackoff(t *testing.T) {
 	}
 	if got := counterSum(t, e.reg, "gitlab_runner_api_request_statuses_total"); got < 5 {
 		t.Errorf("API request statuses counted = %v, want the faults and the successes", got)
+	}
+}
+
+// The next job is asked for as soon as a job ends, not at the next
+// check_interval tick, while concurrent or limit kept the poll from
+// asking; after GitLab answered without a job, the poll waits for the
+// tick again.
+func TestNextJobRequestedWhenAJobEnds(t *testing.T) {
+	for _, tt := range []struct {
+		name       string
+		concurrent int
+		limit      int
+	}{{"concurrent", 1, 0}, {"limit", 4, 1}} {
+		t.Run(tt.name, func(t *testing.T) {
+			jobs := []coordinator.JobSpec{{Name: "one", Script: []string{"echo one"}}, {Name: "two", Script: []string{"echo two"}}, {Name: "three", Script: []string{"echo three"}}}
+			e := newEnvConfig(t, jobs, func(c *config.Config) {
+				c.Concurrent = tt.concurrent
+				c.CheckInterval = time.Hour // a tick never comes during the test
+			}, nil, func(r *config.Runner) { r.Limit = tt.limit }, nil)
+			for _, j := range jobs {
+				if got := e.job(j.Name); got.Status != "success" {
+					t.Fatalf("job %s: %s", j.Name, got.Status)
+				}
+			}
+			// One request per job, one that found nothing, and no more:
+			// an empty answer is not retried before the tick.
+			time.Sleep(300 * time.Millisecond)
+			if got := counterSum(t, e.reg, "mayfly_job_requests_total"); got != 4 {
+				t.Errorf("%v job requests, want 4 (three jobs and one empty answer)", got)
+			}
+		})
+	}
+}
+
+// The first output of a job's script goes to GitLab at once, not at the
+// next trace interval.
+func TestFirstOutputSentAtOnce(t *testing.T) {
+	e := newEnvConfig(t, []coordinator.JobSpec{{Name: "slow", Script: []string{"echo first-line", "sleep 5", "echo done"}}},
+		nil, func(o *manager.Options) { o.TraceInterval = time.Hour }, nil, nil)
+	e.waitStatus("slow", "running")
+	deadline := time.Now().Add(4 * time.Second)
+	for {
+		var tr string
+		for _, j := range e.srv.Jobs() {
+			tr = string(j.Trace)
+		}
+		if strings.Contains(tr, "first-line") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the first output did not reach GitLab within 4s, with a trace interval of 1h; trace so far %q", tr)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if j := e.job("slow"); j.Status != "success" {
+		t.Errorf("job: %s", j.Status)
 	}
 }

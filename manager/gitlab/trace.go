@@ -99,6 +99,7 @@ type JobTrace struct {
 	sendMu     sync.Mutex // serialises uploads: loop, Flush, Finish
 	cancelLoop context.CancelFunc
 	loopDone   chan struct{}
+	wake       chan struct{} // FlushSoon: send without waiting for the interval
 }
 
 // StartJobTrace starts uploading the trace of job id (jobToken is the job's
@@ -123,6 +124,7 @@ func (c *Client) StartJobTrace(ctx context.Context, id int64, jobToken string, o
 		lastSuccess: c.clock.Now(),
 		canceled:    make(chan struct{}),
 		loopDone:    make(chan struct{}),
+		wake:        make(chan struct{}, 1),
 	}
 	loopCtx, cancel := context.WithCancel(ctx)
 	t.cancelLoop = cancel
@@ -213,6 +215,16 @@ func (t *JobTrace) Sent() int {
 	return t.sent
 }
 
+// FlushSoon asks the upload goroutine to send the unsent trace now rather
+// than at the next interval, without waiting for it: the first output of a
+// job's script reaches GitLab at once.
+func (t *JobTrace) FlushSoon() {
+	select {
+	case t.wake <- struct{}{}:
+	default:
+	}
+}
+
 // Flush sends the unsent trace now and reports whether all of it was accepted.
 func (t *JobTrace) Flush(ctx context.Context) error {
 	t.sendMu.Lock()
@@ -241,6 +253,8 @@ func (t *JobTrace) run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-timer.C:
+		case <-t.wake:
+			timer.Stop() // Reset below; since Go 1.23 no stale tick is left
 		}
 		t.tick(ctx)
 		if t.Aborted() {
