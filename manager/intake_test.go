@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -132,5 +133,85 @@ func TestBadPayloadTakesNoInstance(t *testing.T) {
 	}
 	if n := fl.cancelled.Load(); n < 1 {
 		t.Errorf("the bad job's reservation was not given back")
+	}
+}
+
+// A drain while a job request is in flight does not drop the answer: GitLab
+// may have handed the job out already, and a dropped job would stay running
+// in GitLab until its timeout.
+func TestDrainKeepsJobRequestInFlight(t *testing.T) {
+	var (
+		mu      sync.Mutex
+		served  bool
+		updates []map[string]any
+	)
+	handedOut := make(chan struct{})
+	gl := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		switch {
+		case r.URL.Path == "/api/v4/jobs/request":
+			mu.Lock()
+			first := !served
+			served = true
+			mu.Unlock()
+			if !first {
+				w.WriteHeader(http.StatusNoContent)
+				return
+			}
+			close(handedOut)
+			time.Sleep(300 * time.Millisecond) // the drain comes meanwhile
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusCreated)
+			_, _ = io.WriteString(w, `{"id": 8, "token": "job-token-8",
+				"job_info": {"name": "late", "stage": "test", "project_id": 1, "project_name": "p"},
+				"git_info": {"repo_url": "http://127.0.0.1/p.git", "ref": "main", "sha": "0123456789abcdef0123456789abcdef01234567", "ref_type": "branch"},
+				"runner_info": {"timeout": 3600}, "variables": [{"key": "GIT_STRATEGY", "value": "none"}],
+				"steps": [{"name": "script", "script": ["echo late"], "timeout": 3600, "when": "on_success"}]}`)
+		case r.Method == http.MethodPatch:
+			w.Header().Set("Range", "0-"+strconv.Itoa(int(max(r.ContentLength-1, 0))))
+			w.WriteHeader(http.StatusAccepted)
+		case r.Method == http.MethodPut:
+			var u map[string]any
+			_ = json.Unmarshal(body, &u)
+			mu.Lock()
+			updates = append(updates, u)
+			mu.Unlock()
+			w.WriteHeader(http.StatusOK)
+		default:
+			w.WriteHeader(http.StatusNotFound)
+		}
+	}))
+	defer gl.Close()
+
+	dir := t.TempDir()
+	local := localfleet.New(filepath.Join(dir, "vms"), 1)
+	defer local.Close()
+	rc := config.Runner{
+		Name: "local", URL: gl.URL, Token: runnerToken, RequestConcurrency: 1, OutputLimitKB: 4096,
+		Executor: "instance", Shell: "bash", BuildsDir: filepath.Join(dir, "builds"), MaxJobTimeout: time.Hour,
+		Fleet: config.Fleet{Connector: config.Connector{OS: "linux", Arch: "amd64"}},
+	}
+	m, err := manager.New(manager.Options{
+		Config:     &config.Config{Concurrent: 1, CheckInterval: 20 * time.Millisecond, Runners: []config.Runner{rc}},
+		Fleets:     map[string]manager.Fleet{"local": local},
+		Registerer: prometheus.NewRegistry(),
+		Logger:     slog.New(slog.DiscardHandler),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { defer close(done); _ = m.Run(context.Background()) }()
+	<-handedOut
+	m.Drain()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("manager did not finish draining")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(updates) != 1 || updates[0]["state"] != "success" {
+		t.Errorf("updates %v, want the job handed out during the drain run and reported success", updates)
 	}
 }

@@ -177,7 +177,7 @@ func (m *Manager) Run(ctx context.Context) error {
 			pollers.Add(1)
 			go func() {
 				defer pollers.Done()
-				m.poll(pollCtx, r)
+				m.poll(pollCtx, ctx, r)
 			}()
 		}
 	}
@@ -214,13 +214,16 @@ func (m *Manager) Abort() {
 	})
 }
 
-// poll is one job-request loop of runner r.
+// poll is one job-request loop of runner r. It stops when ctx ends (a
+// drain); a job request in flight then still completes unless reqCtx ends
+// too (an abort): GitLab may have handed the job out already, and a job
+// whose answer is dropped stays running in GitLab until its timeout.
 //
 // A poll that found no free slot (concurrent, limit) waits for the next
 // tick or for a job to end, whichever comes first: as gitlab-runner does,
 // the next job is asked for as soon as one ends. After a request GitLab
 // answered without a job, or that failed, it waits for the tick.
-func (m *Manager) poll(ctx context.Context, r *runner) {
+func (m *Manager) poll(ctx, reqCtx context.Context, r *runner) {
 	wait := func(freed <-chan struct{}) bool {
 		t := time.NewTimer(m.cfg.CheckInterval)
 		defer t.Stop()
@@ -235,7 +238,7 @@ func (m *Manager) poll(ctx context.Context, r *runner) {
 	}
 	for ctx.Err() == nil {
 		freed := m.jobEndSignal() // before trying, so that no end is missed
-		started, reason := m.tryRequest(ctx, r)
+		started, reason := m.tryRequest(reqCtx, r)
 		if started {
 			continue // as gitlab-runner: ask again at once after a job arrives
 		}
