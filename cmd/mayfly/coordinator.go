@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
@@ -24,6 +26,14 @@ func (l *stringList) String() string     { return strings.Join(*l, ",") }
 func (l *stringList) Set(v string) error { *l = append(*l, v); return nil }
 
 func runCoordinator(args []string, stdout, stderr io.Writer) int {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	return runCoordinatorContext(ctx, args, stdout, stderr)
+}
+
+// runCoordinatorContext is runCoordinator until ctx ends (SIGINT or SIGTERM
+// for the command).
+func runCoordinatorContext(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("coordinator", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	listen := fs.String("listen", "127.0.0.1:8929", "address to serve the GitLab runner API on")
@@ -34,6 +44,7 @@ func runCoordinator(args []string, stdout, stderr io.Writer) int {
 	fs.Var(&projects, "project", "serve `DIR` (a git repository, or a plain directory committed as is) as project root/<dir name>, or NAMESPACE/NAME=DIR, and run the pipeline of its .gitlab-ci.yml; repeatable")
 	externalURL := fs.String("external-url", "", "the coordinator's URL as jobs in VMs see it (git, API, registry); default: the listen address")
 	stateDir := fs.String("state-dir", "", "directory for the served repositories; default: a temporary directory removed at exit")
+	adminToken := fs.String("admin-token", "", "token the admin API (/-/mayfly/: traces, cancel, pipelines) requires in the Private-Token header; required, and generated and printed when empty, whenever the coordinator listens beyond loopback or jobs in VMs reach it (--external-url)")
 	pushToken := fs.String("push-token", "", "the administrator's access token (git read of every project, registry push, pipelines through the API); random when empty")
 	withRegistry := fs.Bool("registry", true, "serve a container registry at <external-url>/v2/ (CI_REGISTRY), stored under --state-dir")
 	registryMax := fs.Int64("registry-max-bytes", 10<<30, "bound on the registry's disk use")
@@ -42,7 +53,7 @@ func runCoordinator(args []string, stdout, stderr io.Writer) int {
 	exitWhenDone := fs.Bool("exit-when-done", false, "exit once every enqueued job has finished")
 	progress := fs.Bool("progress", false, "print each job's outcome as it finishes, the queue, and a summary at exit")
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: mayfly coordinator [--listen ADDR] [--external-url URL] [--project DIR]... [--pipeline FILE]... [--runner-token TOKEN]...\n\nServes an in-memory GitLab that speaks the runner API (/api/v4/...), for\ntests and the local demo, and an admin API under /-/mayfly/ to enqueue\npipelines, cancel jobs and read traces. Stops on SIGINT or SIGTERM.\n\nWith --project it also serves each project's repository over git's smart HTTP\n(<external-url>/<namespace>/<name>.git, read with gitlab-ci-token:<job token>\nwhile the job runs) and runs the pipeline of its .gitlab-ci.yml. A new pipeline\nof the directory as it is now: POST /api/v4/projects/<id>/pipeline?ref=<branch>\nwith the header PRIVATE-TOKEN: <push token>.\n\nFlags:\n")
+		fmt.Fprintf(fs.Output(), "Usage: mayfly coordinator [--listen ADDR] [--external-url URL] [--project DIR]... [--pipeline FILE]... [--runner-token TOKEN]...\n\nServes an in-memory GitLab that speaks the runner API (/api/v4/...), for\ntests and the local demo, and an admin API under /-/mayfly/ to enqueue\npipelines, cancel jobs and read traces. Stops on SIGINT or SIGTERM.\n\nWith --project it also serves each project's repository over git's smart HTTP\n(<external-url>/<namespace>/<name>.git, read with gitlab-ci-token:<job token>\nwhile the job runs) and runs the pipeline of its .gitlab-ci.yml. A new pipeline\nof the directory as it is now: POST /api/v4/projects/<id>/pipeline?ref=<branch>\nwith the header PRIVATE-TOKEN: <push token>.\n\nThe admin API reads every trace and cancels jobs: it requires --admin-token\nwhenever the coordinator listens on a non-loopback address or jobs in VMs\nreach it (--external-url); without the flag a token is generated and printed.\n\nFlags:\n")
 		fs.PrintDefaults()
 		fmt.Fprint(fs.Output(), unsupportedKeywordsHelp)
 	}
@@ -53,8 +64,6 @@ func runCoordinator(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	log := slog.New(slog.NewTextHandler(stderr, nil))
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {
 		fmt.Fprintf(stderr, "mayfly coordinator: %v\n", err)
@@ -75,7 +84,13 @@ func runCoordinator(args []string, stdout, stderr io.Writer) int {
 		defer os.RemoveAll(tmp)
 		state = tmp
 	}
+	admin, generated, err := adminTokenFor(*adminToken, ln.Addr(), *externalURL)
+	if err != nil {
+		fmt.Fprintf(stderr, "mayfly coordinator: %v\n", err)
+		return 1
+	}
 	cfg := coordinator.Config{
+		AdminToken:        admin,
 		RegistrationToken: *regToken,
 		ExternalURL:       ext,
 		LongPoll:          *longPoll,
@@ -113,6 +128,9 @@ func runCoordinator(args []string, stdout, stderr io.Writer) int {
 		}
 	}
 	fmt.Fprintf(stdout, "coordinator on http://%s (registration token %s)\n", ln.Addr(), srv.RegistrationToken())
+	if generated {
+		fmt.Fprintf(stdout, "admin API token %s (Private-Token header; generated: the admin API is reachable beyond this host's loopback)\n", admin)
+	}
 	if ext != "http://"+ln.Addr().String() {
 		fmt.Fprintf(stdout, "jobs see it at %s\n", ext)
 	}
@@ -258,4 +276,26 @@ func printSummary(w io.Writer, jobs []coordinator.JobRecord) {
 		}
 		fmt.Fprintf(w, "%-4d %-22s %-10s %s\n", j.ID, j.ProjectPath+"/"+j.Name, d, outcome(j))
 	}
+}
+
+// adminTokenFor returns the admin API's token: the one given, or, when the
+// API is reachable from beyond this host's loopback (a non-loopback listen
+// address, or jobs in VMs reaching it through --external-url), a random one
+// (generated reports that). On loopback alone with no token the API is open.
+func adminTokenFor(given string, listen net.Addr, externalURL string) (token string, generated bool, err error) {
+	if given != "" {
+		return given, false, nil
+	}
+	exposed := externalURL != ""
+	if tcp, ok := listen.(*net.TCPAddr); ok && !tcp.IP.IsLoopback() {
+		exposed = true
+	}
+	if !exposed {
+		return "", false, nil
+	}
+	b := make([]byte, 20)
+	if _, err := rand.Read(b); err != nil {
+		return "", false, fmt.Errorf("admin token: %w", err)
+	}
+	return "mfa-" + hex.EncodeToString(b), true, nil
 }

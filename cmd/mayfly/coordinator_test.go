@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -30,11 +32,15 @@ func runCoordinatorCmd(t *testing.T, args ...string) *runningCoordinator {
 	t.Helper()
 	outR, outW := io.Pipe()
 	c := &runningCoordinator{lines: make(chan string, 1024), done: make(chan int, 1), scanned: make(chan struct{}), all: &strings.Builder{}}
+	ctx, cancel := context.WithCancel(context.Background())
+	exited := make(chan struct{})
 	go func() {
-		code := run(append([]string{"coordinator", "--listen", "127.0.0.1:0"}, args...), outW, io.Discard)
+		defer close(exited)
+		code := runCoordinatorContext(ctx, append([]string{"--listen", "127.0.0.1:0"}, args...), outW, io.Discard)
 		outW.Close()
 		c.done <- code
 	}()
+	t.Cleanup(func() { cancel(); <-exited })
 	go func() {
 		defer close(c.scanned)
 		defer close(c.lines)
@@ -132,5 +138,68 @@ func TestDemoPipelineParses(t *testing.T) {
 	}
 	if len(f.Projects) < 2 || jobs < 6 {
 		t.Errorf("demo pipeline has %d projects and %d jobs, want at least 2 and 6", len(f.Projects), jobs)
+	}
+}
+
+// The admin API reads every trace and cancels jobs: it needs a token as
+// soon as anything beyond this host's loopback (or a job in a VM) can
+// reach it (issue 19).
+func TestCoordinatorAdminToken(t *testing.T) {
+	loop := &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 8929}
+	wide := &net.TCPAddr{IP: net.IPv4zero, Port: 8929}
+	for _, tt := range []struct {
+		name          string
+		given         string
+		listen        net.Addr
+		external      string
+		wantGenerated bool
+		wantOpen      bool
+	}{
+		{"loopback only: open", "", loop, "", false, true},
+		{"given token kept", "tok", wide, "", false, false},
+		{"all interfaces: generated", "", wide, "", true, false},
+		{"jobs in VMs reach it: generated", "", loop, "http://10.0.2.2:8929", true, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			tok, gen, err := adminTokenFor(tt.given, tt.listen, tt.external)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if gen != tt.wantGenerated || (tok == "") != tt.wantOpen || (tt.given != "" && tok != tt.given) {
+				t.Errorf("token %q generated %v", tok, gen)
+			}
+		})
+	}
+
+	rc := runCoordinatorCmd(t, "--external-url", "http://10.0.2.2:8929", "--registry=false")
+	var token string
+	deadline := time.After(10 * time.Second)
+	for token == "" {
+		select {
+		case l := <-rc.lines:
+			if rest, ok := strings.CutPrefix(l, "admin API token "); ok {
+				token, _, _ = strings.Cut(rest, " ")
+			}
+		case <-deadline:
+			t.Fatal("no admin token printed")
+		}
+	}
+	get := func(tok string) int {
+		req, _ := http.NewRequest("GET", "http://"+rc.addr+"/-/mayfly/jobs", nil)
+		if tok != "" {
+			req.Header.Set("Private-Token", tok)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if code := get(""); code != http.StatusUnauthorized {
+		t.Errorf("admin API without the token: %d, want 401", code)
+	}
+	if code := get(token); code != http.StatusOK {
+		t.Errorf("admin API with the printed token: %d, want 200", code)
 	}
 }
