@@ -421,12 +421,12 @@ func TestGrafanaDashboard(t *testing.T) {
 	for _, m := range []string{
 		"gitlab_runner_autoscaling_machine_states",                // instances by state
 		"mayfly_fleet_idle_target", "mayfly_fleet_idle_instances", // idle target vs actual
-		"runner:mayfly_job_queue_to_start_within_120s:ratio_rate30m",              // share within 120 s
-		"runner:mayfly_job_queue_to_start_seconds:p50_rate5m",                     // p50
-		"runner:mayfly_job_queue_to_start_seconds:p90_rate5m",                     // p90
-		"mayfly_jobs_finished_total",                                              // jobs by outcome
-		"runner:mayfly_runner_system_failures:ratio_rate30m",                      // system failure rate
-		"mayfly_fleet_provider_calls_total", "mayfly_fleet_provider_errors_total", // provider by op
+		"runner:mayfly_job_queue_to_start_within_120s:ratio_rate30m",        // share within 120 s
+		"runner:mayfly_job_queue_to_start_seconds:p50_rate5m",               // p50
+		"runner:mayfly_job_queue_to_start_seconds:p90_rate5m",               // p90
+		"mayfly_jobs_finished_total",                                        // jobs by outcome
+		"runner:mayfly_runner_system_failures:ratio_rate30m",                // system failure rate
+		"mayfly_provider_calls_total", "mayfly_fleet_provider_errors_total", // provider by call and op
 	} {
 		if !used[m] {
 			t.Errorf("dashboard has no panel on %s", m)

@@ -128,14 +128,23 @@ func (a *api) Calls() map[string]int {
 	return maps.Clone(a.calls)
 }
 
-func (a *api) Create(ctx context.Context, n int, labels map[string]string) ([]string, error) {
-	var ids []string
+// Create asks for n instances. A providers.Launcher returns them with
+// their connect info; otherwise only the ids are set.
+func (a *api) Create(ctx context.Context, n int, labels map[string]string) ([]providers.Instance, error) {
+	var out []providers.Instance
 	err := a.call(ctx, OpCreate, func(ctx context.Context) error {
-		var err error
-		ids, err = a.prov.Create(ctx, n, labels)
+		if l, ok := a.prov.(providers.Launcher); ok {
+			var err error
+			out, err = l.Launch(ctx, n, labels)
+			return err
+		}
+		ids, err := a.prov.Create(ctx, n, labels)
+		for _, id := range ids {
+			out = append(out, providers.Instance{ID: id})
+		}
 		return err
 	})
-	return ids, err
+	return out, err
 }
 
 func (a *api) Delete(ctx context.Context, ids []string) ([]string, error) {

@@ -15,19 +15,24 @@ const maxDeleteBatch = 500
 // create runs one Create call for n instances.
 func (f *Fleet) create(ctx context.Context, n int) {
 	start := f.clock.Now()
-	ids, err := f.api.Create(ctx, n, f.labels)
+	made, err := f.api.Create(ctx, n, f.labels)
 	f.mu.Lock()
 	now := f.clock.Now()
 	f.requested -= n
 	f.counts[StateRequested] -= n
 	f.creating--
-	for _, id := range ids {
+	for i := range made {
+		id := made[i].ID
 		if old := f.books[id]; old != nil {
 			f.log.Error("provider returned an id already in the books", "instance", id, "state", old.state)
 			continue
 		}
 		in := f.addLocked(id, StateCreating, now)
 		in.requestedAt = start
+		if ci := made[i].ConnectInfo; ci != nil {
+			// Launched with its connect info: wait for SSH or WinRM now.
+			f.startProvisionLocked(in, ci)
+		}
 	}
 	if err != nil {
 		_, rateLimited := providers.IsRateLimited(err)
@@ -36,9 +41,9 @@ func (f *Fleet) create(ctx context.Context, n int) {
 		if !rateLimited && ctx.Err() == nil {
 			f.breaker.Fail(now, quota || capacity, f.cfg.CreateBackoff, f.cfg.CreateBackoffMax)
 		}
-		f.log.Warn("create instances failed", "requested", n, "created", len(ids), "kind", providers.KindOf(err), "failures", f.breaker.Failures, "retry_at", f.breaker.RetryAt, "error", err)
+		f.log.Warn("create instances failed", "requested", n, "created", len(made), "kind", providers.KindOf(err), "failures", f.breaker.Failures, "retry_at", f.breaker.RetryAt, "error", err)
 	} else {
-		f.log.Info("instances created", "count", len(ids))
+		f.log.Info("instances created", "count", len(made))
 	}
 	f.mu.Unlock()
 	f.kick()
@@ -109,14 +114,17 @@ func (f *Fleet) deleteBatch(ctx context.Context, ids []string) {
 	f.kick()
 }
 
-// provision makes a running instance ready: connect info, then the
-// provisioner. Transient connect-info errors are retried until the boot
-// watchdog cancels ctx.
-func (f *Fleet) provision(ctx context.Context, in *instance, inst providers.Instance) {
+// provision makes an instance ready: connect info (unless the provider
+// gave it with the instance: known), then the provisioner. Transient
+// connect-info errors are retried until the boot watchdog cancels ctx.
+func (f *Fleet) provision(ctx context.Context, in *instance, inst providers.Instance, known *providers.ConnectInfo) {
 	var ci providers.ConnectInfo
 	var err error
 	op := OpConnectInfo
-	for attempt := 1; ; attempt++ {
+	if known != nil {
+		ci = *known
+	}
+	for attempt := 1; known == nil; attempt++ {
 		ci, err = f.api.ConnectInfo(ctx, in.id)
 		switch {
 		case err == nil && ci.Protocol == providers.ProtocolSSH && ci.HostKey == "":
@@ -164,6 +172,7 @@ func (f *Fleet) provision(ctx context.Context, in *instance, inst providers.Inst
 		in.idleSince = now
 		if !in.requestedAt.IsZero() {
 			f.m.creation.WithLabelValues(f.cfg.Name).Observe(now.Sub(in.requestedAt).Seconds())
+			f.demand.Booted(now.Sub(in.createdAt))
 		}
 		f.breaker.Succeed(in.createdAt)
 		f.becomeIdleLocked(in, false)
@@ -174,16 +183,45 @@ func (f *Fleet) provision(ctx context.Context, in *instance, inst providers.Inst
 }
 
 // startProvisionLocked moves in from creating to provisioning and starts
-// making it ready.
-func (f *Fleet) startProvisionLocked(in *instance) {
+// making it ready; ci is its connect info when the provider gave it (nil:
+// ask). A connect info that does not validate is ignored.
+func (f *Fleet) startProvisionLocked(in *instance, ci *providers.ConnectInfo) {
+	if ci != nil && ci.Validate() != nil {
+		f.log.Warn("provider gave connect info that does not validate; asking for it", "instance", in.id, "error", ci.Validate())
+		ci = nil
+	}
 	if !f.setStateLocked(in, StateProvisioning) || f.stopped {
 		return
 	}
-	ctx, cancel := context.WithCancel(f.runCtx)
+	ctx, cancel := context.WithCancel(context.WithValue(f.runCtx, sleepKey{}, f.sleep))
 	in.cancel = cancel
 	inst := f.instanceOf(in)
 	f.spawn(func() {
 		defer cancel()
-		f.provision(ctx, in, inst)
+		f.provision(ctx, in, inst, ci)
 	})
+}
+
+type sleepKey struct{}
+
+// Sleep waits d or until ctx ends, and returns ctx's error if it ended
+// first. Called by a Provisioner with the context the fleet gave it, it
+// waits on the fleet's clock, so that a fleet on a fake clock (tests, the
+// simulator) replays the wait in virtual time; with any other context it
+// waits on the wall clock.
+func Sleep(ctx context.Context, d time.Duration) error {
+	if sleep, ok := ctx.Value(sleepKey{}).(func(context.Context, time.Duration) error); ok {
+		return sleep(ctx, d)
+	}
+	if d <= 0 {
+		return ctx.Err()
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }

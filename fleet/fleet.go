@@ -81,6 +81,7 @@ type Fleet struct {
 	waiters            []*waiter // blocked Acquire calls, first come first served
 	wastedWhileWaiting int       // instances deleted unused by choice while jobs were promised one
 	reserved           int       // promises not yet handed an instance: Reservations and blocked Acquires
+	jobsDone           int       // leases released after a job ran: the denominator of calls per job
 	lastPromise        time.Time // the last Reserve that succeeded and was not canceled
 	requested          int
 	breaker            Breaker
@@ -100,7 +101,8 @@ type Fleet struct {
 	goneIDs            []string // to record in the journal, outside mu
 	snapBuf            []InstanceView
 	firstCreating      time.Time   // earliest createdAt of a creating instance, as of the last pass
-	demand             DemandMeter // acquisitions and boot times
+	seenRunning        BootTimes   // creation to seen running in a list, for the list cadence
+	demand             DemandMeter // acquisitions and boot times (creation to ready)
 }
 
 // New checks cfg and returns a fleet. Nothing happens until Run.

@@ -54,13 +54,13 @@ func (f *Fleet) Reserve() (r *Reservation, wait time.Duration, ok bool) {
 		return nil, 0, false
 	}
 	f.lastPromise = now
-	beyondIdle := f.reserved >= f.counts[StateIdle]
+	onDemand := f.reserved >= f.counts[StateIdle]
 	f.reserved++
 	f.mu.Unlock()
-	if beyondIdle {
-		f.kick() // demand the scaler creates an instance for
-	}
-	return &Reservation{f: f, onDemand: wait > 0}, wait, true
+	// No kick: a promise beyond the idle instances becomes demand only
+	// when its job comes and Acquire waits. Most promises end in an empty
+	// poll, and creating an instance for each would churn.
+	return &Reservation{f: f, onDemand: onDemand}, wait, true
 }
 
 // Acquire takes the promised instance, waiting for it until ctx ends.
@@ -128,6 +128,7 @@ func (l *Lease) end(used bool, o Outcome) {
 	in := l.in
 	if used {
 		in.uses++
+		f.jobsDone++
 	}
 	if in.state == StateAcquired {
 		switch {
@@ -205,6 +206,7 @@ func (f *Fleet) acquire(ctx context.Context, planned bool) (*Lease, error) {
 	}
 	f.mu.Lock()
 	if w.in != nil { // handed over, perhaps just as ctx ended: commit decides
+		defer f.busy.Add(-1) // counted busy by handLocked
 		l := &Lease{f: f, in: w.in, inst: f.instanceOf(w.in), ci: w.in.ci}
 		j := f.journal
 		f.mu.Unlock()
@@ -250,6 +252,7 @@ func (f *Fleet) handLocked(in *instance) bool {
 	f.reserved--
 	f.takeLocked(in)
 	w.in = in
+	f.busy.Add(1) // until the waiter's Acquire returns (Settled)
 	close(w.ch)
 	return true
 }

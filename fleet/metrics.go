@@ -16,7 +16,7 @@ type metrics struct {
 	creation     *prometheus.HistogramVec // runner
 	removal      *prometheus.HistogramVec // runner
 	errors       *prometheus.CounterVec   // runner, op, kind
-	calls        *prometheus.CounterVec   // runner, op
+	calls        *prometheus.CounterVec   // runner, call
 	waits        *prometheus.CounterVec   // runner
 	waitSeconds  *prometheus.HistogramVec // runner
 	idleTarget   *prometheus.GaugeVec     // runner
@@ -45,8 +45,8 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "mayfly_fleet_provider_errors_total", Help: "Provider failures by runner, operation and kind (provider error kinds, boot_timeout, provision).",
 		}, []string{"runner", "op", "kind"}),
 		calls: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "mayfly_fleet_provider_calls_total", Help: "Provider API calls by runner and operation.",
-		}, []string{"runner", "op"}),
+			Name: "mayfly_provider_calls_total", Help: "Provider API calls by runner and call (create, delete, list, connect_info): the API budget, about 2 per job at best (one create, one delete).",
+		}, []string{"runner", "call"}),
 		waits: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "mayfly_fleet_acquisitions_waited_total", Help: "Acquisitions that found no idle instance and had to wait.",
 		}, []string{"runner"}),

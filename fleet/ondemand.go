@@ -7,6 +7,9 @@ import (
 	"github.com/mayfly-ci/mayfly/schedule"
 )
 
+// bootSamples is how many recent boot times BootTimes keeps.
+const bootSamples = 16
+
 // BootTimes keeps the most recent boot times (creation to ready). The zero
 // value is empty and ready to use; it is not safe for concurrent use.
 type BootTimes struct {
@@ -57,22 +60,34 @@ func (b *BootTimes) Shortest() time.Duration {
 	return slices.Min(r)
 }
 
+// unknownBoot is the wait Reservable reports for a new instance before any
+// boot time has been measured.
+const unknownBoot = time.Minute
+
 // Reservable decides whether one more job can be promised an instance at
 // s.Now, and how long it should expect to wait for it. s.Reserved holds
 // the promises already made. boot is the expected boot time, creation to
 // ready (0: none measured yet).
 //
-// An idle instance not promised to another job is given at once. Otherwise
-// the job is taken on demand, when l.OnDemandWithin is positive and the
-// instance it would get is expected within it: one already on its way
-// (they serve earlier promises first, in creation order) or a new one, if
-// MaxInstances, MaxGrowthRate and the creation breaker allow one now.
-// Nothing is promised on demand before a boot time is known, so a fleet of
-// slow-booting instances never takes a job that then waits minutes.
+// An idle instance not promised to another job is given at once. When
+// none is free, the job is taken on demand, unless l.OnDemandWithin is 0
+// (docker+machine's refusal: only idle instances, unless IdleCount is 0):
+//   - for an instance already on its way that no earlier promise claims
+//     (they are claimed in creation order), when it is expected within
+//     l.OnDemandWithin;
+//   - otherwise for a new instance, whatever the boot time, when
+//     MaxInstances, MaxGrowthRate and the creation breaker allow one now:
+//     the scaler creates it once the job comes. So a job never waits in
+//     GitLab's queue for lack of a decision while the fleet could start
+//     an instance for it, and the queue cannot run away, also when boots
+//     take longer than the window (Windows);
+//   - when no new instance may be created, a job is refused unless an
+//     instance on its way is expected within the window: GitLab keeps it
+//     for another runner, and this one asks again at its next poll.
 //
 // With IdleCount 0 in force the pool never holds an idle instance, so
-// every job is taken on demand whatever the window or boot time, as
-// docker+machine does with IdleCount 0; only the limits apply.
+// every job is taken on demand whatever the window, as docker+machine
+// does with IdleCount 0; only the limits apply.
 func Reservable(s Snapshot, p schedule.Policy, l Limits, boot time.Duration) (time.Duration, bool) {
 	now := s.Now
 	idle, inflight, total := 0, s.Requested, s.Requested
@@ -99,8 +114,12 @@ func Reservable(s Snapshot, p schedule.Policy, l Limits, boot time.Duration) (ti
 		return 0, true
 	}
 	always := p.IdleCount == 0
-	if !always && (l.OnDemandWithin <= 0 || boot <= 0) {
+	if !always && l.OnDemandWithin <= 0 {
 		return 0, false
+	}
+	expect := boot
+	if expect <= 0 {
+		expect = unknownBoot
 	}
 	// The promises beyond the idle instances take the instances on their
 	// way first, the earliest created first; Requested ones come last.
@@ -109,27 +128,25 @@ func Reservable(s Snapshot, p schedule.Policy, l Limits, boot time.Duration) (ti
 	for range s.Requested {
 		onTheWay = append(onTheWay, now)
 	}
-	if claimed < len(onTheWay) {
-		wait := max(onTheWay[claimed].Add(boot).Sub(now), 0)
-		if always || wait <= l.OnDemandWithin {
+	backed := claimed < len(onTheWay)
+	var wait time.Duration
+	if backed {
+		wait = max(onTheWay[claimed].Add(expect).Sub(now), 0)
+		if wait <= l.OnDemandWithin {
 			return wait, true
 		}
-		return 0, false
 	}
 	// A new instance. Promises the scaler has not created instances for
 	// yet count against the limits as if it had.
-	unbacked := claimed - len(onTheWay)
-	if !always && boot > l.OnDemandWithin {
-		return 0, false
+	unbacked := max(claimed-len(onTheWay), 0)
+	canCreate := !(l.MaxInstances > 0 && total+unbacked >= l.MaxInstances) &&
+		!(l.MaxGrowthRate > 0 && inflight+unbacked >= l.MaxGrowthRate) &&
+		(always || s.Breaker.Allow(now) != 0)
+	switch {
+	case canCreate && backed:
+		return min(wait, expect), true
+	case canCreate:
+		return expect, true
 	}
-	if l.MaxInstances > 0 && total+unbacked >= l.MaxInstances {
-		return 0, false
-	}
-	if l.MaxGrowthRate > 0 && inflight+unbacked >= l.MaxGrowthRate {
-		return 0, false
-	}
-	if !always && s.Breaker.Allow(now) == 0 {
-		return 0, false // in a creation backoff: nothing comes soon
-	}
-	return boot, true
+	return 0, false
 }

@@ -32,9 +32,13 @@ type Snapshot struct {
 	// have not returned.
 	Requested int
 	// Reserved is the number of jobs promised an instance and not yet
-	// handed one (reservations and blocked Acquire calls). Those beyond
-	// the idle instances are demand the scaler creates instances for.
+	// handed one: reservations (GitLab may still have no job for them)
+	// and Waiting. An idle instance a promise may take is never surplus.
 	Reserved int
+	// Waiting is the number of jobs that came and wait for an instance
+	// (blocked Acquire calls, included in Reserved): demand the scaler
+	// creates instances for, on top of the idle target.
+	Waiting int
 	// Breaker is the creation circuit breaker of the provider.
 	Breaker Breaker
 	// Demand is the measured traffic, used when the policy is Predictive.
@@ -101,9 +105,8 @@ type Plan struct {
 //   - available = idle + requested + creating + provisioning; the target
 //     is policy.IdleTarget(acquired) (or PredictiveTarget from s.Demand
 //     when policy.Predictive is set, recomputed at least every
-//     PredictiveReevaluate) plus the promises not yet handed an instance
-//     (reservations, jobs taken on demand, blocked Acquire calls) beyond
-//     the idle instances;
+//     PredictiveReevaluate) plus the jobs waiting for an instance (taken
+//     on demand, or blocked Acquire calls);
 //   - while available is above the target, idle instances idle for longer
 //     than IdleTime are deleted, the longest idle first, but never so many
 //     that fewer idle instances remain than promises;
@@ -161,12 +164,12 @@ func Decide(s Snapshot, p schedule.Policy, l Limits) Plan {
 	if p.Predictive {
 		wake(now.Add(PredictiveReevaluate)) // arrivals age out of the rate windows
 	}
-	// A promise of an idle instance leaves it in the pool until it is
-	// acquired (most promises of an idle instance end in an empty poll, and
-	// replacing it at once would churn), so only the promises beyond the
-	// idle instances add to the target. But an idle instance a promise
-	// will take is never surplus: at least Reserved idle instances stay.
-	want := plan.IdleTarget + max(s.Reserved-len(idle), 0)
+	// A promise leaves the pool as it is until its job comes (most
+	// promises end in an empty poll, and replacing or adding an instance
+	// for each would churn), so only the jobs waiting for an instance add
+	// to the target. But an idle instance a promise will take is never
+	// surplus: at least Reserved idle instances stay.
+	want := plan.IdleTarget + s.Waiting
 	avail := len(idle) + inflight
 
 	byIdleSince := func(a, b int) int {

@@ -89,9 +89,17 @@ func TestDecide(t *testing.T) {
 		},
 		{
 			name:       "blocked acquisitions add demand",
-			snap:       Snapshot{Instances: books("creating"), Reserved: 3},
+			snap:       Snapshot{Instances: books("creating"), Reserved: 3, Waiting: 3},
 			policy:     idle5,
 			wantTarget: 5, wantCreate: 7,
+		},
+		{
+			// A promise whose job has not come (GitLab may have none) adds
+			// nothing: creating for every poll would churn.
+			name:       "promises without a job add no demand",
+			snap:       Snapshot{Instances: books("creating"), Reserved: 3},
+			policy:     idle5,
+			wantTarget: 5, wantCreate: 4,
 		},
 		{
 			name:       "MaxGrowthRate caps creations in flight",
@@ -187,11 +195,12 @@ func TestDecide(t *testing.T) {
 		},
 		{
 			// The idle instance counts toward the target until a promise
-			// acquires it; the replacement is made then.
-			name:       "promises beyond idle and booting instances are created for",
-			snap:       Snapshot{Instances: books("idle", "creating"), Reserved: 3},
+			// acquires it; the replacement is made then. The two jobs
+			// that came and wait are created for.
+			name:       "jobs waiting beyond idle and booting instances are created for",
+			snap:       Snapshot{Instances: books("creating"), Reserved: 3, Waiting: 2},
 			policy:     schedule.Policy{IdleCount: 1},
-			wantTarget: 1, wantCreate: 1,
+			wantTarget: 1, wantCreate: 2,
 		},
 		{
 			name:       "boot watchdog deletes and replaces a slow instance",

@@ -58,10 +58,13 @@ func (f *Fleet) recover(ctx context.Context) error {
 		case pi.State == providers.StateFailed:
 			f.deleteLocked(f.addLocked(pi.ID, StateCreating, now), ReasonFailed)
 		case pi.State == providers.StateCreating:
-			f.addLocked(pi.ID, StateCreating, now)
+			in := f.addLocked(pi.ID, StateCreating, now)
+			if pi.ConnectInfo != nil {
+				f.startProvisionLocked(in, pi.ConnectInfo)
+			}
 			adopted++
 		case pi.State == providers.StateRunning:
-			f.startProvisionLocked(f.addLocked(pi.ID, StateCreating, now))
+			f.startProvisionLocked(f.addLocked(pi.ID, StateCreating, now), pi.ConnectInfo)
 			adopted++
 		}
 	}
@@ -161,9 +164,13 @@ func (f *Fleet) applyListLocked(list []providers.Instance, err error, startSeq, 
 		case providers.StateRunning:
 			if in.state == StateCreating {
 				if !in.requestedAt.IsZero() {
-					f.observeBootLocked(now.Sub(in.createdAt))
+					f.seenRunning.Observe(now.Sub(in.createdAt))
 				}
-				f.startProvisionLocked(in)
+				f.startProvisionLocked(in, pi.ConnectInfo)
+			}
+		case providers.StateCreating:
+			if in.state == StateCreating && pi.ConnectInfo != nil {
+				f.startProvisionLocked(in, pi.ConnectInfo) // wait for SSH or WinRM now
 			}
 		case providers.StateFailed:
 			f.providerLostLocked(in, "failed: "+pi.Reason)

@@ -78,47 +78,32 @@ func (f *Fleet) pass(ctx context.Context) time.Time {
 	return wake
 }
 
-// nextListLocked returns when the provider's list should be read next.
-// While instances are creating it is read every PollInterval, but not
-// before the first of them can be expected to run: its creation time plus
-// the shortest boot seen lately, less one PollInterval. Otherwise it is
-// read every ReconcileInterval. f.mu is held.
+// nextListLocked returns when the provider's list should be read next:
+// every ListInterval, so that a preempted or vanished instance is noticed
+// within one interval; and while instances wait in state creating for a
+// list to show them running, every ListIntervalBooting, but not before
+// the first of them can be expected to run (its creation plus the
+// shortest boot seen lately, less one ListIntervalBooting since a boot is
+// seen up to that late). One list serves every instance booting.
+// Instances the provider gave connect info for are not waited for with
+// lists: their provisioner waits for SSH or WinRM. f.mu is held.
 func (f *Fleet) nextListLocked() time.Time {
 	if !f.recovered {
 		return f.lastList.Add(f.cfg.ListIntervalBooting)
 	}
-	if f.counts[StateCreating] == 0 {
-		return f.lastList.Add(f.cfg.ListInterval)
+	next := f.lastList.Add(f.cfg.ListInterval)
+	if f.counts[StateCreating] == 0 || f.firstCreating.IsZero() {
+		return next
 	}
-	next := f.lastList.Add(f.cfg.ListIntervalBooting)
-	if lead := f.bootLead(); lead > 0 && !f.firstCreating.IsZero() {
-		if expect := f.firstCreating.Add(lead); expect.After(next) {
-			next = expect
-		}
+	due := f.lastList.Add(f.cfg.ListIntervalBooting)
+	lead := max(f.seenRunning.Shortest()-f.cfg.ListIntervalBooting, 0)
+	if expect := f.firstCreating.Add(lead); expect.After(due) {
+		due = expect
 	}
-	if limit := f.lastList.Add(f.cfg.ListInterval); limit.Before(next) {
-		return limit
+	if due.Before(next) {
+		return due
 	}
 	return next
-}
-
-// bootSamples is how many recent boot times BootTimes keeps.
-const bootSamples = 16
-
-// bootLead is how long after creation a list is first worth reading: the
-// shortest of the recent boot times (creation to seen running), less one
-// PollInterval since a boot is seen up to that late. f.mu is held.
-func (f *Fleet) bootLead() time.Duration {
-	shortest := f.demand.BootShortest()
-	if shortest == 0 {
-		return 0
-	}
-	return max(shortest-f.cfg.ListIntervalBooting, 0)
-}
-
-// observeBootLocked records how long an instance took to run. f.mu is held.
-func (f *Fleet) observeBootLocked(d time.Duration) {
-	f.demand.Booted(d)
 }
 
 // snapshotLocked copies the books for Decide (with the measured demand)
@@ -136,7 +121,7 @@ func (f *Fleet) snapshotLocked(now time.Time, withDemand bool) Snapshot {
 	if cap(views) > 4*len(views)+64 {
 		f.snapBuf = nil // the fleet shrank a lot: let the big buffer go
 	}
-	snap := Snapshot{Now: now, Instances: views, Requested: f.requested, Reserved: f.reserved, Breaker: f.breaker}
+	snap := Snapshot{Now: now, Instances: views, Requested: f.requested, Reserved: f.reserved, Waiting: len(f.waiters), Breaker: f.breaker}
 	if withDemand && f.policy.Predictive {
 		snap.Demand = f.demand.Demand(now, f.limits.CheckInterval, f.policy.Quantile())
 	}

@@ -32,10 +32,14 @@ type Status struct {
 	Reserved    int             `json:"reserved"` // jobs promised an instance not yet handed out
 	// DeletedUnusedWhileWaiting counts instances deleted unused by the
 	// fleet's choice while jobs were promised one: an invariant, always 0.
-	DeletedUnusedWhileWaiting int              `json:"deleted_unused_while_waiting"`
-	Breaker                   Breaker          `json:"breaker"`
-	APICalls                  map[string]int   `json:"api_calls"`
-	Instances                 []InstanceStatus `json:"instances"`
+	DeletedUnusedWhileWaiting int     `json:"deleted_unused_while_waiting"`
+	Breaker                   Breaker `json:"breaker"`
+	// APICalls counts provider calls by kind since the fleet started.
+	APICalls map[string]int `json:"api_calls"`
+	// JobsDone counts jobs that ran on the fleet's instances (leases
+	// released after a job).
+	JobsDone  int              `json:"jobs_done"`
+	Instances []InstanceStatus `json:"instances"`
 }
 
 // Status returns the fleet's current state, instances sorted by creation.
@@ -51,6 +55,7 @@ func (f *Fleet) Status() Status {
 		Counts:                    make(map[string]int, NumStates),
 		Reserved:                  f.reserved,
 		DeletedUnusedWhileWaiting: f.wastedWhileWaiting,
+		JobsDone:                  f.jobsDone,
 		Breaker:                   f.breaker,
 		Instances:                 make([]InstanceStatus, 0, len(f.books)),
 	}
@@ -74,4 +79,18 @@ func (f *Fleet) Status() Status {
 		return strings.Compare(a.ID, b.ID)
 	})
 	return st
+}
+
+// CallsPerJob returns the provider calls per job done (0 before the
+// first): the API budget, whose floor is 2 (one create, one delete) when
+// every instance runs one job and calls are not batched.
+func (st Status) CallsPerJob() float64 {
+	if st.JobsDone == 0 {
+		return 0
+	}
+	n := 0
+	for _, c := range st.APICalls {
+		n += c
+	}
+	return float64(n) / float64(st.JobsDone)
 }

@@ -92,6 +92,24 @@ type Instance struct {
 	CreatedAt time.Time
 	// Reason explains the state when useful, e.g. "preempted".
 	Reason string
+	// ConnectInfo, set by a provider whose list can tell how to reach the
+	// instance, saves the fleet one ConnectInfo call per instance; nil:
+	// ask ConnectInfo once the instance runs. When set it is complete
+	// (Validate passes) and final; it may come while the instance is
+	// still creating, and the fleet then waits for SSH or WinRM at once.
+	// The plugin protocol does not carry it yet: in-process providers
+	// only.
+	ConnectInfo *ConnectInfo
+}
+
+// Launcher is implemented by providers that know how to reach an instance
+// as soon as they create it. Launch is Create returning each new instance
+// with its ConnectInfo: the fleet then waits for SSH or WinRM at once and
+// needs neither a list nor a ConnectInfo call to make it ready. On partial
+// failure it returns the instances it did create with the error. The
+// plugin protocol does not carry it yet: in-process providers only.
+type Launcher interface {
+	Launch(ctx context.Context, n int, labels map[string]string) ([]Instance, error)
 }
 
 // HasLabels reports whether the instance carries every label in want.

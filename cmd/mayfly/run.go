@@ -384,6 +384,17 @@ func statusLine(st fleet.Status) string {
 	if st.Held != "" {
 		line += ", held: " + st.Held
 	}
+	if st.DeletedUnusedWhileWaiting > 0 {
+		line += fmt.Sprintf(", %d deleted unused while jobs waited (a bug)", st.DeletedUnusedWhileWaiting)
+	}
+	if st.JobsDone > 0 {
+		calls := make([]string, 0, len(st.APICalls))
+		for call, n := range st.APICalls {
+			calls = append(calls, fmt.Sprintf("%s %.2f", call, float64(n)/float64(st.JobsDone)))
+		}
+		sort.Strings(calls)
+		line += fmt.Sprintf("; %d jobs, %.2f provider calls/job (%s)", st.JobsDone, st.CallsPerJob(), strings.Join(calls, ", "))
+	}
 	return line
 }
 

@@ -229,7 +229,7 @@ func (m *mayfly) snapshot(now time.Time, withDemand bool) fleet.Snapshot {
 		views = append(views, fleet.InstanceView{ID: v.name, State: st, CreatedAt: v.createdAt, IdleSince: v.idleSince, Uses: v.uses})
 	}
 	m.views = views
-	snap := fleet.Snapshot{Now: now, Instances: views, Requested: requested, Reserved: len(m.waitQ), Breaker: m.breaker}
+	snap := fleet.Snapshot{Now: now, Instances: views, Requested: requested, Reserved: len(m.waitQ), Waiting: len(m.waitQ), Breaker: m.breaker}
 	if withDemand && m.pred != nil {
 		snap.Demand = m.pred.Demand(now, m.w.o.CheckInterval, m.policy(now).Quantile())
 	}

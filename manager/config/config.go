@@ -33,11 +33,10 @@ const (
 	DefaultMaxJobTimeout = 3 * time.Hour
 	// DefaultConnectTimeout bounds waiting for a new VM to accept SSH or WinRM.
 	DefaultConnectTimeout = 10 * time.Minute
-	// DefaultOnDemandWithin is how soon a VM must be expected for a job to
-	// be taken before one is idle. It leaves room under the 120 s
-	// queue-to-start SLO of hosted runners for the time the job already
-	// spent in the queue: 45 s Linux boots qualify, 5-minute Windows ones
-	// do not.
+	// DefaultOnDemandWithin turns on taking jobs on demand: when no VM is
+	// idle a job is taken and a VM created for it (see fleet.Reservable);
+	// when no VM may be created, only for one expected within this window.
+	// It leaves room under the 120 s queue-to-start SLO of hosted runners.
 	DefaultOnDemandWithin = 90 * time.Second
 )
 

@@ -411,7 +411,7 @@ func TestOnDemandWithinKeys(t *testing.T) {
 			if err := WriteSummary(&sum, cfg, time.Now()); err != nil {
 				t.Fatal(err)
 			}
-			want := "a job is taken for a VM expected within " + tt.want.String()
+			want := "only for a VM expected within " + tt.want.String()
 			if tt.want == 0 {
 				want = "off: a job is taken only for an idle VM"
 			}

@@ -77,7 +77,7 @@ func onDemandText(f Fleet) string {
 	if f.OnDemandWithin <= 0 {
 		return "off: a job is taken only for an idle VM (always on demand while IdleCount is 0)"
 	}
-	return fmt.Sprintf("a job is taken for a VM expected within %s (mayfly; gitlab-runner waits for an idle VM unless IdleCount is 0)", f.OnDemandWithin)
+	return fmt.Sprintf("on: when no VM is idle a job is taken and a VM created for it, whatever the boot time; at max instances, max growth rate or in a creation backoff, only for a VM expected within %s (mayfly; gitlab-runner waits for an idle VM unless IdleCount is 0)", f.OnDemandWithin)
 }
 
 // listText says how often the fleet reads the provider's list, which is

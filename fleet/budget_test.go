@@ -1,0 +1,151 @@
+package fleet
+
+import (
+	"context"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/mayfly-ci/mayfly/providers"
+	"github.com/mayfly-ci/mayfly/providers/fake"
+	"github.com/mayfly-ci/mayfly/schedule"
+)
+
+// listingProvider is the fake with connect info in its list, as a
+// provider whose list API tells how to reach each running instance.
+type listingProvider struct{ *recProvider }
+
+func (p listingProvider) List(ctx context.Context) ([]providers.Instance, error) {
+	list, err := p.recProvider.List(ctx)
+	for i := range list {
+		if list[i].State == providers.StateRunning {
+			ci, cerr := p.Fake.ConnectInfo(ctx, list[i].ID)
+			if cerr == nil {
+				list[i].ConnectInfo = &ci
+			}
+		}
+	}
+	return list, err
+}
+
+// launchingProvider is the fake as a providers.Launcher: Create returns
+// each instance with its connect info.
+type launchingProvider struct{ *recProvider }
+
+func (p launchingProvider) Launch(ctx context.Context, n int, labels map[string]string) ([]providers.Instance, error) {
+	ids, err := p.recProvider.Create(ctx, n, labels)
+	out := make([]providers.Instance, 0, len(ids))
+	for _, id := range ids {
+		ci, cerr := p.Fake.ConnectInfo(ctx, id)
+		if cerr != nil {
+			return out, cerr
+		}
+		out = append(out, providers.Instance{ID: id, State: providers.StateCreating, ConnectInfo: &ci})
+	}
+	return out, err
+}
+
+// bootWait is a Provisioner that waits, on the fleet's clock (Sleep), until
+// the fake reports the instance running, checking every second, as a
+// provisioner waits for SSH.
+type bootWait struct {
+	fk     *fake.Fake
+	checks atomic.Int64
+}
+
+func (b *bootWait) Provision(ctx context.Context, inst providers.Instance, ci providers.ConnectInfo) error {
+	for {
+		b.checks.Add(1)
+		list, _ := b.fk.List(ctx) // the instance's own port, not a provider API call
+		for _, in := range list {
+			if in.ID == inst.ID && in.State == providers.StateRunning {
+				return nil
+			}
+		}
+		if err := Sleep(ctx, time.Second); err != nil {
+			return err
+		}
+	}
+}
+
+// TestConnectInfoFromList: a provider whose list carries connect info
+// costs no ConnectInfo call per instance.
+func TestConnectInfoFromList(t *testing.T) {
+	h := newHarness(t, Config{Schedule: idlePolicy(schedule.Policy{IdleCount: 3})}, fake.Options{BootDelay: 20 * time.Second})
+	h.f.api.prov = listingProvider{h.prov}
+	h.start()
+	h.until(2*time.Minute, time.Second, "3 idle", func() bool { return h.f.Available() == 3 })
+	if n := h.f.Status().APICalls[OpConnectInfo]; n != 0 {
+		t.Errorf("%d ConnectInfo calls, want 0: the list told how to reach every instance", n)
+	}
+}
+
+// TestLauncherNeedsNoListToBoot: a providers.Launcher gives connect info
+// with the instance, so the provisioner waits for it to boot and no list
+// is read for that (only the periodic one, every ListInterval) and no
+// ConnectInfo call is made. The wait runs on the fleet's fake clock
+// through Sleep.
+func TestLauncherNeedsNoListToBoot(t *testing.T) {
+	const boot = 45 * time.Second
+	bw := &bootWait{}
+	h := newHarness(t, Config{
+		Schedule:    idlePolicy(schedule.Policy{IdleCount: 2}),
+		Provisioner: bw,
+		Limits:      Limits{ListInterval: time.Minute, ListIntervalBooting: 2 * time.Second},
+	}, fake.Options{BootDelay: boot})
+	bw.fk = h.prov.Fake
+	h.f.api.prov = launchingProvider{h.prov}
+	h.start()
+	start := h.clk.Now()
+	h.until(2*time.Minute, time.Second, "2 idle", func() bool { return h.f.Available() == 2 })
+	if took := h.clk.Now().Sub(start); took > boot+2*time.Second {
+		t.Errorf("pool ready after %v, want within a boot (%v) and a provisioner check", took, boot)
+	}
+	calls := h.f.Status().APICalls
+	if calls[OpConnectInfo] != 0 || calls[OpList] > 2 || calls[OpCreate] != 1 {
+		t.Errorf("calls %v; want 1 create, no connect_info, at most 2 lists (start-up and one periodic)", calls)
+	}
+	if n := bw.checks.Load(); n < int64(boot/time.Second) {
+		t.Errorf("provisioner checked %d times, want one a second during the boot", n)
+	}
+}
+
+// TestLossNoticedWithinListInterval: an acquired instance preempted while
+// nothing boots is noticed within one ListInterval (the issue asks for two
+// update intervals), and the lease's holder is told.
+func TestLossNoticedWithinListInterval(t *testing.T) {
+	const every = 30 * time.Second
+	h := newHarness(t, Config{Schedule: idlePolicy(schedule.Policy{IdleCount: 1}), Limits: Limits{ListInterval: every}}, fake.Options{})
+	h.start()
+	h.until(time.Minute, time.Second, "1 idle", func() bool { return h.f.Available() == 1 })
+	l := h.acquire()
+	h.advance(10*time.Second, time.Second) // the pool's replacement is up: nothing boots
+	h.prov.Preempt(l.ID())
+	at := h.clk.Now()
+	h.until(2*every, time.Second, "loss noticed", func() bool {
+		select {
+		case <-l.Lost():
+			return true
+		default:
+			return false
+		}
+	})
+	if took := h.clk.Now().Sub(at); took > every+time.Second {
+		t.Errorf("preemption noticed after %v, want within one ListInterval (%v)", took, every)
+	}
+	l.Release(SystemFailure)
+}
+
+// TestSleepWithoutFleetUsesWallClock: outside a fleet's provisioning,
+// Sleep waits on the wall clock and honours ctx.
+func TestSleepWithoutFleetUsesWallClock(t *testing.T) {
+	start := time.Now()
+	if err := Sleep(context.Background(), 5*time.Millisecond); err != nil || time.Since(start) < 5*time.Millisecond {
+		t.Errorf("Sleep returned %v after %v", err, time.Since(start))
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := Sleep(ctx, time.Hour); err == nil {
+		t.Error("Sleep on an ended context returned nil")
+	}
+}
