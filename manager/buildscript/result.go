@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/mayfly-ci/mayfly/manager/runnerapi"
+	"github.com/mayfly-ci/mayfly/manager/stagerun"
 )
 
 // Job statuses given to scripts in CI_JOB_STATUS.
@@ -103,6 +104,10 @@ func Decide(outcomes []Outcome, end JobEnd) Result {
 			r.Message = fmt.Sprintf("%s took longer than %v", o.Stage, o.Timeout)
 		case o.Err != nil:
 			r.FailureReason = runnerapi.FailureRunnerSystemFailure
+			var f *stagerun.Failure
+			if errors.As(o.Err, &f) {
+				r.FailureReason = compatibleReason(f.Reason, reason)
+			}
 			r.Message = o.Err.Error()
 		default:
 			r.FailureReason = runnerapi.FailureScriptFailure
@@ -112,6 +117,29 @@ func Decide(outcomes []Outcome, end JobEnd) Result {
 		return r
 	}
 	return Result{State: runnerapi.StateSuccess, Outcomes: outcomes}
+}
+
+// reasonFallback maps failure reasons that GitLab may not know to older
+// ones, as gitlab-runner's failure reason mapper does.
+var reasonFallback = map[string]string{
+	runnerapi.FailureImagePullFailure:         runnerapi.FailureRunnerSystemFailure,
+	runnerapi.FailureRunnerConfigurationError: runnerapi.FailureScriptFailure,
+}
+
+// compatibleReason returns want if GitLab accepts it (accepted maps a
+// reason it does not to unknown_failure), else its fallback.
+func compatibleReason(want string, accepted func(string) string) string {
+	for range 3 {
+		if r := accepted(want); r != runnerapi.FailureUnknownFailure {
+			return r
+		}
+		next, ok := reasonFallback[want]
+		if !ok {
+			break
+		}
+		want = next
+	}
+	return runnerapi.FailureUnknownFailure
 }
 
 // JobEndFrom reads how a job context ended: its deadline (the job timeout) or

@@ -61,6 +61,14 @@ const (
 	FailureUnmetPrerequisites   = "unmet_prerequisites"
 	FailureSchedulerFailure     = "scheduler_failure"
 	FailureDataIntegrityFailure = "data_integrity_failure"
+	// FailureImagePullFailure: the job's image or a service's could not be
+	// pulled (GitLab ≥ 16.x; older ones get runner_system_failure).
+	FailureImagePullFailure = "image_pull_failure"
+	// FailureRunnerConfigurationError is gitlab-runner's reason for a job
+	// the runner's settings refuse (an image not in allowed_images, too
+	// many services); GitLab does not know it, so it is sent as
+	// script_failure.
+	FailureRunnerConfigurationError = "runner_configuration_error"
 )
 
 // Step names in JobResponse.Steps.

@@ -4,21 +4,28 @@
 // Docker Engine the machine may run and several tests can run their own at
 // once.
 //
-// It runs in private PID and mount namespaces (unshare), so that its
-// containerd, shims and containers die with it and its mounts never reach
-// the host; it stays in the host's network namespace, so that a test's
-// local SSH server reaches it and its containers as a VM's sshd reaches
-// the VM's Docker Engine. It never touches iptables (--iptables=false,
-// --ip-masq=false) and has no default bridge (--bridge=none): containers
-// only join networks the test or the code under test makes, which tests
-// make internal, so no container reaches beyond the test.
+// The daemon is a small "machine" of its own: it runs in private network,
+// PID and mount namespaces (unshare), so that its bridges, containerd,
+// shims, containers and mounts die with it and never meet the host's (nor
+// the host's iptables rules: a FORWARD policy of DROP left by another
+// Docker Engine would cut its containers off each other). A veth pair
+// joins it to the host: the host side is HostIP, the daemon's side
+// GuestIP, the way a qemu VM sees its host at 10.0.2.2. A test runs the
+// machine's SSH server there (sshtest.RunIn with NetNS and GuestIP), serves
+// what the machine needs (a registry, git) on HostIP, and the daemon
+// trusts HostIP as a plain-HTTP registry. dockerd never touches iptables
+// (--iptables=false, --ip-masq=false) and has no default bridge
+// (--bridge=none): containers join only networks that tests make internal,
+// so no container reaches beyond the test.
 package dockertest
 
 import (
 	"bytes"
 	"context"
+	crand "crypto/rand"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -29,7 +36,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/docker/docker/api/types/network"
 	"github.com/docker/docker/client"
 )
 
@@ -75,6 +81,11 @@ type Daemon struct {
 	Dir string
 	// Socket is the path of its API socket.
 	Socket string
+	// HostIP is the host's end of the veth pair to the daemon's network
+	// namespace, GuestIP the daemon's end (a /30 of 10.64.0.0/10).
+	HostIP, GuestIP string
+	// NetNS is the path of the daemon's network namespace.
+	NetNS string
 
 	cmd     *exec.Cmd
 	exited  chan struct{}
@@ -118,8 +129,16 @@ func Start(ctx context.Context) (*Daemon, error) {
 		os.RemoveAll(dir)
 		return nil, err
 	}
-	args := []string{"--pid", "--fork", "--kill-child", "--mount-proc", "--mount", "--propagation", "private",
+	hostIP, guestIP, err := pickSubnet()
+	if err != nil {
+		os.RemoveAll(dir)
+		return nil, err
+	}
+	d.HostIP, d.GuestIP = hostIP.String(), guestIP.String()
+	args := []string{"--net", "--pid", "--fork", "--kill-child", "--mount-proc", "--mount", "--propagation", "private",
+		"/bin/sh", "-c", `ip link set lo up && exec "$@"`, "sh",
 		dockerdPath,
+		"--insecure-registry", d.HostIP + "/32",
 		"--config-file", cfg,
 		"--data-root", filepath.Join(dir, "data"),
 		"--exec-root", filepath.Join(dir, "exec"),
@@ -137,6 +156,10 @@ func Start(ctx context.Context) (*Daemon, error) {
 		return nil, fmt.Errorf("start dockerd: %w", err)
 	}
 	go func() { _ = d.cmd.Wait(); close(d.exited) }() // ends when dockerd exits (Stop)
+	if err := d.link(); err != nil {
+		d.Stop()
+		return nil, err
+	}
 
 	ctx, cancel := context.WithTimeout(ctx, startTimeout)
 	defer cancel()
@@ -167,6 +190,65 @@ func Start(ctx context.Context) (*Daemon, error) {
 	}
 }
 
+// link finds the daemon's namespace and joins it to the host with a veth
+// pair.
+func (d *Daemon) link() error {
+	var pid int
+	for range 100 {
+		if kids := children(d.cmd.Process.Pid); len(kids) > 0 {
+			pid = kids[0]
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if pid == 0 {
+		return fmt.Errorf("dockerd's namespace did not start: %s", d.Log())
+	}
+	d.NetNS = fmt.Sprintf("/proc/%d/ns/net", pid)
+	var rnd [3]byte
+	_, _ = crand.Read(rnd[:])
+	host, guest := fmt.Sprintf("mfdk%xh", rnd), fmt.Sprintf("mfdk%xg", rnd)
+	steps := [][]string{
+		{"ip", "link", "add", host, "type", "veth", "peer", "name", guest, "netns", strconv.Itoa(pid)},
+		{"ip", "addr", "add", d.HostIP + "/30", "dev", host},
+		{"ip", "link", "set", host, "up"},
+		{"nsenter", "--net=" + d.NetNS, "ip", "addr", "add", d.GuestIP + "/30", "dev", guest},
+		{"nsenter", "--net=" + d.NetNS, "ip", "link", "set", guest, "up"},
+	}
+	for _, st := range steps {
+		if out, err := exec.Command(st[0], st[1:]...).CombinedOutput(); err != nil {
+			return fmt.Errorf("%s: %v: %s", strings.Join(st, " "), err, out)
+		}
+	}
+	return nil
+}
+
+// pickSubnet picks a /30 in 10.64.0.0/10 that no address of the host's
+// is in: its first address for the host, its second for the daemon.
+func pickSubnet() (net.IP, net.IP, error) {
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return nil, nil, err
+	}
+	for range 50 {
+		var b [3]byte
+		_, _ = crand.Read(b[:])
+		base := net.IPv4(10, 64+b[0]%64, b[1], b[2]&^3)
+		sub := &net.IPNet{IP: base, Mask: net.CIDRMask(30, 32)}
+		free := true
+		for _, a := range addrs {
+			if n, ok := a.(*net.IPNet); ok && (sub.Contains(n.IP) || n.Contains(base)) {
+				free = false
+			}
+		}
+		if free {
+			b4 := base.To4()
+			return net.IPv4(b4[0], b4[1], b4[2], b4[3]+1), net.IPv4(b4[0], b4[1], b4[2], b4[3]+2), nil
+		}
+	}
+	return nil, nil, errors.New("no free /30 in 10.64.0.0/10 for the test daemon")
+}
+
 // Client returns an API client on the daemon's socket.
 func (d *Daemon) Client() (*client.Client, error) {
 	return client.NewClientWithOpts(client.WithHost("unix://"+d.Socket), client.WithAPIVersionNegotiation())
@@ -175,15 +257,11 @@ func (d *Daemon) Client() (*client.Client, error) {
 // Log returns what dockerd wrote so far.
 func (d *Daemon) Log() string { return d.log.String() }
 
-// Stop removes the networks left on the daemon (their bridges live in the
-// host's network namespace), stops it and everything it started, and
-// removes its directory.
+// Stop stops the daemon and everything it started (its namespaces take
+// its bridges and the veth pair along) and removes its directory.
 func (d *Daemon) Stop() error {
 	d.once.Do(func() {
 		var errs []error
-		if err := d.removeNetworks(); err != nil {
-			errs = append(errs, err)
-		}
 		if d.cmd.Process != nil {
 			// dockerd (unshare's child, PID 1 of the namespace) stops
 			// its containers on SIGTERM; the namespace takes whatever is
@@ -205,43 +283,6 @@ func (d *Daemon) Stop() error {
 		d.stopErr = errors.Join(errs...)
 	})
 	return d.stopErr
-}
-
-// removeNetworks stops every container and removes every network but the
-// predefined ones, so that no bridge outlives the daemon.
-func (d *Daemon) removeNetworks() error {
-	select {
-	case <-d.exited:
-		return nil
-	default:
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
-	defer cancel()
-	c, err := d.Client()
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	nets, err := c.NetworkList(ctx, network.ListOptions{})
-	if err != nil {
-		return fmt.Errorf("list the test daemon's networks: %w", err)
-	}
-	var errs []error
-	for _, n := range nets {
-		if n.Name == "none" || n.Name == "host" || n.Name == "bridge" {
-			continue
-		}
-		ins, err := c.NetworkInspect(ctx, n.ID, network.InspectOptions{})
-		if err == nil {
-			for id := range ins.Containers {
-				_ = c.NetworkDisconnect(ctx, n.ID, id, true)
-			}
-		}
-		if err := c.NetworkRemove(ctx, n.ID); err != nil {
-			errs = append(errs, fmt.Errorf("remove network %s: %w", n.Name, err))
-		}
-	}
-	return errors.Join(errs...)
 }
 
 // children returns the child processes of pid.

@@ -17,13 +17,13 @@ import (
 )
 
 // TestEngineThroughSSH reaches the test daemon as the manager reaches a
-// VM's Docker Engine: its socket dialled through OpenSSH
-// (direct-streamlocal), the API version negotiated down to the daemon's
+// VM's Docker Engine: its socket dialled through the machine's OpenSSH
+// (direct-streamlocal), reached on GuestIP, the API version negotiated down to the daemon's
 // (Debian's docker.io 20.10 speaks 1.41), and runs a container of the
 // busybox image in it.
 func TestEngineThroughSSH(t *testing.T) {
 	d := dockertest.Run(t)
-	sshd := sshtest.Run(t, sshtest.OpenSSH)
+	sshd := sshtest.RunIn(t, sshtest.OpenSSH, d.NetNS, d.GuestIP)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	ssh, err := sshexec.Dial(ctx, sshd.Target())

@@ -25,6 +25,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	mrand "math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -105,6 +106,7 @@ type Server struct {
 
 	t      testing.TB
 	dir    string
+	netns  string // network namespace to run in; "" for the test's own
 	script string
 	args   []string
 
@@ -130,8 +132,32 @@ func Run(t testing.TB, kind Kind) *Server {
 // the server. It calls Require first.
 func New(t testing.TB, kind Kind) *Server {
 	t.Helper()
+	return newServer(t, kind, "", "")
+}
+
+// NewIn is New for a server in the network namespace netns (a path such
+// as /proc/PID/ns/net), listening on ip there: the SSH server of a
+// "machine" that a test made as a network namespace (for example
+// dockertest's, whose Docker Engine and containers live there).
+func NewIn(t testing.TB, kind Kind, netns, ip string) *Server {
+	t.Helper()
+	return newServer(t, kind, netns, ip)
+}
+
+// RunIn is NewIn followed by Start, failing the test on error.
+func RunIn(t testing.TB, kind Kind, netns, ip string) *Server {
+	t.Helper()
+	s := NewIn(t, kind, netns, ip)
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func newServer(t testing.TB, kind Kind, netns, ip string) *Server {
+	t.Helper()
 	Require(t, kind)
-	s := &Server{Kind: kind, User: "root", t: t, dir: t.TempDir()}
+	s := &Server{Kind: kind, User: "root", t: t, dir: t.TempDir(), netns: netns}
 	_, priv, err := ed25519.GenerateKey(rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -145,6 +171,10 @@ func New(t testing.TB, kind Kind) *Server {
 	}
 	s.ClientKeyPEM = pem.EncodeToMemory(block)
 	s.Addr = freeAddr(t)
+	if netns != "" {
+		// A namespace of the test's own has every port free.
+		s.Addr = net.JoinHostPort(ip, strconv.Itoa(20000+mrand.IntN(40000)))
+	}
 	switch kind {
 	case OpenSSH:
 		s.prepareOpenSSH()
@@ -319,6 +349,9 @@ func (s *Server) Start() error {
 	args := append([]string{"--pid", "--fork", "--kill-child", "--mount-proc",
 		"--mount", "--propagation", "private", "/bin/sh", "-c", s.script}, s.args...)
 	cmd := exec.Command("/usr/bin/unshare", args...)
+	if s.netns != "" {
+		cmd = exec.Command("/usr/bin/nsenter", append([]string{"--net=" + s.netns, "/usr/bin/unshare"}, args...)...)
+	}
 	cmd.Stdout = &lockedWriter{mu: &s.logMu, b: &s.log}
 	cmd.Stderr = cmd.Stdout
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
