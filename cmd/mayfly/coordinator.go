@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/mayfly-ci/mayfly/manager/coordinator"
+	"github.com/mayfly-ci/mayfly/providers"
 )
 
 // stringList is a repeatable string flag.
@@ -63,7 +64,7 @@ func runCoordinatorContext(ctx context.Context, args []string, stdout, stderr io
 		}
 		return 2
 	}
-	log := slog.New(slog.NewTextHandler(stderr, nil))
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{ReplaceAttr: providers.RedactAttr}))
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {
 		fmt.Fprintf(stderr, "mayfly coordinator: %v\n", err)

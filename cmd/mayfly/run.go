@@ -136,7 +136,7 @@ func newLogger(cfg *config.Config, w io.Writer) *slog.Logger {
 	case "error", "fatal", "panic":
 		level = slog.LevelError
 	}
-	opts := &slog.HandlerOptions{Level: level}
+	opts := &slog.HandlerOptions{Level: level, ReplaceAttr: providers.RedactAttr}
 	if cfg.LogFormat == "json" {
 		return slog.New(slog.NewJSONHandler(w, opts))
 	}

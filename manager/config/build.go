@@ -13,6 +13,7 @@ import (
 	toml "github.com/pelletier/go-toml/v2"
 
 	"github.com/mayfly-ci/mayfly/fleet"
+	"github.com/mayfly-ci/mayfly/providers"
 	"github.com/mayfly-ci/mayfly/schedule"
 )
 
@@ -350,7 +351,7 @@ func (b *builder) machine(key string, m *fileMachine, limit int) Fleet {
 	for j, opt := range m.MachineOptions {
 		name, val, hasVal := strings.Cut(opt, "=")
 		if name == "" {
-			b.errorf(fmt.Sprintf("%s[%d]", k("MachineOptions"), j), "want name=value or a flag name, got %q", opt)
+			b.errorf(fmt.Sprintf("%s[%d]", k("MachineOptions"), j), "want name=value or a flag name, got %q", providers.RedactOption(opt))
 			continue
 		}
 		if !hasVal {

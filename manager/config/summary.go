@@ -8,6 +8,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/mayfly-ci/mayfly/providers"
 	"github.com/mayfly-ci/mayfly/schedule"
 )
 
@@ -130,15 +131,18 @@ func entryText(s schedule.Schedule, idx int) string {
 	return fmt.Sprintf("period %d: %s%s", idx, strings.Join(periods, ", "), loc)
 }
 
+// options lists the provider's settings with their secrets redacted
+// (providers.RedactSettings): passwords, tokens, secret keys, private keys
+// and the private parts of credentials files pasted inline.
 func options(f Fleet) string {
 	if len(f.ProviderOptions) == 0 && len(f.ProviderConfig) == 0 {
 		return ""
 	}
 	var kv []string
-	for k, v := range f.ProviderOptions {
+	for k, v := range providers.RedactSettings(f.ProviderOptions).(map[string]string) {
 		kv = append(kv, k+"="+v)
 	}
-	for k, v := range f.ProviderConfig {
+	for k, v := range providers.RedactSettings(f.ProviderConfig).(map[string]any) {
 		kv = append(kv, fmt.Sprintf("%s=%v", k, v))
 	}
 	sort.Strings(kv)

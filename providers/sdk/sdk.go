@@ -52,6 +52,7 @@ func NewLogHandler(w io.Writer, level slog.Leveler) slog.Handler {
 	return slog.NewJSONHandler(w, &slog.HandlerOptions{
 		Level: level,
 		ReplaceAttr: func(groups []string, a slog.Attr) slog.Attr {
+			a = providers.RedactAttr(groups, a)
 			if len(groups) > 0 {
 				return a
 			}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"log/slog"
+	"strings"
 	"testing"
 	"time"
 )
@@ -39,5 +40,16 @@ func TestLogHandlerFormat(t *testing.T) {
 		if g, _ := line["g"].(map[string]any); g["k"] != float64(1) {
 			t.Errorf("group lost: %v", line["g"])
 		}
+	}
+}
+
+// TestLogHandlerRedacts: a plugin's log records reach the host with their
+// secrets redacted, whatever the plugin logs.
+func TestLogHandlerRedacts(t *testing.T) {
+	var buf bytes.Buffer
+	l := slog.New(NewLogHandler(&buf, slog.LevelDebug))
+	l.Info("settings", "region", "us-east-1", "secret_access_key", "SECRET-1", slog.Group("winrm", "password", "SECRET-2"))
+	if strings.Contains(buf.String(), "SECRET-") || !strings.Contains(buf.String(), "us-east-1") || !strings.Contains(buf.String(), `"@level":"info"`) {
+		t.Errorf("plugin log line %s", buf.String())
 	}
 }
