@@ -4,6 +4,13 @@ GO       ?= go
 BIN      := bin
 FUZZTIME ?= 30s
 
+# What mayfly tells GitLab about itself (info.version, info.revision, the
+# User-Agent), set as gitlab-runner's build sets them.
+VERSION  ?= $(or $(shell git describe --tags --match 'v[0-9]*' 2>/dev/null | sed 's/^v//'),dev)
+REVISION ?= $(or $(shell git rev-parse --short=8 HEAD 2>/dev/null),HEAD)
+BRANCH   ?= $(or $(shell git rev-parse --abbrev-ref HEAD 2>/dev/null),HEAD)
+LDFLAGS  := -X main.version=$(VERSION) -X main.revision=$(REVISION) -X main.branch=$(BRANCH)
+
 .PHONY: all setup build test run bench fuzz lint generate clean
 
 all: build
@@ -14,7 +21,7 @@ setup:
 
 ## build: build mayfly and every provider plugin into bin/
 build:
-	$(GO) build -o $(BIN)/ ./cmd/mayfly $(wildcard ./plugins/*/cmd/mayfly-plugin-*)
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/mayfly $(wildcard ./plugins/*/cmd/mayfly-plugin-*)
 
 ## test: set up, vet, and run every test with the race detector
 test: setup
@@ -23,7 +30,7 @@ test: setup
 
 ## run: set up, build, and run the local demo on real microVMs (scripts/demo.sh)
 run: setup
-	$(GO) build -o $(BIN)/ ./cmd/mayfly ./plugins/qemu/cmd/mayfly-plugin-qemu
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/mayfly ./plugins/qemu/cmd/mayfly-plugin-qemu
 	scripts/demo.sh
 
 ## bench: the simulator on every trace with every policy, then the Go benchmarks

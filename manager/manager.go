@@ -30,8 +30,13 @@ type Options struct {
 	Config *config.Config
 	// Fleets holds the fleet of each runner, by runner name.
 	Fleets map[string]Fleet
-	// Version is mayfly's version, shown to GitLab and in traces.
-	Version    string
+	// Version is mayfly's version ("1.2.0"), sent to GitLab as
+	// info.version and shown in the User-Agent and in traces.
+	Version string
+	// Revision is the commit mayfly was built from, sent as info.revision.
+	Revision string
+	// Branch is the branch it was built from, shown in the User-Agent.
+	Branch     string
 	Registerer prometheus.Registerer
 	Logger     *slog.Logger
 	// NewClient makes the GitLab client of a runner; nil means gitlab.New.
@@ -47,6 +52,8 @@ type Options struct {
 type Manager struct {
 	cfg           *config.Config
 	version       string
+	revision      string
+	branch        string
 	log           *slog.Logger
 	metrics       *metrics
 	now           func() time.Time
@@ -81,6 +88,8 @@ func New(opts Options) (*Manager, error) {
 	m := &Manager{
 		cfg:           opts.Config,
 		version:       opts.Version,
+		revision:      opts.Revision,
+		branch:        opts.Branch,
 		log:           opts.Logger,
 		now:           opts.Now,
 		slots:         make(chan struct{}, opts.Config.Concurrent),
@@ -114,6 +123,7 @@ func New(opts Options) (*Manager, error) {
 		c, err := newClient(gitlab.Config{
 			URL:        rc.URL,
 			Version:    m.version,
+			Branch:     m.branch,
 			Info:       m.versionInfo(rc),
 			Registerer: opts.Registerer,
 			Logger:     m.log.With("runner", rc.Name),
@@ -137,6 +147,7 @@ func (m *Manager) versionInfo(rc config.Runner) runnerapi.VersionInfo {
 	return runnerapi.VersionInfo{
 		Name:         "mayfly",
 		Version:      m.version,
+		Revision:     m.revision,
 		Platform:     rc.Fleet.Connector.OS,
 		Architecture: rc.Fleet.Connector.Arch,
 		Executor:     rc.Executor,

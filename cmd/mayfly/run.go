@@ -216,7 +216,8 @@ func runManager(ctx context.Context, drain <-chan struct{}, f runFlags, stdout, 
 			return provisioner.Connect(ctx, ci, timeout, log)
 		})
 	}
-	m, err := manager.New(manager.Options{Config: cfg, Fleets: managerFleets, Version: versionString(), Registerer: reg, Logger: log})
+	b := buildInfo()
+	m, err := manager.New(manager.Options{Config: cfg, Fleets: managerFleets, Version: b.Version, Revision: b.Revision, Branch: b.Branch, Registerer: reg, Logger: log})
 	if err != nil {
 		return err
 	}

@@ -96,8 +96,9 @@ func (realClock) Sleep(ctx context.Context, d time.Duration) error {
 type Config struct {
 	// URL is the GitLab URL as written in config.toml ("https://gitlab.com/").
 	URL string
-	// Version is mayfly's version, shown in the User-Agent.
+	// Version and Branch are mayfly's, shown in the User-Agent.
 	Version string
+	Branch  string
 	// Info is sent as "info" with job requests and job updates (registration
 	// sends a reduced copy, see Register).
 	Info runnerapi.VersionInfo
@@ -145,7 +146,7 @@ func New(cfg Config) (*Client, error) {
 	c := &Client{
 		baseURL:     base,
 		http:        cfg.HTTPClient,
-		userAgent:   UserAgent(cfg.Version),
+		userAgent:   UserAgent(cfg.Version, cfg.Branch),
 		info:        cfg.Info,
 		callTimeout: cfg.CallTimeout,
 		maxRLWait:   cfg.MaxRateLimitWait,
@@ -211,12 +212,16 @@ func NormalizeURL(raw string) (string, error) {
 	return u.String(), nil
 }
 
-// UserAgent returns the User-Agent mayfly sends: "mayfly <version> (<os>/<arch>)".
-func UserAgent(version string) string {
+// UserAgent returns the User-Agent mayfly sends, in gitlab-runner's form:
+// "mayfly <version> (<branch>; <go version>; <os>/<arch>)".
+func UserAgent(version, branch string) string {
 	if version == "" {
 		version = "development version"
 	}
-	return fmt.Sprintf("mayfly %s (%s/%s)", version, runtime.GOOS, runtime.GOARCH)
+	if branch == "" {
+		branch = "HEAD"
+	}
+	return fmt.Sprintf("mayfly %s (%s; %s; %s/%s)", version, branch, runtime.Version(), runtime.GOOS, runtime.GOARCH)
 }
 
 func defaultHTTPClient() *http.Client {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"log/slog"
 	"net/http"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -60,7 +61,7 @@ func TestShortTokenAndUserAgent(t *testing.T) {
 			t.Errorf("ShortToken(%q) = %q, want %q", tok, got, want)
 		}
 	}
-	if ua := UserAgent("1.2.3"); !strings.HasPrefix(ua, "mayfly 1.2.3 (") || !strings.Contains(ua, "/") {
+	if ua := UserAgent("1.2.3", "main"); ua != "mayfly 1.2.3 (main; "+runtime.Version()+"; "+runtime.GOOS+"/"+runtime.GOARCH+")" {
 		t.Errorf("UserAgent = %q", ua)
 	}
 }
