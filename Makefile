@@ -46,6 +46,8 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) -parallel 1 ./manager/config/
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 3s -parallel 1 ./manager/coordinator/gitlabci/
 	$(GO) test -run '^$$' -fuzz '^FuzzGitArgv$$' -fuzztime $(FUZZTIME) ./manager/buildscript/
+	$(GO) test -run '^$$' -fuzz '^FuzzExtractZip$$' -fuzztime $(FUZZTIME) ./manager/helper/archive/
+	$(GO) test -run '^$$' -fuzz '^FuzzArchive$$' -fuzztime $(FUZZTIME) ./manager/helper/archive/
 
 ## lint: gofmt and go vet
 lint:
