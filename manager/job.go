@@ -229,6 +229,7 @@ func systemFailure(format string, args ...any) jobResult {
 
 // execute runs the job's stages and decides its result.
 func (m *Manager) execute(r *runner, job *runnerapi.JobResponse, plan *buildscript.Plan, lease Lease, out io.Writer, tr *gitlab.JobTrace, received time.Time, phases *phaseLog) jobResult {
+	plan.Warnings = append(plan.Warnings, imageIgnored(r, job)...)
 	for _, w := range plan.Warnings {
 		fmt.Fprint(out, buildscript.WarningLine(w))
 	}
@@ -286,6 +287,11 @@ func (m *Manager) execute(r *runner, job *runnerapi.JobResponse, plan *buildscri
 		return systemFailure("the job's stages cannot run: %v", err)
 	}
 	defer closeStages()
+	stages, closeContainers, err := m.containerStages(r, job, plan, exec, stages)
+	if err != nil {
+		return systemFailure("the job's containers cannot run: %v", err)
+	}
+	defer closeContainers()
 	if !detachable(plan.Shell) {
 		// Detached runners write the files with the first stage.
 		uploadStart := m.now()

@@ -164,6 +164,9 @@ func (m *Manager) versionInfo(rc config.Runner) runnerapi.VersionInfo {
 			TraceSize:       true,
 			Cancelable:      true,
 			ReturnExitCode:  true,
+			// Jobs with an image run in containers where the VMs run Docker.
+			Image:    rc.Docker != nil,
+			Services: rc.Docker != nil,
 		},
 	}
 }
