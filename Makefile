@@ -48,6 +48,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzGitArgv$$' -fuzztime $(FUZZTIME) ./manager/buildscript/
 	$(GO) test -run '^$$' -fuzz '^FuzzExtractZip$$' -fuzztime $(FUZZTIME) ./manager/helper/archive/
 	$(GO) test -run '^$$' -fuzz '^FuzzArchive$$' -fuzztime $(FUZZTIME) ./manager/helper/archive/
+	$(GO) test -run '^$$' -fuzz '^FuzzJobPayload$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 3s ./manager/gitlab/
 
 ## lint: gofmt and go vet
 lint:

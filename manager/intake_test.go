@@ -215,3 +215,92 @@ func TestDrainKeepsJobRequestInFlight(t *testing.T) {
 		t.Errorf("updates %v, want the job handed out during the drain run and reported success", updates)
 	}
 }
+
+// A job whose token holds CR/LF is refused before anything runs and
+// reported failed through the final update, whose JSON body can carry it
+// (issue 19: it used to run, and its trace was retried for 5 minutes).
+func TestTokenWithLineBreakRefusedAtIntake(t *testing.T) {
+	var (
+		mu      sync.Mutex
+		served  bool
+		patches int
+		updates []map[string]any
+	)
+	gl := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		mu.Lock()
+		defer mu.Unlock()
+		switch {
+		case r.URL.Path == "/api/v4/jobs/request" && !served:
+			served = true
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusCreated)
+			_, _ = io.WriteString(w, `{"id": 9, "token": "job-token\r\nX-Injected: 1",
+				"job_info": {"name": "evil", "stage": "test", "project_id": 1, "project_name": "p"},
+				"git_info": {"repo_url": "http://127.0.0.1/p.git", "ref": "main", "sha": "0123456789abcdef0123456789abcdef01234567", "ref_type": "branch"},
+				"runner_info": {"timeout": 3600}, "variables": [],
+				"steps": [{"name": "script", "script": ["echo should not run"], "timeout": 3600, "when": "on_success"}]}`)
+		case r.URL.Path == "/api/v4/jobs/request":
+			w.WriteHeader(http.StatusNoContent)
+		case r.Method == http.MethodPatch:
+			patches++
+			w.WriteHeader(http.StatusAccepted)
+		case r.Method == http.MethodPut:
+			var u map[string]any
+			_ = json.Unmarshal(body, &u)
+			updates = append(updates, u)
+			w.WriteHeader(http.StatusOK)
+		default:
+			w.WriteHeader(http.StatusNotFound)
+		}
+	}))
+	defer gl.Close()
+
+	dir := t.TempDir()
+	local := localfleet.New(filepath.Join(dir, "vms"), 1)
+	defer local.Close()
+	fl := &countingFleet{local: local}
+	rc := config.Runner{
+		Name: "local", URL: gl.URL, Token: runnerToken, RequestConcurrency: 1, OutputLimitKB: 4096,
+		Executor: "instance", Shell: "bash", BuildsDir: filepath.Join(dir, "builds"), MaxJobTimeout: time.Hour,
+		Fleet: config.Fleet{Connector: config.Connector{OS: "linux", Arch: "amd64"}},
+	}
+	m, err := manager.New(manager.Options{
+		Config:     &config.Config{Concurrent: 1, CheckInterval: 20 * time.Millisecond, Runners: []config.Runner{rc}},
+		Fleets:     map[string]manager.Fleet{"local": fl},
+		Registerer: prometheus.NewRegistry(),
+		Logger:     slog.New(slog.DiscardHandler),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = m.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		mu.Lock()
+		n := len(updates)
+		mu.Unlock()
+		if n > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the refused job was never reported")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if u := updates[0]; u["state"] != "failed" || u["failure_reason"] != "runner_system_failure" || u["token"] != "job-token\r\nX-Injected: 1" {
+		t.Errorf("update %v, want failed runner_system_failure with the job's token in the body", u)
+	}
+	if patches != 0 {
+		t.Errorf("%d trace patches sent with a token that cannot be a header", patches)
+	}
+	if n := fl.acquired.Load(); n != 0 {
+		t.Errorf("%d instances taken for a refused payload", n)
+	}
+}

@@ -352,19 +352,40 @@ func takeSlot(slots chan struct{}) bool {
 // failUnreadableJob reports a job whose payload could not be used as failed
 // with runner_system_failure, when its id and token could be read.
 func (m *Manager) failUnreadableJob(r *runner, e *gitlab.JobPayloadError) {
-	m.log.Error("unusable job payload", "runner", r.cfg.Name, "job", e.JobID, "err", e.Err)
+	m.log.Error("job payload refused before anything ran", "runner", r.cfg.Name, "job", e.JobID, "err", e.Err)
 	m.metrics.systemFailures.WithLabelValues(r.cfg.Name).Inc()
 	if e.JobID <= 0 || e.Token == "" {
 		return
 	}
 	ctx, cancel := context.WithTimeout(m.jobsCtx, time.Minute)
 	defer cancel()
+	if !runnerapi.HeaderSafe(e.Token) {
+		// The trace travels with the token in a header, which this token
+		// cannot be; the final update carries it in its JSON body.
+		for attempt := 1; attempt <= 3; attempt++ {
+			res, err := r.client.UpdateJob(ctx, e.JobID, runnerapi.UpdateJobRequest{
+				Token: e.Token, State: runnerapi.StateFailed, FailureReason: runnerapi.FailureRunnerSystemFailure,
+			})
+			if err == nil && (res.State == gitlab.UpdateSucceeded || res.State == gitlab.UpdateAborted) {
+				return
+			}
+			if attempt == 3 || ctx.Err() != nil {
+				m.log.Warn("report refused job", "job", e.JobID, "err", err, "state", res.State)
+				return
+			}
+			select {
+			case <-ctx.Done():
+			case <-time.After(time.Second):
+			}
+		}
+		return
+	}
 	tr, err := r.client.StartJobTrace(ctx, e.JobID, e.Token, gitlab.TraceOptions{Interval: m.traceInterval})
 	if err != nil {
 		return
 	}
-	fmt.Fprintf(tr, "ERROR: Job failed (system failure): the job payload could not be read: %v\n", e.Err)
+	fmt.Fprintf(tr, "ERROR: Job failed (system failure): the job payload was refused: %v\n", e.Err)
 	if err := tr.Finish(ctx, runnerapi.StateFailed, runnerapi.FailureRunnerSystemFailure, 0); err != nil {
-		m.log.Warn("report unusable job", "job", e.JobID, "err", err)
+		m.log.Warn("report refused job", "job", e.JobID, "err", err)
 	}
 }

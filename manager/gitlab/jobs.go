@@ -169,12 +169,10 @@ func decodeJob(resp *response) (*runnerapi.JobResponse, error) {
 		perr.Err = fmt.Errorf("decode: %w", err)
 		return nil, perr
 	}
-	switch {
-	case job.ID <= 0:
-		perr.Err = fmt.Errorf("field id: must be a positive integer, got %d", job.ID)
-		return nil, perr
-	case job.Token == "":
-		perr.Err = errors.New("field token: empty")
+	// Every field that reaches a header, a path, a command line or the
+	// environment is checked here, once, before anything runs.
+	if err := job.Validate(); err != nil {
+		perr.Err = err
 		return nil, perr
 	}
 	return &job, nil
