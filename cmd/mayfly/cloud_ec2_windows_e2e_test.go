@@ -37,21 +37,24 @@ type ec2WinVM struct {
 	conns func() (tlsConns, other int)
 }
 
-// TestEC2WindowsFleetEndToEnd runs `mayfly run` with the real
-// mayfly-plugin-aws process against the EC2 fake for a Windows fleet.
-// The plugin makes a WinRM certificate per instance and puts it, with its
-// key, in the instance's user data; the test plays EC2Launch running that
-// user data: it opens the PFX with the password beside it and serves the
-// in-repo WinRM server (wsmantest) over HTTPS with that certificate, on a
-// loopback address of the instance's own (port 5986, as the plugin
-// reports), through a relay that records whether connections are TLS. The
-// password takes EC2's path: the plugin's imported key pair,
-// GetPasswordData, the plugin's decryption.
+// TestEC2WindowsPasswordPinnedWinRMAndFailedStageTrace proves, with
+// `mayfly run` and the real mayfly-plugin-aws process against the EC2
+// fake, the parts of a Windows fleet that run without Windows: a WinRM
+// certificate per instance, made by the plugin and sent with its key in
+// the instance's user data (the test plays EC2Launch: it opens the PFX
+// with the password beside it and serves the in-repo WS-Management server
+// over HTTPS with that certificate, on a loopback address of the
+// instance's own, port 5986), the pin (every connection TLS; another
+// instance's certificate, a stranger's or none refused), EC2's password
+// path (the plugin's imported key pair, GetPasswordData, the plugin's
+// decryption), and a job's first stage whose output and failure reach
+// GitLab.
 //
-// As in TestGCEWindowsFleetEndToEnd (no pwsh here), the instance-ready
-// command runs, and each job fails in its first PowerShell stage with
-// sh's syntax error.
-func TestEC2WindowsFleetEndToEnd(t *testing.T) {
+// As in TestGCEWindowsPasswordPinnedWinRMAndFailedStageTrace, no
+// PowerShell runs here: the instance-ready command runs under sh, and each
+// job fails in its first PowerShell stage with sh's syntax error, which
+// the test expects.
+func TestEC2WindowsPasswordPinnedWinRMAndFailedStageTrace(t *testing.T) {
 	const user, password = "Administrator", "E2e-Ec2-Wind0ws!"
 	winrm := wsmantest.StartTLS(t, wsmantest.Config{
 		Username: user, Password: password, Interpreter: wsmantest.Sh, Dir: t.TempDir(),
@@ -149,7 +152,7 @@ Write-Output "user-data-setting: runs after the WinRM setup"
 	booting.Wait()
 
 	jobs := srv.Jobs()
-	checkWindowsJobs(t, jobs, winrm.Commands())
+	checkWindowsTransport(t, jobs, winrm.Commands())
 
 	// Nothing leaked, each job had an instance of its own.
 	insts := fake.Instances()

@@ -192,7 +192,7 @@ func callsPerJob(calls map[string]int, jobs int) (string, float64) {
 }
 
 // windowsPipeline is the pipeline of the Windows fleet end-to-end tests:
-// two PowerShell jobs, checked by checkWindowsJobs.
+// two PowerShell jobs, checked by checkWindowsTransport.
 const windowsPipeline = `
 projects:
   - name: win
@@ -203,12 +203,16 @@ projects:
           - {name: win-two, script: ["Write-Output hello"]}
 `
 
-// checkWindowsJobs checks the two jobs of a Windows fleet end-to-end test
-// against the WS-Management test server: each failed in its first
-// PowerShell stage with sh's syntax error (no pwsh here), after its prepare
-// section, and every command came as powershell -EncodedCommand, at least
-// one ready command and one stage per job.
-func checkWindowsJobs(t *testing.T, jobs []coordinator.JobRecord, commands []wsmantest.CommandInfo) {
+// checkWindowsTransport checks what the Windows end-to-end tests prove
+// about a job, against the WS-Management test server: the manager reached
+// the instance over WinRM (every command powershell -EncodedCommand, the
+// instance-ready command exiting 0), ran the job's first stage there, and
+// the stage's output and its failure reached GitLab (the trace upload and
+// the final update). No PowerShell runs here (Debian has no pwsh): the
+// stage runs under sh and fails with sh's syntax error, so nothing in these
+// tests shows the generated PowerShell script works; README's Windows
+// section lists what has never run under real PowerShell.
+func checkWindowsTransport(t *testing.T, jobs []coordinator.JobRecord, commands []wsmantest.CommandInfo) {
 	t.Helper()
 	if len(jobs) != 2 {
 		t.Errorf("%d jobs at the coordinator, want 2", len(jobs))

@@ -18,29 +18,29 @@ import (
 	"github.com/mayfly-ci/mayfly/vmexec/winrm/wsmantest"
 )
 
-// TestGCEWindowsFleetEndToEnd runs `mayfly run` with the real
-// mayfly-plugin-gce process against the GCE fake. Every instance is played
-// by one in-repo WinRM HTTPS server (wsmantest.StartTLS), reached through a
-// relay on a loopback address of its own, port 5986 as the plugin reports.
-// The password reaches the manager through the real flow: the plugin's
-// windows-keys metadata entry, the fake guest agent's RSA-OAEP answer on
-// serial port 4, the plugin's decryption. The certificate too: the fake
-// plays mayfly's startup script by publishing the server's certificate in
-// guest attribute mayfly/winrm-cert, the plugin reads it and the manager
-// pins it; the relay checks that every connection was TLS, and a different
-// certificate (or none) is refused.
-//
-// Limit, measured: without pwsh the test server runs PowerShell programs
-// with sh, so the instance-ready command (sh-compatible text, run with
-// shell powershell) runs, but the job's generated PowerShell stages
-// ("& { ... }") do not parse under sh: the job is expected to fail in its
-// first stage, with sh's syntax error in the trace.
 // winrmLoader is vmexec/winrm's loader body (its loaderBody), which reads
 // the program from stdin; the test server runs it as "sh -s" of the
 // translated program. It must stay the same text as vmexec/winrm's.
 const winrmLoader = `. ([ScriptBlock]::Create([Text.Encoding]::UTF8.GetString([Convert]::FromBase64String(((@($input) -join '') -replace '\s', '')))))`
 
-func TestGCEWindowsFleetEndToEnd(t *testing.T) {
+// TestGCEWindowsPasswordPinnedWinRMAndFailedStageTrace proves, with
+// `mayfly run` and the real mayfly-plugin-gce process against the GCE
+// fake, the parts of a Windows fleet that run without Windows: the
+// password flow (the plugin's windows-keys metadata entry, the fake guest
+// agent's RSA-OAEP answer on serial port 4, the plugin's decryption), the
+// WinRM certificate (published in guest attribute mayfly/winrm-cert as
+// mayfly's startup script would, read by the plugin, pinned by the
+// manager: every connection is TLS, another certificate or none is
+// refused), the WinRM transport to the in-repo WS-Management server
+// (wsmantest.StartTLS, one loopback address per instance, port 5986), and
+// a job's first stage whose output and failure reach GitLab.
+//
+// What it does not prove: that a PowerShell job succeeds. No pwsh runs
+// here; the test server runs PowerShell command lines with sh, so the
+// instance-ready command (sh-compatible text) runs, and the job's
+// generated PowerShell stage ("& { ... }") fails with sh's syntax error,
+// which the test expects.
+func TestGCEWindowsPasswordPinnedWinRMAndFailedStageTrace(t *testing.T) {
 	const user, password = "mayfly", "E2e-Wind0ws-Pass!"
 	winrm := wsmantest.StartTLS(t, wsmantest.Config{
 		Username: user, Password: password, Interpreter: wsmantest.Sh, Dir: t.TempDir(),
@@ -100,7 +100,7 @@ log_level = "info"
 	runUntilDone(t, srv, dir, pluginDir, cfg, 45*time.Second)
 
 	jobs := srv.Jobs()
-	checkWindowsJobs(t, jobs, winrm.Commands())
+	checkWindowsTransport(t, jobs, winrm.Commands())
 	insts := fake.Instances()
 	if len(insts) != 0 {
 		for _, in := range insts {
