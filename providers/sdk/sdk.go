@@ -1,14 +1,15 @@
 // Package sdk serves a providers.Provider as a mayfly plugin process.
 //
-// A plugin's main is a few lines:
+// A plugin's main is a few lines (plugins/NAME/cmd/mayfly-plugin-NAME):
 //
 //	func main() {
-//		sdk.Serve(myprovider.New(sdk.Logger()))
+//		sdk.Serve(example.New(example.Options{Logger: sdk.Logger()}))
 //	}
 //
-// Plugins import only this package and package providers, never the fleet
-// or the manager. The plugin must not write to stdout: go-plugin uses it for
-// its handshake.
+// providers/README.md walks through writing a plugin for a new cloud.
+// Plugins import only package providers and its subpackages (this one,
+// pluginkit), never the fleet or the manager. The plugin must not write to
+// stdout: go-plugin uses it for its handshake.
 package sdk
 
 import (
