@@ -25,6 +25,7 @@ type instance struct {
 	queued      bool   // in the idle queue
 
 	cancel context.CancelFunc // ends provisioning
+	attach Attachment         // left open by the provisioner; see Attachment
 
 	deleteStart time.Time
 	delFailures int
@@ -73,6 +74,7 @@ func (f *Fleet) deleteLocked(in *instance, reason Reason) {
 		f.m.wasted.WithLabelValues(f.cfg.Name).Inc()
 		f.log.Error("invariant broken: deleting an unused instance while jobs wait for one", "instance", in.id, "reason", reason, "reserved", f.reserved)
 	}
+	f.dropAttachLocked(in)
 	now := f.clock.Now()
 	in.reason = reason
 	in.deleteStart = now
@@ -91,6 +93,7 @@ func (f *Fleet) failLocked(in *instance, op, kind string, err error) {
 	if !f.setStateLocked(in, StateFailed) {
 		return
 	}
+	f.dropAttachLocked(in)
 	if in.cancel != nil {
 		in.cancel()
 		in.cancel = nil
@@ -114,6 +117,7 @@ func (f *Fleet) goneLocked(in *instance) {
 	if !f.setStateLocked(in, StateGone) {
 		return
 	}
+	f.dropAttachLocked(in)
 	if in.cancel != nil {
 		in.cancel()
 		in.cancel = nil
@@ -139,6 +143,7 @@ func (f *Fleet) loseLocked(in *instance) {
 
 // flushGone records the instances that went gone in the journal.
 func (f *Fleet) flushGone() {
+	f.closeAttachments()
 	f.mu.Lock()
 	ids := f.goneIDs
 	f.goneIDs = nil

@@ -150,15 +150,20 @@ func (f *Fleet) provision(ctx context.Context, in *instance, inst providers.Inst
 			err = providers.Permanent(err)
 		}
 	}
+	var attach Attachment
 	if err == nil && f.cfg.Provisioner != nil {
 		op = "provision"
-		err = f.cfg.Provisioner.Provision(ctx, inst, ci)
+		attach, err = f.provisionAttach(ctx, inst, ci)
 	}
 	f.mu.Lock()
 	if in.state != StateProvisioning {
 		f.mu.Unlock()
+		if attach != nil {
+			attach.Close()
+		}
 		return // deleted meanwhile (boot watchdog, shutdown, vanished)
 	}
+	in.attach = attach
 	in.cancel = nil
 	if err != nil {
 		kind := providers.KindOf(err).String()

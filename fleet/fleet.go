@@ -98,7 +98,8 @@ type Fleet struct {
 	policyEntry        int
 	policyUntil        time.Time
 	lastPlan           Plan
-	goneIDs            []string // to record in the journal, outside mu
+	goneIDs            []string     // to record in the journal, outside mu
+	toClose            []Attachment // of instances gone away, to close outside mu
 	snapBuf            []InstanceView
 	firstCreating      time.Time   // earliest createdAt of a creating instance, as of the last pass
 	seenRunning        BootTimes   // creation to seen running in a list, for the list cadence
@@ -304,6 +305,14 @@ func (f *Fleet) shutdown() {
 		f.deleteOnShutdown()
 	}
 	f.flushGone()
+	f.mu.Lock()
+	for _, in := range f.books {
+		if in.state != StateAcquired {
+			f.dropAttachLocked(in) // a lease holder may still use its own
+		}
+	}
+	f.mu.Unlock()
+	f.closeAttachments()
 	if f.journal != nil {
 		if err := f.journal.Close(); err != nil {
 			f.log.Error("close journal", "error", err)

@@ -146,6 +146,7 @@ func (l *Lease) end(used bool, o Outcome) {
 		}
 	}
 	f.mu.Unlock()
+	f.closeAttachments() // also after Run ended, when no pass will
 	f.kick()
 }
 

@@ -29,7 +29,9 @@ type Reservation interface {
 type Lease interface {
 	// ID names the instance, for logs and traces.
 	ID() string
-	// Connect opens an executor on the instance.
+	// Connect returns an executor on the instance, which the caller
+	// closes: the warm connection made when the instance became ready, if
+	// it still answers, or a new one.
 	Connect(ctx context.Context) (vmexec.Executor, error)
 	// Release ends the lease after a job was started on the instance, whatever
 	// its outcome. The fleet deletes the instance when its uses are spent.
@@ -37,4 +39,20 @@ type Lease interface {
 	// Lost is closed when the instance disappeared under the job (preempted,
 	// deleted outside mayfly).
 	Lost() <-chan struct{}
+}
+
+// Discarder is a Lease whose instance can be ended as broken: deleted at
+// once, whatever its remaining uses (a job failed with
+// runner_system_failure on it, or it cannot be reached).
+type Discarder interface {
+	Discard()
+}
+
+// discard ends l as broken when it can say so, else as a failed job.
+func discard(l Lease) {
+	if d, ok := l.(Discarder); ok {
+		d.Discard()
+		return
+	}
+	l.Release(true)
 }

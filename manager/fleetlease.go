@@ -2,6 +2,7 @@ package manager
 
 import (
 	"context"
+	"net"
 	"time"
 
 	"github.com/mayfly-ci/mayfly/fleet"
@@ -55,7 +56,59 @@ func (l fleetLease) ID() string            { return l.l.ID() }
 func (l fleetLease) Lost() <-chan struct{} { return l.l.Lost() }
 
 func (l fleetLease) Connect(ctx context.Context) (vmexec.Executor, error) {
+	if e, ok := l.l.Attachment().(vmexec.Executor); ok && e != nil && answers(ctx, e) {
+		return lend(e), nil
+	}
 	return l.connect(ctx, l.l.ConnectInfo())
+}
+
+// Discard implements Discarder.
+func (l fleetLease) Discard() { l.l.Release(fleet.SystemFailure) }
+
+// pinger is an executor that can tell whether its connection still answers.
+type pinger interface {
+	Ping(ctx context.Context) error
+}
+
+// answers reports whether e's connection still answers; an executor that
+// cannot tell (WinRM speaks plain requests) is taken to.
+func answers(ctx context.Context, e vmexec.Executor) bool {
+	p, ok := e.(pinger)
+	return !ok || p.Ping(ctx) == nil
+}
+
+// borrowed is a warm connection lent to a job: the fleet closes it with
+// the instance, so the job's Close does not.
+type borrowed struct{ vmexec.Executor }
+
+func (borrowed) Close() error { return nil }
+
+// borrowedDialer is a borrowed connection that also opens connections
+// from the VM (for the Docker Engine of image: jobs).
+type borrowedDialer struct {
+	borrowed
+	d vmDialer
+}
+
+func (b borrowedDialer) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	return b.d.DialContext(ctx, network, addr)
+}
+
+// lend wraps a warm connection for a job, keeping what it can do.
+func lend(e vmexec.Executor) vmexec.Executor {
+	if d, ok := e.(vmDialer); ok {
+		return borrowedDialer{borrowed{e}, d}
+	}
+	return borrowed{e}
+}
+
+// isBorrowed reports whether e is a warm connection lent to the job.
+func isBorrowed(e vmexec.Executor) bool {
+	switch e.(type) {
+	case borrowed, borrowedDialer:
+		return true
+	}
+	return false
 }
 
 func (l fleetLease) Release(jobFailed bool) {

@@ -103,14 +103,24 @@ func (m *Manager) runJob(r *runner, job *runnerapi.JobResponse, res Reservation,
 		result = waitResult(err)
 		log.Warn("no instance for the job", "err", err)
 	default:
+		var exec vmexec.Executor
+		lease, exec, err = m.connectJob(r, lease, tr, out, phases, log)
+		if err != nil {
+			result = connectResult(err)
+			break
+		}
+		defer exec.Close()
 		log = log.With("instance", lease.ID())
 		plan, err := m.plan(r, job, lease.ID())
 		if err != nil { // the payload was checked above; only Via differs
 			result = systemFailure("the job payload cannot be run: %v", err)
 			break
 		}
+		if err := out.Close(); err != nil {
+			log.Warn("flush trace", "err", err)
+		}
 		out = mask.NewWriter(tr, append(secrets(job), plan.Secrets...)) // plus the expanded masked values
-		result = m.execute(r, job, plan, lease, out, tr, received, phases)
+		result = m.execute(r, job, plan, lease, exec, out, tr, received, phases)
 	}
 
 	fmt.Fprint(out, result.summaryLine())
@@ -119,7 +129,11 @@ func (m *Manager) runJob(r *runner, job *runnerapi.JobResponse, res Reservation,
 	}
 	if lease != nil {
 		releaseStart := m.now()
-		lease.Release(result.state != runnerapi.StateSuccess)
+		if result.failureReason == runnerapi.FailureRunnerSystemFailure {
+			discard(lease) // whatever its uses left: it may be broken
+		} else {
+			lease.Release(result.state != runnerapi.StateSuccess)
+		}
 		phases.since(PhaseRelease, releaseStart)
 	}
 
@@ -228,7 +242,7 @@ func systemFailure(format string, args ...any) jobResult {
 }
 
 // execute runs the job's stages and decides its result.
-func (m *Manager) execute(r *runner, job *runnerapi.JobResponse, plan *buildscript.Plan, lease Lease, out io.Writer, tr *gitlab.JobTrace, received time.Time, phases *phaseLog) jobResult {
+func (m *Manager) execute(r *runner, job *runnerapi.JobResponse, plan *buildscript.Plan, lease Lease, exec vmexec.Executor, out io.Writer, tr *gitlab.JobTrace, received time.Time, phases *phaseLog) jobResult {
 	plan.Warnings = append(plan.Warnings, imageIgnored(r, job)...)
 	for _, w := range plan.Warnings {
 		fmt.Fprint(out, buildscript.WarningLine(w))
@@ -251,16 +265,6 @@ func (m *Manager) execute(r *runner, job *runnerapi.JobResponse, plan *buildscri
 		}
 	}()
 
-	connectStart := m.now()
-	exec, err := lease.Connect(jobCtx)
-	phases.since(PhaseConnect, connectStart)
-	if err != nil {
-		if res, ended := endedResult(jobCtx, plan.JobTimeout); ended {
-			return res
-		}
-		return systemFailure("cannot connect to the VM %s: %v", lease.ID(), err)
-	}
-	defer exec.Close()
 	// Connections opened to follow the stages after this one broke.
 	var (
 		redialMu sync.Mutex
@@ -324,6 +328,14 @@ func (m *Manager) execute(r *runner, job *runnerapi.JobResponse, plan *buildscri
 		return r
 	}
 	return jobResult{state: res.State, failureReason: res.FailureReason, exitCode: res.ExitCode, message: res.Message}
+}
+
+// connectResult is the result of a job whose VM could not be reached.
+func connectResult(err error) jobResult {
+	if errors.Is(err, errCanceled) {
+		return jobResult{state: runnerapi.StateFailed, failureReason: runnerapi.FailureUnknownFailure, message: "canceled"}
+	}
+	return systemFailure("%v", err)
 }
 
 // endedResult turns a job context that ended early into the job's result.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"time"
 
@@ -11,8 +12,10 @@ import (
 )
 
 // Ready makes a running instance ready for a job: it waits until the
-// instance accepts a connection and runs the instance-ready command there.
-// It implements the fleet's Provisioner.
+// instance accepts a connection (its host key or certificate pinned) and
+// runs the instance-ready command there. It implements the fleet's
+// Attacher: the connection it verified stays open while the instance waits,
+// warm for the job that takes it.
 type Ready struct {
 	// Timeout bounds waiting for the instance to accept a connection.
 	Timeout time.Duration
@@ -23,8 +26,19 @@ type Ready struct {
 	Logger *slog.Logger
 }
 
-// Provision implements fleet.Provisioner.
+// Provision implements fleet.Provisioner: ProvisionAttach, with the
+// connection closed at once.
 func (r *Ready) Provision(ctx context.Context, inst providers.Instance, ci providers.ConnectInfo) error {
+	exec, err := r.ProvisionAttach(ctx, inst, ci)
+	if err != nil {
+		return err
+	}
+	return exec.Close()
+}
+
+// ProvisionAttach implements fleet.Attacher: it returns the verified
+// connection (a vmexec.Executor), for the job that takes the instance.
+func (r *Ready) ProvisionAttach(ctx context.Context, inst providers.Instance, ci providers.ConnectInfo) (io.Closer, error) {
 	log := r.Logger
 	if log == nil {
 		log = slog.Default()
@@ -32,21 +46,22 @@ func (r *Ready) Provision(ctx context.Context, inst providers.Instance, ci provi
 	start := time.Now()
 	exec, err := Connect(ctx, ci, r.Timeout, log)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer exec.Close()
 	if r.Command != "" {
 		var out bytes.Buffer
 		code, err := exec.Run(ctx, vmexecCommand(r.Command, r.Shell, &out))
 		if err != nil {
-			return fmt.Errorf("instance %s: ready command: %w", inst.ID, err)
+			exec.Close()
+			return nil, fmt.Errorf("instance %s: ready command: %w", inst.ID, err)
 		}
 		if code != 0 {
-			return fmt.Errorf("instance %s: ready command exited %d: %s", inst.ID, code, tail(out.Bytes(), 512))
+			exec.Close()
+			return nil, fmt.Errorf("instance %s: ready command exited %d: %s", inst.ID, code, tail(out.Bytes(), 512))
 		}
 	}
 	log.Info("instance ready", "instance", inst.ID, "connect_and_ready", time.Since(start).Round(time.Millisecond))
-	return nil
+	return exec, nil
 }
 
 func tail(b []byte, n int) string {

@@ -34,6 +34,10 @@ import (
 	"github.com/mayfly-ci/mayfly/vmexec"
 )
 
+// The provisioner leaves each ready instance's verified connection open,
+// warm for the job that takes it.
+var _ fleet.Attacher = (*provisioner.Ready)(nil)
+
 // runFlags are the flags of mayfly run.
 type runFlags struct {
 	config, pluginDir, stateDir, managerID string

@@ -438,6 +438,41 @@ func (c *Client) DialContext(ctx context.Context, network, addr string) (net.Con
 	return conn, nil
 }
 
+// Ping checks that the connection is up and answers a keepalive before ctx
+// ends (and within AttemptTimeout). A connection that does not is closed,
+// and Ping returns why.
+func (c *Client) Ping(ctx context.Context) error {
+	if err := c.Err(); err != nil {
+		return err
+	}
+	res := make(chan error, 1)
+	go func() { // ends when the reply arrives or the connection closes
+		_, _, err := c.client.SendRequest("keepalive@openssh.com", true, nil)
+		res <- err
+	}()
+	tm := time.NewTimer(c.t.AttemptTimeout)
+	defer tm.Stop()
+	select {
+	case err := <-res:
+		if err != nil {
+			c.fail(fmt.Errorf("%w: %v", ErrConnectionLost, err))
+			<-c.done
+			return c.Err()
+		}
+		return nil
+	case <-tm.C:
+		c.fail(fmt.Errorf("%w: no keepalive reply within %s", ErrConnectionLost, c.t.AttemptTimeout))
+		<-c.done
+		return c.Err()
+	case <-ctx.Done():
+		c.fail(fmt.Errorf("%w: no keepalive reply before %v", ErrConnectionLost, context.Cause(ctx)))
+		<-c.done
+		return c.Err()
+	case <-c.done:
+		return c.Err()
+	}
+}
+
 // probe checks the connection answers a keepalive within AttemptTimeout, so
 // that a channel closed by a dying connection is reported as ErrConnectionLost.
 func (c *Client) probe() error {
