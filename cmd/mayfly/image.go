@@ -17,6 +17,9 @@ import (
 )
 
 func runImage(args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == "push-debian" {
+		return runImagePushDebian(args[1:], stdout, stderr)
+	}
 	if code, ok := verb(args, "build", "mayfly image build [flags]", "Builds the microVM image (kernel + initramfs) from Debian packages.", stdout, stderr); !ok {
 		return code
 	}

@@ -20,7 +20,7 @@ func commands() []command {
 	return []command{
 		{"coordinator", "serve an in-memory GitLab (runner API) for tests and the local demo", runCoordinator},
 		{"fleet", "show the fleets of a running manager (fleet status)", runFleet},
-		{"image", "build the microVM image (image build) from Debian packages", runImage},
+		{"image", "build the microVM image (image build), or container images pushed to a registry (image push-debian), from Debian packages", runImage},
 		{"run", "run the runner manager: jobs from GitLab, each in a fresh VM", runRun},
 		{"simulate", "replay a job-arrival trace through fleet policies and report latency and cost", runSimulate},
 		{"verify", "load a config, check it and print each runner's fleet and idle policy", runVerify},
