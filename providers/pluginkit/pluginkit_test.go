@@ -38,43 +38,39 @@ func TestSleep(t *testing.T) {
 	}
 }
 
-// clock is a hand-moved clock.
-type clock struct {
-	mu  sync.Mutex
-	now time.Time
+// handClock returns a clock that moves only when advanced: its now and
+// the func that moves it on.
+func handClock() (now func() time.Time, advance func(time.Duration)) {
+	var mu sync.Mutex
+	t := time.Unix(1_000_000, 0)
+	return func() time.Time {
+			mu.Lock()
+			defer mu.Unlock()
+			return t
+		}, func(d time.Duration) {
+			mu.Lock()
+			t = t.Add(d)
+			mu.Unlock()
+		}
 }
-
-func (c *clock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.now
-}
-
-func (c *clock) Add(d time.Duration) {
-	c.mu.Lock()
-	c.now = c.now.Add(d)
-	c.mu.Unlock()
-}
-
-func newClock() *clock { return &clock{now: time.Unix(1_000_000, 0)} }
 
 func TestPlacementOrder(t *testing.T) {
-	c := newClock()
-	p := pluginkit.NewPlacement(pluginkit.PlacementOptions{Kind: "zone", Locations: []string{"a", "b", "c"}, Cooldown: time.Minute, Now: c.Now})
+	now, advance := handClock()
+	p := pluginkit.NewPlacement(pluginkit.PlacementOptions{Kind: "zone", Locations: []string{"a", "b", "c"}, Cooldown: time.Minute, Now: now})
 	if got := p.Order(); !slices.Equal(got, []string{"a", "b", "c"}) {
 		t.Fatalf("fresh order %v", got)
 	}
 	p.Exhausted("a")
-	c.Add(time.Second)
+	advance(time.Second)
 	if got := p.Order(); !slices.Equal(got, []string{"b", "c", "a"}) {
 		t.Errorf("a exhausted: order %v, want [b c a]", got)
 	}
 	p.Exhausted("c")
-	c.Add(time.Second)
+	advance(time.Second)
 	if got := p.Order(); !slices.Equal(got, []string{"b", "a", "c"}) {
 		t.Errorf("a then c exhausted: order %v, want [b a c] (least recently exhausted first)", got)
 	}
-	c.Add(58 * time.Second) // a's cooldown is over, c's not
+	advance(58 * time.Second) // a's cooldown is over, c's not
 	if got := p.Order(); !slices.Equal(got, []string{"a", "b", "c"}) {
 		t.Errorf("after a's cooldown: order %v, want [a b c]", got)
 	}
@@ -289,11 +285,11 @@ func TestCheckCreateLabels(t *testing.T) {
 }
 
 func TestLimiterBackoff(t *testing.T) {
-	c := newClock()
+	now, advance := handClock()
 	l := pluginkit.NewLimiter(pluginkit.Throttle{
 		ThrottleBackoff:    providers.Duration(time.Second),
 		MaxThrottleBackoff: providers.Duration(4 * time.Second),
-	}, c.Now)
+	}, now)
 	retryAfter := func(err error) time.Duration {
 		t.Helper()
 		d, ok := providers.IsRateLimited(err)
@@ -306,14 +302,14 @@ func TestLimiterBackoff(t *testing.T) {
 	var got []time.Duration
 	for range 4 {
 		got = append(got, retryAfter(l.Throttled("run", 0, cause)))
-		c.Add(l.PauseLeft("run")) // the next call comes after the pause
+		advance(l.PauseLeft("run")) // the next call comes after the pause
 	}
 	if want := []time.Duration{time.Second, 2 * time.Second, 4 * time.Second, 4 * time.Second}; !slices.Equal(got, want) {
 		t.Errorf("pauses of successive throttles %v, want %v (doubling up to the maximum)", got, want)
 	}
 	// Throttles during a pause do not double the step.
 	l.Throttled("run", 0, cause)
-	c.Add(time.Second)
+	advance(time.Second)
 	l.Succeeded("other")
 	if d := retryAfter(l.Throttled("run", 0, cause)); d != 4*time.Second {
 		t.Errorf("throttle inside a pause: retry-after %s, want the 4s step again, not doubled", d)
@@ -324,12 +320,12 @@ func TestLimiterBackoff(t *testing.T) {
 	}
 	// A success resets the step; the cloud's Retry-After is the pause when
 	// it gives one.
-	c.Add(time.Minute)
+	advance(time.Minute)
 	l.Succeeded("run")
 	if d := retryAfter(l.Throttled("run", 0, cause)); d != time.Second {
 		t.Errorf("after a success: retry-after %s, want the first step again", d)
 	}
-	c.Add(time.Minute)
+	advance(time.Minute)
 	if d := retryAfter(l.Throttled("run", 7*time.Second, cause)); d != 7*time.Second {
 		t.Errorf("with the cloud's Retry-After 7s: retry-after %s", d)
 	}
