@@ -11,7 +11,7 @@ REVISION ?= $(or $(shell git rev-parse --short=8 HEAD 2>/dev/null),HEAD)
 BRANCH   ?= $(or $(shell git rev-parse --abbrev-ref HEAD 2>/dev/null),HEAD)
 LDFLAGS  := -X main.version=$(VERSION) -X main.revision=$(REVISION) -X main.branch=$(BRANCH)
 
-.PHONY: all setup build test run bench fuzz lint generate clean
+.PHONY: all setup build helpers test run bench fuzz lint generate clean
 
 all: build
 
@@ -19,9 +19,16 @@ all: build
 setup:
 	@scripts/setup.sh
 
-## build: build mayfly and every provider plugin into bin/
-build:
+## build: build mayfly, the job helpers and every provider plugin into bin/
+build: helpers
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/mayfly $(wildcard ./plugins/*/cmd/mayfly-plugin-*)
+
+## helpers: the static mayfly-helper a job's VM runs, for each OS/arch mayfly serves
+HELPER_TARGETS := linux/amd64 linux/arm64 windows/amd64
+helpers:
+	@for t in $(HELPER_TARGETS); do os=$${t%/*}; arch=$${t#*/}; ext=; [ $$os = windows ] && ext=.exe; \
+		CGO_ENABLED=0 GOOS=$$os GOARCH=$$arch $(GO) build -trimpath -ldflags="-s -w -X github.com/mayfly-ci/mayfly/manager/helper.Version=$(VERSION)-$(REVISION)" \
+			-o $(BIN)/mayfly-helper-$$os-$$arch$$ext ./cmd/mayfly-helper || exit 1; done
 
 ## test: set up, vet, and run every test with the race detector
 test: setup
@@ -29,7 +36,7 @@ test: setup
 	$(GO) test -race -count=1 -timeout 15m ./...
 
 ## run: set up, build, and run the local demo on real microVMs (scripts/demo.sh)
-run: setup
+run: setup helpers
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/mayfly ./plugins/qemu/cmd/mayfly-plugin-qemu
 	scripts/demo.sh
 
