@@ -78,7 +78,7 @@ func (f *Fleet) deleteLocked(in *instance, reason Reason) {
 	now := f.clock.Now()
 	in.reason = reason
 	in.deleteStart = now
-	in.delNext = now
+	in.delNext = now.Add(f.cfg.DeleteBatchWindow) // others may join its Delete call
 	if in.cancel != nil {
 		in.cancel()
 		in.cancel = nil

@@ -149,3 +149,35 @@ func TestSleepWithoutFleetUsesWallClock(t *testing.T) {
 		t.Error("Sleep on an ended context returned nil")
 	}
 }
+
+// TestBatchedCalls: a burst of jobs taken one request at a time costs one
+// Create call for their replacements, and jobs ending within the delete
+// window cost one Delete call.
+func TestBatchedCalls(t *testing.T) {
+	h := newHarness(t, Config{
+		Schedule:          idlePolicy(schedule.Policy{IdleCount: 5, IdleTime: time.Hour}),
+		CreateBatchWindow: time.Second,
+		DeleteBatchWindow: 5 * time.Second,
+	}, fake.Options{BootDelay: 10 * time.Second})
+	h.start()
+	h.until(time.Minute, time.Second, "5 idle", func() bool { return h.f.Available() == 5 })
+	creates := len(h.prov.callsOf(OpCreate))
+	var leases []*Lease
+	for range 5 {
+		leases = append(leases, h.acquire())
+		h.advance(100*time.Millisecond, 100*time.Millisecond) // GitLab's next answer
+	}
+	h.until(time.Minute, time.Second, "pool refilled", func() bool { return h.f.Available() == 5 })
+	if got := h.prov.callsOf(OpCreate)[creates:]; len(got) != 1 || got[0].n != 5 {
+		t.Errorf("replacements of a burst of 5: Create calls %+v, want one for 5", got)
+	}
+	deletes := len(h.prov.callsOf(OpDelete))
+	for _, l := range leases {
+		l.Release(JobSucceeded)
+		h.advance(time.Second, time.Second)
+	}
+	h.advance(10*time.Second, time.Second)
+	if got := h.prov.callsOf(OpDelete)[deletes:]; len(got) != 1 || got[0].n != 5 {
+		t.Errorf("5 jobs ending within 5s: Delete calls %+v, want one for 5", got)
+	}
+}

@@ -3,9 +3,9 @@ package fleet
 import "time"
 
 // Clock is the fleet's only source of time. The system clock is used in
-// production; tests and the simulator pass a fake (see fleettest.Clock) that
-// they advance by hand, so a day of traffic replays in a fraction of a
-// second with the same code.
+// production; tests and the simulator (fleet/sim) pass a fleettest.Clock
+// that they advance by hand, so a day of traffic replays in seconds with
+// the same code.
 type Clock interface {
 	// Now returns the current time.
 	Now() time.Time

@@ -55,6 +55,15 @@ type Config struct {
 	// after failures (defaults 5s and 5m).
 	CreateBackoff    time.Duration
 	CreateBackoffMax time.Duration
+	// CreateBatchWindow is how long the scaler waits, once it wants new
+	// instances, for more to go in the same Create call (default 1s; a
+	// negative value: no wait). The runner takes a burst of jobs one
+	// request at a time.
+	CreateBatchWindow time.Duration
+	// DeleteBatchWindow is how long a deletion waits for others to go in
+	// the same Delete call (default 5s; negative: no wait). The instance
+	// is billed that much longer; the API budget is spared a call per job.
+	DeleteBatchWindow time.Duration
 	// DeleteBackoff and DeleteBackoffMax bound the wait before a failed
 	// deletion is retried (defaults 1s and 1m).
 	DeleteBackoff    time.Duration
@@ -113,6 +122,10 @@ func (c *Config) defaults() {
 	setDur(&c.CallTimeout, 5*time.Minute)
 	setDur(&c.CreateBackoff, 5*time.Second)
 	setDur(&c.CreateBackoffMax, 5*time.Minute)
+	setDur(&c.CreateBatchWindow, time.Second)
+	setDur(&c.DeleteBatchWindow, 5*time.Second)
+	c.CreateBatchWindow = max(c.CreateBatchWindow, 0)
+	c.DeleteBatchWindow = max(c.DeleteBatchWindow, 0)
 	setDur(&c.DeleteBackoff, time.Second)
 	setDur(&c.DeleteBackoffMax, time.Minute)
 	c.CreateBackoffMax = max(c.CreateBackoffMax, c.CreateBackoff)

@@ -49,31 +49,46 @@ func (f *Fleet) create(ctx context.Context, n int) {
 	f.kick()
 }
 
-// dispatchDeletesLocked starts one batched Delete call for the instances
-// whose deletion is due, and reports the next retry time through at.
+// dispatchDeletesLocked starts one batched Delete call once a deletion is
+// due, and reports the next due time through at. A new deletion is due
+// DeleteBatchWindow after it was decided; the call then takes every
+// deletion not backing off from a failure, due or not, so that instances
+// deleted close together cost one call.
 func (f *Fleet) dispatchDeletesLocked(ctx context.Context, now time.Time, at func(time.Time)) {
 	if f.counts[StateDeleting] == 0 {
 		return
 	}
 	var ids []string
+	due := false
+	var next time.Time
 	for _, in := range f.books {
 		if in.state != StateDeleting || in.delInFlight {
 			continue
 		}
-		if now.Before(in.delNext) || f.deleting || len(ids) == maxDeleteBatch || ctx.Err() != nil {
-			at(in.delNext)
-			continue
+		if !now.Before(in.delNext) {
+			due = true
+		} else if next.IsZero() || in.delNext.Before(next) {
+			next = in.delNext
 		}
-		ids = append(ids, in.id)
+		if in.delFailures == 0 || !now.Before(in.delNext) {
+			ids = append(ids, in.id)
+		}
 	}
-	if len(ids) == 0 {
+	if !next.IsZero() {
+		at(next)
+	}
+	if !due || f.deleting || ctx.Err() != nil || len(ids) == 0 {
 		return
+	}
+	slices.Sort(ids)
+	if len(ids) > maxDeleteBatch {
+		ids = ids[:maxDeleteBatch]
+		at(now) // the rest in the next call
 	}
 	for _, id := range ids {
 		f.books[id].delInFlight = true
 	}
 	f.deleting = true
-	slices.Sort(ids)
 	f.spawn(func() { f.deleteBatch(ctx, ids) })
 }
 

@@ -73,6 +73,7 @@ type Fleet struct {
 	parked      bool          // the loop waits for a kick
 	kickPending bool          // a pass was asked for
 	wakeCh      chan struct{} // wakes the parked loop
+	changed     chan struct{} // see Changed
 
 	mu                 sync.Mutex
 	books              map[string]*instance
@@ -98,6 +99,7 @@ type Fleet struct {
 	policyEntry        int
 	policyUntil        time.Time
 	lastPlan           Plan
+	createWanted       time.Time    // when the scaler first wanted to create since the last Create call
 	goneIDs            []string     // to record in the journal, outside mu
 	toClose            []Attachment // of instances gone away, to close outside mu
 	snapBuf            []InstanceView
@@ -125,6 +127,7 @@ func New(cfg Config) (*Fleet, error) {
 		labels:   map[string]string{providers.LabelManager: cfg.ManagerID, providers.LabelRunner: cfg.Name},
 		limits:   cfg.Limits,
 		wakeCh:   make(chan struct{}, 1),
+		changed:  make(chan struct{}, 1),
 		stopCh:   make(chan struct{}),
 		books:    map[string]*instance{},
 		suspects: map[string]time.Time{},
@@ -196,7 +199,7 @@ func (f *Fleet) run(ctx context.Context) error {
 			continue
 		}
 		f.parked = true
-		f.busy.Add(-1)
+		f.unbusy()
 		f.wakeMu.Unlock()
 		select {
 		case <-f.wakeCh: // the kicker counted us busy again
@@ -232,6 +235,27 @@ func (f *Fleet) kick() {
 	}
 }
 
+// unbusy ends one piece of work in progress; the last one signals Changed.
+func (f *Fleet) unbusy() {
+	if f.busy.Add(-1) == 0 {
+		f.signalChanged()
+	}
+}
+
+// signalChanged tells a receiver of Changed, if any, to look again.
+func (f *Fleet) signalChanged() {
+	select {
+	case f.changed <- struct{}{}:
+	default:
+	}
+}
+
+// Changed returns a channel that receives when the fleet may have
+// settled (its work in progress dropped to none) or an Acquire began to
+// wait, so that a driver on a fake clock (the simulator) need not poll
+// Settled in a loop. Several signals may arrive as one.
+func (f *Fleet) Changed() <-chan struct{} { return f.changed }
+
 // Settled reports whether the fleet has no work in progress or queued:
 // the scaler loop is parked, no provider call or provisioning is running,
 // and none waits for anything but the clock. With a fake clock this is
@@ -244,7 +268,7 @@ func (f *Fleet) spawn(fn func()) {
 	f.busy.Add(1)
 	go func() {
 		defer f.wg.Done()
-		defer f.busy.Add(-1)
+		defer f.unbusy()
 		fn()
 	}()
 }
@@ -261,7 +285,7 @@ func (f *Fleet) sleep(ctx context.Context, d time.Duration) error {
 		f.busy.Add(1)
 		close(ch)
 	})
-	f.busy.Add(-1) // after arming, so that the clock cannot pass d unseen
+	f.unbusy() // after arming, so that the clock cannot pass d unseen
 	select {
 	case <-ch:
 		return nil
@@ -318,7 +342,7 @@ func (f *Fleet) shutdown() {
 			f.log.Error("close journal", "error", err)
 		}
 	}
-	f.busy.Add(-1)
+	f.unbusy()
 }
 
 // shutdownAttempts bounds the Delete calls of a shutdown.

@@ -141,6 +141,13 @@ func newHarness(t testing.TB, cfg Config, opts fake.Options) *harness {
 	}
 	cfg.Clock = clk
 	cfg.Logger = testLogger()
+	// Calls go out at once unless a test is about batching them.
+	if cfg.CreateBatchWindow == 0 {
+		cfg.CreateBatchWindow = -1
+	}
+	if cfg.DeleteBatchWindow == 0 {
+		cfg.DeleteBatchWindow = -1
+	}
 	if cfg.Registerer == nil {
 		cfg.Registerer = h.reg
 	}

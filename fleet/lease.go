@@ -199,6 +199,7 @@ func (f *Fleet) acquire(ctx context.Context, planned bool) (*Lease, error) {
 	f.m.waits.WithLabelValues(f.cfg.Name).Inc()
 	f.mu.Unlock()
 	f.kick() // the scaler counts promises beyond the idle instances as demand
+	f.signalChanged()
 
 	select {
 	case <-w.ch:
@@ -207,7 +208,7 @@ func (f *Fleet) acquire(ctx context.Context, planned bool) (*Lease, error) {
 	}
 	f.mu.Lock()
 	if w.in != nil { // handed over, perhaps just as ctx ended: commit decides
-		defer f.busy.Add(-1) // counted busy by handLocked
+		defer f.unbusy() // counted busy by handLocked
 		l := &Lease{f: f, in: w.in, inst: f.instanceOf(w.in), ci: w.in.ci}
 		j := f.journal
 		f.mu.Unlock()

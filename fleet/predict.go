@@ -77,6 +77,7 @@ func PoissonQuantile(mu, q float64) int {
 type DemandMeter struct {
 	acq   []time.Time // acquisition times within the longest window, ascending
 	head  int
+	hist  []int // peak's scratch
 	boots BootTimes
 	// boost is the target while demand outruns supply: doubled at most
 	// once per lead time while the pool keeps running dry.
@@ -175,17 +176,27 @@ func (d *DemandMeter) peak(lead time.Duration, q float64) int {
 	if len(live) == 0 {
 		return 0
 	}
-	counts := make([]int, len(live))
+	// Each count is at most len(live): count them by value (O(n)).
+	if cap(d.hist) < len(live)+1 {
+		d.hist = make([]int, len(live)+1)
+	}
+	hist := d.hist[:len(live)+1]
+	clear(hist)
 	lo := 0
 	for hi, t := range live {
 		for t.Sub(live[lo]) >= lead {
 			lo++
 		}
-		counts[hi] = hi - lo + 1
+		hist[hi-lo+1]++
 	}
-	slices.Sort(counts)
-	i := min(int(q*float64(len(counts))), len(counts)-1)
-	return counts[i]
+	rank := min(int(q*float64(len(live))), len(live)-1) // 0-based rank in ascending order
+	for v, n := range hist {
+		if rank < n {
+			return v
+		}
+		rank -= n
+	}
+	return len(live)
 }
 
 // idleTarget is the idle target of policy p for a pass on snapshot s.

@@ -53,19 +53,30 @@ func (f *Fleet) pass(ctx context.Context) time.Time {
 		}
 		f.deleteLocked(in, d.Reason)
 	}
-	if plan.Create > 0 && ctx.Err() == nil {
+	wake := plan.Wake
+	at := func(t time.Time) {
+		if wake.IsZero() || t.Before(wake) {
+			wake = t
+		}
+	}
+	switch {
+	case plan.Create <= 0 || ctx.Err() != nil:
+		f.createWanted = time.Time{}
+	case f.createWanted.IsZero() && f.cfg.CreateBatchWindow > 0:
+		// Wait a moment for more: the runner takes a burst of jobs one
+		// request at a time, and one Create call can serve them all.
+		f.createWanted = now
+		at(now.Add(f.cfg.CreateBatchWindow))
+	case now.Before(f.createWanted.Add(f.cfg.CreateBatchWindow)):
+		at(f.createWanted.Add(f.cfg.CreateBatchWindow))
+	default:
+		f.createWanted = time.Time{}
 		n := plan.Create
 		f.requested += n
 		f.counts[StateRequested] += n
 		f.createCalls++
 		f.creating++
 		f.spawn(func() { f.create(ctx, n) })
-	}
-	wake := plan.Wake
-	at := func(t time.Time) {
-		if wake.IsZero() || t.Before(wake) {
-			wake = t
-		}
 	}
 	f.dispatchDeletesLocked(ctx, now, at)
 	f.compactIdleLocked()

@@ -94,3 +94,23 @@ func (st Status) CallsPerJob() float64 {
 	}
 	return float64(n) / float64(st.JobsDone)
 }
+
+// Gauges are a few figures of the fleet, cheap to read often (Status
+// copies every instance).
+type Gauges struct {
+	// IdleTarget is the idle target of the last scaler pass.
+	IdleTarget int
+	// Waiting counts the Acquire calls blocked waiting for an instance.
+	Waiting int
+	// Reserved counts the promises not yet handed an instance.
+	Reserved int
+	// DeletedUnusedWhileWaiting is Status's invariant counter.
+	DeletedUnusedWhileWaiting int
+}
+
+// Gauges returns the fleet's gauges now.
+func (f *Fleet) Gauges() Gauges {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return Gauges{IdleTarget: f.lastPlan.IdleTarget, Waiting: len(f.waiters), Reserved: f.reserved, DeletedUnusedWhileWaiting: f.wastedWhileWaiting}
+}

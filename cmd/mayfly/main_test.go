@@ -104,7 +104,7 @@ func TestSimulate(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("exit %d: %s", code, errOut)
 	}
-	for _, want := range []string{`"policy": "mayfly"`, `"trace": "nightly.csv"`} {
+	for _, want := range []string{`"policy": "mayfly"`, `"trace": "nightly.csv"`, `"deleted_unused_while_waiting": 0,`} {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %s:\n%.400s", want, out)
 		}

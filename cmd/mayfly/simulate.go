@@ -25,6 +25,7 @@ func runSimulate(args []string, stdout, stderr io.Writer) int {
 	failure := fs.Float64("failure-rate", 0, "share of creations that fail")
 	apiRate := fs.Float64("api-rate", 0, "provider API calls per second (0 = unlimited)")
 	seed := fs.Uint64("seed", 1, "random seed")
+	connect := fs.String("connect", sim.ConnectOnCreate, "how the simulated provider gives connect info to the mayfly policies: create (with Create), list (in its list) or call (a ConnectInfo call per VM, as the plugins over the wire today)")
 	asJSON := fs.Bool("json", false, "print the reports as JSON")
 	plotPath := fs.String("plot", "", "draw instances by state and queue wait over time into this PNG (one per policy: NAME-POLICY.png when several)")
 	fs.Usage = func() {
@@ -71,6 +72,7 @@ func runSimulate(args []string, stdout, stderr io.Writer) int {
 		opts.Provider.FailureRate = *failure
 		opts.Provider.APIRate = *apiRate
 		opts.Provider.Seed = *seed
+		opts.Provider.Connect = *connect
 		if *plotPath != "" && len(jobs) > 0 {
 			span := jobs[len(jobs)-1].Arrival.Sub(jobs[0].Arrival)
 			opts.SeriesStep = max(10*time.Second, span/2000)

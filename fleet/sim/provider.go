@@ -31,6 +31,9 @@ type Provider struct {
 	APIBurst int
 	// Seed seeds boot times and failures.
 	Seed uint64
+	// Connect is how the runtime fleet learns to reach an instance:
+	// ConnectOnCreate (default), ConnectInList or ConnectByCall.
+	Connect string
 }
 
 // DefaultProvider returns a provider with typical boot times: about 45 s
@@ -59,6 +62,13 @@ func (p *Provider) validate() error {
 	}
 	if p.FailureRate < 0 || p.FailureRate >= 1 {
 		return fmt.Errorf("provider: failure rate must be in [0,1), got %g", p.FailureRate)
+	}
+	switch p.Connect {
+	case "":
+		p.Connect = ConnectOnCreate
+	case ConnectOnCreate, ConnectInList, ConnectByCall:
+	default:
+		return fmt.Errorf("provider: connect: want %s, %s or %s, got %q", ConnectOnCreate, ConnectInList, ConnectByCall, p.Connect)
 	}
 	if p.DeleteTime < 0 || p.APIRate < 0 || p.APIBurst < 0 {
 		return fmt.Errorf("provider: delete time, API rate and burst must not be negative")

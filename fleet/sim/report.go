@@ -37,8 +37,19 @@ type Report struct {
 	// that list instances, list calls estimated from their poll cadence).
 	APICalls       int     `json:"api_calls"`
 	APICallsPerJob float64 `json:"api_calls_per_job"`
-	PeakInstances  int     `json:"peak_instances"`
-	BootFailures   int     `json:"boot_failures"`
+	// APICallsByCall splits APICalls by call (the runtime fleet's
+	// policies, counted at the simulated provider).
+	APICallsByCall map[string]int `json:"api_calls_by_call,omitempty"`
+	// InstancesCreated counts the VMs created.
+	InstancesCreated int `json:"instances_created"`
+	// DeletedUnused counts VMs deleted after they became ready without
+	// running a job (idle past IdleTime, or surplus).
+	DeletedUnused int `json:"deleted_unused"`
+	// DeletedUnusedWhileWaiting counts VMs deleted unused while a job
+	// that had been taken waited for a VM (issue 20's invariant: 0).
+	DeletedUnusedWhileWaiting int `json:"deleted_unused_while_waiting"`
+	PeakInstances             int `json:"peak_instances"`
+	BootFailures              int `json:"boot_failures"`
 	// MaxIdleTarget is the highest idle target a mayfly or predictive
 	// scaler pass computed (0 for the other policies).
 	MaxIdleTarget int `json:"max_idle_target,omitempty"`
@@ -106,9 +117,15 @@ func (w *world) report() Report {
 	r.BootFailures = w.failures
 	r.SimulatedHours = w.lastAdvance.Sub(w.start).Hours()
 	r.Assumptions = w.ctl.assumptions()
-	if m, ok := w.ctl.(*mayfly); ok {
-		r.MaxIdleTarget = m.maxTarget
-		r.OnDemandJobs = m.onDemand
+	r.InstancesCreated = w.created
+	r.DeletedUnused = w.deletedUnused
+	r.DeletedUnusedWhileWaiting = w.wastedWhileWaiting
+	if rf, ok := w.ctl.(*runtimeFleet); ok {
+		r.MaxIdleTarget = rf.maxTarget
+		r.OnDemandJobs = rf.onDemand
+		r.APICallsByCall = rf.cloud.calls
+		// The fleet keeps the invariant's count too; both must be 0.
+		r.DeletedUnusedWhileWaiting = max(r.DeletedUnusedWhileWaiting, rf.f.Gauges().DeletedUnusedWhileWaiting)
 	}
 	if d, ok := w.ctl.(*dockerMachine); ok {
 		r.OnDemandJobs = d.onDemand
@@ -158,7 +175,7 @@ func WriteJSON(w io.Writer, reports ...Report) error {
 // the assumptions of each policy once.
 func WriteTable(w io.Writer, reports ...Report) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "trace\tpolicy\tjobs\tstarted\tp50 s\tp90 s\tp99 s\twithin SLO\tidle VM-h\ttotal VM-h\tAPI calls/job\tpeak VMs\t")
+	fmt.Fprintln(tw, "trace\tpolicy\tjobs\tstarted\tp50 s\tp90 s\tp99 s\twithin SLO\tidle VM-h\ttotal VM-h\tAPI calls/job\tpeak VMs\tVMs created\tdeleted unused while jobs waited\t")
 	lat := func(v float64) string {
 		if v < 0 {
 			return "inf"
@@ -166,9 +183,9 @@ func WriteTable(w io.Writer, reports ...Report) error {
 		return fmt.Sprintf("%.1f", v)
 	}
 	for _, r := range reports {
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%s\t%s\t%s\t%.1f%%\t%.1f\t%.1f\t%.2f\t%d\t\n",
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%s\t%s\t%s\t%.1f%%\t%.1f\t%.1f\t%.2f\t%d\t%d\t%d\t\n",
 			r.Trace, r.Policy, r.Jobs, r.Started, lat(r.LatencyP50), lat(r.LatencyP90), lat(r.LatencyP99),
-			100*r.WithinSLO, r.IdleVMHours, r.TotalVMHours, r.APICallsPerJob, r.PeakInstances)
+			100*r.WithinSLO, r.IdleVMHours, r.TotalVMHours, r.APICallsPerJob, r.PeakInstances, r.InstancesCreated, r.DeletedUnusedWhileWaiting)
 	}
 	if err := tw.Flush(); err != nil {
 		return fmt.Errorf("write report: %w", err)

@@ -1,10 +1,13 @@
 // Package sim is a discrete-event simulator of an autoscaled VM-per-job
 // fleet. It replays a job-arrival trace through an idle-pool policy and a
-// simulated provider, synchronously and in virtual time, and reports
-// queue-to-start latency, VM-hours and provider API calls.
+// simulated provider in virtual time, and reports queue-to-start latency,
+// VM-hours and provider API calls.
 //
-// The "mayfly" and "predictive" policies drive fleet.Decide, the same pure
-// function the runtime fleet's scaler calls; "docker-machine" and
+// The "mayfly" and "predictive" policies run the production fleet.Fleet
+// (its scaler, reservations, waiters, list cadence and API budget) on a
+// fleettest.Clock that the simulation advances, with a simulated provider
+// and provisioner, and a driver that takes jobs as the manager does, so
+// their figures are the runtime's; "docker-machine" and
 // "taskscaler" re-implement gitlab-runner's two autoscalers as baselines,
 // after gitlab-runner's source and documentation (docker+machine's
 // executors/docker/machine, taskscaler's documented settings; the
@@ -126,10 +129,28 @@ func Run(opts Options) (Report, error) {
 	case PolicyTaskscaler:
 		w.ctl = newTaskscaler(w)
 	case PolicyMayfly, PolicyPredictive:
-		w.ctl = newMayfly(w, opts.Policy == PolicyPredictive)
+		rf, err := newRuntimeFleet(w, opts.Policy == PolicyPredictive)
+		if err != nil {
+			return Report{}, fmt.Errorf("simulate: %w", err)
+		}
+		w.ctl = rf
+		w.run()
+		if err := rf.stop(); err != nil {
+			return Report{}, fmt.Errorf("simulate %s: %w", opts.Policy, err)
+		}
+		return w.report(), nil
 	}
 	w.run()
 	return w.report(), nil
+}
+
+// timed is a controller with timers of its own (the runtime fleet's
+// clock), which the simulation runs in order with its events.
+type timed interface {
+	// next returns the due time of the earliest timer.
+	next() (time.Time, bool)
+	// fire moves the controller's clock to t, running the timers due.
+	fire(t time.Time)
 }
 
 // vmState is a simulated VM's state; the controllers map it to their own
@@ -158,8 +179,11 @@ type vm struct {
 	uses      int
 	bootEnd   time.Time
 	failBoot  bool
-	job       int  // bound on-demand job (docker-machine, IdleCount 0), or -1
-	released  bool // mayfly: lease released with uses spent, deletion not yet dispatched
+	job       int // bound on-demand job (docker-machine, IdleCount 0), or -1
+	// The runtime fleet's VMs (simCloud):
+	labels       map[string]string
+	deleteCalled bool // the provider's Delete was called for it
+	everIdle     bool // became ready
 }
 
 type evKind int
@@ -240,6 +264,13 @@ type world struct {
 	running  int // jobs running or bound to a VM
 	latency  []time.Duration
 	failures int
+	created  int // VMs created
+	// wastedWhileWaiting counts VMs deleted unused after they became
+	// ready while a job was waiting for one (issue 20's invariant).
+	wastedWhileWaiting int
+	// waitingJobs counts jobs taken on demand whose VM has not come.
+	waitingJobs   int
+	deletedUnused int // VMs deleted without running a job, after they became ready
 
 	lastAdvance  time.Time
 	creatingTime time.Duration // time with a VM requested or creating
@@ -322,8 +353,9 @@ func (w *world) setState(v *vm, s vmState) {
 
 func (w *world) run() {
 	w.schedule(w.start, evTick, nil)
+	tc, _ := w.ctl.(timed)
 	for w.finished < len(w.jobs) {
-		// The next instant: an arrival or an event.
+		// The next instant: an arrival, an event or a controller's timer.
 		var t time.Time
 		hasEv := w.ev.Len() > 0
 		hasArr := w.arrived < len(w.jobs)
@@ -332,7 +364,13 @@ func (w *world) run() {
 			t = w.jobs[w.arrived].Arrival
 		case hasEv:
 			t = w.ev.peekAt()
-		default:
+		}
+		if tc != nil {
+			if nt, ok := tc.next(); ok && (t.IsZero() || nt.Before(t)) {
+				t = nt
+			}
+		}
+		if t.IsZero() {
 			return
 		}
 		if t.After(w.end) {
@@ -343,6 +381,9 @@ func (w *world) run() {
 		for w.arrived < len(w.jobs) && !w.jobs[w.arrived].Arrival.After(t) {
 			w.pending = append(w.pending, w.arrived)
 			w.arrived++
+		}
+		if tc != nil {
+			tc.fire(t) // the controller's clock moves with the world's
 		}
 		for w.ev.Len() > 0 && !w.ev.peekAt().After(t) {
 			e := w.ev.pop()
@@ -406,6 +447,7 @@ func (w *world) create(n int, batched bool) []*vm {
 		w.count[vmRequested]++
 		w.alive++
 		w.peak = max(w.peak, w.alive)
+		w.created++
 		if at.After(w.now) {
 			w.schedule(at, evCreated, v)
 		} else {
@@ -418,6 +460,51 @@ func (w *world) create(n int, batched bool) []*vm {
 		out = append(out, v)
 	}
 	return out
+}
+
+// launch makes n VMs booting now, for the runtime fleet's provider (which
+// counts its own calls; the fleet keeps its own API budget).
+func (w *world) launch(n int) []*vm {
+	out := make([]*vm, 0, n)
+	for range n {
+		w.nextVM++
+		v := &vm{id: w.nextVM, state: vmRequested, since: w.now, job: -1}
+		w.count[vmRequested]++
+		w.alive++
+		w.peak = max(w.peak, w.alive)
+		w.created++
+		v.createdAt = w.now
+		w.setState(v, vmCreating)
+		boot, failed := w.cloud.boot()
+		v.bootEnd, v.failBoot = w.now.Add(boot), failed
+		if failed {
+			w.failures++
+		}
+		out = append(out, v)
+	}
+	return out
+}
+
+// ready makes a booted VM idle (the runtime fleet's provisioner is done).
+func (w *world) ready(v *vm) {
+	v.readyAt, v.idleSince, v.everIdle = w.now, w.now, true
+	w.setState(v, vmIdle)
+}
+
+// removeCalled records the provider's Delete call for VMs: each is billed
+// for the provider's DeleteTime more.
+func (w *world) removeCalled(vs []*vm) {
+	for _, v := range vs {
+		v.deleteCalled = true
+		if v.state == vmIdle && v.uses == 0 {
+			w.deletedUnused++
+			if w.waitingJobs > 0 {
+				w.wastedWhileWaiting++
+			}
+		}
+		w.setState(v, vmDeleting)
+		w.schedule(w.now.Add(w.o.Provider.DeleteTime), evDeleted, v)
+	}
 }
 
 // remove deletes VMs: one API call when batched, else one per VM.

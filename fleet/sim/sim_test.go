@@ -58,9 +58,17 @@ func TestHandComputed(t *testing.T) {
 		// 3 Decrease calls, and the list is polled every 2 s during the 90 s
 		// with instances creating (45) and every minute otherwise (100 s: 1).
 		{"taskscaler", PolicyTaskscaler, ts, 0, 30, 30, 150, 230, 300, 3 + 3 + 45 + 1, 5, 0},
-		// fleet.Decide gives the same timeline; deletions of the two jobs
-		// ending together go in one batch: 3 creates + 2 deletes + 46 lists.
-		{"mayfly", PolicyMayfly, dm, 0, 30, 30, 150, 230, 300, 3 + 2 + 45 + 1, 5, 2},
+		// The runtime fleet (OnDemandWithin 0: docker+machine's refusal)
+		// lists at start (940) and every minute (1000, 1060, 1120); a
+		// Create call waits 1 s for company, so the pool is created at 941
+		// (ready 971). At 1000 two jobs take it; the third is refused
+		// until the replacements made at 1001 are ready (1031), and is
+		// taken at the 1040 poll; its replacement is made at 1041 (ready
+		// 1071). The VMs of the jobs ending at 1100 go in one Delete call
+		// at 1105; the run ends with the last job, at 1140.
+		// VM-seconds: boot 5×30; idle 2×29 + 9 + 109 + 69; busy 3×100.
+		// Calls: 3 creates + 1 delete + 4 lists.
+		{"mayfly", PolicyMayfly, dm, 0, 40, 40, 150, 245, 300, 3 + 1 + 4, 5, 2},
 		// IdleCount 0: every job is requested at once and waits for its own
 		// VM (30 s); nothing idles. Calls: 3 creates + 3 removals.
 		{"docker-machine on demand", PolicyDockerMachine, dm0, 30, 30, 30, 90, 0, 300, 6, 3, 0},
@@ -154,7 +162,7 @@ func TestPredictiveCeiling(t *testing.T) {
 	for _, ceiling := range []int{1, 3, 8} {
 		o := Options{
 			Policy:     PolicyPredictive,
-			Jobs:       poissonJobs(3000, 2*time.Second, 5*time.Minute),
+			Jobs:       poissonJobs(1500, 2*time.Second, 5*time.Minute),
 			Schedule:   schedule.Schedule{Default: schedule.Policy{IdleCount: ceiling, IdleTime: 10 * time.Minute}},
 			Provider:   Provider{Boot: Boot{Kind: "lognormal", Median: 45 * time.Second, Sigma: 0.3}, Seed: 3},
 			SeriesStep: 5 * time.Second,
@@ -178,7 +186,7 @@ func TestPredictiveSizesFromRate(t *testing.T) {
 	// 0.5 jobs/s, 45 s boots: about 24 expected per lead time.
 	o := Options{
 		Policy:   PolicyPredictive,
-		Jobs:     poissonJobs(3000, 2*time.Second, time.Minute),
+		Jobs:     poissonJobs(1500, 2*time.Second, time.Minute),
 		Schedule: schedule.Schedule{Default: schedule.Policy{IdleCount: 1000, IdleTime: 10 * time.Minute}},
 		Provider: Provider{Boot: Boot{Kind: "fixed", Median: 45 * time.Second}},
 	}
@@ -198,7 +206,7 @@ func TestDeterminism(t *testing.T) {
 	for _, p := range Policies {
 		o := Options{
 			Policy:   p,
-			Jobs:     poissonJobs(2000, 3*time.Second, 2*time.Minute),
+			Jobs:     poissonJobs(800, 3*time.Second, 2*time.Minute),
 			Schedule: schedule.Schedule{Default: schedule.Policy{IdleCount: 5, IdleTime: 5 * time.Minute}},
 			Provider: Provider{Boot: Boot{Kind: "lognormal", Median: 45 * time.Second, Sigma: 0.5}, FailureRate: 0.1, DeleteTime: 20 * time.Second, APIRate: 2, APIBurst: 5, Seed: 42},
 		}
@@ -310,15 +318,16 @@ func TestOnDemandHandComputed(t *testing.T) {
 		wantLat  []float64 // p50, p90, max
 		onDemand int
 	}{
-		// IdleCount 0: every job is taken on demand and waits one boot.
-		{"IdleCount 0", 0, 0, []float64{30, 30, 30}, 3},
-		// One idle VM (ready at 970) takes the first job; the other two are
-		// taken at once for VMs created at 1000 and ready at 1030.
-		{"pool of 1, window 90s", 1, 90 * time.Second, []float64{30, 30, 30}, 2},
+		// IdleCount 0: every job is taken on demand and waits one boot
+		// and the second the Create call waits for company.
+		{"IdleCount 0", 0, 0, []float64{31, 31, 31}, 3},
+		// One idle VM (ready at 971) takes the first job; the other two are
+		// taken at once for VMs created at 1001 and ready at 1031.
+		{"pool of 1, window 90s", 1, 90 * time.Second, []float64{31, 31, 31}, 2},
 		// A 20 s window is shorter than a boot: the jobs are taken all the
-		// same, for new VMs (created at 1000, ready at 1030), since nothing
-		// stops one being created (issue 15: no runaway queue).
-		{"pool of 1, window 20s", 1, 20 * time.Second, []float64{30, 30, 30}, 2},
+		// same, for new VMs, since nothing stops one being created (issue
+		// 15: no runaway queue).
+		{"pool of 1, window 20s", 1, 20 * time.Second, []float64{31, 31, 31}, 2},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			o := smallCase(PolicyMayfly, schedule.Policy{IdleCount: tt.idle, IdleTime: time.Hour})
