@@ -50,6 +50,7 @@ func runCoordinatorContext(ctx context.Context, args []string, stdout, stderr io
 	withRegistry := fs.Bool("registry", true, "serve a container registry at <external-url>/v2/ (CI_REGISTRY), stored under --state-dir")
 	registryMax := fs.Int64("registry-max-bytes", 10<<30, "bound on the registry's disk use")
 	anonPull := fs.Bool("registry-anonymous-pull", false, "let the registry serve pulls without credentials")
+	maxArtifact := fs.Int64("max-artifact-bytes", coordinator.DefaultMaxArtifactBytes, "largest artifact file a job may upload (stored under --state-dir)")
 	longPoll := fs.Duration("long-poll", 0, "hold job requests this long while no job is queued (0 = off)")
 	exitWhenDone := fs.Bool("exit-when-done", false, "exit once every enqueued job has finished")
 	progress := fs.Bool("progress", false, "print each job's outcome as it finishes, the queue, and a summary at exit")
@@ -76,7 +77,7 @@ func runCoordinatorContext(ctx context.Context, args []string, stdout, stderr io
 		ext = "http://" + ln.Addr().String()
 	}
 	state := *stateDir
-	if state == "" && (len(projects) > 0 || *withRegistry) {
+	if state == "" {
 		tmp, err := os.MkdirTemp("", "mayfly-coordinator-")
 		if err != nil {
 			fmt.Fprintf(stderr, "mayfly coordinator: %v\n", err)
@@ -98,6 +99,7 @@ func runCoordinatorContext(ctx context.Context, args []string, stdout, stderr io
 		Logger:            log,
 		StateDir:          state,
 		PushToken:         *pushToken,
+		MaxArtifactBytes:  *maxArtifact,
 	}
 	if *withRegistry {
 		cfg.Registry = &coordinator.RegistryConfig{MaxBytes: *registryMax, AnonymousPull: *anonPull}

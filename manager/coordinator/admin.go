@@ -66,6 +66,8 @@ func (s *Server) adminRoutes(mux *http.ServeMux) {
 	h("GET /jobs", s.adminJobs)
 	h("GET /jobs/{id}", s.adminJob)
 	h("GET /jobs/{id}/trace", s.adminTrace)
+	h("GET /jobs/{id}/artifacts", s.adminArtifacts)
+	h("GET /jobs/{id}/artifacts/{type}", s.adminArtifactFile)
 	h("POST /jobs/{id}/cancel", s.adminCancel)
 	h("GET /runners", func(w http.ResponseWriter, r *http.Request) { writeJSON(w, http.StatusOK, s.Runners()) })
 	h("POST /runners/{id}/pause", s.adminPause(true))

@@ -31,6 +31,8 @@ func (s *Server) routes() {
 	mux.HandleFunc("POST /api/v4/jobs/request", s.handleJobRequest)
 	mux.HandleFunc("PATCH /api/v4/jobs/{id}/trace", s.handleTrace)
 	mux.HandleFunc("PUT /api/v4/jobs/{id}", s.handleUpdate)
+	mux.HandleFunc("POST /api/v4/jobs/{id}/artifacts", s.handleUploadArtifacts)
+	mux.HandleFunc("GET /api/v4/jobs/{id}/artifacts", s.handleDownloadArtifacts)
 	mux.HandleFunc("POST /api/v4/projects/{id}/pipeline", s.handleCreatePipeline)
 	mux.HandleFunc("GET /api/v4/projects/{id}/pipelines/{pid}", s.handleGetPipeline)
 	mux.HandleFunc("/", s.serveRoot)

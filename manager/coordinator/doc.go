@@ -10,10 +10,16 @@
 //	POST   /jobs/request     201 job JSON, 204 nothing (echoing X-GitLab-Last-Update), 403 bad token
 //	PATCH  /jobs/:id/trace   append at Content-Range start → 202 Range: 0-size; 416 on offset mismatch
 //	PUT    /jobs/:id         running heartbeat, success/failed with reason, exit code and output checksum
+//	POST   /jobs/:id/artifacts  multipart "file", artifact_type/artifact_format/expire_in → 201 (413 over MaxArtifactBytes)
+//	GET    /jobs/:id/artifacts  the archive, to the job's token or that of a running job depending on it
 //
 //	POST   /projects/:id/pipeline  a pipeline from a served project's .gitlab-ci.yml (PRIVATE-TOKEN)
 //
-// and a separate admin API under /-/mayfly (see AdminPrefix). With
+// and a separate admin API under /-/mayfly (see AdminPrefix). Artifacts
+// are kept under Config.StateDir/artifacts until they expire (expire_in,
+// or Config.ArtifactsExpireIn); a dotenv report's variables go to the jobs
+// that download the job's artifacts, and the archive is their
+// dependencies' artifacts_file. With
 // AddProjects (mayfly coordinator --project) it also serves projects'
 // repositories over git's smart HTTP at /<namespace>/<name>.git (package
 // gitrepo; job tokens read them while their job runs) and makes pipelines

@@ -269,7 +269,9 @@ type job struct {
 	artifacts     []runnerapi.Artifact
 	caches        []runnerapi.Cache
 	hooks         []runnerapi.Hook
-	artifactsFile runnerapi.ArtifactsFile // uploaded artifacts archive, if any
+	artifactsFile runnerapi.ArtifactsFile    // uploaded artifacts archive, if any
+	stored        map[string]*storedArtifact // artifact files by artifact_type
+	dotenv        []runnerapi.Variable       // from its dotenv report
 
 	status        string
 	runner        *runner
@@ -379,6 +381,10 @@ type JobRecord struct {
 
 	// Payload is the job JSON handed to the runner (nil until assigned).
 	Payload *runnerapi.JobResponse `json:"-"`
+	// Artifacts are the job's stored artifact files, by type; Dotenv the
+	// variables its dotenv report gives later jobs.
+	Artifacts []ArtifactRecord     `json:"artifacts"`
+	Dotenv    []runnerapi.Variable `json:"dotenv,omitempty"`
 }
 
 func (j *job) record() JobRecord {
@@ -412,6 +418,8 @@ func (j *job) record() JobRecord {
 		FinishedAt:     j.finishedAt,
 		UpdatedAt:      j.lastSeenAt,
 		Payload:        j.payload,
+		Artifacts:      j.artifactRecords(),
+		Dotenv:         slices.Clone(j.dotenv),
 	}
 	if rec.Tags == nil {
 		rec.Tags = []string{}

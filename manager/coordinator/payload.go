@@ -153,6 +153,11 @@ func (s *Server) payload(j *job, r *runner, base string) *runnerapi.JobResponse 
 		pub("CI_RUNNER_TAGS", tagsJSON(r.tags)),
 	)
 	vars = append(vars, j.variables...)
+	// Dotenv reports of the jobs whose artifacts this one gets come after
+	// the .gitlab-ci.yml variables, which they override, as in GitLab.
+	for _, d := range pl.dependencyJobs(j) {
+		vars = append(vars, d.dotenv...)
+	}
 
 	depth := 20
 	for _, v := range j.variables {

@@ -66,6 +66,13 @@ type Config struct {
 	// repositories (StateDir/repositories) and the registry
 	// (StateDir/registry). Needed by AddProjects and the registry.
 	StateDir string
+	// MaxArtifactBytes bounds one uploaded artifact file. Default
+	// DefaultMaxArtifactBytes. Artifacts are kept in StateDir/artifacts;
+	// without StateDir uploads answer 405, as GitLab with artifacts off.
+	MaxArtifactBytes int64
+	// ArtifactsExpireIn is how long artifacts are kept when the job gives
+	// no expire_in. Default DefaultArtifactsExpireIn.
+	ArtifactsExpireIn time.Duration
 	// Registry, when set, serves a container registry as GitLab does
 	// (/v2/ and its token realm /jwt/auth on the same listener), with
 	// CI_REGISTRY, CI_REGISTRY_IMAGE, CI_REGISTRY_USER, CI_REGISTRY_PASSWORD
@@ -135,6 +142,12 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.MaxTraceBytes == 0 {
 		cfg.MaxTraceBytes = DefaultMaxTraceBytes
+	}
+	if cfg.MaxArtifactBytes <= 0 {
+		cfg.MaxArtifactBytes = DefaultMaxArtifactBytes
+	}
+	if cfg.ArtifactsExpireIn <= 0 {
+		cfg.ArtifactsExpireIn = DefaultArtifactsExpireIn
 	}
 	if cfg.RegistrationToken == "" {
 		cfg.RegistrationToken = newToken()
