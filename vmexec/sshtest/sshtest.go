@@ -136,7 +136,7 @@ func New(t testing.TB, kind Kind) *Server {
 }
 
 // NewIn is New for a server in the network namespace netns (a path such
-// as /proc/PID/ns/net), listening on ip there: the SSH server of a
+// as /proc/PID/ns/net), listening on ip there (or ip:port when it has one): the SSH server of a
 // "machine" that a test made as a network namespace (for example
 // dockertest's, whose Docker Engine and containers live there).
 func NewIn(t testing.TB, kind Kind, netns, ip string) *Server {
@@ -174,6 +174,9 @@ func newServer(t testing.TB, kind Kind, netns, ip string) *Server {
 	if netns != "" {
 		// A namespace of the test's own has every port free.
 		s.Addr = net.JoinHostPort(ip, strconv.Itoa(20000+mrand.IntN(40000)))
+		if _, _, err := net.SplitHostPort(ip); err == nil {
+			s.Addr = ip // a port of the caller's choice
+		}
 	}
 	switch kind {
 	case OpenSSH:
@@ -475,4 +478,22 @@ func (s *Server) Kill() {
 	case <-ctx.Done():
 		s.t.Errorf("%s server did not exit after SIGKILL", s.Kind)
 	}
+}
+
+// AuthorizeKey lets key (one authorized_keys line) log in too, as
+// cloud-init does with an instance's key.
+func (s *Server) AuthorizeKey(key string) error {
+	path := filepath.Join(s.dir, "authorized_keys") // OpenSSH's AuthorizedKeysFile
+	if s.Kind == Dropbear {
+		path = filepath.Join(s.dir, "home", ".ssh", "authorized_keys")
+	}
+	f, err := os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := f.WriteString(strings.TrimSpace(key) + "\n"); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
