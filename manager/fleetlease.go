@@ -83,6 +83,14 @@ type borrowed struct{ vmexec.Executor }
 
 func (borrowed) Close() error { return nil }
 
+// Stream runs cmd with the connection's Stream when it has one.
+func (b borrowed) Stream(ctx context.Context, cmd vmexec.Command) (int, error) {
+	if s, ok := b.Executor.(vmexec.Streamer); ok {
+		return s.Stream(ctx, cmd)
+	}
+	return b.Run(ctx, cmd)
+}
+
 // borrowedDialer is a borrowed connection that also opens connections
 // from the VM (for the Docker Engine of image: jobs).
 type borrowedDialer struct {

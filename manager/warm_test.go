@@ -258,7 +258,7 @@ func TestWarmConnection(t *testing.T) {
 // never runs there, the instance is discarded, and the job runs on another.
 func TestWarmConnectionHostKeyChanged(t *testing.T) {
 	e := newWarmEnv(t, 1)
-	victim := e.idleIDs()[0] // idle first, so taken first
+	victim := e.idleIDs()[0]                     // idle first, so taken first
 	impostor := sshtest.Run(t, sshtest.Dropbear) // another host key (and another authorized key)
 	p := e.proxy(t, victim)
 	p.retarget(impostor.Addr)

@@ -32,6 +32,14 @@ type Executor interface {
 	Close() error
 }
 
+// Streamer is an Executor that can also run a command that takes care of
+// its own end more cheaply: Stream runs it without a process group of its
+// own, and when ctx ends it only stops reading (the command dies at its
+// next write). Errors are as for Run.
+type Streamer interface {
+	Stream(ctx context.Context, cmd Command) (exitCode int, err error)
+}
+
 // Command is one script to run.
 type Command struct {
 	// Script is the program text given to Shell.

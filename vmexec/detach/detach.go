@@ -368,7 +368,14 @@ func (r *Runner) startSession(s Stage, from int64) (*stream, error) {
 		defer cancel()
 		var stderr capWriter
 		dm := &demux{tok: []byte(tok), s: ss}
-		code, err := exec.Run(ctx, vmexec.Command{Script: script, Shell: "sh", Stdout: dm, Stderr: &stderr})
+		cmd := vmexec.Command{Script: script, Shell: "sh", Stdout: dm, Stderr: &stderr}
+		var code int
+		var err error
+		if st, ok := exec.(vmexec.Streamer); ok {
+			code, err = st.Stream(ctx, cmd) // the follower ends itself (see followFunctions)
+		} else {
+			code, err = exec.Run(ctx, cmd)
+		}
 		r.log.Debug("follow session ended", "stage", s.ID, "exit_code", code, "err", err, "stderr", strings.TrimSpace(stderr.String()))
 		if err == nil && !ss.finished() {
 			err = &vmexec.SystemError{Op: "follow", Err: fmt.Errorf("session ended early: %s", strings.TrimSpace(stderr.String()))}

@@ -22,8 +22,10 @@ const layoutVersion = "1"
 //	D/s/<id>.code    its exit status; not empty once the stage is done
 //	D/halt.<pid>     written by Stop: supervisor pid must start nothing more
 //
-// Besides the stages' own commands, only shell builtins run on the hot
-// path, and setsid, cat and sleep (mkdir and mv once per job).
+// Each file in D/f is marked whole by an empty NAME.ok, file variables by
+// D/f/file-<hash of path>.ok. Besides the stages' own commands, only shell
+// builtins run on the hot path, and setsid, cat and sleep (and mkdir once
+// per job).
 
 // supervisorScript runs a chain of stages detached from any connection:
 // sup.sh DIR DRAIN SPEC... with SPEC = ID:SCRIPT:ENV (file names under
@@ -122,13 +124,13 @@ mf_follow() {
 	[ "$2" -gt 0 ] && dd bs=1 skip="$2" count=0 <&3 2>/dev/null
 	mf_z=0.005; mf_i=0
 	while :; do
-		cat <&3
 		if [ -s "$mf_d.code" ]; then
 			cat <&3; exec 3<&-
 			read -r mf_c <"$mf_d.code"
 			printf '%s e %s\n' "$T" "$mf_c"
 			return 0
 		fi
+		cat <&3
 		mf_i=$((mf_i+1))
 		if [ $((mf_i % 4)) = 0 ] && ! mf_alive "$mf_d"; then
 			cat <&3; exec 3<&-
@@ -226,26 +228,24 @@ func (s sessionScript) String() string {
 	b.Grow(4096)
 	fmt.Fprintf(&b, "D=%s; T=%s\numask 077\n", quote(s.dir), quote(s.token))
 	if len(s.files) > 0 {
-		dirs := []string{`"$D/s"`, `"$D/f"`, `"$D/t.$$"`}
+		// Each file is written once, then marked whole with NAME.ok: a file
+		// a stage may be reading is never written again, and one a session
+		// that died left half written is, as it has no mark. Builtins only,
+		// but for one mkdir.
+		dirs := []string{`"$D/s"`, `"$D/f"`}
 		for _, f := range s.files {
 			if f.Path != "" {
 				dirs = append(dirs, quote(parentDir(f.Path)))
 			}
 		}
 		b.WriteString("mkdir -p " + strings.Join(dirs, " ") + ` || { printf '%s l cannot create the job directory or the directories of its files\n' "$T"; exit 0; }` + "\n")
-		moved := false
 		for _, f := range s.files {
+			target, mark := `"$D/f/`+f.Name+`"`, `"$D/f/`+f.Name+`.ok"`
 			if f.Path != "" {
-				tmp := f.Path + ".mayfly-tmp"
-				fmt.Fprintf(&b, "printf '%%s' %s >%s && mv -f %s %s || { printf '%%s l cannot write %%s\\n' \"$T\" %s; exit 0; }\n",
-					quote(f.Content), quote(tmp), quote(tmp), quote(f.Path), quote(f.Path))
-				continue
+				target, mark = quote(f.Path), `"$D/f/file-`+scriptName(f.Path)+`.ok"`
 			}
-			fmt.Fprintf(&b, "printf '%%s' %s >\"$D/t.$$/%s\" || { printf '%%s l cannot write the job files\\n' \"$T\"; exit 0; }\n", quote(f.Content), f.Name)
-			moved = true
-		}
-		if moved {
-			b.WriteString(`mv -f "$D/t.$$"/* "$D/f/" || { printf '%s l cannot move the job files into place\n' "$T"; exit 0; }` + "\n")
+			fmt.Fprintf(&b, "[ -e %s ] || { printf '%%s' %s >%s && : >%s; } || { printf '%%s l cannot write %%s\\n' \"$T\" %s; exit 0; }\n",
+				mark, quote(f.Content), target, mark, target)
 		}
 		b.WriteString(`printf '%s w\n' "$T"` + "\n")
 	}

@@ -1,6 +1,7 @@
 package sshexec
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -150,4 +151,77 @@ func (c *Client) killGroup(ctx context.Context, pgid int) error {
 		return fmt.Errorf("kill process group %d: exit status %d: %s", pgid, code, stderr)
 	}
 	return nil
+}
+
+// Stream runs cmd.Script under cmd.Shell (default "sh") without a process
+// group of its own, for commands that take care of their own end: it costs
+// one process less than Run. It streams the output and returns the exit
+// code as Run does. When ctx ends the session is closed and Stream returns
+// a *vmexec.AbortedError at once; the remote command is not killed but
+// dies of SIGPIPE at its next write. It implements vmexec.Streamer.
+func (c *Client) Stream(ctx context.Context, cmd vmexec.Command) (int, error) {
+	shell := cmd.Shell
+	if shell == "" {
+		shell = DefaultShell
+	}
+	if !shellName.MatchString(shell) {
+		return -1, &vmexec.SystemError{Op: "stream", Err: fmt.Errorf(
+			"Command.Shell %q: want a program name or path without spaces or quotes", shell)}
+	}
+	env, err := vmexec.ParseEnv(cmd.Env)
+	if err != nil {
+		return -1, &vmexec.SystemError{Op: "stream", Err: fmt.Errorf("Command.Env: %w", err)}
+	}
+	if ctx.Err() != nil {
+		return -1, &vmexec.AbortedError{Cause: context.Cause(ctx)}
+	}
+	s, err := c.openExec(ctx, "stream", "exec "+shell+" -s")
+	if err != nil {
+		return -1, err
+	}
+	defer s.ch.Close()
+	var mu sync.Mutex
+	stdout := &syncWriter{mu: &mu, w: cmd.Stdout}
+	stderr := &syncWriter{mu: &mu, w: cmd.Stderr}
+	defer stdout.stop()
+	defer stderr.stop()
+	outDone, errDone := make(chan struct{}), make(chan struct{})
+	go func() { io.Copy(stdout, s.ch); close(outDone) }()          // ends at EOF or channel close
+	go func() { io.Copy(stderr, s.ch.Stderr()); close(errDone) }() // ends at EOF or channel close
+	var payload bytes.Buffer
+	payload.WriteString("{\n")
+	for _, v := range env {
+		fmt.Fprintf(&payload, "export %s=%s\n", v.Name, quote(v.Value))
+	}
+	payload.WriteString(cmd.Script)
+	payload.WriteString("\n} </dev/null\n")
+	go func() { // ends when written or the channel closes
+		s.ch.Write(payload.Bytes())
+		s.ch.CloseWrite()
+	}()
+	select {
+	case <-s.got:
+	case <-s.closed:
+		if !s.exited() {
+			return -1, &vmexec.SystemError{Op: "stream", Err: c.endedWithoutStatus()}
+		}
+	case <-ctx.Done():
+		return -1, &vmexec.AbortedError{Cause: context.Cause(ctx)}
+	case <-c.done:
+		return -1, &vmexec.SystemError{Op: "stream", Err: c.Err()}
+	}
+	// The output may still be in flight: a bounded wait for it.
+	drain := time.NewTimer(c.t.DrainTimeout)
+	defer drain.Stop()
+	for _, d := range []chan struct{}{outDone, errDone} {
+		select {
+		case <-d:
+		case <-drain.C:
+		case <-c.done:
+		}
+	}
+	if err := errors.Join(stdout.firstErr(), stderr.firstErr()); err != nil {
+		return s.code, &vmexec.SystemError{Op: "stream: write output", Err: err}
+	}
+	return s.code, nil
 }
