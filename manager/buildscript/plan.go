@@ -94,6 +94,20 @@ type Options struct {
 	Via string
 	// RunnerVersion, RunnerRevision and RunnerShortToken fill CI_RUNNER_* variables.
 	RunnerVersion, RunnerRevision, RunnerShortToken string
+	// UseHelper says the manager puts mayfly-helper on the VM at
+	// Plan.HelperPath, so the cache and artifact stages run; without it
+	// they only say that they are not supported, as gitlab-runner does
+	// without its helper.
+	UseHelper bool
+	// ServerURL is GitLab's URL for the helper when the payload has no
+	// CI_SERVER_URL (the runner's url).
+	ServerURL string
+	// Cache signs the URLs of the distributed cache; nil keeps caches on
+	// the VM only (which dies with the job).
+	Cache CacheSigner
+	// MaxCacheArchiveSize is the largest cache archive uploaded, in bytes;
+	// 0 is the helper's default (5 GB), negative no limit.
+	MaxCacheArchiveSize int64
 }
 
 // Stage is one script run on the VM.
@@ -133,6 +147,11 @@ type Plan struct {
 	Files []File
 	// BuildsDir, ProjectDir and TmpDir are absolute paths on the VM.
 	BuildsDir, ProjectDir, TmpDir string
+	// HelperPath is where the stages expect mayfly-helper (Options.UseHelper),
+	// and NeedsHelper whether any stage runs it: then the manager uploads it
+	// there before the first stage.
+	HelperPath  string
+	NeedsHelper bool
 	// JobTimeout is runner_info.timeout, or DefaultJobTimeout.
 	JobTimeout time.Duration
 	// GitStrategy is clone, fetch, none or empty (see GitClone).
@@ -276,6 +295,9 @@ func (g *generator) layout() error {
 	}
 	p.ProjectDir = g.join(p.BuildsDir, projectSlug(g.job))
 	p.TmpDir = p.ProjectDir + ".tmp"
+	if g.opts.UseHelper {
+		p.HelperPath = g.join(p.BuildsDir, ".mayfly", g.helperName())
+	}
 	p.JobTimeout = DefaultJobTimeout
 	if t := g.job.RunnerInfo.Timeout; t > 0 {
 		p.JobTimeout = time.Duration(t) * time.Second

@@ -30,7 +30,7 @@ func Title(name StageName) string {
 
 // stages builds every stage in run order. Cache and artifact stages appear
 // only when the job asks for cache or artifacts, as in gitlab-runner; they
-// only print that the feature is not supported yet.
+// run mayfly-helper (cache.go), or say they are not supported without it.
 func (g *generator) stages() error {
 	p, j := g.plan, g.job
 	add := func(name StageName, when string, allowFailure bool, body func(w shellWriter)) *Stage {
@@ -58,7 +58,7 @@ func (g *generator) stages() error {
 		st := add(StageRestoreCache, WhenOnSuccess, false, func(w shellWriter) {
 			g.exports(w)
 			w.cd(p.ProjectDir)
-			w.warning("Extracting cache is not supported by this executor.")
+			g.restoreCache(w, pulls)
 		})
 		st.Attempts = g.attempts("RESTORE_CACHE_ATTEMPTS")
 	}
@@ -66,7 +66,7 @@ func (g *generator) stages() error {
 		st := add(StageDownloadArtifacts, WhenOnSuccess, false, func(w shellWriter) {
 			g.exports(w)
 			w.cd(p.ProjectDir)
-			w.warning("Artifacts downloading is not supported by this executor.")
+			g.downloadArtifacts(w)
 		})
 		st.Attempts = g.attempts("ARTIFACT_DOWNLOAD_ATTEMPTS")
 	}
@@ -119,7 +119,7 @@ func (g *generator) stages() error {
 			add(s.name, s.when, true, func(w shellWriter) {
 				g.exports(w)
 				w.cd(p.ProjectDir)
-				w.warning("Creating cache is not supported by this executor.")
+				g.archiveCache(w, pushes, s.ok)
 			})
 		}
 	}
@@ -134,7 +134,7 @@ func (g *generator) stages() error {
 		add(s.name, s.when, false, func(w shellWriter) {
 			g.exports(w)
 			w.cd(p.ProjectDir)
-			w.warning("Uploading artifacts is not supported by this executor.")
+			g.uploadArtifacts(w, s.ok)
 		})
 	}
 	return nil
