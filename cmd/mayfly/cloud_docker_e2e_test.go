@@ -145,7 +145,16 @@ check_interval = 1
       idle_count = 1
       idle_time = "1m"
 `, url, cloudToken, filepath.Join(dir, "builds"), d.Socket, api.URL, e2eKeyID, e2eSecret, e2eAMI, sshd.User, secretFile)
-	runUntilDone(t, srv, dir, pluginDir, cfg, 3*time.Minute)
+	logs := runUntilDone(t, srv, dir, pluginDir, cfg, 3*time.Minute)
+	// The figure of the closing note: pick-up to script start of an image
+	// job (image pull, network, service start and wait, two containers).
+	for line := range strings.Lines(logs) {
+		if strings.Contains(line, "job script starting") {
+			if _, v, ok := strings.Cut(line, "pickup_to_start_seconds="); ok {
+				t.Logf("image job: pick-up to script start %s s (includes pulling both images; see mayfly_job_phase_seconds)", strings.Fields(v)[0])
+			}
+		}
+	}
 
 	for _, j := range srv.Jobs() {
 		tr := string(j.Trace)
