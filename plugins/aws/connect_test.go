@@ -14,7 +14,10 @@ import (
 )
 
 func TestConnectInfoLinux(t *testing.T) {
-	e := newEnv(t, awsfake.Options{ConsoleDelay: 300 * time.Millisecond})
+	// The console shows the host key a minute after boot on the fake's
+	// clock, which moves only when the test says.
+	now, advance := handClock()
+	e := newEnv(t, awsfake.Options{ConsoleDelay: time.Minute, Now: now})
 	secretFile := filepath.Join(t.TempDir(), "secret")
 	if err := os.WriteFile(secretFile, []byte(strings.Repeat("k", 48)), 0o600); err != nil {
 		t.Fatal(err)
@@ -64,7 +67,7 @@ func TestConnectInfoLinux(t *testing.T) {
 	if pubs[0] == pubs[1] {
 		t.Error("two instances share one SSH key")
 	}
-	time.Sleep(350 * time.Millisecond)
+	advance(time.Minute)
 	in, _ := e.srv.Instance(ids[0])
 	ci, err := p.ConnectInfo(ctxT(t), ids[0])
 	if err != nil {
@@ -97,7 +100,10 @@ func TestConnectInfoLinux(t *testing.T) {
 }
 
 func TestWindowsPassword(t *testing.T) {
-	e := newEnv(t, awsfake.Options{PasswordDelay: 300 * time.Millisecond})
+	// The password is published a minute after boot on the fake's clock,
+	// which moves only when the test says, whatever the machine's load.
+	now, advance := handClock()
+	e := newEnv(t, awsfake.Options{PasswordDelay: time.Minute, Now: now})
 	dir := t.TempDir()
 	keyFile := filepath.Join(dir, "win.pem")
 	writeRSAKey(t, keyFile)
@@ -123,7 +129,7 @@ func TestWindowsPassword(t *testing.T) {
 	if providers.KindOf(err) != providers.KindTransient || !strings.Contains(err.Error(), "not available yet") {
 		t.Errorf("ConnectInfo before the password exists = %v, want transient", err)
 	}
-	time.Sleep(350 * time.Millisecond)
+	advance(time.Minute)
 	for _, id := range ids {
 		ci, err := p.ConnectInfo(ctxT(t), id)
 		if err != nil {

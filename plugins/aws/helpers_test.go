@@ -13,6 +13,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -173,4 +174,19 @@ func publicOf(t *testing.T, pemKey []byte) string {
 		t.Fatal(err)
 	}
 	return string(signer.PublicKey().Marshal())
+}
+
+// handClock returns a clock for the fake that moves only when advanced.
+func handClock() (now func() time.Time, advance func(time.Duration)) {
+	var mu sync.Mutex
+	t := time.Now()
+	return func() time.Time {
+			mu.Lock()
+			defer mu.Unlock()
+			return t
+		}, func(d time.Duration) {
+			mu.Lock()
+			t = t.Add(d)
+			mu.Unlock()
+		}
 }
