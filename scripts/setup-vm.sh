@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Prepares what the local qemu microVMs need (see provisioner/image):
-#   - installs Debian's qemu-system-x86, busybox-static, dropbear-bin and cpio when missing;
+#   - installs Debian's qemu-system-x86, busybox-static, dropbear-bin and cpio (the busybox
+#     image), qemu-utils (each Debian VM's copy-on-write disk), mmdebstrap and e2fsprogs (the
+#     Debian images' rootfs and disk) and iproute2 (the egress tests' network namespaces)
+#     when missing;
 #   - downloads (never installs) the kernel package that linux-image-amd64 depends on into
 #     .cache/mayfly/debs/, where `mayfly image build` finds it.
 # Idempotent, quiet and non-interactive; does nothing when everything is present.
@@ -23,7 +26,7 @@ as_root() {
 }
 
 missing=()
-for pkg in qemu-system-x86 busybox-static dropbear-bin cpio; do
+for pkg in qemu-system-x86 qemu-utils busybox-static dropbear-bin cpio mmdebstrap e2fsprogs iproute2; do
 	if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
 		missing+=("$pkg")
 	fi

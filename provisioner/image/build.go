@@ -1,42 +1,47 @@
-// Package image builds the base image of mayfly's local microVMs — a Debian
-// kernel and an initramfs with busybox and dropbear — from Debian packages
-// only, and the small per-instance overlay that gives each VM its own SSH
-// identity. The kernel package is unpacked with dpkg -x, never installed.
+// Package image builds the base images of mayfly's local microVMs from
+// Debian packages only, and the small per-instance overlay that gives each
+// VM its own SSH identity. There are three profiles (see Profile):
 //
-// Keys are never in the shared base image. For each VM the caller generates
+//   - busybox (the default): a Debian kernel, unpacked with dpkg -x and
+//     never installed, and an initramfs with busybox and dropbear.
+//   - debian: the same kernel, a small initramfs (busybox, virtio and ext4
+//     modules) and an ext4 disk image with a Debian rootfs built by
+//     mmdebstrap from the machine's apt sources: bash, git, curl,
+//     ca-certificates, OpenSSH's sshd. No systemd: a tiny init (see
+//     debian_files.go). VMs boot it through a copy-on-write overlay each.
+//   - debian-docker: debian plus Docker Engine from Debian's packages.
+//
+// Images are cached under CacheDir/images/<hash>, the hash covering every
+// input, so a second Build of the same inputs does nothing.
+//
+// Keys are never in a shared base image. For each VM the caller generates
 // an ed25519 host key in Go (so its public half is known, and pinned, before
 // the VM boots) and passes the client public keys; Overlay packs them, in
-// dropbear's key format and as authorized_keys, into a tiny gzip'ed cpio
-// that WriteInstanceInitrd appends to a copy of the base initrd. The kernel
-// unpacks concatenated archives in order, so the overlay's files land on top
-// of the base. This was chosen over the kernel command line because the
-// files arrive with their modes and owners, /proc/cmdline stays free of key
-// material, /init needs no decoding, and the same overlay can carry more
-// per-instance files later.
+// dropbear's and OpenSSH's key formats and as authorized_keys, into a tiny
+// gzip'ed cpio that WriteInstanceInitrd appends to a copy of the base
+// initrd. The kernel unpacks concatenated archives in order, so the
+// overlay's files land on top of the base (the Debian profiles' first stage
+// copies them onto the VM's own disk). This was chosen over the kernel
+// command line because the files arrive with their modes and owners,
+// /proc/cmdline stays free of key material, /init needs no decoding, and the
+// same overlay can carry more per-instance files later.
 package image
 
 import (
-	"bufio"
 	"bytes"
-	"compress/gzip"
 	"context"
-	"crypto/sha256"
-	"debug/elf"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"log/slog"
 	"os"
 	"os/exec"
-	"path"
 	"path/filepath"
 	"regexp"
-	"slices"
 	"sort"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -46,41 +51,89 @@ const DefaultCacheDir = ".cache/mayfly"
 
 // formatVersion changes whenever the image layout changes, so old cache
 // entries are not reused.
-const formatVersion = "mayfly-image-v1"
+const formatVersion = "mayfly-image-v2"
 
 // Options configure Build. Only CacheDir is required.
 type Options struct {
-	// CacheDir holds debs/ (where the kernel .deb is looked up) and
-	// images/<hash>/ (the built images).
+	// CacheDir holds debs/ (where the kernel .deb is looked up; debs/apt
+	// keeps the packages mmdebstrap downloads) and images/<hash>/ (the built
+	// images).
 	CacheDir string
+	// Profile is what the image holds; default ProfileBusybox.
+	Profile Profile
 	// KernelDeb is a linux-image-*-amd64 .deb. Empty: the newest one in CacheDir/debs.
 	KernelDeb string
 	// Busybox is a statically linked busybox. Default /bin/busybox (Debian's busybox-static).
 	Busybox string
-	// Dropbear is the dropbear server binary. Default /usr/sbin/dropbear (Debian's dropbear-bin).
+	// Dropbear is the dropbear server binary (busybox profile). Default
+	// /usr/sbin/dropbear (Debian's dropbear-bin).
 	Dropbear string
-	// Modules are the kernel modules to load, in order. Default DefaultModules.
+	// Modules are the kernel modules the initramfs loads, in order (their
+	// dependencies are added before them). Default DefaultModules for the
+	// busybox profile and DebianStage1Modules for the Debian ones.
 	Modules []string
+	// Suite is the Debian release of the Debian profiles; default the
+	// machine's own (VERSION_CODENAME in /etc/os-release).
+	Suite string
+	// Sources are apt source files (one-line or deb822) for mmdebstrap;
+	// default the machine's own: /etc/apt/sources.list and
+	// /etc/apt/sources.list.d/*.{list,sources}.
+	Sources []string
+	// DiskSize is the size of the Debian profiles' ext4 disk in bytes
+	// (a sparse file: only what is written takes space). Default
+	// DefaultDiskSize.
+	DiskSize int64
+	// WorkDir is where the Debian rootfs is assembled before it becomes the
+	// disk image; default os.TempDir(). A tmpfs makes the build faster.
+	WorkDir string
 	// Logger receives progress; default slog.Default().
 	Logger *slog.Logger
 }
 
+// DefaultDiskSize is the default size of a Debian disk image: room for a
+// job's build directory and its Docker images on top of the system.
+const DefaultDiskSize = 16 << 30
+
 // Image is a built base image.
 type Image struct {
+	// Profile is what the image holds.
+	Profile Profile `json:"profile"`
 	// Kernel is the path of the kernel (bzImage).
 	Kernel string `json:"kernel,omitempty"`
 	// Initrd is the path of the gzip-compressed base initramfs. It holds no
 	// keys: boot it with an instance overlay appended (WriteInstanceInitrd).
 	Initrd string `json:"initrd,omitempty"`
+	// Disk is the path of the raw ext4 disk image of the Debian profiles
+	// ("" for busybox). It is shared and read-only: boot each VM from a
+	// copy-on-write overlay of it.
+	Disk string `json:"disk,omitempty"`
+	// DiskSize is the disk's size in bytes, DiskAllocated what its sparse
+	// file takes on the host.
+	DiskSize      int64 `json:"disk_size,omitempty"`
+	DiskAllocated int64 `json:"disk_allocated,omitempty"`
 	// Hash is the content hash of all inputs; it names the cache entry.
 	Hash string `json:"hash"`
 	// KernelVersion is the kernel release, e.g. "6.1.0-56-amd64".
 	KernelVersion string `json:"kernel_version"`
 	// Modules are the modules the initramfs loads, in order (built-in ones omitted).
 	Modules []string `json:"modules"`
+	// Suite and Packages (name=version, sorted) are the Debian release and
+	// every package installed on a Debian disk.
+	Suite    string   `json:"suite,omitempty"`
+	Packages []string `json:"packages,omitempty"`
+	// BuildTime is how long the build took.
+	BuildTime time.Duration `json:"build_time_ns"`
 	// Cached reports that Build found the image in the cache and did nothing.
 	Cached bool `json:"-"`
 }
+
+// Files of an image directory.
+const (
+	kernelFile   = "vmlinuz"
+	initrdFile   = "initrd.gz"
+	diskFile     = "disk.img"
+	manifestFile = "manifest.json"
+)
 
 // ErrMissing is wrapped by errors about a missing package, file or tool.
 var ErrMissing = errors.New("missing build input")
@@ -91,98 +144,157 @@ type input struct {
 	dest string // path in the initramfs, no leading slash ("" for the kernel deb)
 }
 
+// recipe builds one profile's image.
+type recipe interface {
+	// hash returns the content hash of every input.
+	hash() (string, error)
+	// build writes the image's files into out (work is scratch space) and
+	// fills in img.
+	build(ctx context.Context, work, out string, img *Image) error
+}
+
+// ErrNotBuilt is wrapped by Lookup's error when the image is not in the cache.
+var ErrNotBuilt = errors.New("image not built")
+
+// Lookup returns the image Build would return for opts if it is in the
+// cache, and an error wrapping ErrNotBuilt (naming the command that builds
+// it) if it is not. It never builds: for callers that must answer quickly,
+// since a Debian image takes minutes to build.
+func Lookup(ctx context.Context, opts Options) (*Image, error) {
+	if err := opts.defaults(); err != nil {
+		return nil, err
+	}
+	r, err := newRecipe(ctx, opts)
+	if err != nil {
+		return nil, err
+	}
+	hash, err := r.hash()
+	if err != nil {
+		return nil, err
+	}
+	dir := filepath.Join(opts.CacheDir, "images", hash)
+	img, err := load(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("%w: the %s image for these inputs (%s) is not in %s: build it with `mayfly image build --profile %s --cache-dir %s`",
+			ErrNotBuilt, opts.Profile, hash, filepath.Dir(dir), opts.Profile, opts.CacheDir)
+	}
+	if err != nil {
+		return nil, err
+	}
+	img.Cached = true
+	return img, nil
+}
+
+func newRecipe(ctx context.Context, opts Options) (recipe, error) {
+	if opts.Profile.HasDisk() {
+		return newDebianRecipe(ctx, opts)
+	}
+	return newBusyboxRecipe(ctx, opts)
+}
+
 // Build returns the base image for opts, building it only when no image with
-// the same input hash is in the cache. Concurrent builds are safe: each
-// builds in its own temporary directory and the first rename wins.
+// the same input hash is in the cache. Concurrent builds of the same image
+// (also by other processes) wait for one another through a lock file, and
+// each builds in its own temporary directory that is renamed into place.
 func Build(ctx context.Context, opts Options) (*Image, error) {
 	if err := opts.defaults(); err != nil {
 		return nil, err
 	}
 	log := opts.Logger
-	inputs, err := collectInputs(ctx, opts)
+	r, err := newRecipe(ctx, opts)
 	if err != nil {
 		return nil, err
 	}
-	hash, err := hashInputs(inputs, opts.Modules)
+	hash, err := r.hash()
 	if err != nil {
 		return nil, err
 	}
-	dir := filepath.Join(opts.CacheDir, "images", hash)
+	images := filepath.Join(opts.CacheDir, "images")
+	dir := filepath.Join(images, hash)
 	if img, err := load(dir); err == nil {
 		img.Cached = true
-		log.Debug("image cached", "hash", hash, "dir", dir)
+		log.Debug("image cached", "profile", img.Profile, "hash", hash, "dir", dir)
+		return img, nil
+	}
+	if err := os.MkdirAll(images, 0o755); err != nil {
+		return nil, fmt.Errorf("build image: %w", err)
+	}
+	unlock, err := lockFile(ctx, filepath.Join(images, "."+hash+".lock"))
+	if err != nil {
+		return nil, fmt.Errorf("build image: %w", err)
+	}
+	defer unlock()
+	if img, err := load(dir); err == nil { // built while we waited for the lock
+		img.Cached = true
 		return img, nil
 	}
 
 	start := time.Now()
-	log.Info("building image", "hash", hash, "kernel_deb", opts.KernelDeb)
-	if err := os.MkdirAll(filepath.Dir(dir), 0o755); err != nil {
-		return nil, fmt.Errorf("build image: %w", err)
-	}
-	tmp, err := os.MkdirTemp(filepath.Dir(dir), ".build-*")
+	log.Info("building image", "profile", opts.Profile, "hash", hash, "kernel_deb", opts.KernelDeb)
+	tmp, err := os.MkdirTemp(images, ".build-*")
 	if err != nil {
 		return nil, fmt.Errorf("build image: %w", err)
 	}
 	defer os.RemoveAll(tmp)
-
-	unpacked := filepath.Join(tmp, "deb")
-	if out, err := exec.CommandContext(ctx, "dpkg", "-x", opts.KernelDeb, unpacked).CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("build image: dpkg -x %s: %w: %s", opts.KernelDeb, err, bytes.TrimSpace(out))
-	}
 	out := filepath.Join(tmp, "out")
 	if err := os.Mkdir(out, 0o755); err != nil {
 		return nil, fmt.Errorf("build image: %w", err)
 	}
-	img := &Image{Hash: hash}
-	kernel, version, err := findKernel(unpacked)
-	if err != nil {
-		return nil, fmt.Errorf("build image: %s: %w", opts.KernelDeb, err)
+	img := &Image{Hash: hash, Profile: opts.Profile}
+	if err := r.build(ctx, tmp, out, img); err != nil {
+		return nil, fmt.Errorf("build %s image: %w", opts.Profile, err)
 	}
-	img.KernelVersion = version
-	if err := copyFile(kernel, filepath.Join(out, "vmlinuz"), 0o644); err != nil {
-		return nil, fmt.Errorf("build image: %w", err)
-	}
-	modules, err := findModules(unpacked, version, opts.Modules)
-	if err != nil {
-		return nil, fmt.Errorf("build image: %s: %w", opts.KernelDeb, err)
-	}
-	for _, m := range modules {
-		img.Modules = append(img.Modules, m.name)
-	}
-	applets, err := busyboxApplets(ctx, opts.Busybox)
-	if err != nil {
-		return nil, err
-	}
-	if err := writeInitrd(filepath.Join(out, "initrd.gz"), inputs, modules, applets, opts.Modules); err != nil {
-		return nil, fmt.Errorf("build image: %w", err)
-	}
+	img.BuildTime = time.Since(start)
 	// The manifest is written last: its presence marks a complete image.
 	manifest, err := json.MarshalIndent(img, "", "  ")
 	if err != nil {
 		return nil, fmt.Errorf("build image: %w", err)
 	}
-	if err := os.WriteFile(filepath.Join(out, "manifest.json"), manifest, 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(out, manifestFile), manifest, 0o644); err != nil {
 		return nil, fmt.Errorf("build image: %w", err)
 	}
 	if err := os.Rename(out, dir); err != nil {
-		// Another build of the same inputs may have won the race.
-		if img, lerr := load(dir); lerr == nil {
-			img.Cached = true
-			return img, nil
-		}
 		return nil, fmt.Errorf("build image: %w", err)
 	}
 	img, err = load(dir)
 	if err != nil {
 		return nil, fmt.Errorf("build image: %w", err)
 	}
-	log.Info("image built", "hash", hash, "kernel", img.KernelVersion, "dir", dir, "took", time.Since(start).Round(time.Millisecond))
+	log.Info("image built", "profile", img.Profile, "hash", hash, "kernel", img.KernelVersion, "dir", dir,
+		"disk_allocated_mb", img.DiskAllocated>>20, "took", time.Since(start).Round(time.Millisecond))
 	return img, nil
+}
+
+// lockFile takes an exclusive flock on path, waiting while ctx allows, and
+// returns its release.
+func lockFile(ctx context.Context, path string) (func(), error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	tick := time.NewTicker(200 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return func() { f.Close() }, nil
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) {
+			f.Close()
+			return nil, fmt.Errorf("lock %s: %w", path, err)
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, fmt.Errorf("lock %s (another build of this image runs): %w", path, ctx.Err())
+		case <-tick.C:
+		}
+	}
 }
 
 // load reads a complete image from its cache directory.
 func load(dir string) (*Image, error) {
-	b, err := os.ReadFile(filepath.Join(dir, "manifest.json"))
+	b, err := os.ReadFile(filepath.Join(dir, manifestFile))
 	if err != nil {
 		return nil, err
 	}
@@ -190,9 +302,17 @@ func load(dir string) (*Image, error) {
 	if err := json.Unmarshal(b, img); err != nil {
 		return nil, fmt.Errorf("image manifest %s: %w", dir, err)
 	}
-	img.Kernel = filepath.Join(dir, "vmlinuz")
-	img.Initrd = filepath.Join(dir, "initrd.gz")
-	for _, p := range []string{img.Kernel, img.Initrd} {
+	if img.Profile == "" {
+		img.Profile = ProfileBusybox
+	}
+	img.Kernel = filepath.Join(dir, kernelFile)
+	img.Initrd = filepath.Join(dir, initrdFile)
+	files := []string{img.Kernel, img.Initrd}
+	if img.Profile.HasDisk() {
+		img.Disk = filepath.Join(dir, diskFile)
+		files = append(files, img.Disk)
+	}
+	for _, p := range files {
 		if _, err := os.Stat(p); err != nil {
 			return nil, fmt.Errorf("image %s: %w", dir, err)
 		}
@@ -209,6 +329,9 @@ func (o *Options) defaults() error {
 		return fmt.Errorf("image options: CacheDir: %w", err)
 	}
 	o.CacheDir = abs
+	if o.Profile, err = ParseProfile(string(o.Profile)); err != nil {
+		return fmt.Errorf("image options: Profile: %w", err)
+	}
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
@@ -220,11 +343,20 @@ func (o *Options) defaults() error {
 	}
 	if len(o.Modules) == 0 {
 		o.Modules = DefaultModules
+		if o.Profile.HasDisk() {
+			o.Modules = DebianStage1Modules
+		}
 	}
 	for i, m := range o.Modules {
 		if m == "" || strings.ContainsAny(m, "/ \t\n") || strings.HasSuffix(m, ".ko") {
 			return fmt.Errorf("image options: Modules[%d] %q: want a bare module name like virtio_net", i, m)
 		}
+	}
+	if o.DiskSize == 0 {
+		o.DiskSize = DefaultDiskSize
+	}
+	if o.DiskSize < 1<<30 || o.DiskSize > 1<<40 {
+		return fmt.Errorf("image options: DiskSize %d: want 1 GiB to 1 TiB", o.DiskSize)
 	}
 	if o.KernelDeb == "" {
 		deb, err := FindKernelDeb(filepath.Join(o.CacheDir, "debs"))
@@ -288,111 +420,6 @@ func parseUint(s string) (uint64, bool) {
 	return n, s != ""
 }
 
-// collectInputs checks the host files the image is made of and lists them:
-// the kernel deb first, then busybox, dropbear, its libraries and the loader.
-func collectInputs(ctx context.Context, o Options) ([]input, error) {
-	if _, err := os.Stat(o.KernelDeb); err != nil {
-		return nil, fmt.Errorf("%w: kernel package %s: %v (run scripts/setup-vm.sh)", ErrMissing, o.KernelDeb, err)
-	}
-	if _, err := exec.LookPath("dpkg"); err != nil {
-		return nil, fmt.Errorf("%w: dpkg not on PATH (needed to unpack %s)", ErrMissing, o.KernelDeb)
-	}
-	if err := checkStatic(o.Busybox); err != nil {
-		return nil, err
-	}
-	if _, err := os.Stat(o.Dropbear); err != nil {
-		return nil, fmt.Errorf("%w: dropbear %s: %v (install Debian's dropbear-bin: scripts/setup-vm.sh)", ErrMissing, o.Dropbear, err)
-	}
-	libs, err := sharedLibs(ctx, o.Dropbear)
-	if err != nil {
-		return nil, err
-	}
-	inputs := []input{
-		{src: o.KernelDeb},
-		{src: o.Busybox, dest: "bin/busybox"},
-		{src: o.Dropbear, dest: "usr/sbin/dropbear"},
-	}
-	for _, l := range libs {
-		inputs = append(inputs, input{src: l, dest: strings.TrimPrefix(l, "/")})
-	}
-	return inputs, nil
-}
-
-// checkStatic fails unless path is a statically linked ELF executable: a
-// dynamic busybox (Debian's "busybox" package) would need its libraries too.
-func checkStatic(p string) error {
-	f, err := elf.Open(p)
-	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("%w: busybox %s not found (install Debian's busybox-static: scripts/setup-vm.sh)", ErrMissing, p)
-		}
-		return fmt.Errorf("busybox %s: %w", p, err)
-	}
-	defer f.Close()
-	for _, prog := range f.Progs {
-		if prog.Type == elf.PT_INTERP {
-			return fmt.Errorf("busybox %s is dynamically linked; install Debian's busybox-static (it replaces busybox)", p)
-		}
-	}
-	return nil
-}
-
-var lddLineRE = regexp.MustCompile(`^\s*(?:\S+\s+=>\s+)?(/\S+)\s+\(0x[0-9a-f]+\)$`)
-
-// sharedLibs lists the absolute library paths `ldd bin` reports, including
-// the dynamic loader, sorted.
-func sharedLibs(ctx context.Context, bin string) ([]string, error) {
-	if _, err := exec.LookPath("ldd"); err != nil {
-		return nil, fmt.Errorf("%w: ldd not on PATH (Debian's libc-bin)", ErrMissing)
-	}
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, "ldd", bin).Output()
-	if err != nil {
-		return nil, fmt.Errorf("ldd %s: %w", bin, err)
-	}
-	var libs []string
-	sc := bufio.NewScanner(bytes.NewReader(out))
-	for sc.Scan() {
-		line := sc.Text()
-		if strings.Contains(line, "not found") {
-			return nil, fmt.Errorf("%w: ldd %s: %s", ErrMissing, bin, strings.TrimSpace(line))
-		}
-		if m := lddLineRE.FindStringSubmatch(line); m != nil {
-			libs = append(libs, m[1])
-		}
-	}
-	if len(libs) == 0 {
-		return nil, fmt.Errorf("ldd %s listed no libraries: %q", bin, out)
-	}
-	sort.Strings(libs)
-	return slices.Compact(libs), nil
-}
-
-// hashInputs hashes everything the image is made of: the format version, the
-// init script, the module list and every input file's destination and content.
-func hashInputs(inputs []input, modules []string) (string, error) {
-	h := sha256.New()
-	fmt.Fprintf(h, "%s\x00%s\x00%s\x00", formatVersion, renderInit(modules), strings.Join(modules, ","))
-	for _, s := range staticFiles {
-		fmt.Fprintf(h, "%s\x00%s\x00", s.name, s.data)
-	}
-	for _, in := range inputs {
-		f, err := os.Open(in.src)
-		if err != nil {
-			return "", fmt.Errorf("hash image inputs: %w", err)
-		}
-		fmt.Fprintf(h, "%s\x00", in.dest)
-		_, err = io.Copy(h, f)
-		f.Close()
-		if err != nil {
-			return "", fmt.Errorf("hash image inputs: %s: %w", in.src, err)
-		}
-		h.Write([]byte{0})
-	}
-	return hex.EncodeToString(h.Sum(nil))[:20], nil
-}
-
 // findKernel returns the bzImage in an unpacked kernel package and its release.
 func findKernel(root string) (path, version string, err error) {
 	matches, _ := filepath.Glob(filepath.Join(root, "boot", "vmlinuz-*"))
@@ -402,195 +429,28 @@ func findKernel(root string) (path, version string, err error) {
 	return matches[0], strings.TrimPrefix(filepath.Base(matches[0]), "vmlinuz-"), nil
 }
 
-type module struct {
-	name string
-	path string
-}
-
-// findModules locates each module's .ko in the unpacked kernel. A module that
-// is built into the kernel (modules.builtin) is skipped; one that is neither
-// is an error naming it.
-func findModules(root, version string, names []string) ([]module, error) {
-	modRoot := filepath.Join(root, "lib", "modules", version)
-	if _, err := os.Stat(modRoot); err != nil {
-		// Debian's usrmerged packages may ship /usr/lib/modules.
-		alt := filepath.Join(root, "usr", "lib", "modules", version)
-		if _, aerr := os.Stat(alt); aerr != nil {
-			return nil, fmt.Errorf("%w: no lib/modules/%s in the package", ErrMissing, version)
-		}
-		modRoot = alt
-	}
-	found := make(map[string]string)
-	err := filepath.WalkDir(filepath.Join(modRoot, "kernel"), func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if !d.IsDir() && strings.HasSuffix(p, ".ko") {
-			name := strings.TrimSuffix(d.Name(), ".ko")
-			found[name] = p
-			found[strings.ReplaceAll(name, "-", "_")] = p
-		}
-		return nil
-	})
-	if err != nil {
-		return nil, fmt.Errorf("scan modules: %w", err)
-	}
-	builtin := make(map[string]bool)
-	if b, err := os.ReadFile(filepath.Join(modRoot, "modules.builtin")); err == nil {
-		for _, line := range strings.Split(string(b), "\n") {
-			name := strings.TrimSuffix(path.Base(line), ".ko")
-			builtin[strings.ReplaceAll(name, "-", "_")] = true
-		}
-	}
-	var mods []module
-	for _, n := range names {
-		if p, ok := found[n]; ok {
-			mods = append(mods, module{name: n, path: p})
-			continue
-		}
-		if builtin[n] {
-			continue
-		}
-		return nil, fmt.Errorf("%w: kernel module %s.ko not in %s and not built in (compressed .ko.xz/.ko.zst modules are not supported)", ErrMissing, n, modRoot)
-	}
-	return mods, nil
-}
-
-// busyboxApplets returns the applet paths busybox provides (busybox --list-full),
-// e.g. "bin/sh", "usr/bin/wget".
-func busyboxApplets(ctx context.Context, bb string) ([]string, error) {
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, bb, "--list-full").Output()
-	if err != nil {
-		return nil, fmt.Errorf("%s --list-full: %w", bb, err)
-	}
-	var applets []string
-	for _, l := range strings.Fields(string(out)) {
-		l = strings.TrimPrefix(path.Clean("/"+l), "/")
-		if l != "" && l != "bin/busybox" && l != "init" && l != "linuxrc" {
-			applets = append(applets, l)
-		}
-	}
-	if !slices.Contains(applets, "bin/sh") {
-		return nil, fmt.Errorf("%s has no sh applet", bb)
-	}
-	return applets, nil
-}
-
-type staticFile struct {
-	name string
-	perm uint32
-	data string
-}
-
-// staticFiles are the fixed configuration files of the base image.
-var staticFiles = []staticFile{
-	{"etc/passwd", 0o644, "root:x:0:0:root:/root:/bin/sh\n"},
-	{"etc/group", 0o644, "root:x:0:\ntty:x:5:\n"},
-	{"etc/shells", 0o644, "/bin/sh\n/bin/ash\n"},
-	{"etc/hosts", 0o644, "127.0.0.1\tlocalhost\n"},
-	{"etc/resolv.conf", 0o644, "nameserver " + GuestDNS + "\n"},
-}
-
-// writeInitrd writes the gzip-compressed base initramfs.
-func writeInitrd(dst string, inputs []input, modules []module, applets, order []string) (err error) {
-	f, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if cerr := f.Close(); err == nil && cerr != nil {
-			err = cerr
-		}
-	}()
-	bw := bufio.NewWriterSize(f, 1<<20)
-	zw, err := gzip.NewWriterLevel(bw, gzip.BestCompression)
-	if err != nil {
-		return err
-	}
-	cw := newCPIOWriter(zw)
-
-	dirs := map[string]uint32{
-		"bin": 0o755, "sbin": 0o755, "usr": 0o755, "usr/bin": 0o755, "usr/sbin": 0o755,
-		"lib": 0o755, "lib/modules": 0o755, strings.TrimPrefix(guestModuleDir, "/"): 0o755,
-		"etc": 0o755, "etc/dropbear": 0o700, "root": 0o700, "root/.ssh": 0o700,
-		"proc": 0o555, "sys": 0o555, "dev": 0o755, "dev/pts": 0o755, "tmp": 0o1777,
-		"var": 0o755, "var/log": 0o755, "var/run": 0o755, "run": 0o755, "home": 0o755,
-	}
-	addParents := func(p string) {
-		for d := path.Dir(p); d != "." && d != "/"; d = path.Dir(d) {
-			if _, ok := dirs[d]; !ok {
-				dirs[d] = 0o755
-			}
-		}
-	}
-	for _, in := range inputs[1:] {
-		addParents(in.dest)
-	}
-	for _, a := range applets {
-		addParents(a)
-	}
-	dirNames := make([]string, 0, len(dirs))
-	for d := range dirs {
-		dirNames = append(dirNames, d)
-	}
-	sort.Strings(dirNames) // parents sort before children
-	for _, d := range dirNames {
-		if err := cw.Dir(d, dirs[d]); err != nil {
-			return err
-		}
-	}
-	if err := cw.CharDev("dev/console", 0o600, 5, 1); err != nil {
-		return err
-	}
-	if err := cw.CharDev("dev/null", 0o666, 1, 3); err != nil {
-		return err
-	}
-	for _, in := range inputs[1:] {
-		data, err := os.ReadFile(in.src)
-		if err != nil {
-			return err
-		}
-		if err := cw.File(in.dest, 0o755, data); err != nil {
-			return err
-		}
-	}
-	for _, a := range applets {
-		if err := cw.Symlink(a, "/bin/busybox"); err != nil {
-			return err
-		}
-	}
-	for _, m := range modules {
-		data, err := os.ReadFile(m.path)
-		if err != nil {
-			return err
-		}
-		if err := cw.File(path.Join(guestModuleDir[1:], m.name+".ko"), 0o644, data); err != nil {
-			return err
-		}
-	}
-	for _, s := range staticFiles {
-		if err := cw.File(s.name, s.perm, []byte(s.data)); err != nil {
-			return err
-		}
-	}
-	if err := cw.File("init", 0o755, []byte(renderInit(order))); err != nil {
-		return err
-	}
-	if err := cw.Close(); err != nil {
-		return err
-	}
-	if err := zw.Close(); err != nil {
-		return err
-	}
-	return bw.Flush()
-}
-
 func copyFile(src, dst string, perm os.FileMode) error {
 	data, err := os.ReadFile(src)
 	if err != nil {
 		return err
 	}
 	return os.WriteFile(dst, data, perm)
+}
+
+// unpackKernel unpacks the kernel package into work/deb with dpkg -x and
+// copies the kernel to out/vmlinuz. It returns the unpacked tree and the
+// kernel release.
+func unpackKernel(ctx context.Context, deb, work, out string) (root, version string, err error) {
+	root = filepath.Join(work, "deb")
+	if b, err := exec.CommandContext(ctx, "dpkg", "-x", deb, root).CombinedOutput(); err != nil {
+		return "", "", fmt.Errorf("dpkg -x %s: %w: %s", deb, err, bytes.TrimSpace(b))
+	}
+	kernel, version, err := findKernel(root)
+	if err != nil {
+		return "", "", fmt.Errorf("%s: %w", deb, err)
+	}
+	if err := copyFile(kernel, filepath.Join(out, kernelFile), 0o644); err != nil {
+		return "", "", err
+	}
+	return root, version, nil
 }

@@ -6,6 +6,7 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/binary"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -100,7 +101,8 @@ func DropbearKey(k ed25519.PrivateKey) ([]byte, error) {
 }
 
 // Overlay returns a gzip-compressed newc cpio archive holding id's files:
-// the dropbear host key, root's authorized_keys and the hostname. Appended to
+// the host key (in dropbear's format for the busybox profile and in
+// OpenSSH's for the Debian profiles), root's authorized_keys and the hostname. Appended to
 // the base initrd it completes the image for one VM: the kernel unpacks
 // concatenated archives in order, later files replacing earlier ones.
 func Overlay(id Identity) ([]byte, error) {
@@ -111,6 +113,11 @@ func Overlay(id Identity) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
+	block, err := ssh.MarshalPrivateKey(id.HostKey, id.Hostname)
+	if err != nil {
+		return nil, fmt.Errorf("overlay: host key: %w", err)
+	}
+	openSSHKey := pem.EncodeToMemory(block)
 	var auth bytes.Buffer
 	for _, k := range id.AuthorizedKeys {
 		auth.Write(ssh.MarshalAuthorizedKey(k))
@@ -125,6 +132,8 @@ func Overlay(id Identity) ([]byte, error) {
 		func() error { return cw.Dir("etc", 0o755) },
 		func() error { return cw.Dir("etc/dropbear", 0o700) },
 		func() error { return cw.File(GuestHostKeyPath[1:], 0o600, hostKey) },
+		func() error { return cw.Dir("etc/ssh", 0o755) },
+		func() error { return cw.File(GuestOpenSSHHostKeyPath[1:], 0o600, openSSHKey) },
 		func() error { return cw.File(GuestHostnamePath[1:], 0o644, []byte(id.Hostname+"\n")) },
 		func() error { return cw.Dir("root", 0o700) },
 		func() error { return cw.Dir("root/.ssh", 0o700) },

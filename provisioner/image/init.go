@@ -9,11 +9,16 @@ const (
 	FailedMarker = "MAYFLY-BOOT-FAILED"
 )
 
-// Guest network configuration for qemu's user-mode network (slirp defaults).
+// Guest network configuration for qemu's user-mode network (slirp). The
+// gateway, slirp's own "host" address, is moved from slirp's default
+// 10.0.2.2 to 10.0.2.1, so that 10.0.2.2 is free for the egress forwards:
+// an allowed host endpoint IP:PORT is seen by the guest at
+// GuestEgressAddr:PORT (qemu refuses a guestfwd on the host address).
 const (
-	GuestAddr    = "10.0.2.15/24"
-	GuestGateway = "10.0.2.2"
-	GuestDNS     = "10.0.2.3"
+	GuestAddr       = "10.0.2.15/24"
+	GuestGateway    = "10.0.2.1"
+	GuestEgressAddr = "10.0.2.2"
+	GuestDNS        = "10.0.2.3"
 )
 
 // DefaultModules are the kernel modules /init loads, in load order: Debian
