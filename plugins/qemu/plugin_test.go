@@ -601,8 +601,15 @@ func TestBootFailures(t *testing.T) {
 			if in.Labels["k"] != "v" {
 				t.Errorf("labels of the failed instance: %v", in.Labels)
 			}
-			if vm, err := qemuvm.Open(filepath.Join(state, qemu.DefaultGroup, id)); err == nil && !processGone(vm.PID) {
-				t.Errorf("qemu pid %d of the failed instance still runs", vm.PID)
+			// List may report the passed deadline a moment before the boot
+			// watcher has killed qemu.
+			if vm, err := qemuvm.Open(filepath.Join(state, qemu.DefaultGroup, id)); err == nil {
+				for deadline := time.Now().Add(10 * time.Second); !processGone(vm.PID) && time.Now().Before(deadline); {
+					time.Sleep(50 * time.Millisecond)
+				}
+				if !processGone(vm.PID) {
+					t.Errorf("qemu pid %d of the failed instance still runs 10 s after it was listed failed", vm.PID)
+				}
 			}
 			assertNoQEMU(t, state)
 			if err := p.Heartbeat(ctx, id); err == nil {

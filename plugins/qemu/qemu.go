@@ -1,14 +1,16 @@
 // Package qemu is mayfly's provider of local microVMs: each instance is one
 // qemu-system-x86_64 process (KVM when /dev/kvm is usable, software
-// emulation otherwise) booted from the base image of provisioner/image, on
-// a user-mode network of its own with SSH forwarded from a free 127.0.0.1
-// port. The binary in cmd/mayfly-plugin-qemu serves it as a plugin.
+// emulation otherwise) booted from a base image of provisioner/image (the
+// "image" setting: busybox, debian or debian-docker), on a user-mode
+// network of its own with SSH forwarded from a free 127.0.0.1 port, and
+// egress limited to the "egress_allow" host endpoints unless "egress" is
+// "open". The binary in cmd/mayfly-plugin-qemu serves it as a plugin.
 //
 // Each instance has a state directory, StateDir/Group/<id>, that holds all
 // there is to know about it: qemu's pid and the VM's metadata (SSH address,
 // pinned host key, labels, boot deadline, readiness or failure), its console
-// log, its initrd (with its SSH host key) and the SSH client key the plugin
-// generated for it. A restarted plugin therefore lists, serves and deletes
+// log, its initrd (with its SSH host key), its copy-on-write disk overlay
+// (Debian images) and the SSH client key the plugin generated for it. A restarted plugin therefore lists, serves and deletes
 // the instances an earlier process started, and enforces their boot
 // deadline.
 //
@@ -131,8 +133,8 @@ func (p *Provider) Init(ctx context.Context, settings json.RawMessage) (provider
 	adopted := p.adopt(c)
 	host, _ := os.Hostname()
 	info := providers.Info{ID: "qemu/" + host + "/" + c.Group, MaxSize: c.MaxInstances, Version: version()}
-	p.log.Info("qemu provider ready", "group", c.Group, "state_dir", c.groupDir, "accel", c.accel,
-		"network", c.Network, "memory_mb", c.MemoryMB, "cpus", c.CPUs, "boot_timeout", time.Duration(c.BootTimeout).String(),
+	p.log.Info("qemu provider ready", "group", c.Group, "state_dir", c.groupDir, "image", c.profile, "accel", c.accel,
+		"egress", c.Egress, "egress_allow", c.EgressAllow, "memory_mb", c.MemoryMB, "cpus", c.CPUs, "boot_timeout", time.Duration(c.BootTimeout).String(),
 		"adopted_boots", adopted)
 	return info, nil
 }
@@ -259,6 +261,9 @@ func (p *Provider) Create(ctx context.Context, n int, labels map[string]string) 
 			StateDir:    dir,
 			Kernel:      c.image.Kernel,
 			Initrd:      c.image.Initrd,
+			Disk:        c.image.Disk,
+			EgressAllow: c.allow,
+			QEMUImg:     c.QEMUImg,
 			MemoryMB:    c.MemoryMB,
 			CPUs:        c.CPUs,
 			BootTimeout: time.Duration(c.BootTimeout),

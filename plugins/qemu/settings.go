@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,9 +23,10 @@ import (
 // rejected and every error names its key. Every key is optional, e.g.
 //
 //	{"group": "linux", "state_dir": "/var/lib/mayfly/qemu",
-//	 "image_cache_dir": "/var/cache/mayfly", "memory_mb": 512, "cpus": 1,
-//	 "boot_timeout": "60s", "network": "isolated", "accel": "auto",
-//	 "max_instances": 4}
+//	 "image": "debian-docker", "image_cache_dir": "/var/cache/mayfly",
+//	 "memory_mb": 1024, "cpus": 1, "boot_timeout": "120s",
+//	 "egress": "isolated", "egress_allow": ["127.0.0.1:8929"],
+//	 "accel": "auto", "max_instances": 4}
 type Settings struct {
 	// Group names the instance group; VMs live in StateDir/Group/<id>.
 	// Default "default".
@@ -33,6 +35,15 @@ type Settings struct {
 	// VM's initrd with its host key, the client key). Default
 	// $XDG_CACHE_HOME/mayfly/qemu (os.UserCacheDir).
 	StateDir string `json:"state_dir"`
+	// Image is the image profile VMs boot (see provisioner/image):
+	// "busybox" (the default: busybox and dropbear in an initramfs, the
+	// fastest boot), "debian" (a Debian rootfs with bash, git, curl and
+	// OpenSSH on a disk; each VM writes to its own copy-on-write overlay) or
+	// "debian-docker" (debian plus Docker Engine, ready when Docker answers).
+	// The plugin builds a missing busybox image itself (seconds); a Debian
+	// one must be built beforehand with `mayfly image build --profile NAME`
+	// (as root; minutes).
+	Image string `json:"image"`
 	// ImageCacheDir is where the base image is built with image.Build (and
 	// found when cached; debs/ holds the kernel package). Default
 	// $XDG_CACHE_HOME/mayfly. Excludes Kernel and Initrd.
@@ -41,25 +52,40 @@ type Settings struct {
 	// newest in ImageCacheDir/debs.
 	KernelDeb string `json:"kernel_deb"`
 	// Kernel and Initrd are a prebuilt base image (image.Image.Kernel and
-	// .Initrd); give both or neither.
+	// .Initrd); give both or neither, and Disk too for a Debian image.
 	Kernel string `json:"kernel"`
 	Initrd string `json:"initrd"`
-	// MemoryMB is each VM's memory (default 256, at least 64).
+	Disk   string `json:"disk"`
+	// MemoryMB is each VM's memory (at least 64; default 256 for busybox,
+	// 512 for debian, 1024 for debian-docker).
 	MemoryMB int `json:"memory_mb"`
 	// CPUs is each VM's number of virtual CPUs (default 1, at most 64).
 	CPUs int `json:"cpus"`
 	// BootTimeout bounds qemu start to the guest's ready marker; a VM not
 	// ready by then is killed and listed failed (default 60s).
 	BootTimeout providers.Duration `json:"boot_timeout"`
-	// Network is "isolated" (default: the guest can open no connection) or
-	// "open" (slirp's default; the guest reaches the host's loopback too).
+	// Egress is what a VM may connect to, as the hosted fleet's firewall
+	// has it: "isolated" (the default: only the EgressAllow endpoints; no
+	// other host port, no other VM, no DNS, no link-local address, nothing
+	// outside) or "open" (everything the host reaches, including the host's
+	// own loopback ports: only for trusted jobs).
+	Egress string `json:"egress"`
+	// Network is the old name of Egress.
 	Network string `json:"network"`
+	// EgressAllow are host endpoints "IP:PORT" every VM may connect to,
+	// e.g. the coordinator's "127.0.0.1:8929": the guest reaches each at
+	// 10.0.2.2:PORT (so a GitLab whose external URL is
+	// http://10.0.2.2:8929 is reachable from jobs). Ports must be distinct.
+	EgressAllow []string `json:"egress_allow"`
 	// Accel is "auto" (default: kvm when /dev/kvm is usable), "kvm" or "tcg".
 	Accel string `json:"accel"`
 	// MaxInstances caps the VMs of the group (Info.MaxSize); 0: no cap.
 	MaxInstances int `json:"max_instances"`
 	// QEMU is the qemu-system-x86_64 binary (default from $PATH).
 	QEMU string `json:"qemu"`
+	// QEMUImg is the qemu-img binary that makes each Debian VM's disk
+	// overlay (default from $PATH).
+	QEMUImg string `json:"qemu_img"`
 }
 
 // Defaults for Settings.
@@ -70,13 +96,22 @@ const (
 	DefaultBootTimeout = 60 * time.Second
 )
 
+// defaultMemoryMB is each profile's default memory_mb.
+var defaultMemoryMB = map[image.Profile]int{
+	image.ProfileBusybox:      DefaultMemoryMB,
+	image.ProfileDebian:       512,
+	image.ProfileDebianDocker: 1024,
+}
+
 var groupRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
 
 // config is validated Settings with the image resolved.
 type config struct {
 	Settings
 	groupDir string // StateDir/Group
+	profile  image.Profile
 	network  qemuvm.Network
+	allow    []netip.AddrPort
 	accel    string // "kvm" or "tcg"
 	image    *image.Image
 }
@@ -111,14 +146,29 @@ func parseSettings(raw json.RawMessage) (*config, error) {
 		return nil, err
 	}
 	c.groupDir = filepath.Join(c.StateDir, c.Group)
+	if c.profile, err = image.ParseProfile(c.Image); err != nil {
+		return nil, keyErr("image", "%v", err)
+	}
+	c.Image = string(c.profile)
 
 	switch {
 	case (c.Kernel == "") != (c.Initrd == ""):
 		return nil, keyErr("kernel", "give both \"kernel\" and \"initrd\", or neither (then the image is built in \"image_cache_dir\")")
 	case c.Kernel != "" && (c.ImageCacheDir != "" || c.KernelDeb != ""):
 		return nil, keyErr("kernel", "excludes \"image_cache_dir\" and \"kernel_deb\": give a prebuilt image or the inputs to build one")
+	case c.Disk != "" && c.Kernel == "":
+		return nil, keyErr("disk", "a prebuilt disk needs \"kernel\" and \"initrd\" of the same image")
+	case c.Kernel != "" && c.profile.HasDisk() != (c.Disk != ""):
+		if c.Disk == "" {
+			return nil, keyErr("disk", "image %q boots from a disk: give the prebuilt image's \"disk\" with \"kernel\" and \"initrd\"", c.Image)
+		}
+		return nil, keyErr("disk", "image %q has no disk; set \"image\" to the prebuilt image's profile", c.Image)
 	case c.Kernel != "":
-		for key, p := range map[string]*string{"kernel": &c.Kernel, "initrd": &c.Initrd} {
+		paths := map[string]*string{"kernel": &c.Kernel, "initrd": &c.Initrd}
+		if c.Disk != "" {
+			paths["disk"] = &c.Disk
+		}
+		for key, p := range paths {
 			if *p, err = cleanPath(key, *p); err != nil {
 				return nil, err
 			}
@@ -144,7 +194,7 @@ func parseSettings(raw json.RawMessage) (*config, error) {
 	}
 
 	if c.MemoryMB == 0 {
-		c.MemoryMB = DefaultMemoryMB
+		c.MemoryMB = defaultMemoryMB[c.profile]
 	}
 	if c.MemoryMB < 64 || c.MemoryMB > 1<<20 {
 		return nil, keyErr("memory_mb", "%d is outside 64..%d", c.MemoryMB, 1<<20)
@@ -158,13 +208,39 @@ func parseSettings(raw json.RawMessage) (*config, error) {
 	if c.BootTimeout == 0 {
 		c.BootTimeout = providers.Duration(DefaultBootTimeout)
 	}
-	switch c.Network {
+	key := "egress"
+	switch {
+	case c.Egress == "" && c.Network != "":
+		c.Egress, key = c.Network, "network"
+	case c.Network != "" && c.Network != c.Egress:
+		return nil, keyErr("network", "%q contradicts \"egress\" %q (\"network\" is the old name of \"egress\": give one)", c.Network, c.Egress)
+	}
+	switch c.Egress {
 	case "", "isolated":
-		c.Network, c.network = "isolated", qemuvm.NetworkIsolated
+		c.Egress, c.network = "isolated", qemuvm.NetworkIsolated
 	case "open":
 		c.network = qemuvm.NetworkOpen
 	default:
-		return nil, keyErr("network", "%q: want \"isolated\" or \"open\"", c.Network)
+		return nil, keyErr(key, "%q: want \"isolated\" or \"open\"", c.Egress)
+	}
+	c.Network = c.Egress
+	ports := make(map[uint16]string)
+	for i, a := range c.EgressAllow {
+		ap, err := netip.ParseAddrPort(a)
+		if err == nil {
+			ap = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+		}
+		switch {
+		case err != nil:
+			return nil, keyErr("egress_allow", "[%d] %q: want IP:PORT, e.g. \"127.0.0.1:8929\" or \"[::1]:8929\": %v", i, a, err)
+		case ap.Port() == 0 || ap.Addr().IsUnspecified() || ap.Addr().IsMulticast() || ap.Addr().Zone() != "":
+			return nil, keyErr("egress_allow", "[%d] %q: want a host address and a port other than 0", i, a)
+		case ports[ap.Port()] != "":
+			return nil, keyErr("egress_allow", "[%d] %q: port %d is taken by %q (the guest sees both at %s:%d)",
+				i, a, ap.Port(), ports[ap.Port()], image.GuestEgressAddr, ap.Port())
+		}
+		ports[ap.Port()] = a
+		c.allow = append(c.allow, ap)
 	}
 	switch c.Accel {
 	case "", "auto":
@@ -188,6 +264,19 @@ func parseSettings(raw json.RawMessage) (*config, error) {
 	if c.QEMU, err = exec.LookPath(c.QEMU); err != nil {
 		return nil, keyErr("qemu", "%v (install Debian's qemu-system-x86: scripts/setup-vm.sh)", err)
 	}
+	if c.profile.HasDisk() || c.QEMUImg != "" {
+		if c.QEMUImg == "" {
+			c.QEMUImg = qemuvm.DefaultQEMUImg
+		}
+		if c.QEMUImg, err = exec.LookPath(c.QEMUImg); err != nil {
+			return nil, keyErr("qemu_img", "%v (install Debian's qemu-utils: scripts/setup-vm.sh)", err)
+		}
+	}
+	if len(c.allow) > 0 {
+		if _, err := exec.LookPath(qemuvm.DefaultBusybox); err != nil {
+			return nil, keyErr("egress_allow", "needs busybox on the host as the relay: %v (install Debian's busybox-static: scripts/setup-vm.sh)", err)
+		}
+	}
 	return c, nil
 }
 
@@ -206,18 +295,28 @@ func cleanPath(key, p string) (string, error) {
 // resolveImage finds or builds the base image.
 func (c *config) resolveImage(ctx context.Context, log *slog.Logger) error {
 	if c.Kernel != "" {
-		c.image = &image.Image{Kernel: c.Kernel, Initrd: c.Initrd}
+		c.image = &image.Image{Profile: c.profile, Kernel: c.Kernel, Initrd: c.Initrd, Disk: c.Disk}
 		return nil
 	}
 	start := time.Now()
-	img, err := image.Build(ctx, image.Options{CacheDir: c.ImageCacheDir, KernelDeb: c.KernelDeb})
-	if err != nil {
-		if errors.Is(err, image.ErrMissing) {
-			return providers.Permanent(fmt.Errorf("settings key %q: base image: %w", "image_cache_dir", err))
-		}
-		return fmt.Errorf("base image in %s: %w", c.ImageCacheDir, err)
+	opts := image.Options{CacheDir: c.ImageCacheDir, KernelDeb: c.KernelDeb, Profile: c.profile}
+	var (
+		img *image.Image
+		err error
+	)
+	if c.profile.HasDisk() {
+		// Minutes to build, as root: never inside an Init call.
+		img, err = image.Lookup(ctx, opts)
+	} else {
+		img, err = image.Build(ctx, opts)
 	}
-	log.Info("base image", "kernel", img.KernelVersion, "hash", img.Hash, "cached", img.Cached,
+	if err != nil {
+		if errors.Is(err, image.ErrMissing) || errors.Is(err, image.ErrNotBuilt) {
+			return providers.Permanent(fmt.Errorf("settings key %q: %s image: %w", "image", c.profile, err))
+		}
+		return fmt.Errorf("%s image in %s: %w", c.profile, c.ImageCacheDir, err)
+	}
+	log.Info("base image", "profile", img.Profile, "kernel", img.KernelVersion, "hash", img.Hash, "cached", img.Cached,
 		"took", time.Since(start).Round(time.Millisecond).String())
 	c.image = img
 	return nil

@@ -2,19 +2,23 @@ package qemu
 
 import (
 	"encoding/json"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/mayfly-ci/mayfly/plugins/qemu/qemuvm"
 	"github.com/mayfly-ci/mayfly/providers"
+	"github.com/mayfly-ci/mayfly/provisioner/image"
 )
 
 func TestParseSettings(t *testing.T) {
 	dir := t.TempDir()
-	kernel, initrd := filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initrd.gz")
-	for _, p := range []string{kernel, initrd} {
+	kernel, initrd, disk := filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initrd.gz"), filepath.Join(dir, "disk.img")
+	for _, p := range []string{kernel, initrd, disk} {
 		if err := os.WriteFile(p, []byte("x"), 0o644); err != nil {
 			t.Fatal(err)
 		}
@@ -55,6 +59,24 @@ func TestParseSettings(t *testing.T) {
 		{"too many cpus", with("cpus", 65), "cpus"},
 		{"negative cpus", with("cpus", -1), "cpus"},
 		{"bad network", with("network", "bridged"), "network"},
+		{"bad egress", with("egress", "bridged"), "egress"},
+		{"egress and its old name agree", with("egress", "open", "network", "open"), ""},
+		{"egress and its old name disagree", with("egress", "open", "network", "isolated"), "network"},
+		{"egress allow", with("egress_allow", []string{"127.0.0.1:8929", "[::1]:5000", "192.0.2.7:443"}), ""},
+		{"egress allow with open egress", with("egress", "open", "egress_allow", []string{"127.0.0.1:8929"}), ""},
+		{"egress allow without port", with("egress_allow", []string{"127.0.0.1"}), "egress_allow"},
+		{"egress allow host name", with("egress_allow", []string{"localhost:8929"}), "egress_allow"},
+		{"egress allow port 0", with("egress_allow", []string{"127.0.0.1:0"}), "egress_allow"},
+		{"egress allow unspecified", with("egress_allow", []string{"0.0.0.0:80"}), "egress_allow"},
+		{"egress allow same port twice", with("egress_allow", []string{"127.0.0.1:80", "127.0.0.2:80"}), "egress_allow"},
+		{"egress allow not a list", with("egress_allow", "127.0.0.1:80"), "egress_allow"},
+		{"bad image", with("image", "ubuntu"), "image"},
+		{"debian image prebuilt", with("image", "debian", "disk", disk), ""},
+		{"debian image without its disk", with("image", "debian"), "disk"},
+		{"disk of a busybox image", with("disk", disk), "disk"},
+		{"disk without kernel", with("kernel", nil, "initrd", nil, "disk", disk), "disk"},
+		{"missing disk", with("image", "debian-docker", "disk", filepath.Join(dir, "nope")), "disk"},
+		{"no qemu-img", with("image", "debian", "disk", disk, "qemu_img", filepath.Join(dir, "no-qemu-img")), "qemu_img"},
 		{"bad accel", with("accel", "hvf"), "accel"},
 		{"negative max", with("max_instances", -1), "max_instances"},
 		{"bad group", with("group", "../x"), "group"},
@@ -105,6 +127,26 @@ func TestParseSettings(t *testing.T) {
 	}
 	if c.accel != "kvm" && c.accel != "tcg" {
 		t.Errorf("auto accel resolved to %q", c.accel)
+	}
+	if c.profile != image.ProfileBusybox || c.Image != "busybox" || c.network != qemuvm.NetworkIsolated || len(c.allow) != 0 {
+		t.Errorf("defaults: image %q, network %v, allow %v", c.Image, c.network, c.allow)
+	}
+	// Per-profile memory defaults; the old key name still works.
+	for profile, mem := range map[string]int{"debian": 512, "debian-docker": 1024} {
+		c, err := parseSettings(with("image", profile, "disk", disk, "network", "open"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c.MemoryMB != mem || c.network != qemuvm.NetworkOpen || c.Egress != "open" {
+			t.Errorf("image %s: memory_mb %d, network %v, egress %q; want %d MB, open", profile, c.MemoryMB, c.network, c.Egress, mem)
+		}
+	}
+	c, err = parseSettings(with("egress_allow", []string{"127.0.0.1:8929", "[::ffff:127.0.0.2]:5000"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:8929"), netip.MustParseAddrPort("127.0.0.2:5000")}; !slices.Equal(c.allow, want) {
+		t.Errorf("egress_allow parsed to %v, want %v", c.allow, want)
 	}
 	c, err = parseSettings(with("kernel", nil, "initrd", nil, "state_dir", nil))
 	if err != nil {

@@ -1,8 +1,9 @@
 // Package qemuvm starts and stops one local qemu microVM booted from a mayfly
 // base image (provisioner/image) with its own SSH identity, user-mode
-// networking and SSH forwarded from a 127.0.0.1 port. Each VM keeps a state
-// directory (pid file, metadata, console log) so a later process can find and
-// stop VMs it did not start.
+// networking and SSH forwarded from a 127.0.0.1 port. A Debian image's disk
+// is never written: each VM boots from its own copy-on-write overlay of it.
+// Each VM keeps a state directory (pid file, metadata, console log, disk
+// overlay) so a later process can find and stop VMs it did not start.
 package qemuvm
 
 import (
@@ -39,10 +40,12 @@ const (
 	ConsoleFile  = "console.log"
 	QEMULogFile  = "qemu.log"
 	initrdFile   = "initrd.gz"
+	// DiskFile is the VM's copy-on-write overlay (qcow2) of Options.Disk.
+	DiskFile = "disk.qcow2"
 )
 
 // reservedFiles are the state directory's own files, not allowed in Options.Files.
-var reservedFiles = map[string]bool{PIDFile: true, MetadataFile: true, ConsoleFile: true, QEMULogFile: true, initrdFile: true}
+var reservedFiles = map[string]bool{PIDFile: true, MetadataFile: true, ConsoleFile: true, QEMULogFile: true, initrdFile: true, DiskFile: true}
 
 func reservedList() string {
 	names := slices.Sorted(maps.Keys(reservedFiles))
@@ -55,7 +58,14 @@ const (
 	DefaultCPUs        = 1
 	DefaultBootTimeout = 90 * time.Second
 	DefaultQEMU        = "qemu-system-x86_64"
+	DefaultQEMUImg     = "qemu-img"
+	DefaultBusybox     = "busybox"
 )
+
+// DefaultKernelArgs is the guest kernel's command line: the serial console
+// (the ready marker), a quiet boot, and power-off on a panic (with
+// -no-reboot qemu then exits at once).
+const DefaultKernelArgs = "console=ttyS0 quiet panic=-1"
 
 // Options configure one VM. Name, StateDir, Kernel, Initrd and AuthorizedKeys are required.
 type Options struct {
@@ -65,6 +75,10 @@ type Options struct {
 	StateDir string
 	// Kernel and Initrd are the base image (image.Image.Kernel and .Initrd).
 	Kernel, Initrd string
+	// Disk is the base image's disk (image.Image.Disk, raw), or empty for an
+	// image without one. It is only read: the VM boots from DiskFile, a
+	// qcow2 overlay backed by it, made in its state directory.
+	Disk string
 	// AuthorizedKeys may log in to the guest as root.
 	AuthorizedKeys []ssh.PublicKey
 	// HostKey is the guest's SSH host key; generated when nil. Its public
@@ -76,10 +90,24 @@ type Options struct {
 	BootTimeout time.Duration
 	// Network is the guest's network policy; the zero value is NetworkIsolated.
 	Network Network
-	// GuestForwards are the only destinations an isolated guest can connect to.
+	// EgressAllow are host endpoints the guest may connect to, whatever the
+	// Network: the guest reaches each IP:PORT at image.GuestEgressAddr:PORT
+	// (10.0.2.2:PORT) through a relay started per connection. Ports must
+	// be distinct.
+	EgressAllow []netip.AddrPort
+	// GuestForwards are further destinations the guest can connect to, each
+	// served by a command on the host.
 	GuestForwards []GuestForward
+	// KernelArgs are appended to DefaultKernelArgs on the kernel command line.
+	KernelArgs string
 	// QEMU is the qemu binary; default DefaultQEMU from PATH.
 	QEMU string
+	// QEMUImg makes the disk overlay; default DefaultQEMUImg from PATH.
+	QEMUImg string
+	// Busybox relays the guest's connections to EgressAllow endpoints
+	// (busybox nc, which half-closes as a relay must); default
+	// DefaultBusybox from PATH.
+	Busybox string
 	// Accel is "kvm" or "tcg"; empty picks kvm when /dev/kvm is usable, else tcg.
 	Accel string
 	// Labels are stored in the metadata file (e.g. the owning manager's identity).
@@ -95,28 +123,31 @@ type Options struct {
 // Network is a guest network policy. Both use qemu's user-mode network
 // (slirp): the guest is 10.0.2.15 behind a NAT of its own (no VM shares an L2
 // segment with another), and the only inbound path is the SSH forward bound
-// to 127.0.0.1.
+// to 127.0.0.1. slirp's own address, the guest's gateway, is moved from
+// slirp's default 10.0.2.2 to image.GuestGateway (10.0.2.1), so that
+// 10.0.2.2 carries only the Options.EgressAllow endpoints.
 //
 // What a guest can reach was measured with qemu 7.2 / libslirp 4.7
-// (TestTwoVMs): slirp maps the gateway 10.0.2.2 to the host's 127.0.0.1, so
-// with the default (open) policy a guest connecting to 10.0.2.2:PORT reaches
-// any host loopback port — other VMs' SSH forwards and the manager. Packets
-// a guest routes to 127.0.0.1 directly are dropped. libslirp can disable the
+// (TestEgress): slirp maps its own address to the host's 127.0.0.1, so with
+// NetworkOpen a guest connecting to 10.0.2.1:PORT reaches any host loopback
+// port — other VMs' SSH forwards and the manager. libslirp can disable the
 // loopback mapping (disable_host_loopback, used by slirp4netns) but qemu's
-// -netdev user does not expose it, so "reach out but not the host" is not
-// expressible in qemu flags alone: use NetworkIsolated with a GuestForward to
-// an egress proxy that refuses loopback, link-local and private destinations,
-// or NetworkOpen behind a host firewall rule on qemu's uid or cgroup.
+// -netdev user does not expose it, so "everything but the host" is not
+// expressible in qemu flags alone: NetworkOpen is for trusted guests.
+// NetworkIsolated is the hosted fleet's firewall: the allowed endpoints and
+// nothing else.
 type Network int
 
 const (
-	// NetworkIsolated (restrict=on): the guest can open no connection at all
-	// (10.0.2.2:PORT is refused) except to its GuestForwards; the SSH forward
-	// from the host still works. The default.
+	// NetworkIsolated (restrict=on): the guest can open no connection and
+	// send no packet out (no DNS, no host loopback, no other VM, no
+	// link-local address) except to its EgressAllow endpoints and
+	// GuestForwards; the SSH forward from the host still works. The default.
 	NetworkIsolated Network = iota
 	// NetworkOpen is slirp's default: the guest reaches whatever the host
-	// reaches, INCLUDING every 127.0.0.1 port on the host through 10.0.2.2,
-	// so other VMs' SSH forwards. Only for trusted guests or behind a host firewall.
+	// reaches (DNS through 10.0.2.3), INCLUDING every 127.0.0.1 port on the
+	// host through 10.0.2.1, so other VMs' SSH forwards. Only for trusted
+	// guests or behind a host firewall.
 	NetworkOpen
 )
 
@@ -132,7 +163,7 @@ func (n Network) String() string {
 }
 
 // GuestForward lets the guest connect to GuestAddr (an address in
-// 10.0.2.0/24 that is not the gateway, e.g. 10.0.2.100:3128); each
+// 10.0.2.0/24 that is not .1, .2, .3 or .15, e.g. 10.0.2.100:3128); each
 // connection starts Command on the host with the connection on its stdin and
 // stdout (qemu's guestfwd "cmd:"), e.g. a relay to an egress proxy that
 // refuses loopback and private destinations.
@@ -230,9 +261,24 @@ func (o *Options) validate() error {
 			return fmt.Errorf("vm %s options: %s %q must not contain a comma or newline (qemu option syntax)", o.Name, field, p)
 		}
 	}
-	for field, p := range map[string]string{"Kernel": o.Kernel, "Initrd": o.Initrd} {
+	paths := map[string]string{"Kernel": o.Kernel, "Initrd": o.Initrd}
+	if o.Disk != "" {
+		paths["Disk"] = o.Disk
+	}
+	for field, p := range paths {
+		if strings.ContainsAny(p, ",\n") {
+			return fmt.Errorf("vm %s options: %s %q must not contain a comma or newline (qemu option syntax)", o.Name, field, p)
+		}
 		if _, err := os.Stat(p); err != nil {
 			return fmt.Errorf("vm %s options: %s: %w (run `mayfly image build`)", o.Name, field, err)
+		}
+	}
+	if o.Disk != "" {
+		if o.QEMUImg == "" {
+			o.QEMUImg = DefaultQEMUImg
+		}
+		if o.QEMUImg, err = exec.LookPath(o.QEMUImg); err != nil {
+			return fmt.Errorf("vm %s options: QEMUImg: %w (install Debian's qemu-utils)", o.Name, err)
 		}
 	}
 	if o.MemoryMB == 0 {
@@ -250,11 +296,36 @@ func (o *Options) validate() error {
 	if o.BootTimeout == 0 {
 		o.BootTimeout = DefaultBootTimeout
 	}
+	if strings.ContainsAny(o.KernelArgs, "\n\x00") {
+		return fmt.Errorf("vm %s options: KernelArgs %q must be one line", o.Name, o.KernelArgs)
+	}
 	if o.BootTimeout < 0 {
 		return fmt.Errorf("vm %s options: BootTimeout %v is negative", o.Name, o.BootTimeout)
 	}
 	if o.Network != NetworkIsolated && o.Network != NetworkOpen {
 		return fmt.Errorf("vm %s options: Network %v is unknown", o.Name, o.Network)
+	}
+	ports := make(map[uint16]int)
+	for i, ap := range o.EgressAllow {
+		if err := validEgress(ap); err != nil {
+			return fmt.Errorf("vm %s options: EgressAllow[%d]: %w", o.Name, i, err)
+		}
+		if j, dup := ports[ap.Port()]; dup {
+			return fmt.Errorf("vm %s options: EgressAllow[%d] %v: port %d is taken by EgressAllow[%d] %v (the guest sees both at %s:%d)",
+				o.Name, i, ap, ap.Port(), j, o.EgressAllow[j], image.GuestEgressAddr, ap.Port())
+		}
+		ports[ap.Port()] = i
+	}
+	if len(o.EgressAllow) > 0 {
+		if o.Busybox == "" {
+			o.Busybox = DefaultBusybox
+		}
+		if o.Busybox, err = exec.LookPath(o.Busybox); err != nil {
+			return fmt.Errorf("vm %s options: Busybox (the egress relay): %w (install Debian's busybox-static)", o.Name, err)
+		}
+		if strings.ContainsAny(o.Busybox, ", \n") {
+			return fmt.Errorf("vm %s options: Busybox %q must not contain a comma, space or newline", o.Name, o.Busybox)
+		}
 	}
 	for i, f := range o.GuestForwards {
 		if err := f.validate(); err != nil {
@@ -302,14 +373,28 @@ func (f GuestForward) validate() error {
 	}
 	ip := net.ParseIP(host)
 	_, guestNet, _ := net.ParseCIDR("10.0.2.0/24")
-	if ip == nil || !guestNet.Contains(ip) || host == image.GuestGateway || host == image.GuestDNS || host == "10.0.2.15" {
-		return fmt.Errorf("GuestAddr %q: want an unused address in 10.0.2.0/24 (not .2, .3 or .15)", f.GuestAddr)
+	if ip == nil || !guestNet.Contains(ip) || host == image.GuestGateway || host == image.GuestEgressAddr ||
+		host == image.GuestDNS || host == "10.0.2.15" {
+		return fmt.Errorf("GuestAddr %q: want an unused address in 10.0.2.0/24 (not .1, .2, .3 or .15)", f.GuestAddr)
 	}
 	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
 		return fmt.Errorf("GuestAddr %q: bad port", f.GuestAddr)
 	}
 	if f.Command == "" || strings.ContainsAny(f.Command, ",\n") {
 		return fmt.Errorf("Command %q: want a non-empty command without commas or newlines", f.Command)
+	}
+	return nil
+}
+
+// validEgress checks one allowed host endpoint.
+func validEgress(ap netip.AddrPort) error {
+	switch {
+	case !ap.IsValid() || ap.Addr().Zone() != "":
+		return fmt.Errorf("%v: want IP:PORT", ap)
+	case ap.Port() == 0:
+		return fmt.Errorf("%v: port 0", ap)
+	case ap.Addr().IsUnspecified() || ap.Addr().IsMulticast():
+		return fmt.Errorf("%v: not a host address", ap)
 	}
 	return nil
 }
@@ -369,6 +454,9 @@ func Launch(ctx context.Context, opts Options) (*VM, error) {
 	if err == nil {
 		err = image.WriteInstanceInitrd(filepath.Join(opts.StateDir, initrdFile), opts.Initrd, id)
 	}
+	if err == nil && opts.Disk != "" {
+		err = diskOverlay(ctx, opts)
+	}
 	if err != nil {
 		os.RemoveAll(opts.StateDir)
 		return nil, fmt.Errorf("start vm %s: %w", opts.Name, err)
@@ -389,6 +477,18 @@ func Launch(ctx context.Context, opts Options) (*VM, error) {
 		}
 		return vm, err
 	}
+}
+
+// diskOverlay makes the VM's copy-on-write overlay of the base disk.
+func diskOverlay(ctx context.Context, opts Options) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	dst := filepath.Join(opts.StateDir, DiskFile)
+	out, err := exec.CommandContext(ctx, opts.QEMUImg, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", opts.Disk, dst).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("disk overlay: %s create %s: %w: %s", opts.QEMUImg, dst, err, bytes.TrimSpace(out))
+	}
+	return os.Chmod(dst, 0o600)
 }
 
 // writeFiles writes Options.Files into the state directory, mode 0600.
@@ -417,14 +517,20 @@ func (o Options) Args(sshPort int) []string {
 	if o.Accel == "kvm" {
 		cpu = "host"
 	}
-	netdev := "user,id=n0,ipv6=off,hostfwd=tcp:127.0.0.1:" + strconv.Itoa(sshPort) + "-:22"
+	netdev := "user,id=n0,ipv6=off,net=10.0.2.0/24,host=" + image.GuestGateway +
+		",hostfwd=tcp:127.0.0.1:" + strconv.Itoa(sshPort) + "-:22"
 	if o.Network == NetworkIsolated {
 		netdev += ",restrict=on"
+	}
+	for _, ap := range o.EgressAllow {
+		// One relay process per guest connection (slirp's "cmd:" forward).
+		netdev += fmt.Sprintf(",guestfwd=tcp:%s:%d-cmd:%s nc -w 10 %s %d",
+			image.GuestEgressAddr, ap.Port(), o.Busybox, ap.Addr().Unmap(), ap.Port())
 	}
 	for _, f := range o.GuestForwards {
 		netdev += ",guestfwd=tcp:" + f.GuestAddr + "-cmd:" + f.Command
 	}
-	return []string{
+	args := []string{
 		"-name", "mayfly-" + o.Name,
 		"-M", "pc",
 		"-accel", o.Accel,
@@ -437,12 +543,20 @@ func (o Options) Args(sshPort int) []string {
 		"-serial", "file:" + filepath.Join(o.StateDir, ConsoleFile),
 		"-kernel", o.Kernel,
 		"-initrd", filepath.Join(o.StateDir, initrdFile),
-		"-append", "console=ttyS0 quiet panic=-1",
+		"-append", strings.TrimSpace(DefaultKernelArgs + " " + o.KernelArgs),
 		"-netdev", netdev,
 		// romfile= skips the iPXE option ROM: nothing boots from the network.
 		"-device", "virtio-net-pci,netdev=n0,romfile=",
 		"-no-reboot",
 	}
+	if o.Disk != "" {
+		// cache=unsafe: the overlay lives as long as the VM, so the guest's
+		// flushes need not reach the host's disk.
+		args = append(args,
+			"-drive", "file="+filepath.Join(o.StateDir, DiskFile)+",if=none,id=d0,format=qcow2,cache=unsafe,discard=unmap",
+			"-device", "virtio-blk-pci,drive=d0,romfile=")
+	}
+	return args
 }
 
 // launch starts qemu once and waits until it listens on the SSH forward.

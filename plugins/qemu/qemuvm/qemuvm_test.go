@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -133,8 +134,26 @@ func TestOptionsValidation(t *testing.T) {
 		{"bad accel", func(o *Options) { o.Accel = "hvf" }, "Accel"},
 		{"bad network", func(o *Options) { o.Network = 7 }, "Network"},
 		{"forward to gateway", func(o *Options) {
+			o.GuestForwards = []GuestForward{{GuestAddr: "10.0.2.1:80", Command: "true"}}
+		}, "GuestForwards[0]"},
+		{"forward to the egress address", func(o *Options) {
 			o.GuestForwards = []GuestForward{{GuestAddr: "10.0.2.2:80", Command: "true"}}
 		}, "GuestForwards[0]"},
+		{"missing disk", func(o *Options) { o.Disk = dir + "/nope.img" }, "Disk"},
+		{"comma in disk", func(o *Options) { o.Disk = dir + "/a,b.img" }, "Disk"},
+		{"no qemu-img", func(o *Options) { o.Disk, o.QEMUImg = kernel, dir+"/no-qemu-img" }, "QEMUImg"},
+		{"egress port twice", func(o *Options) {
+			o.EgressAllow = []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:80"), netip.MustParseAddrPort("127.0.0.2:80")}
+		}, "EgressAllow[1]"},
+		{"egress port 0", func(o *Options) {
+			o.EgressAllow = []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:0")}
+		}, "EgressAllow[0]"},
+		{"egress to nowhere", func(o *Options) {
+			o.EgressAllow = []netip.AddrPort{netip.MustParseAddrPort("0.0.0.0:80")}
+		}, "EgressAllow[0]"},
+		{"no relay", func(o *Options) {
+			o.EgressAllow, o.Busybox = []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:80")}, dir+"/no-busybox"
+		}, "Busybox"},
 		{"forward outside guest net", func(o *Options) {
 			o.GuestForwards = []GuestForward{{GuestAddr: "192.168.1.1:80", Command: "true"}}
 		}, "GuestForwards[0]"},
@@ -167,12 +186,17 @@ func TestOptionsValidation(t *testing.T) {
 
 func TestArgs(t *testing.T) {
 	o := Options{Name: "vm-1", StateDir: "/s/vm-1", Kernel: "/k", Initrd: "/i", MemoryMB: 256, CPUs: 1, Accel: "tcg",
-		GuestForwards: []GuestForward{{GuestAddr: "10.0.2.100:3128", Command: "relay 3128"}}}
+		GuestForwards: []GuestForward{{GuestAddr: "10.0.2.100:3128", Command: "relay 3128"}},
+		EgressAllow:   []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:8929"), netip.MustParseAddrPort("[::1]:5000")},
+		Busybox:       "/bin/busybox"}
 	args := strings.Join(o.Args(2222), " ")
 	for _, want := range []string{
 		"-M pc", "-accel tcg", "-cpu max", "-m 256", "-smp 1", "-no-reboot", "-nodefaults",
 		"-serial file:/s/vm-1/console.log", "-initrd /s/vm-1/initrd.gz", "-kernel /k",
-		"hostfwd=tcp:127.0.0.1:2222-:22", "restrict=on", "guestfwd=tcp:10.0.2.100:3128-cmd:relay 3128",
+		"net=10.0.2.0/24,host=10.0.2.1,", "hostfwd=tcp:127.0.0.1:2222-:22", "restrict=on",
+		"guestfwd=tcp:10.0.2.2:8929-cmd:/bin/busybox nc -w 10 127.0.0.1 8929",
+		"guestfwd=tcp:10.0.2.2:5000-cmd:/bin/busybox nc -w 10 ::1 5000",
+		"guestfwd=tcp:10.0.2.100:3128-cmd:relay 3128",
 		"virtio-net-pci,netdev=n0",
 	} {
 		if !strings.Contains(args, want) {
@@ -182,10 +206,18 @@ func TestArgs(t *testing.T) {
 	if strings.Contains(args, "hostfwd=tcp::") || strings.Contains(args, "0.0.0.0") {
 		t.Errorf("a forward is bound beyond 127.0.0.1:\n%s", args)
 	}
-	o.Network, o.Accel = NetworkOpen, "kvm"
+	if strings.Contains(args, "-drive") {
+		t.Errorf("a disk without Options.Disk:\n%s", args)
+	}
+	o.Network, o.Accel, o.Disk = NetworkOpen, "kvm", "/images/disk.img"
 	args = strings.Join(o.Args(2222), " ")
 	if strings.Contains(args, "restrict=on") || !strings.Contains(args, "-cpu host") {
 		t.Errorf("open/kvm args:\n%s", args)
+	}
+	// The VM writes to its own overlay in its state directory, never to the base disk.
+	if !strings.Contains(args, "-drive file=/s/vm-1/disk.qcow2,if=none,id=d0,format=qcow2") ||
+		!strings.Contains(args, "virtio-blk-pci,drive=d0") || strings.Contains(args, "/images/disk.img") {
+		t.Errorf("disk args:\n%s", args)
 	}
 }
 
@@ -271,6 +303,11 @@ func newListener(t *testing.T, reply string) *listener {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return serve(t, l, reply)
+}
+
+// serve accepts on l until the test ends, answering each connection a line.
+func serve(t *testing.T, l net.Listener, reply string) *listener {
 	ln := &listener{Listener: l}
 	ln.wg.Add(1)
 	go func() { // stopped by Close in t.Cleanup
@@ -292,27 +329,32 @@ func newListener(t *testing.T, reply string) *listener {
 
 func (l *listener) port() int { return l.Addr().(*net.TCPAddr).Port }
 
-// TestTwoVMs boots two VMs at once: A isolated (the default) with one guest
-// forward, B with NetworkOpen. It checks SSH with pinned per-instance host
-// keys, that keys are not shared, what each guest can reach on the host's
-// loopback, and that Stop (also through Open, as a later process would)
+// TestTwoVMs boots two VMs at once: A isolated (the default) with one
+// allowed host endpoint and one guest forward, B with NetworkOpen and the
+// same allowed endpoint. It checks SSH with pinned per-instance host keys,
+// that keys are not shared, the egress rules from inside both guests (see
+// checkEgress), and that Stop (also through Open, as a later process would)
 // leaves no qemu process and no state.
 func TestTwoVMs(t *testing.T) {
 	img := testImage(t)
 	_, err := exec.LookPath("busybox")
 	need(t, "busybox on the host (guest-forward relay)", err == nil)
 	root := t.TempDir()
-	hostSvc := newListener(t, "HOST-SERVICE")  // stands for the manager on 127.0.0.1
+	hostSvc := newListener(t, "HOST-SERVICE")  // a host loopback port nobody allowed
+	allowed := newListener(t, "COORDINATOR")   // stands for the coordinator, allowed
 	egress := newListener(t, "EGRESS-GATEWAY") // stands for an egress proxy
+	outside := newOutsideHost(t, "OUTSIDE")    // beyond the host, and a link-local address
+	allow := []netip.AddrPort{netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(allowed.port()))}
 
 	signerA, signerB := newSigner(t), newSigner(t)
 	opts := []Options{{
 		Name: "vm-a", StateDir: filepath.Join(root, "vm-a"), Kernel: img.Kernel, Initrd: img.Initrd,
 		AuthorizedKeys: []ssh.PublicKey{signerA.PublicKey()}, Labels: map[string]string{"manager": "test"},
+		EgressAllow:   allow,
 		GuestForwards: []GuestForward{{GuestAddr: "10.0.2.100:3128", Command: "busybox nc 127.0.0.1 " + strconv.Itoa(egress.port())}},
 	}, {
 		Name: "vm-b", StateDir: filepath.Join(root, "vm-b"), Kernel: img.Kernel, Initrd: img.Initrd,
-		AuthorizedKeys: []ssh.PublicKey{signerB.PublicKey()}, Network: NetworkOpen,
+		AuthorizedKeys: []ssh.PublicKey{signerB.PublicKey()}, Network: NetworkOpen, EgressAllow: allow,
 	}}
 	vms := make([]*VM, 2)
 	errs := make([]error, 2)
@@ -371,40 +413,10 @@ func TestTwoVMs(t *testing.T) {
 		t.Errorf("connecting to vm-b while pinning vm-a's host key: err = %v, want a host key mismatch", err)
 	}
 
-	// Reachability from the guests. 10.0.2.2 is slirp's alias for the host's
-	// loopback. The busybox nc prints what the far end sends, or an error.
-	_, bPort, _ := net.SplitHostPort(b.SSHAddr)
-	_, aPort, _ := net.SplitHostPort(a.SSHAddr)
-	probe := func(vm *VM, signer ssh.Signer, addr string) string {
-		host, port, _ := net.SplitHostPort(addr)
-		out, _ := run(t, vm, signer, fmt.Sprintf("nc -w 3 %s %s </dev/null 2>&1 | head -c 200", host, port))
-		return out
-	}
-	checks := []struct {
-		name   string
-		vm     *VM
-		signer ssh.Signer
-		addr   string
-		want   string // substring of the output
-	}{
-		{"isolated A to B's SSH forward", a, signerA, "10.0.2.2:" + bPort, "refused"},
-		{"isolated A to a host loopback service", a, signerA, "10.0.2.2:" + strconv.Itoa(hostSvc.port()), "refused"},
-		{"isolated A through its guest forward", a, signerA, "10.0.2.100:3128", "EGRESS-GATEWAY"},
-		{"open B to A's SSH forward", b, signerB, "10.0.2.2:" + aPort, "SSH-2.0-dropbear"},
-	}
-	for _, c := range checks {
-		got := probe(c.vm, c.signer, c.addr)
-		t.Logf("%s (%s): %q", c.name, c.addr, strings.TrimSpace(got))
-		if !strings.Contains(got, c.want) {
-			t.Errorf("%s (%s): got %q, want %q", c.name, c.addr, got, c.want)
-		}
-	}
-	if n := hostSvc.accepted.Load(); n != 0 {
-		t.Errorf("the host loopback service accepted %d connections from an isolated guest", n)
-	}
-	if n := egress.accepted.Load(); n != 1 {
-		t.Errorf("the egress listener accepted %d connections, want 1", n)
-	}
+	checkEgress(t, egressSetup{
+		isolated: a, isolatedSigner: signerA, open: b, openSigner: signerB,
+		allowed: allowed, hostSvc: hostSvc, egress: egress, outside: outside,
+	})
 
 	// A later process finds the VMs through their state directories.
 	found, partial, err := List(root)
@@ -463,5 +475,87 @@ func assertNoQEMU(t *testing.T, dir string) {
 		if err == nil && strings.Contains(string(b), dir) {
 			t.Errorf("process %s still runs: %q", filepath.Dir(p), strings.ReplaceAll(string(b), "\x00", " "))
 		}
+	}
+}
+
+// egressSetup is what checkEgress probes: two booted VMs and the listeners
+// they should or should not reach.
+type egressSetup struct {
+	isolated, open             *VM
+	isolatedSigner, openSigner ssh.Signer
+	allowed                    *listener    // allowed for both (EgressAllow)
+	hostSvc                    *listener    // another host loopback port
+	egress                     *listener    // behind the isolated VM's GuestForward
+	outside                    *outsideHost // beyond the host; also a link-local address
+}
+
+// checkEgress proves the hosted firewall's rules from inside the guests,
+// with busybox nc (bounded by -w) and nslookup (bounded by -timeout):
+//   - isolated: the allowed endpoint answers at 10.0.2.2:PORT; the host's
+//     other loopback ports (through either slirp address), the other VM's
+//     SSH forward, a link-local address, a host outside and DNS all fail;
+//   - open: the allowed endpoint answers too, and so do the outside host,
+//     the link-local address and the host's loopback, so the isolated
+//     failures are the policy's doing, not a broken test network.
+func checkEgress(t *testing.T, s egressSetup) {
+	t.Helper()
+	_, openSSH, _ := net.SplitHostPort(s.open.SSHAddr)
+	gw, eg := image.GuestGateway, image.GuestEgressAddr
+	port := func(l *listener) string { return strconv.Itoa(l.port()) }
+	outside := strconv.Itoa(s.outside.Port())
+	checks := []struct {
+		name  string
+		open  bool // from the open VM, else from the isolated one
+		addr  string
+		reach string // substring of the answer; "" when the connection must fail
+	}{
+		{"isolated: the allowed endpoint", false, eg + ":" + port(s.allowed), "COORDINATOR"},
+		{"isolated: its guest forward", false, "10.0.2.100:3128", "EGRESS-GATEWAY"},
+		{"isolated: another host loopback port at 10.0.2.2", false, eg + ":" + port(s.hostSvc), ""},
+		{"isolated: another host loopback port at slirp's address", false, gw + ":" + port(s.hostSvc), ""},
+		{"isolated: the other VM's SSH forward at 10.0.2.2", false, eg + ":" + openSSH, ""},
+		{"isolated: the other VM's SSH forward at slirp's address", false, gw + ":" + openSSH, ""},
+		{"isolated: a link-local address", false, s.outside.LinkLocal.String() + ":" + outside, ""},
+		{"isolated: a host outside", false, s.outside.Addr.String() + ":" + outside, ""},
+		{"open: the allowed endpoint", true, eg + ":" + port(s.allowed), "COORDINATOR"},
+		{"open: a host outside", true, s.outside.Addr.String() + ":" + outside, "OUTSIDE"},
+		{"open: a link-local address", true, s.outside.LinkLocal.String() + ":" + outside, "OUTSIDE"},
+		{"open: the host's loopback at slirp's address", true, gw + ":" + port(s.hostSvc), "HOST-SERVICE"},
+	}
+	before := s.hostSvc.accepted.Load()
+	for _, c := range checks {
+		vm, signer := s.isolated, s.isolatedSigner
+		if c.open {
+			vm, signer = s.open, s.openSigner
+		}
+		host, p, _ := net.SplitHostPort(c.addr)
+		out, err := run(t, vm, signer, fmt.Sprintf("nc -w 3 %s %s </dev/null 2>&1 | head -c 200", host, p))
+		out = strings.TrimSpace(out)
+		t.Logf("%s (%s): %q", c.name, c.addr, out)
+		switch {
+		case err != nil:
+			t.Errorf("%s: ssh: %v", c.name, err)
+		case c.reach != "" && !strings.Contains(out, c.reach):
+			t.Errorf("%s (%s): got %q, want %q", c.name, c.addr, out, c.reach)
+		case c.reach == "" && !strings.Contains(out, "can't connect"):
+			t.Errorf("%s (%s): got %q, want the connection to fail", c.name, c.addr, out)
+		}
+	}
+	if n := s.hostSvc.accepted.Load() - before; n != 1 {
+		t.Errorf("the unallowed host loopback service accepted %d connections, want only the open VM's", n)
+	}
+	if n := s.outside.listener.accepted.Load(); n != 2 {
+		t.Errorf("the outside host accepted %d connections, want only the open VM's 2", n)
+	}
+	if n := s.egress.accepted.Load(); n != 1 {
+		t.Errorf("the guest forward's listener accepted %d connections, want 1", n)
+	}
+	// DNS goes to slirp's resolver, which forwards to the host's: refused
+	// in isolated mode (no answer at all), within the bound.
+	start := time.Now()
+	out, err := run(t, s.isolated, s.isolatedSigner, "nslookup -timeout=2 -retry=1 mayfly-egress-test.invalid "+image.GuestDNS+" 2>&1; echo status=$?")
+	t.Logf("isolated: DNS through %s: %q in %v", image.GuestDNS, strings.TrimSpace(out), time.Since(start).Round(time.Millisecond))
+	if err != nil || !strings.Contains(out, "timed out") || strings.Contains(out, "status=0") {
+		t.Errorf("isolated: DNS answered or did not time out: %q, %v", out, err)
 	}
 }

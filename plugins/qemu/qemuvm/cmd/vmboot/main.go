@@ -1,8 +1,13 @@
 // Command vmboot boots mayfly microVMs one after another and measures
 // boot-to-SSH-ready: from qemu's start to the first successful `echo ok`
-// over SSH with the host key pinned. It prints each run and the median.
+// over SSH with the host key pinned; with the debian-docker profile also
+// boot-to-Docker-ready, to the first successful `docker info`. It prints
+// each run and the medians, with the CPU time qemu used until then: under
+// software emulation on a loaded machine wall time inflates, CPU time much
+// less.
 //
 //	go run ./plugins/qemu/qemuvm/cmd/vmboot -n 5
+//	go run ./plugins/qemu/qemuvm/cmd/vmboot -n 5 -profile debian-docker -m 1024
 //
 // With -exec it runs a command in each VM and prints its output instead.
 package main
@@ -14,9 +19,11 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -29,6 +36,12 @@ import (
 var (
 	hold     time.Duration
 	guestfwd string
+	profile  string
+	egress   string
+
+	diskOverride string
+	showConsole  bool
+	kernelArgs   string
 )
 
 func main() {
@@ -39,7 +52,12 @@ func main() {
 	mem := flag.Int("m", qemuvm.DefaultMemoryMB, "memory in MB")
 	verbose := flag.Bool("v", false, "log VM lifecycle")
 	flag.StringVar(&guestfwd, "guestfwd", "", "GUESTADDR=COMMAND: let the guest connect to GUESTADDR, served by COMMAND on the host")
+	flag.BoolVar(&showConsole, "console", false, "print each VM's console log")
 	flag.DurationVar(&hold, "hold", 0, "keep each VM running this long after the measurement (debugging)")
+	flag.StringVar(&profile, "profile", "busybox", "image profile: busybox, debian or debian-docker")
+	flag.StringVar(&kernelArgs, "append", "", "more kernel command line arguments (experiments)")
+	flag.StringVar(&diskOverride, "disk", "", "boot this disk image instead of the profile's (experiments)")
+	flag.StringVar(&egress, "egress-allow", "", "comma-separated host IP:PORT endpoints the guest reaches at 10.0.2.2:PORT")
 	flag.Parse()
 	level := slog.LevelWarn
 	if *verbose {
@@ -73,11 +91,29 @@ func run(n int, cache, network, command string, mem int) error {
 		}
 		fwds = append(fwds, qemuvm.GuestForward{GuestAddr: addr, Command: command})
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(n)*3*time.Minute)
-	defer cancel()
-	img, err := image.Build(ctx, image.Options{CacheDir: cache})
+	var allow []netip.AddrPort
+	for _, a := range strings.Split(egress, ",") {
+		if a == "" {
+			continue
+		}
+		ap, err := netip.ParseAddrPort(a)
+		if err != nil {
+			return fmt.Errorf("-egress-allow %q: %w", a, err)
+		}
+		allow = append(allow, ap)
+	}
+	prof, err := image.ParseProfile(profile)
 	if err != nil {
 		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute+time.Duration(n)*3*time.Minute)
+	defer cancel()
+	img, err := image.Build(ctx, image.Options{CacheDir: cache, Profile: prof})
+	if err != nil {
+		return err
+	}
+	if diskOverride != "" {
+		img.Disk = diskOverride
 	}
 	_, key, err := ed25519.GenerateKey(rand.Reader)
 	if err != nil {
@@ -94,13 +130,16 @@ func run(n int, cache, network, command string, mem int) error {
 	}
 	defer os.RemoveAll(stateRoot)
 
-	var ready, sshReady []time.Duration
+	var ready, sshReady, dockerReady, sshCPUs, dockerCPUs []time.Duration
 	for i := range n {
 		vm, err := qemuvm.Start(ctx, qemuvm.Options{
 			Name:           fmt.Sprintf("bench-%d", i),
 			StateDir:       filepath.Join(stateRoot, fmt.Sprint(i)),
 			Kernel:         img.Kernel,
 			Initrd:         img.Initrd,
+			Disk:           img.Disk,
+			EgressAllow:    allow,
+			KernelArgs:     kernelArgs,
 			AuthorizedKeys: []ssh.PublicKey{signer.PublicKey()},
 			MemoryMB:       mem,
 			Network:        policy,
@@ -110,6 +149,7 @@ func run(n int, cache, network, command string, mem int) error {
 			return err
 		}
 		out, err := runSSH(ctx, vm, signer, "echo ok")
+		sshCPU := cpuTime(vm.PID)
 		if hold > 0 {
 			fmt.Printf("holding %s for %v: ssh %s hostkey %s console %s\n", vm.Name, hold, vm.SSHAddr, vm.HostKeyLine, filepath.Join(vm.StateDir, qemuvm.ConsoleFile))
 			time.Sleep(hold)
@@ -118,9 +158,24 @@ func run(n int, cache, network, command string, mem int) error {
 		if err == nil && strings.TrimSpace(out) != "ok" {
 			err = fmt.Errorf("echo ok printed %q", out)
 		}
+		var docker, dockerCPU time.Duration
+		if err == nil && img.Profile.HasDocker() {
+			out, err = runSSH(ctx, vm, signer, "docker info --format '{{.ServerVersion}} {{.Driver}} {{.CgroupVersion}}'")
+			docker = time.Since(vm.StartedAt)
+			dockerCPU = cpuTime(vm.PID)
+			if err != nil {
+				err = fmt.Errorf("docker info: %w: %s", err, out)
+			} else {
+				fmt.Printf("docker info: %s", out)
+			}
+		}
 		if err == nil && command != "" {
 			out, cerr := runSSH(ctx, vm, signer, command)
 			fmt.Printf("--- %s: %s (err=%v)\n%s", vm.Name, command, cerr, out)
+		}
+		if showConsole {
+			b, _ := os.ReadFile(filepath.Join(vm.StateDir, qemuvm.ConsoleFile))
+			fmt.Printf("--- %s console:\n%s", vm.Name, b)
 		}
 		stopCtx, stopCancel := context.WithTimeout(context.Background(), 10*time.Second)
 		serr := vm.Stop(stopCtx)
@@ -133,9 +188,21 @@ func run(n int, cache, network, command string, mem int) error {
 		}
 		ready = append(ready, vm.ReadyAfter)
 		sshReady = append(sshReady, total)
-		fmt.Printf("run %d: ready marker %.2fs, ssh echo ok %.2fs (accel %s)\n", i+1, vm.ReadyAfter.Seconds(), total.Seconds(), vm.Accel)
+		sshCPUs = append(sshCPUs, sshCPU)
+		line := fmt.Sprintf("run %d: ready marker %.2fs, ssh echo ok %.2fs (qemu CPU %.2fs)", i+1, vm.ReadyAfter.Seconds(), total.Seconds(), sshCPU.Seconds())
+		if docker > 0 {
+			dockerReady = append(dockerReady, docker)
+			dockerCPUs = append(dockerCPUs, dockerCPU)
+			line += fmt.Sprintf(", docker info %.2fs (qemu CPU %.2fs)", docker.Seconds(), dockerCPU.Seconds())
+		}
+		fmt.Printf("%s (profile %s, accel %s, %s)\n", line, img.Profile, vm.Accel, load())
 	}
-	fmt.Printf("median of %d: ready marker %.2fs, boot-to-SSH-ready %.2fs\n", n, median(ready).Seconds(), median(sshReady).Seconds())
+	fmt.Printf("median of %d: ready marker %.2fs, boot-to-SSH-ready %.2fs (qemu CPU %.2fs)", n,
+		median(ready).Seconds(), median(sshReady).Seconds(), median(sshCPUs).Seconds())
+	if len(dockerReady) > 0 {
+		fmt.Printf(", boot-to-docker-info %.2fs (qemu CPU %.2fs)", median(dockerReady).Seconds(), median(dockerCPUs).Seconds())
+	}
+	fmt.Println()
 	return nil
 }
 
@@ -159,6 +226,36 @@ func runSSH(ctx context.Context, vm *qemuvm.VM, signer ssh.Signer, command strin
 	// bytes.Buffer for both would race and can lose the output.
 	out, err := sess.CombinedOutput(command)
 	return string(out), err
+}
+
+// cpuTime returns the CPU time (user and system) process pid has used: under
+// software emulation, what a boot costs whatever else loads the machine.
+func cpuTime(pid int) time.Duration {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	_, after, _ := strings.Cut(string(b), ") ")
+	f := strings.Fields(after)
+	if len(f) < 13 {
+		return 0
+	}
+	utime, _ := strconv.ParseInt(f[11], 10, 64)
+	stime, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(utime+stime) * time.Second / 100 // USER_HZ
+}
+
+// load returns the host's load averages, to judge how noisy a figure is.
+func load() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "load unknown"
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "load unknown"
+	}
+	return "load " + strings.Join(f[:3], " ")
 }
 
 func median(d []time.Duration) time.Duration {
