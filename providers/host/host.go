@@ -162,7 +162,7 @@ func Start(ctx context.Context, cfg Config) (*Plugin, error) {
 func (p *Plugin) launch(ctx context.Context) (*proc, error) {
 	cmd := exec.Command(p.path, p.cfg.Args...)
 	cmd.Env = append(cmd.Env, p.cfg.Env...)
-	cmd.Env = append(cmd.Env, "PLUGIN_UNIX_SOCKET_DIR="+p.sockDir)
+	cmd.Env = append(cmd.Env, "PLUGIN_UNIX_SOCKET_DIR="+p.sockDir, wire.ParentEnv+"="+strconv.Itoa(os.Getpid()))
 	tieToParent(cmd)
 	client := plugin.NewClient(&plugin.ClientConfig{
 		HandshakeConfig:  wire.Handshake,

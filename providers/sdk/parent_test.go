@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/mayfly-ci/mayfly/providers/internal/wire"
 )
 
 // The test binary plays three roles, chosen by MAYFLY_SDK_TEST_ROLE: the
@@ -19,7 +21,7 @@ func TestMain(m *testing.M) {
 	switch os.Getenv("MAYFLY_SDK_TEST_ROLE") {
 	case "manager":
 		cmd := exec.Command(os.Args[0])
-		cmd.Env = append(os.Environ(), "MAYFLY_SDK_TEST_ROLE=plugin")
+		cmd.Env = append(os.Environ(), "MAYFLY_SDK_TEST_ROLE=plugin", wire.ParentEnv+"="+strconv.Itoa(os.Getpid()))
 		cmd.Stdout = os.Stdout
 		if err := cmd.Start(); err != nil {
 			os.Exit(2)
@@ -30,7 +32,7 @@ func TestMain(m *testing.M) {
 	case "plugin":
 		stop := make(chan struct{})
 		done := make(chan struct{})
-		go watchParent(os.Getppid(), 20*time.Millisecond, stop, func() { close(done) })
+		go watchParent(parentPID(), 20*time.Millisecond, stop, func() { close(done) })
 		select {
 		case <-done:
 			fmt.Println("parent gone")

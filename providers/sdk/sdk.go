@@ -17,6 +17,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -100,7 +101,7 @@ func Serve(impl providers.Provider) {
 	log := Logger()
 	stopWatch := make(chan struct{})
 	defer close(stopWatch)
-	go watchParent(os.Getppid(), time.Second, stopWatch, func() {
+	go watchParent(parentPID(), time.Second, stopWatch, func() {
 		log.Error("the mayfly manager that started this plugin is gone; exiting")
 		os.Exit(1)
 	})
@@ -123,22 +124,31 @@ func Serve(impl providers.Provider) {
 	})
 }
 
-// watchParent calls gone when the process's parent changes (the manager
-// died and the plugin was re-parented), checking every interval until stop
-// is closed. A plugin never outlives its manager: a restarted manager starts
-// its own plugin, whose list finds what this one made.
+// parentPID is the manager's process id: wire.ParentEnv, or the parent's.
+func parentPID() int {
+	if pid, err := strconv.Atoi(os.Getenv(wire.ParentEnv)); err == nil && pid > 0 {
+		return pid
+	}
+	return os.Getppid()
+}
+
+// watchParent calls gone when the process's parent is not parent (the
+// manager died and the plugin was re-parented), checking at once and then
+// every interval until stop is closed. A plugin never outlives its
+// manager: a restarted manager starts its own plugin, whose list finds what
+// this one made.
 func watchParent(parent int, every time.Duration, stop <-chan struct{}, gone func()) {
 	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
+		if os.Getppid() != parent {
+			gone()
+			return
+		}
 		select {
 		case <-stop:
 			return
 		case <-t.C:
-		}
-		if os.Getppid() != parent {
-			gone()
-			return
 		}
 	}
 }

@@ -22,6 +22,11 @@ const ProtocolVersion = 1
 // PluginName is the name under which the provider is dispensed.
 const PluginName = "provider"
 
+// ParentEnv names the environment variable in which the host passes its
+// process id to a plugin, so that the plugin knows its manager even if the
+// manager died before the plugin first looked (sdk.Serve exits then).
+const ParentEnv = "MAYFLY_PLUGIN_PARENT"
+
 // Handshake is the go-plugin handshake shared by host and plugins. The
 // magic cookie only keeps a plugin binary from being run by hand by mistake;
 // it is not a security measure.
