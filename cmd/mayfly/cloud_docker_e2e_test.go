@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -20,26 +21,32 @@ import (
 
 	"github.com/mayfly-ci/mayfly/manager/coordinator"
 	"github.com/mayfly-ci/mayfly/plugins/aws/awsfake"
+	"github.com/mayfly-ci/mayfly/plugins/gce/gcefake"
 	"github.com/mayfly-ci/mayfly/vmexec/dockertest"
 	"github.com/mayfly-ci/mayfly/vmexec/sshtest"
 )
 
-// TestEC2DockerJobEndToEnd runs a job with image: and services: through
-// `mayfly run` with the real mayfly-plugin-aws against the EC2 fake, on a
-// real Docker Engine: the instance is a network namespace of the test's
-// (dockertest) holding dockerd and a real OpenSSH on port 22, joined to the
-// host by a veth as a VM to its host. The coordinator (GitLab, with its
-// registry) listens on the host's side of the veth; the job's image and
-// service image are pushed there first. The manager drives the engine over
-// the job's SSH connection.
-func TestEC2DockerJobEndToEnd(t *testing.T) {
-	d := dockertest.Run(t)
-	sshd := sshtest.RunIn(t, sshtest.OpenSSH, d.NetNS, net.JoinHostPort(d.GuestIP, "22")) // EC2 instances answer SSH on 22
+// dockerVM is the "VM" of the Docker end-to-end tests: dockertest's
+// network namespace with dockerd and a real OpenSSH on port 22 (as cloud
+// instances answer), joined to the host by a veth; the coordinator (GitLab,
+// with its registry) listens on the host's end, as 10.0.2.2 for a qemu VM,
+// with the job's image and service image pushed there.
+type dockerVM struct {
+	d        *dockertest.Daemon
+	sshd     *sshtest.Server
+	srv      *coordinator.Server
+	url      string // the coordinator's
+	registry string // host:port
+	dir      string
+}
 
-	// The coordinator, as the VM sees it: on the host's end of the veth.
-	dir := t.TempDir()
+func newDockerVM(t *testing.T) *dockerVM {
+	t.Helper()
+	d := dockertest.Run(t)
+	v := &dockerVM{d: d, dir: t.TempDir()}
+	v.sshd = sshtest.RunIn(t, sshtest.OpenSSH, d.NetNS, net.JoinHostPort(d.GuestIP, "22"))
 	srv, err := coordinator.New(coordinator.Config{Logger: slog.New(slog.DiscardHandler), TraceUpdateInterval: time.Second,
-		StateDir: filepath.Join(dir, "coordinator"), Registry: &coordinator.RegistryConfig{}})
+		StateDir: filepath.Join(v.dir, "coordinator"), Registry: &coordinator.RegistryConfig{}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -47,7 +54,7 @@ func TestEC2DockerJobEndToEnd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	url := "http://" + ln.Addr().String()
+	v.srv, v.url, v.registry = srv, "http://"+ln.Addr().String(), ln.Addr().String()
 	srvCtx, stopSrv := context.WithCancel(context.Background())
 	srvDone := make(chan struct{})
 	go func() { defer close(srvDone); _ = srv.Serve(srvCtx, ln) }()
@@ -55,13 +62,12 @@ func TestEC2DockerJobEndToEnd(t *testing.T) {
 	if _, err := srv.RegisterRunner(coordinator.RunnerOptions{RegistrationToken: srv.RegistrationToken(), RunUntagged: true, Token: cloudToken}); err != nil {
 		t.Fatal(err)
 	}
-	registry := ln.Addr().String()
 	bb, err := dockertest.BusyboxImage()
 	if err != nil {
 		t.Fatal(err)
 	}
-	pushImage(t, registry, srv.PushToken(), "mayfly/busybox:test", bb)
-	pushImage(t, registry, srv.PushToken(), "mayfly/pong:test", withPortAndCmd(t, bb, "6379/tcp", "nc", "-ll", "-p", "6379", "-e", "echo", "PONG"))
+	pushImage(t, v.registry, srv.PushToken(), "mayfly/busybox:test", bb)
+	pushImage(t, v.registry, srv.PushToken(), "mayfly/pong:test", withPortAndCmd(t, bb, "6379/tcp", "nc", "-ll", "-p", "6379", "-e", "echo", "PONG"))
 	pipeline, err := coordinator.ParsePipelineFile("docker-e2e.yaml", []byte(`
 projects:
   - name: web
@@ -87,33 +93,16 @@ projects:
 	if _, err := srv.Apply(pipeline); err != nil {
 		t.Fatal(err)
 	}
+	return v
+}
 
-	cloudInit := func(in awsfake.Instance) {
-		if key := authorizedKeyFromUserData(string(in.UserData)); key == "" {
-			t.Errorf("instance %s: no ssh_authorized_keys in its user data", in.ID)
-		} else if err := sshd.AuthorizeKey(key); err != nil {
-			t.Errorf("instance %s: authorise its key: %v", in.ID, err)
-		}
-	}
-	fake := awsfake.New(awsfake.Options{
-		AccessKeyID: e2eKeyID, SecretAccessKey: e2eSecret,
-		Subnets: map[string]string{"subnet-0e2e0000000000001": "us-east-1a"}, Images: map[string]string{e2eAMI: "linux"},
-		PendingDuration: 200 * time.Millisecond, ConsoleDelay: 300 * time.Millisecond,
-		Address: d.GuestIP, HostKey: sshd.HostKey, OnLaunch: cloudInit,
-	})
-	api := httptest.NewServer(fake)
-	t.Cleanup(api.Close)
-	pluginDir := filepath.Join(dir, "plugins")
-	buildPlugin(t, pluginDir, "github.com/mayfly-ci/mayfly/plugins/aws/cmd/mayfly-plugin-aws")
-	secretFile := filepath.Join(dir, "ssh-secret")
-	if err := os.WriteFile(secretFile, []byte("e2e-0123456789abcdef0123456789abcdef"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cfg := fmt.Sprintf(`concurrent = 1
+// runnerHead is the [[runners]] entry up to the provider's block.
+func (v *dockerVM) runnerHead(name string) string {
+	return fmt.Sprintf(`concurrent = 1
 check_interval = 1
 
 [[runners]]
-  name = "ec2-docker"
+  name = %q
   url = %q
   token = %q
   executor = "docker-autoscaler"
@@ -123,7 +112,81 @@ check_interval = 1
     host = "unix://%s"
     pull_policy = "always"
     wait_for_services_timeout = 20
-  [runners.autoscaler]
+`, name, v.url, cloudToken, filepath.Join(v.dir, "builds"), v.d.Socket)
+}
+
+// check asserts the jobs' outcomes from their stored traces, and logs the
+// pick-up to script start of the image job from the manager's log.
+func (v *dockerVM) check(t *testing.T, logs string) {
+	t.Helper()
+	for line := range strings.Lines(logs) {
+		if strings.Contains(line, "job script starting") {
+			if _, val, ok := strings.Cut(line, "pickup_to_start_seconds="); ok {
+				t.Logf("image job: pick-up to script start %s s (pulls, network, service and its wait, two containers)", strings.Fields(val)[0])
+			}
+		}
+	}
+	jobs := v.srv.Jobs()
+	if len(jobs) != 2 {
+		t.Errorf("%d jobs, want 2", len(jobs))
+	}
+	for _, j := range jobs {
+		tr := string(j.Trace)
+		switch j.Name {
+		case "in-image":
+			for _, want := range []string{
+				"Using Docker executor with image " + v.registry + "/mayfly/busybox:test",
+				"Authenticating with credentials from job payload (GitLab Registry)",
+				"Pulling docker image " + v.registry + "/mayfly/busybox:test ...",
+				"Waiting for services to be up and running (timeout 20 seconds)...",
+				dockertest.BusyboxOSRelease,
+				"\nPONG\n",
+				"token in env is [MASKED]",
+			} {
+				if !strings.Contains(tr, want) {
+					t.Errorf("job %s lacks %q:\n%s", j.Name, want, tr)
+				}
+			}
+			if j.Status != "success" || strings.Contains(tr, "WARNING") {
+				t.Errorf("job %s: %s %s\n%s", j.Name, j.Status, j.FailureReason, tr)
+			}
+		case "missing-image":
+			// A missing image is the job's configuration (script_failure).
+			if j.Status != "failed" || j.FailureReason != "script_failure" || !strings.Contains(tr, `failed to pull image "`+v.registry+`/mayfly/absent:test"`) {
+				t.Errorf("job %s: %s %s\n%s", j.Name, j.Status, j.FailureReason, tr)
+			}
+		}
+	}
+}
+
+// TestEC2DockerJobEndToEnd runs jobs with image: and services: through
+// `mayfly run` with the real mayfly-plugin-aws against the EC2 fake; the
+// instance is a dockerVM, whose Docker Engine the manager drives over the
+// job's SSH connection.
+func TestEC2DockerJobEndToEnd(t *testing.T) {
+	v := newDockerVM(t)
+	cloudInit := func(in awsfake.Instance) {
+		if key := authorizedKeyFromUserData(string(in.UserData)); key == "" {
+			t.Errorf("instance %s: no ssh_authorized_keys in its user data", in.ID)
+		} else if err := v.sshd.AuthorizeKey(key); err != nil {
+			t.Errorf("instance %s: authorise its key: %v", in.ID, err)
+		}
+	}
+	fake := awsfake.New(awsfake.Options{
+		AccessKeyID: e2eKeyID, SecretAccessKey: e2eSecret,
+		Subnets: map[string]string{"subnet-0e2e0000000000001": "us-east-1a"}, Images: map[string]string{e2eAMI: "linux"},
+		PendingDuration: 200 * time.Millisecond, ConsoleDelay: 300 * time.Millisecond,
+		Address: v.d.GuestIP, HostKey: v.sshd.HostKey, OnLaunch: cloudInit,
+	})
+	api := httptest.NewServer(fake)
+	t.Cleanup(api.Close)
+	pluginDir := filepath.Join(v.dir, "plugins")
+	buildPlugin(t, pluginDir, "github.com/mayfly-ci/mayfly/plugins/aws/cmd/mayfly-plugin-aws")
+	secretFile := filepath.Join(v.dir, "ssh-secret")
+	if err := os.WriteFile(secretFile, []byte("e2e-0123456789abcdef0123456789abcdef"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := v.runnerHead("ec2-docker") + fmt.Sprintf(`  [runners.autoscaler]
     plugin = "aws"
     max_use_count = 1
     max_instances = 1
@@ -144,48 +207,72 @@ check_interval = 1
     [[runners.autoscaler.policy]]
       idle_count = 1
       idle_time = "1m"
-`, url, cloudToken, filepath.Join(dir, "builds"), d.Socket, api.URL, e2eKeyID, e2eSecret, e2eAMI, sshd.User, secretFile)
-	logs := runUntilDone(t, srv, dir, pluginDir, cfg, 3*time.Minute)
-	// The figure of the closing note: pick-up to script start of an image
-	// job (image pull, network, service start and wait, two containers).
-	for line := range strings.Lines(logs) {
-		if strings.Contains(line, "job script starting") {
-			if _, v, ok := strings.Cut(line, "pickup_to_start_seconds="); ok {
-				t.Logf("image job: pick-up to script start %s s (includes pulling both images; see mayfly_job_phase_seconds)", strings.Fields(v)[0])
-			}
-		}
-	}
-
-	for _, j := range srv.Jobs() {
-		tr := string(j.Trace)
-		switch j.Name {
-		case "in-image":
-			for _, want := range []string{
-				"Using Docker executor with image " + registry + "/mayfly/busybox:test",
-				"Authenticating with credentials from job payload (GitLab Registry)",
-				"Pulling docker image " + registry + "/mayfly/busybox:test ...",
-				dockertest.BusyboxOSRelease,
-				"\nPONG\n",
-				"token in env is [MASKED]",
-			} {
-				if !strings.Contains(tr, want) {
-					t.Errorf("job %s lacks %q:\n%s", j.Name, want, tr)
-				}
-			}
-			if j.Status != "success" {
-				t.Errorf("job %s: %s %s\n%s", j.Name, j.Status, j.FailureReason, tr)
-			}
-		case "missing-image":
-			// Not found is the job's configuration (script_failure).
-			if j.Status != "failed" || j.FailureReason != "script_failure" || !strings.Contains(tr, `failed to pull image "`+registry+`/mayfly/absent:test"`) {
-				t.Errorf("job %s: %s %s\n%s", j.Name, j.Status, j.FailureReason, tr)
-			}
-		}
-	}
+`, api.URL, e2eKeyID, e2eSecret, e2eAMI, v.sshd.User, secretFile)
+	v.check(t, runUntilDone(t, v.srv, v.dir, pluginDir, cfg, 3*time.Minute))
 	for _, in := range fake.Instances() {
 		if in.State != "terminated" && in.State != "shutting-down" {
 			t.Errorf("instance %s is %s after shutdown", in.ID, in.State)
 		}
+	}
+}
+
+// TestGCEDockerJobEndToEnd is the same jobs with the real
+// mayfly-plugin-gce against the GCE fake (its guest agent authorises the
+// instance's ssh-keys metadata).
+func TestGCEDockerJobEndToEnd(t *testing.T) {
+	v := newDockerVM(t)
+	var mu sync.Mutex
+	authorized := map[string]bool{}
+	agent := func(in gcefake.InstanceInfo) {
+		for line := range strings.Lines(in.Metadata["ssh-keys"]) {
+			user, key, ok := strings.Cut(strings.TrimSpace(line), ":")
+			if !ok || user != v.sshd.User {
+				continue
+			}
+			mu.Lock()
+			done := authorized[key]
+			authorized[key] = true
+			mu.Unlock()
+			if !done {
+				if err := v.sshd.AuthorizeKey(key); err != nil {
+					t.Errorf("instance %s: authorise its key: %v", in.Name, err)
+				}
+			}
+		}
+	}
+	fake := gcefake.New(gcefake.Options{
+		Project: "e2e-project", BootDelay: 500 * time.Millisecond, AgentDelay: 200 * time.Millisecond,
+		Address: v.d.GuestIP, HostKeys: []string{v.sshd.HostKey}, OnMetadata: agent,
+	})
+	api := httptest.NewServer(fake)
+	t.Cleanup(api.Close)
+	pluginDir := filepath.Join(v.dir, "plugins")
+	buildPlugin(t, pluginDir, "github.com/mayfly-ci/mayfly/plugins/gce/cmd/mayfly-plugin-gce")
+	cfg := v.runnerHead("gce-docker") + fmt.Sprintf(`  [runners.autoscaler]
+    plugin = "gce"
+    max_use_count = 1
+    max_instances = 1
+    delete_instances_on_shutdown = true
+    [runners.autoscaler.plugin_config]
+      project = "e2e-project"
+      zones = ["us-east1-b"]
+      machine_type = "n1-standard-1"
+      os = "linux"
+      username = %q
+      endpoint = %q
+      credentials_file = %q
+      poll_interval = "100ms"
+    [runners.autoscaler.connector_config]
+      os = "linux"
+      protocol = "ssh"
+      timeout = "30s"
+    [[runners.autoscaler.policy]]
+      idle_count = 1
+      idle_time = "1m"
+`, v.sshd.User, api.URL, gceCredentials(t, api.URL, "e2e-project"))
+	v.check(t, runUntilDone(t, v.srv, v.dir, pluginDir, cfg, 3*time.Minute))
+	for _, in := range fake.Instances() {
+		t.Errorf("instance %s is left after shutdown", in.Name)
 	}
 }
 
