@@ -100,6 +100,7 @@ projects:
 func (v *dockerVM) runnerHead(name string) string {
 	return fmt.Sprintf(`concurrent = 1
 check_interval = 1
+log_level = "debug"
 
 [[runners]]
   name = %q
@@ -120,6 +121,9 @@ check_interval = 1
 func (v *dockerVM) check(t *testing.T, logs string) {
 	t.Helper()
 	for line := range strings.Lines(logs) {
+		if strings.Contains(line, "job phases") && strings.Contains(line, "stage_step_script") && strings.Contains(line, "job=1 ") {
+			t.Logf("image job phases: %s", strings.TrimSpace(line[strings.Index(line, "phases."):]))
+		}
 		if strings.Contains(line, "job script starting") {
 			if _, val, ok := strings.Cut(line, "pickup_to_start_seconds="); ok {
 				t.Logf("image job: pick-up to script start %s s (pulls, network, service and its wait, two containers)", strings.Fields(val)[0])
