@@ -93,6 +93,30 @@ projects:
 	if _, err := srv.Apply(pipeline); err != nil {
 		t.Fatal(err)
 	}
+	// A project with a .gitlab-ci.yml, as with --project: get_sources
+	// clones it in the VM's shell, the script reads it in the container.
+	proj := filepath.Join(v.dir, "docker-demo")
+	if err := os.MkdirAll(proj, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for name, content := range map[string]string{
+		"greeting.txt": "hello from the repository\n",
+		".gitlab-ci.yml": `show:
+  image: $CI_REGISTRY/mayfly/busybox:test
+  variables:
+    GIT_DEPTH: "1"
+  script:
+    - cat greeting.txt
+    - grep -q mayfly-busybox /etc/os-release
+`,
+	} {
+		if err := os.WriteFile(filepath.Join(proj, name), []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := srv.AddProjects(context.Background(), []coordinator.ProjectSource{{Dir: proj}}); err != nil {
+		t.Fatal(err)
+	}
 	return v
 }
 
@@ -131,8 +155,8 @@ func (v *dockerVM) check(t *testing.T, logs string) {
 		}
 	}
 	jobs := v.srv.Jobs()
-	if len(jobs) != 2 {
-		t.Errorf("%d jobs, want 2", len(jobs))
+	if len(jobs) != 3 {
+		t.Errorf("%d jobs, want 3", len(jobs))
 	}
 	for _, j := range jobs {
 		tr := string(j.Trace)
@@ -153,6 +177,10 @@ func (v *dockerVM) check(t *testing.T, logs string) {
 			}
 			if j.Status != "success" || strings.Contains(tr, "WARNING") {
 				t.Errorf("job %s: %s %s\n%s", j.Name, j.Status, j.FailureReason, tr)
+			}
+		case "show":
+			if j.Status != "success" || !strings.Contains(tr, "\nhello from the repository\n") || !strings.Contains(tr, "Getting source from Git repository") {
+				t.Errorf("job %s (cloned in the VM, read in the container): %s %s\n%s", j.Name, j.Status, j.FailureReason, tr)
 			}
 		case "missing-image":
 			// A missing image is the job's configuration (script_failure).
