@@ -1,15 +1,17 @@
 // Package containerrun runs the stages of a job with an image as
 // gitlab-runner's docker+machine executor does, on the job's own VM: the
-// user's stages (prepare_script, step_*, after_script) each in a container
-// of the job's image on the VM's Docker Engine, the runner's stages
-// (get_sources, cache, artifacts) in the VM's own shell through another
-// stagerun.Runner, all on one build directory of the VM bind-mounted into
-// every container at the same path.
+// user's stages (step_*, after_script) each in a container of the job's
+// image on the VM's Docker Engine, the runner's stages (get_sources, cache,
+// artifacts) in the VM's own shell through another stagerun.Runner, all on
+// one build directory of the VM bind-mounted into every container at the
+// same path.
 //
 // The prepare_script stage first prepares the job: it pulls the image (pull
 // policies, the job token as registry credentials), makes a network for the
 // job, starts the services on it under their aliases and waits for their
-// ports. What it prints is kept on the VM's Docker Engine (the labels of a
+// ports; then its own script ("Running on ...") runs in the VM's shell
+// (gitlab-runner runs it in a container: one container start less). What
+// the preparation prints is kept on the VM's Docker Engine (the labels of a
 // volume written once when preparing ends), so a restarted manager reads
 // the very same output again.
 //
@@ -131,14 +133,22 @@ func New(o Options) (*Runner, error) {
 }
 
 // InContainer reports whether the stage named name runs in a container:
-// the user's stages and prepare_script do; get_sources, cache and
-// artifacts stages run in the VM's shell.
+// the user's stages (step_*, after_script) do; prepare_script (after the
+// preparation), get_sources, cache and artifacts stages run in the VM's
+// shell.
 func InContainer(name string) bool {
-	switch buildscript.StageName(name) {
-	case buildscript.StagePrepare, buildscript.StageAfterScript:
-		return true
+	return buildscript.StageName(name) == buildscript.StageAfterScript || strings.HasPrefix(name, "step_")
+}
+
+// shellChain is the part of a chain the shell may start on its own: the
+// stages up to the first that runs in a container.
+func shellChain(then []stagerun.Stage) []stagerun.Stage {
+	for i, n := range then {
+		if _, name, _, _ := stagerun.ParseStageID(n.ID); InContainer(name) {
+			return then[:i]
+		}
 	}
-	return strings.HasPrefix(name, "step_")
+	return then
 }
 
 // Run implements stagerun.Runner.
@@ -147,19 +157,12 @@ func (r *Runner) Run(ctx context.Context, s stagerun.Stage, out io.Writer) (int,
 	if !ok {
 		return -1, fmt.Errorf("stage %q: not a stage ID", s.ID)
 	}
-	if !InContainer(name) {
-		// The shell may start the stages after this one, up to the first
-		// that runs in a container.
-		for i, n := range s.Then {
-			if _, nn, _, _ := stagerun.ParseStageID(n.ID); InContainer(nn) {
-				s.Then = s.Then[:i]
-				break
-			}
-		}
-		return r.o.Shell.Run(ctx, s, out)
-	}
 	if buildscript.StageName(name) == buildscript.StagePrepare {
 		return r.runPrepare(ctx, s, out)
+	}
+	if !InContainer(name) {
+		s.Then = shellChain(s.Then)
+		return r.o.Shell.Run(ctx, s, out)
 	}
 	p, err := r.prepared(ctx)
 	if err != nil {
@@ -174,9 +177,6 @@ func (r *Runner) Stop(ctx context.Context, id string) error {
 	if !ok {
 		return fmt.Errorf("stop stage %q: not a stage ID", id)
 	}
-	if !InContainer(name) {
-		return r.o.Shell.Stop(ctx, id)
-	}
 	if buildscript.StageName(name) == buildscript.StagePrepare {
 		r.mu.Lock()
 		p := r.prep
@@ -189,6 +189,9 @@ func (r *Runner) Stop(ctx context.Context, id string) error {
 				return fmt.Errorf("stop stage %s: %w", id, context.Cause(ctx))
 			}
 		}
+	}
+	if !InContainer(name) {
+		return r.o.Shell.Stop(ctx, id)
 	}
 	return r.stopContainer(ctx, id)
 }

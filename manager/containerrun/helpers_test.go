@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -26,6 +27,7 @@ import (
 	"github.com/mayfly-ci/mayfly/manager/config"
 	"github.com/mayfly-ci/mayfly/manager/containerrun"
 	"github.com/mayfly-ci/mayfly/manager/stagerun"
+	"github.com/mayfly-ci/mayfly/vmexec/detach"
 	"github.com/mayfly-ci/mayfly/vmexec/dockertest"
 	"github.com/mayfly-ci/mayfly/vmexec/sshexec"
 	"github.com/mayfly-ci/mayfly/vmexec/sshtest"
@@ -50,7 +52,7 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-func sharedDaemon(t *testing.T) *dockertest.Daemon {
+func sharedDaemon(t testing.TB) *dockertest.Daemon {
 	t.Helper()
 	dockertest.Require(t)
 	daemonOnce.Do(func() { daemon, daemonErr = dockertest.Start(context.Background()) })
@@ -92,7 +94,7 @@ func (p *pullLog) list() []string {
 	return append([]string(nil), p.users...)
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t testing.TB) *env {
 	t.Helper()
 	d := sharedDaemon(t)
 	sshd := sshtest.RunIn(t, sshtest.OpenSSH, d.NetNS, d.GuestIP)
@@ -139,7 +141,7 @@ func newEnv(t *testing.T) *env {
 
 // push pushes img to the test registry as repo:tag and returns the
 // reference.
-func (e *env) push(t *testing.T, img v1.Image, repoTag string) string {
+func (e *env) push(t testing.TB, img v1.Image, repoTag string) string {
 	t.Helper()
 	ref := e.registry + "/" + repoTag
 	tag, err := name.NewTag(ref, name.Insecure)
@@ -153,7 +155,7 @@ func (e *env) push(t *testing.T, img v1.Image, repoTag string) string {
 }
 
 // busybox is the test image; withPort adds an exposed port and a command.
-func busybox(t *testing.T) v1.Image {
+func busybox(t testing.TB) v1.Image {
 	t.Helper()
 	img, err := dockertest.BusyboxImage()
 	if err != nil {
@@ -162,7 +164,7 @@ func busybox(t *testing.T) v1.Image {
 	return img
 }
 
-func serviceImage(t *testing.T, port int, cmd ...string) v1.Image {
+func serviceImage(t testing.TB, port int, cmd ...string) v1.Image {
 	t.Helper()
 	cf, err := busybox(t).ConfigFile()
 	if err != nil {
@@ -180,9 +182,18 @@ func serviceImage(t *testing.T, port int, cmd ...string) v1.Image {
 
 // newRunner makes the job's runner on env, as the manager does: runner
 // stages attached in the VM's shell (bash).
-func (e *env) newRunner(t *testing.T, o containerrun.Options) *containerrun.Runner {
+func (e *env) newRunner(t testing.TB, o containerrun.Options) *containerrun.Runner {
 	t.Helper()
-	o.Shell = &stagerun.Attached{Exec: e.ssh, Shell: "bash"}
+	// The VM's shell runs the runner's stages detached, as the manager's
+	// shell runner does: they too reattach in a new runner. The job
+	// directory is the job's own, the same for every runner of the job.
+	d, err := detach.New(detach.Options{Dir: filepath.Join(e.builds, ".mayfly", fmt.Sprintf("job-%d", o.Job.ID)), Shell: "bash",
+		Exec: e.ssh, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	o.Shell = detached{d}
 	o.Client = e.docker
 	o.Dial = e.ssh.DialContext
 	o.InternalNetwork = true
@@ -210,6 +221,24 @@ func (e *env) newRunner(t *testing.T, o containerrun.Options) *containerrun.Runn
 }
 
 type dockerCfg = config.Docker
+
+// detached is a detach.Runner seen as a stagerun.Runner (as the
+// manager's adapter does).
+type detached struct{ r *detach.Runner }
+
+func toDetach(s stagerun.Stage) detach.Stage {
+	d := detach.Stage{ID: s.ID, Script: s.Script, Env: s.Env, From: s.From}
+	for _, n := range s.Then {
+		d.Then = append(d.Then, toDetach(n))
+	}
+	return d
+}
+
+func (d detached) Run(ctx context.Context, s stagerun.Stage, out io.Writer) (int, error) {
+	return d.r.Run(ctx, toDetach(s), out)
+}
+
+func (d detached) Stop(ctx context.Context, id string) error { return d.r.Stop(ctx, id) }
 
 // dockerConfig is [runners.docker] with gitlab-runner's defaults.
 func dockerConfig() config.Docker {

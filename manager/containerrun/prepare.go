@@ -103,8 +103,10 @@ const (
 	labelMessage = "com.mayfly-ci.prepare.error"
 )
 
-// runPrepare runs prepare_script: the preparation, then the stage's
-// container. Its output is the preparation's followed by the container's.
+// runPrepare runs prepare_script: the preparation, then the stage's own
+// script ("Running on <VM> via <manager>") in the VM's shell, which saves
+// a container start. Its output is the preparation's followed by the
+// script's.
 func (r *Runner) runPrepare(ctx context.Context, s stagerun.Stage, out io.Writer) (int, error) {
 	p, err := r.startPrepare(ctx, s.From)
 	if err != nil {
@@ -117,7 +119,9 @@ func (r *Runner) runPrepare(ctx context.Context, s stagerun.Stage, out io.Writer
 	if p.err != nil {
 		return -1, p.err
 	}
-	return r.runStage(ctx, p, s, max(0, s.From-n), out)
+	s.From = max(0, s.From-n)
+	s.Then = shellChain(s.Then)
+	return r.o.Shell.Run(ctx, s, out)
 }
 
 // startPrepare returns the job's preparation: the one this process runs,
