@@ -159,3 +159,33 @@ func (w *waitWriter) String() string {
 	defer w.mu.Unlock()
 	return w.b.String()
 }
+
+// TestNoDockerEngine: a VM whose Docker Engine cannot be reached (none
+// runs, or its SSH server cannot forward the socket, as dropbear) fails the
+// job as gitlab-runner does, as a runner system failure naming the socket.
+func TestNoDockerEngine(t *testing.T) {
+	e := newEnv(t)
+	job := payload(e, "$CI_REGISTRY/mayfly/busybox:test", []string{"echo never"}, nil)
+	c, err := containerrun.NewClient(e.ssh.DialContext, "unix:///run/no-docker-here.sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	d := dockerConfig()
+	d.Host = "unix:///run/no-docker-here.sock"
+	r, err := containerrun.New(containerrun.Options{Job: job, Docker: d, BuildsDir: e.builds, Client: c,
+		Shell: &stagerun.Attached{Exec: e.ssh, Shell: "bash"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close(context.Background(), false)
+	plan := generate(t, e, job)
+	var trace bytes.Buffer
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	res := plan.Run(ctx, r, &trace, buildscript.RunOptions{})
+	want := "Cannot connect to the Docker daemon at unix:///run/no-docker-here.sock on the VM. Is the docker daemon running?"
+	if res.FailureReason != runnerapi.FailureRunnerSystemFailure || !strings.Contains(res.Message, want) {
+		t.Errorf("result %s %s %q, want runner_system_failure with %q", res.State, res.FailureReason, res.Message, want)
+	}
+}

@@ -139,7 +139,7 @@ func (r *Runner) startPrepare(ctx context.Context, from int64) (*preparation, er
 	}
 	p, found, err := r.readRecord(ctx)
 	if err != nil {
-		return nil, err
+		return nil, r.engineErr(err)
 	}
 	if found {
 		r.prep = p
@@ -166,6 +166,17 @@ func (r *Runner) startPrepare(ctx context.Context, from int64) (*preparation, er
 		p.finish(image, err)
 	}()
 	return p, nil
+}
+
+// engineErr says, as gitlab-runner does, that the VM's Docker Engine does
+// not answer (a VM without Docker, or a dropbear that cannot forward its
+// socket): a runner system failure.
+func (r *Runner) engineErr(err error) error {
+	if !client.IsErrConnectionFailed(err) {
+		return err
+	}
+	return &stagerun.Failure{Reason: runnerapi.FailureRunnerSystemFailure,
+		Err: fmt.Errorf("Cannot connect to the Docker daemon at %s on the VM. Is the docker daemon running? (%v)", r.o.Docker.Host, err)}
 }
 
 // prepared returns the finished preparation that later stages run on.
