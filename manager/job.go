@@ -209,16 +209,20 @@ func (e *payloadError) Error() string { return e.err.Error() }
 // check the payload before an instance is taken).
 func (m *Manager) plan(r *runner, job *runnerapi.JobResponse, via string) (*buildscript.Plan, error) {
 	return buildscript.Generate(job, buildscript.Options{
-		Shell:            r.cfg.Shell,
-		BuildsDir:        r.cfg.BuildsDir,
-		Environment:      r.cfg.Environment,
-		PreCloneScript:   r.cfg.PreCloneScript,
-		PostCloneScript:  r.cfg.PostCloneScript,
-		PreBuildScript:   r.cfg.PreBuildScript,
-		PostBuildScript:  r.cfg.PostBuildScript,
-		Via:              via,
-		RunnerVersion:    m.version,
-		RunnerShortToken: gitlab.ShortToken(r.cfg.Token),
+		Shell:               r.cfg.Shell,
+		BuildsDir:           r.cfg.BuildsDir,
+		Environment:         r.cfg.Environment,
+		PreCloneScript:      r.cfg.PreCloneScript,
+		PostCloneScript:     r.cfg.PostCloneScript,
+		PreBuildScript:      r.cfg.PreBuildScript,
+		PostBuildScript:     r.cfg.PostBuildScript,
+		Via:                 via,
+		UseHelper:           m.helpers.available(r.cfg.Fleet.Connector.OS, r.cfg.Fleet.Connector.Arch),
+		ServerURL:           r.cfg.URL,
+		Cache:               m.caches[r.cfg.Name],
+		MaxCacheArchiveSize: maxCacheArchiveSize(r.cfg),
+		RunnerVersion:       m.version,
+		RunnerShortToken:    gitlab.ShortToken(r.cfg.Token),
 	})
 }
 
@@ -285,6 +289,12 @@ func (m *Manager) execute(r *runner, job *runnerapi.JobResponse, plan *buildscri
 			redialMu.Unlock()
 		}
 		return e, err
+	}
+	if err := m.uploadHelper(jobCtx, r, plan, exec, phases); err != nil {
+		if res, ended := endedResult(jobCtx, plan.JobTimeout); ended {
+			return res
+		}
+		return systemFailure("%v", err)
 	}
 	stages, closeStages, err := m.newStageRunner(plan, jobDir(plan, job.ID), exec, redial)
 	if err != nil {

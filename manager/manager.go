@@ -17,6 +17,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/mayfly-ci/mayfly/manager/buildscript"
 	"github.com/mayfly-ci/mayfly/manager/config"
 	"github.com/mayfly-ci/mayfly/manager/gitlab"
 	"github.com/mayfly-ci/mayfly/manager/runnerapi"
@@ -46,6 +47,12 @@ type Options struct {
 	// TraceInterval is how often a job's trace is sent until GitLab says
 	// otherwise; 0 means the client's default (3 s).
 	TraceInterval time.Duration
+	// Helpers has the mayfly-helper binaries the cache and artifact stages
+	// run in the VMs; without one for a runner's OS/arch, its jobs say
+	// that cache and artifacts are not supported, and GitLab is told so.
+	Helpers *Helpers
+	// Caches sign the distributed cache's URLs, by runner name.
+	Caches map[string]buildscript.CacheSigner
 }
 
 // Manager runs jobs for every configured runner.
@@ -67,6 +74,9 @@ type Manager struct {
 	abortJobs context.CancelCauseFunc
 	jobsCtx   context.Context
 	jobs      sync.WaitGroup
+
+	helpers *Helpers
+	caches  map[string]buildscript.CacheSigner
 
 	jobEndMu sync.Mutex
 	jobEnd   chan struct{} // closed (and replaced) when a job ends
@@ -94,6 +104,8 @@ func New(opts Options) (*Manager, error) {
 		now:           opts.Now,
 		slots:         make(chan struct{}, opts.Config.Concurrent),
 		traceInterval: opts.TraceInterval,
+		helpers:       opts.Helpers,
+		caches:        opts.Caches,
 		drain:         make(chan struct{}),
 		jobEnd:        make(chan struct{}),
 	}
@@ -144,6 +156,8 @@ func New(opts Options) (*Manager, error) {
 
 // versionInfo is the "info" mayfly sends to GitLab: the features it supports.
 func (m *Manager) versionInfo(rc config.Runner) runnerapi.VersionInfo {
+	// Artifacts and cache work where the VMs get a helper (mayfly-helper).
+	helper := m.helpers.available(rc.Fleet.Connector.OS, rc.Fleet.Connector.Arch)
 	return runnerapi.VersionInfo{
 		Name:         "mayfly",
 		Version:      m.version,
@@ -167,6 +181,12 @@ func (m *Manager) versionInfo(rc config.Runner) runnerapi.VersionInfo {
 			// Jobs with an image run in containers where the VMs run Docker.
 			Image:    rc.Docker != nil,
 			Services: rc.Docker != nil,
+
+			Artifacts:               helper,
+			UploadMultipleArtifacts: helper,
+			UploadRawArtifacts:      helper,
+			ArtifactsExclude:        helper,
+			Cache:                   helper,
 		},
 	}
 }

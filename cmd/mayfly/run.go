@@ -41,7 +41,9 @@ var _ fleet.Attacher = (*provisioner.Ready)(nil)
 // runFlags are the flags of mayfly run.
 type runFlags struct {
 	config, pluginDir, stateDir, managerID string
-	view                                   time.Duration
+	// helperDir holds the mayfly-helper binaries (default: next to mayfly).
+	helperDir string
+	view      time.Duration
 	// shutdownTimeout, when set, receives shutdown_timeout of the config
 	// in force (nanoseconds), for the signal handler.
 	shutdownTimeout *atomic.Int64
@@ -96,6 +98,7 @@ func runRun(args []string, stdout, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	var f runFlags
 	fs.StringVar(&f.config, "config", "config.toml", "config file (gitlab-runner config.toml format)")
+	fs.StringVar(&f.helperDir, "helper-dir", "", "directory of the mayfly-helper-<os>-<arch> binaries jobs use for cache and artifacts (default: next to the mayfly binary)")
 	fs.StringVar(&f.pluginDir, "plugin-dir", "", "directory of provider plugins (default: next to the mayfly binary, then PATH)")
 	fs.StringVar(&f.stateDir, "state-dir", ".cache/mayfly/state", "where the fleet journals of acquired instances are kept")
 	fs.StringVar(&f.managerID, "manager-id", "", "identity carried by every instance this manager creates (default: host name and config path)")
@@ -220,8 +223,22 @@ func runManager(ctx context.Context, drain <-chan struct{}, f runFlags, stdout, 
 			return provisioner.Connect(ctx, ci, timeout, log)
 		})
 	}
+	cacheCtx, stopCaches := context.WithCancel(context.Background())
+	caches, err := startCaches(cacheCtx, cfg, log)
+	if err != nil {
+		stopCaches()
+		return err
+	}
+	defer func() { stopCaches(); caches.wg.Wait() }()
+	helpers := &manager.Helpers{Dir: f.helperDir}
+	if helpers.Dir == "" {
+		if exe, err := os.Executable(); err == nil {
+			helpers.Dir = filepath.Dir(exe)
+		}
+	}
 	b := buildInfo()
-	m, err := manager.New(manager.Options{Config: cfg, Fleets: managerFleets, Version: b.Version, Revision: b.Revision, Branch: b.Branch, Registerer: reg, Logger: log})
+	m, err := manager.New(manager.Options{Config: cfg, Fleets: managerFleets, Version: b.Version, Revision: b.Revision, Branch: b.Branch, Registerer: reg, Logger: log,
+		Helpers: helpers, Caches: caches.signers})
 	if err != nil {
 		return err
 	}

@@ -305,6 +305,7 @@ func (b *builder) runner(i int, raw *fileRunner) Runner {
 		r.Fleet = b.autoscaler(key("autoscaler"), raw.Autoscaler)
 	}
 	r.Docker = b.docker(key("docker"), raw.Docker, r.Executor, r.Fleet.Connector.OS)
+	r.Cache = b.cache(key("cache"), raw.Cache)
 	if r.Docker != nil && r.Docker.Image == "" {
 		b.warnf(key("executor"), "jobs that name no image run in the VM's own shell, as no [runners.docker] image is set (gitlab-runner's %s executor fails them)", r.Executor)
 	}

@@ -74,6 +74,8 @@ type Runner struct {
 	// Docker is set when jobs with an image run in containers on their VM
 	// (docker+machine and docker-autoscaler on Linux VMs); nil otherwise.
 	Docker *Docker
+	// Cache is [runners.cache], the distributed cache; nil without one.
+	Cache *Cache
 }
 
 // Fleet is how a runner's VMs are made, used and kept idle.

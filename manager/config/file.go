@@ -40,6 +40,7 @@ type fileRunner struct {
 	Machine            *fileMachine    `toml:"machine"`
 	Autoscaler         *fileAutoscaler `toml:"autoscaler"`
 	Docker             *fileDocker     `toml:"docker"`
+	Cache              *fileCache      `toml:"cache"`
 }
 
 type fileMachine struct {
@@ -149,7 +150,6 @@ var ignoredKeys = map[string]string{
 	"runners.ssh":                                   "connections come from the provider and [runners.autoscaler.connector_config]",
 	"runners.parallels":                             "not a mayfly provider",
 	"runners.virtualbox":                            "not a mayfly provider",
-	"runners.cache":                                 "distributed cache is not supported yet",
 	"runners.feature_flags":                         "gitlab-runner feature flags do not apply",
 	"runners.referees":                              "not supported",
 	"runners.machine.OffPeakPeriods":                "removed in gitlab-runner 14.0; use [[runners.machine.autoscaling]]",

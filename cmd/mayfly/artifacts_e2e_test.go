@@ -1,0 +1,329 @@
+package main
+
+import (
+	"archive/zip"
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mayfly-ci/mayfly/manager"
+	"github.com/mayfly-ci/mayfly/manager/coordinator"
+	"github.com/mayfly-ci/mayfly/manager/gitlab"
+	"github.com/mayfly-ci/mayfly/vmexec/sshtest"
+)
+
+// artifactsPipeline is issue 18's pipeline: a writes artifacts, a junit
+// and a dotenv report and a cache; b (needs a) reads the artifact and the
+// variable; c fails and uploads when:on_failure artifacts. GIT_STRATEGY
+// empty empties the project directory first, so what b and the next
+// pipeline's d find came through the helper, not from a job before them
+// on the shared test machine.
+const artifactsPipeline = `
+projects:
+  - name: app
+    pipelines:
+      - variables: [{key: GIT_STRATEGY, value: empty}]
+        jobs:
+          - name: a
+            stage: build
+            script:
+              - mkdir -p out vendor
+              - echo built-by-$CI_JOB_ID > out/result.txt
+              - echo '<testsuites><testsuite name="a" tests="1"/></testsuites>' > junit.xml
+              - echo BUILD_VERSION=1.2.$CI_JOB_ID > build.env
+              - echo cached-by-$CI_JOB_ID > vendor/dep.txt
+              - env > out/env.txt
+            artifacts:
+              paths: [out/]
+              reports: [{type: junit, paths: [junit.xml]}, {type: dotenv, paths: [build.env]}]
+            cache: [{key: deps, paths: [vendor/]}]
+          - name: b
+            stage: test
+            needs: [{job: a}]
+            script: ["cat out/result.txt", "echo version=$BUILD_VERSION"]
+          - name: c
+            stage: test
+            needs: []
+            script: ["echo partial > partial.log", "exit 1"]
+            artifacts: {paths: [partial.log], when: on_failure}
+`
+
+const cachePipeline = `
+projects:
+  - name: app
+    pipelines:
+      - variables: [{key: GIT_STRATEGY, value: empty}]
+        jobs:
+          - {name: d, script: ["cat vendor/dep.txt"], cache: [{key: deps, paths: [vendor/], policy: pull}]}
+`
+
+// buildHelper builds mayfly-helper for this machine into dir, named as
+// manager.Helpers looks it up for linux/amd64 VMs.
+func buildHelper(t testing.TB, dir string) {
+	t.Helper()
+	cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(dir, manager.HelperFileName("linux", "amd64")), "github.com/mayfly-ci/mayfly/cmd/mayfly-helper")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build mayfly-helper: %v\n%s", err, out)
+	}
+}
+
+// startArtifactsCoordinator serves a coordinator with a state dir (for
+// artifacts) and the pipeline applied.
+func startArtifactsCoordinator(t *testing.T, token, pipeline string) (*coordinator.Server, string) {
+	t.Helper()
+	srv, err := coordinator.New(coordinator.Config{Logger: slog.New(slog.DiscardHandler), TraceUpdateInterval: time.Second, StateDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = srv.Serve(ctx, ln) }()
+	t.Cleanup(func() { cancel(); <-done })
+	if _, err := srv.RegisterRunner(coordinator.RunnerOptions{RegistrationToken: srv.RegistrationToken(), RunUntagged: true, Token: token}); err != nil {
+		t.Fatal(err)
+	}
+	apply(t, srv, pipeline)
+	return srv, "http://" + ln.Addr().String()
+}
+
+func apply(t *testing.T, srv *coordinator.Server, pipeline string) {
+	t.Helper()
+	f, err := coordinator.ParsePipelineFile("artifacts-e2e.yaml", []byte(pipeline))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := srv.Apply(f); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func freePort(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// fakeFleetConfig is a runner on the fake provider whose every instance
+// is the sshd given, with extra TOML at the end of [[runners]].
+func fakeFleetConfig(url, token, dir string, ssh *sshtest.Server, extra string) string {
+	host, port, _ := net.SplitHostPort(ssh.Addr)
+	return fmt.Sprintf(`concurrent = 2
+check_interval = 1
+log_level = "warn"
+
+[[runners]]
+  name = "fake-fleet"
+  url = %q
+  token = %q
+  executor = "instance"
+  shell = "bash"
+  builds_dir = %q
+  [runners.autoscaler]
+    plugin = "fake"
+    max_instances = 3
+    delete_instances_on_shutdown = true
+    [runners.autoscaler.plugin_config]
+      state_dir = %q
+      boot_delay = "100ms"
+      [runners.autoscaler.plugin_config.connect]
+        address = %q
+        port = %s
+        username = %q
+        host_key = %q
+        private_key = '''
+%s'''
+    [runners.autoscaler.connector_config]
+      timeout = "30s"
+    [[runners.autoscaler.policy]]
+      idle_count = 1
+%s`, url, token, filepath.Join(dir, "builds"), filepath.Join(dir, "fake-state"), host, port, ssh.User, ssh.HostKey, ssh.ClientKeyPEM, extra)
+}
+
+// runWithHelper is runUntilDone with the helper directory set.
+func runWithHelper(t *testing.T, srv *coordinator.Server, dir, pluginDir, helperDir, cfg string) string {
+	t.Helper()
+	cfgPath := filepath.Join(dir, "config.toml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	drain := make(chan struct{})
+	done := make(chan error, 1)
+	logs := &cloudLog{}
+	go func() {
+		done <- runManager(ctx, drain, runFlags{config: cfgPath, pluginDir: pluginDir, helperDir: helperDir, stateDir: filepath.Join(dir, "state"), managerID: "e2e"}, os.Stderr, logs)
+	}()
+	waitCtx, stopWait := context.WithTimeout(ctx, 3*time.Minute)
+	defer stopWait()
+	if err := srv.WaitAllFinished(waitCtx); err != nil {
+		cancel()
+		<-done
+		t.Fatalf("jobs did not finish: %v\nmanager log:\n%s", err, logs.String())
+	}
+	close(drain)
+	if err := <-done; err != nil && !strings.Contains(err.Error(), "context canceled") {
+		t.Fatalf("mayfly run: %v\n%s", err, logs.String())
+	}
+	return logs.String()
+}
+
+func jobByName(t *testing.T, srv *coordinator.Server, name string) coordinator.JobRecord {
+	t.Helper()
+	var found []coordinator.JobRecord
+	for _, j := range srv.Jobs() {
+		if j.Name == name {
+			found = append(found, j)
+		}
+	}
+	if len(found) == 0 {
+		t.Fatalf("no job %s", name)
+	}
+	return found[len(found)-1]
+}
+
+func zipNames(t *testing.T, path string) []string {
+	t.Helper()
+	zr, err := zip.OpenReader(path)
+	if err != nil {
+		t.Fatalf("stored archive %s: %v", path, err)
+	}
+	defer zr.Close()
+	var names []string
+	for _, f := range zr.File {
+		names = append(names, f.Name)
+	}
+	return names
+}
+
+// TestArtifactsAndCacheEndToEnd runs issue 18's pipelines through `mayfly
+// run` on the fake provider, whose VMs are one real OpenSSH server (this
+// machine's userland: bash, git): artifacts and reports go to the
+// coordinator and come back to b, dotenv becomes b's variable, c's
+// on_failure artifacts are kept, and a second pipeline restores the first
+// one's cache from the manager's local store.
+func TestArtifactsAndCacheEndToEnd(t *testing.T) {
+	ssh := sshtest.Run(t, sshtest.OpenSSH)
+	dir := t.TempDir()
+	pluginDir := filepath.Join(dir, "plugins")
+	buildPlugin(t, pluginDir, "github.com/mayfly-ci/mayfly/providers/fake/cmd/mayfly-plugin-fake")
+	helperDir := filepath.Join(dir, "helpers")
+	buildHelper(t, helperDir)
+
+	const token = "artifacts-e2e-token"
+	srv, url := startArtifactsCoordinator(t, token, artifactsPipeline)
+	storeDir := filepath.Join(dir, "cache-store")
+	cfg := fakeFleetConfig(url, token, dir, ssh, fmt.Sprintf(`  [runners.cache]
+    Type = "local"
+    [runners.cache.local]
+      Dir = %q
+      ListenAddress = %q
+`, storeDir, freePort(t)))
+	runWithHelper(t, srv, dir, pluginDir, helperDir, cfg)
+
+	a, b, c := jobByName(t, srv, "a"), jobByName(t, srv, "b"), jobByName(t, srv, "c")
+	for _, j := range []struct {
+		rec    coordinator.JobRecord
+		status string
+		trace  []string
+	}{
+		{a, "success", []string{`Uploading artifacts as "archive" to coordinator... 201 Created`, `Uploading artifacts as "junit" to coordinator... 201 Created`,
+			`Uploading artifacts as "dotenv" to coordinator... 201 Created`, "Creating cache deps-non_protected...", "Created cache"}},
+		{b, "success", []string{fmt.Sprintf("Downloading artifacts for a (%d)...", a.ID), "Downloading artifacts from coordinator... ok",
+			fmt.Sprintf("built-by-%d", a.ID), fmt.Sprintf("version=1.2.%d", a.ID)}},
+		{c, "failed", []string{"Uploading artifacts for failed job", `Uploading artifacts as "archive" to coordinator... 201 Created`}},
+	} {
+		tr := string(j.rec.Trace)
+		if j.rec.Status != j.status {
+			t.Errorf("job %s: %s, want %s:\n%s", j.rec.Name, j.rec.Status, j.status, tr)
+		}
+		for _, w := range j.trace {
+			if !strings.Contains(tr, w) {
+				t.Errorf("job %s: trace lacks %q:\n%s", j.rec.Name, w, tr)
+			}
+		}
+	}
+	types := map[string]coordinator.ArtifactRecord{}
+	for _, art := range a.Artifacts {
+		types[art.Type] = art
+	}
+	if got := zipNames(t, types["archive"].Path); !slices.Contains(got, "out/result.txt") || slices.Contains(got, "junit.xml") {
+		t.Errorf("a's archive holds %q", got)
+	}
+	if types["junit"].Format != "gzip" || types["dotenv"].Format != "gzip" || len(a.Dotenv) != 1 || a.Dotenv[0].Key != "BUILD_VERSION" {
+		t.Errorf("a's reports %+v, dotenv %+v", types, a.Dotenv)
+	}
+	if len(c.Artifacts) != 1 || !slices.Contains(zipNames(t, c.Artifacts[0].Path), "partial.log") {
+		t.Errorf("c's artifacts %+v", c.Artifacts)
+	}
+
+	// The cache object, named as gitlab-runner names it.
+	object := filepath.Join(storeDir, "objects", "runner", gitlab.ShortToken(token), "project", fmt.Sprint(a.ProjectID), "deps-non_protected")
+	if _, err := os.Stat(object); err != nil {
+		t.Fatalf("cache object: %v", err)
+	}
+
+	// A second pipeline restores the cache from the store.
+	apply(t, srv, cachePipeline)
+	runWithHelper(t, srv, dir, pluginDir, helperDir, cfg)
+	d := jobByName(t, srv, "d")
+	for _, w := range []string{"Checking cache for deps-non_protected...", "Successfully extracted cache", fmt.Sprintf("cached-by-%d", a.ID)} {
+		if !strings.Contains(string(d.Trace), w) {
+			t.Errorf("job d: trace lacks %q:\n%s", w, d.Trace)
+		}
+	}
+	if d.Status != "success" {
+		t.Errorf("job d: %s", d.Status)
+	}
+
+	// The store's signing key never reached a VM: not in a job's
+	// environment (a's env.txt), its files, or a trace.
+	key, err := os.ReadFile(filepath.Join(storeDir, "signing-key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	assertNowhere(t, filepath.Join(dir, "builds"), srv, string(key), fmt.Sprintf("%x", key))
+}
+
+// assertNowhere fails when any secret is in a file under root or in a trace.
+func assertNowhere(t *testing.T, root string, srv *coordinator.Server, secrets ...string) {
+	t.Helper()
+	filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
+		if err != nil || !d.Type().IsRegular() {
+			return nil
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return nil
+		}
+		for _, s := range secrets {
+			if s != "" && strings.Contains(string(b), s) {
+				t.Errorf("a credential reached the VM: in %s", p)
+			}
+		}
+		return nil
+	})
+	for _, j := range srv.Jobs() {
+		for _, s := range secrets {
+			if s != "" && strings.Contains(string(j.Trace), s) {
+				t.Errorf("a credential is in job %s's trace", j.Name)
+			}
+		}
+	}
+}
