@@ -83,7 +83,6 @@ type Fleet struct {
 	wastedWhileWaiting int       // instances deleted unused by choice while jobs were promised one
 	reserved           int       // promises not yet handed an instance: Reservations and blocked Acquires
 	jobsDone           int       // leases released after a job ran: the denominator of calls per job
-	lastPromise        time.Time // the last Reserve that succeeded and was not canceled
 	requested          int
 	breaker            Breaker
 	seq                uint64

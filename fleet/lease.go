@@ -25,9 +25,8 @@ func (f *Fleet) Available() int {
 // Reservation is an instance promised to one job by Reserve: ready now or
 // expected soon. Exactly one of Acquire and Cancel ends it.
 type Reservation struct {
-	f        *Fleet
-	onDemand bool // promised an instance not idle yet: a wait is expected
-	done     atomic.Bool
+	f    *Fleet
+	done atomic.Bool
 }
 
 // Reserve promises an instance to one job, if one is idle and not promised
@@ -45,22 +44,15 @@ func (f *Fleet) Reserve() (r *Reservation, wait time.Duration, ok bool) {
 	snap := f.snapshotLocked(now, false)
 	wait, ok = Reservable(snap, f.policy, f.limits, f.demand.BootMedian())
 	if !ok {
-		if now.Sub(f.lastPromise) < f.limits.CheckInterval {
-			// The runner got a job and asks again at once, but nothing
-			// can be promised: demand outran supply.
-			f.demand.Missed(now, f.limits.CheckInterval)
-		}
 		f.mu.Unlock()
 		return nil, 0, false
 	}
-	f.lastPromise = now
-	onDemand := f.reserved >= f.counts[StateIdle]
 	f.reserved++
 	f.mu.Unlock()
 	// No kick: a promise beyond the idle instances becomes demand only
 	// when its job comes and Acquire waits. Most promises end in an empty
 	// poll, and creating an instance for each would churn.
-	return &Reservation{f: f, onDemand: onDemand}, wait, true
+	return &Reservation{f: f}, wait, true
 }
 
 // Acquire takes the promised instance, waiting for it until ctx ends.
@@ -68,7 +60,7 @@ func (r *Reservation) Acquire(ctx context.Context) (*Lease, error) {
 	if r.done.Swap(true) {
 		return nil, errors.New("acquire: reservation already ended")
 	}
-	return r.f.acquire(ctx, r.onDemand)
+	return r.f.acquire(ctx)
 }
 
 // Cancel gives the promise back: the job it was for did not come.
@@ -78,7 +70,6 @@ func (r *Reservation) Cancel() {
 	}
 	r.f.mu.Lock()
 	r.f.reserved--
-	r.f.lastPromise = time.Time{} // no job came: a refusal next is no sign of demand
 	r.f.mu.Unlock()
 	r.f.kick()
 }
@@ -158,7 +149,7 @@ func (f *Fleet) Acquire(ctx context.Context) (*Lease, error) {
 	f.mu.Lock()
 	f.reserved++
 	f.mu.Unlock()
-	return f.acquire(ctx, false)
+	return f.acquire(ctx)
 }
 
 // waiter is an Acquire call blocked until an instance becomes idle.
@@ -166,36 +157,36 @@ func (f *Fleet) Acquire(ctx context.Context) (*Lease, error) {
 // becomes idle is handed to the first of them at once (handLocked), so
 // no later caller can take it first.
 type waiter struct {
-	ch chan struct{} // closed when in is set
-	in *instance     // the instance handed over
+	ch    chan struct{} // closed when in is set
+	in    *instance     // the instance handed over
+	since time.Time     // when it began to wait
 }
 
 // acquire serves one promise counted in f.reserved, which it gives back
-// whatever happens. planned says the promise was made on demand, so a
-// wait is no sign that demand outran supply.
-func (f *Fleet) acquire(ctx context.Context, planned bool) (*Lease, error) {
+// whatever happens.
+func (f *Fleet) acquire(ctx context.Context) (*Lease, error) {
 	f.mu.Lock()
 	if err := f.acquireErrLocked(ctx); err != nil {
 		f.reserved--
 		f.mu.Unlock()
 		return nil, err
 	}
+	// A job came for an instance: demand, whether one is idle or not
+	// (counted when handed out, a wait would make demand look late).
+	f.demand.Acquired(f.clock.Now())
 	if len(f.waiters) == 0 {
 		if in := f.popIdleLocked(); in != nil {
 			f.reserved--
+			f.demand.Served(true, f.policy.Quantile())
 			l := f.takeLocked(in)
 			j := f.journal
 			f.mu.Unlock()
 			return f.commit(ctx, l, j, false, time.Time{})
 		}
 	}
-	w := &waiter{ch: make(chan struct{})}
-	f.waiters = append(f.waiters, w)
 	waitStart := f.clock.Now()
-	if !planned {
-		// A job found the pool empty: demand outran supply.
-		f.demand.Missed(waitStart, f.limits.CheckInterval)
-	}
+	w := &waiter{ch: make(chan struct{}), since: waitStart}
+	f.waiters = append(f.waiters, w)
 	f.m.waits.WithLabelValues(f.cfg.Name).Inc()
 	f.mu.Unlock()
 	f.kick() // the scaler counts promises beyond the idle instances as demand
@@ -224,6 +215,15 @@ func (f *Fleet) acquire(ctx context.Context, planned bool) (*Lease, error) {
 	return nil, err
 }
 
+// inTimeLocked is how long a job may wait for its instance and still count
+// as served in time by the predictive policy: its PredictiveWithin less
+// one check interval (the job may have waited that long for the runner's
+// poll), and at least half a check interval (a job served in the moment
+// after it came is as good as one served at once).
+func (f *Fleet) inTimeLocked() time.Duration {
+	return max(f.policy.PredictiveWithin-f.limits.CheckInterval, f.limits.CheckInterval/2)
+}
+
 // acquireErrLocked says why no instance can be handed out now, if so.
 func (f *Fleet) acquireErrLocked(ctx context.Context) error {
 	if f.stopped {
@@ -234,7 +234,6 @@ func (f *Fleet) acquireErrLocked(ctx context.Context) error {
 
 // takeLocked marks an idle instance acquired and makes its lease.
 func (f *Fleet) takeLocked(in *instance) *Lease {
-	f.demand.Acquired(f.clock.Now())
 	f.setStateLocked(in, StateAcquired)
 	in.lost = make(chan struct{})
 	in.lostClosed = false
@@ -252,6 +251,7 @@ func (f *Fleet) handLocked(in *instance) bool {
 	w := f.waiters[0]
 	f.waiters = f.waiters[1:]
 	f.reserved--
+	f.demand.Served(f.clock.Now().Sub(w.since) <= f.inTimeLocked(), f.policy.Quantile())
 	f.takeLocked(in)
 	w.in = in
 	f.busy.Add(1) // until the waiter's Acquire returns (Settled)

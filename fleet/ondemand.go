@@ -87,7 +87,8 @@ const unknownBoot = time.Minute
 //
 // With IdleCount 0 in force the pool never holds an idle instance, so
 // every job is taken on demand whatever the window, as docker+machine
-// does with IdleCount 0; only the limits apply.
+// does with IdleCount 0; only the limits apply. So with the predictive
+// policy, which keeps no idle instance where one would serve few jobs.
 func Reservable(s Snapshot, p schedule.Policy, l Limits, boot time.Duration) (time.Duration, bool) {
 	now := s.Now
 	idle, inflight, total := 0, s.Requested, s.Requested
@@ -113,7 +114,9 @@ func Reservable(s Snapshot, p schedule.Policy, l Limits, boot time.Duration) (ti
 	if free > 0 {
 		return 0, true
 	}
-	always := p.IdleCount == 0
+	// IdleCount 0 and the predictive policy may keep no idle instance:
+	// they always take jobs on demand.
+	always := p.IdleCount == 0 || p.Predictive
 	if !always && l.OnDemandWithin <= 0 {
 		return 0, false
 	}

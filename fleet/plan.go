@@ -160,7 +160,7 @@ func Decide(s Snapshot, p schedule.Policy, l Limits) Plan {
 		}
 	}
 
-	plan.IdleTarget = idleTarget(&s, p, l, inUse)
+	plan.IdleTarget = idleTarget(&s, p, inUse)
 	if p.Predictive {
 		wake(now.Add(PredictiveReevaluate)) // arrivals age out of the rate windows
 	}

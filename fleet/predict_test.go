@@ -1,6 +1,10 @@
 package fleet
 
 import (
+	"context"
+	"math"
+	"math/rand/v2"
+	"sync"
 	"testing"
 	"time"
 
@@ -31,51 +35,63 @@ func TestPredictiveTarget(t *testing.T) {
 		return schedule.Policy{Predictive: true, IdleCount: idle, PredictiveQuantile: q}
 	}
 	tests := []struct {
-		name  string
-		p     schedule.Policy
-		rate  float64
-		boot  time.Duration
-		check time.Duration
-		want  int
+		name string
+		p    schedule.Policy
+		rate float64
+		lead time.Duration
+		want int
 	}{
-		{"no traffic: floor 1", pol(10, 0), 0, 45 * time.Second, 3 * time.Second, 1},
-		{"mu 1 default quantile", pol(10, 0), 0.1, 7 * time.Second, 3 * time.Second, 3},
-		{"mu 10 q95", pol(100, 0.95), 0.2, 47 * time.Second, 3 * time.Second, 15},
-		{"mu 1 q50", pol(10, 0.5), 1.0 / 30, 27 * time.Second, 3 * time.Second, 1},
-		{"ceiling", pol(4, 0.95), 0.2, 47 * time.Second, 3 * time.Second, 4},
-		{"ceiling 0 wins over floor", pol(0, 0.95), 0.2, 47 * time.Second, 3 * time.Second, 0},
-		{"no boot seen: check interval only", pol(10, 0.95), 1, 0, 3 * time.Second, 6},
-		{"taskscaler style keeps IdleCount as ceiling", schedule.Policy{Style: schedule.Taskscaler, Predictive: true, IdleCount: 5, ScaleFactor: 2, ScaleFactorLimit: 50}, 1, 60 * time.Second, 0, 5},
+		{"no traffic", pol(10, 0), 0, 48 * time.Second, 0},
+		{"mu 1 default quantile", pol(10, 0), 0.1, 10 * time.Second, 3},
+		{"mu 10 q95", pol(100, 0.95), 0.2, 50 * time.Second, 15},
+		{"mu 1 q50", pol(10, 0.5), 1.0 / 30, 30 * time.Second, 1},
+		{"ceiling", pol(4, 0.95), 0.2, 50 * time.Second, 4},
+		{"ceiling 0 wins over floor", pol(0, 0.95), 0.2, 50 * time.Second, 0},
+		{"no lead (boots within PredictiveWithin): no pool", pol(10, 0.95), 1, 0, 0},
+		{"taskscaler style keeps IdleCount as ceiling", schedule.Policy{Style: schedule.Taskscaler, Predictive: true, IdleCount: 5, ScaleFactor: 2, ScaleFactorLimit: 50}, 1, 63 * time.Second, 5},
 	}
 	for _, tt := range tests {
-		if got := PredictiveTarget(tt.p, tt.rate, tt.boot, tt.check); got != tt.want {
+		if got := PredictiveTarget(tt.p, tt.rate, tt.lead); got != tt.want {
 			t.Errorf("%s: PredictiveTarget = %d, want %d", tt.name, got, tt.want)
 		}
 	}
 }
 
+func TestPredictiveLead(t *testing.T) {
+	p := schedule.Policy{Predictive: true}
+	if got := predictiveLead(45*time.Second, 3*time.Second, time.Second, p); got != 46*time.Second {
+		t.Errorf("lead = %v, want batch + boot", got)
+	}
+	if got := predictiveLead(0, 0, 0, p); got != 0 {
+		t.Errorf("lead with no boot measured = %v, want 0: no pool until one is", got)
+	}
+	p.PredictiveWithin = 2 * time.Minute
+	if got := predictiveLead(45*time.Second, 3*time.Second, time.Second, p); got != 0 {
+		t.Errorf("lead with boots within PredictiveWithin = %v, want 0", got)
+	}
+	if got := predictiveLead(300*time.Second, 3*time.Second, time.Second, p); got != 184*time.Second {
+		t.Errorf("Windows lead = %v, want the 184s of a boot beyond PredictiveWithin", got)
+	}
+}
+
 func TestDemandMeter(t *testing.T) {
 	var d DemandMeter
-	if got := d.Demand(t0, 0, 0.95); got != (Demand{}) {
+	if got := d.Demand(t0, 0); got != (Demand{Price: priceStart}) {
 		t.Fatalf("empty meter: %+v", got)
 	}
-	// 60 acquisitions in the last 5 minutes: 0.2/s over the short window.
+	// 60 jobs in the last 5 minutes: over the 30-minute window, 1/30 a second.
 	for i := range 60 {
 		d.Acquired(t0.Add(time.Duration(i) * 5 * time.Second))
 	}
 	now := t0.Add(299 * time.Second)
-	if r := d.Rate(now); r != 0.2 {
-		t.Errorf("rate after a 5m burst = %v, want 0.2", r)
-	}
-	// 20 minutes later the short window is empty, the long one remembers.
-	if r, want := d.Rate(now.Add(20*time.Minute)), 60.0/1800; r != want {
-		t.Errorf("rate 20m later = %v, want %v", r, want)
+	if r, want := d.Rate(now), 60.0/1800; r != want {
+		t.Errorf("rate = %v, want %v", r, want)
 	}
 	if r := d.Rate(now.Add(31 * time.Minute)); r != 0 {
-		t.Errorf("rate after the long window = %v, want 0", r)
+		t.Errorf("rate after the window = %v, want 0", r)
 	}
 	if len(d.acq)-d.head != 0 {
-		t.Errorf("%d acquisitions kept past the window", len(d.acq)-d.head)
+		t.Errorf("%d jobs kept past the window", len(d.acq)-d.head)
 	}
 	for _, b := range []time.Duration{10 * time.Second, 20 * time.Second, 30 * time.Second} {
 		d.Booted(b)
@@ -89,24 +105,70 @@ func TestDemandMeter(t *testing.T) {
 	if m := d.BootMean(); m != 40*time.Second {
 		t.Errorf("boot mean after %d samples = %v, want the last 16 (40s)", bootSamples, m)
 	}
+}
 
-	// Catch-up: 5 acquisitions in the last lead time (40s + 3s), then a miss.
-	at := t0.Add(time.Hour)
-	for i := range 5 {
-		d.Acquired(at.Add(time.Duration(i) * time.Second))
+// TestPriceLearnsTheQuantile: the price of a job served in time rises while
+// fewer than the quantile are, falls while more are, and stays put at it.
+func TestPriceLearnsTheQuantile(t *testing.T) {
+	const q = 0.9
+	var d DemandMeter
+	for range 200 {
+		d.Served(false, q)
 	}
-	miss := at.Add(5 * time.Second)
-	d.Missed(miss, 3*time.Second)
-	if b := d.Demand(miss, 0, 0.95).Boost; b != 10 {
-		t.Errorf("boost = %d, want twice the 5 acquisitions of the lead time", b)
+	if p := d.Price(); p <= priceStart*10 {
+		t.Errorf("price after 200 jobs served late = %v, want well above %v", p, priceStart)
 	}
-	d.Acquired(miss.Add(time.Second))
-	d.Missed(miss.Add(2*time.Second), 3*time.Second) // within one lead time: no new doubling
-	if b := d.Demand(miss.Add(2*time.Second), 0, 0.95).Boost; b != 10 {
-		t.Errorf("boost after a second miss within the lead time = %d, want 10", b)
+	var up DemandMeter
+	for range 200 {
+		up.Served(true, q)
 	}
-	if b := d.Demand(miss.Add(43*time.Second), 0, 0.95).Boost; b != 0 {
-		t.Errorf("boost after one lead time = %d, want 0", b)
+	if p := up.Price(); p >= priceStart {
+		t.Errorf("price after 200 jobs served in time = %v, want below %v", p, priceStart)
+	}
+	var bal DemandMeter
+	for i := range 1000 {
+		bal.Served(i%10 != 0, q) // exactly 90 % in time
+	}
+	if p := bal.Price(); math.Abs(p/priceStart-1) > 1e-6 {
+		t.Errorf("price at exactly the quantile moved from %v to %v", priceStart, p)
+	}
+	for range 100000 {
+		d.Served(false, q)
+	}
+	if p := d.Price(); p != priceMax {
+		t.Errorf("price is not bounded: %v", p)
+	}
+}
+
+// TestStockFollowsThePrice: on a steady stream of jobs, a higher price
+// keeps a larger stock; none is kept when the lead time is 0, and none
+// without jobs.
+func TestStockFollowsThePrice(t *testing.T) {
+	var d DemandMeter
+	// Poisson jobs, one every 6 s on average for 30 minutes: 8 expected
+	// within a 48 s lead.
+	r := rand.New(rand.NewPCG(1, 2))
+	at := t0
+	for at.Before(t0.Add(30 * time.Minute)) {
+		d.Acquired(at)
+		at = at.Add(time.Duration(r.ExpFloat64() * float64(6*time.Second)))
+	}
+	now := t0.Add(30 * time.Minute)
+	lead := 48 * time.Second
+	cheap, dear := d.stock(now, lead, 10), d.stock(now, lead, 1000)
+	if cheap >= dear || dear < 8 {
+		t.Errorf("stock at price 10 = %d, at 1000 = %d: want it to grow with the price, beyond the 8 expected", cheap, dear)
+	}
+	if got := d.Demand(now, 0).Stock; got != 0 {
+		t.Errorf("stock with lead 0 = %d, want 0", got)
+	}
+	var empty DemandMeter
+	if got := empty.stock(now, lead, 1000); got != 0 {
+		t.Errorf("stock without jobs = %d", got)
+	}
+	// The Poisson version: more with the price, never negative.
+	if a, b := poissonStock(8, 1.0/6, 10), poissonStock(8, 1.0/6, 1000); a > b || a < 0 {
+		t.Errorf("poisson stock %d at price 10, %d at 1000", a, b)
 	}
 }
 
@@ -116,17 +178,14 @@ func TestDecidePredictive(t *testing.T) {
 	tests := []struct {
 		name       string
 		demand     Demand
-		waiting    int
 		wantTarget int
 	}{
-		{"no traffic", Demand{}, 0, 1},
-		{"rate", Demand{Rate: 0.1, BootMean: 7 * time.Second}, 0, 3},
-		{"rate capped by IdleCount", Demand{Rate: 5, BootMean: time.Minute}, 0, 8},
-		{"boost", Demand{Rate: 0.1, BootMean: 7 * time.Second, Boost: 6}, 0, 6},
-		{"boost capped by IdleCount", Demand{Boost: 20}, 0, 8},
+		{"no traffic", Demand{Lead: 3 * time.Second}, 0},
+		{"stock", Demand{Rate: 0.1, Lead: 10 * time.Second, Stock: 3}, 3},
+		{"stock capped by IdleCount", Demand{Rate: 5, Lead: time.Minute, Stock: 20}, 8},
 	}
 	for _, tt := range tests {
-		s := Snapshot{Now: t0, Demand: tt.demand, Reserved: tt.waiting}
+		s := Snapshot{Now: t0, Demand: tt.demand}
 		plan := Decide(s, p, l)
 		if plan.IdleTarget != tt.wantTarget || plan.Create != tt.wantTarget {
 			t.Errorf("%s: target %d create %d, want %d", tt.name, plan.IdleTarget, plan.Create, tt.wantTarget)
@@ -137,14 +196,14 @@ func TestDecidePredictive(t *testing.T) {
 	}
 	// Without Predictive the demand is ignored.
 	p.Predictive, p.ScaleFactor = false, 0
-	if plan := Decide(Snapshot{Now: t0, Demand: Demand{Rate: 5}}, p, l); plan.IdleTarget != 8 || !plan.Wake.IsZero() {
+	if plan := Decide(Snapshot{Now: t0, Demand: Demand{Rate: 5, Stock: 3}}, p, l); plan.IdleTarget != 8 || !plan.Wake.IsZero() {
 		t.Errorf("non-predictive: target %d wake %v", plan.IdleTarget, plan.Wake)
 	}
 }
 
 // TestPredictiveFleetFollowsRate runs the fleet on a fake clock with the
-// predictive policy: the idle target rises with the acquisition rate, never
-// passes IdleCount, and falls back to 1 when traffic stops.
+// predictive policy: the idle target rises with the job rate, never passes
+// IdleCount, and falls to 0 when traffic stops.
 func TestPredictiveFleetFollowsRate(t *testing.T) {
 	const ceiling = 6
 	h := newHarness(t, Config{
@@ -152,18 +211,21 @@ func TestPredictiveFleetFollowsRate(t *testing.T) {
 		Limits:   Limits{CheckInterval: 3 * time.Second},
 	}, fake.Options{BootDelay: 20 * time.Second})
 	h.start()
-	if got := h.f.Status().IdleTarget; got != 1 {
-		t.Fatalf("idle target without traffic = %d, want 1", got)
+	if got := h.f.Status().IdleTarget; got != 0 {
+		t.Fatalf("idle target without traffic = %d, want 0", got)
 	}
 	maxTarget := 0
-	// phase takes an instance every interval (when one is idle) for d.
+	var jobs sync.WaitGroup
+	// phase has a job come every interval for d; each takes an instance,
+	// waiting for one if none is idle, and gives it back at once.
 	phase := func(d, interval time.Duration) {
 		end := h.clk.Now().Add(d)
 		for h.clk.Now().Before(end) {
-			if h.f.Available() > 0 {
-				h.acquire().Release(JobSucceeded)
-				h.settle()
-			}
+			jobs.Go(func() {
+				if l, err := h.f.Acquire(context.Background()); err == nil {
+					l.Release(JobSucceeded)
+				}
+			})
 			h.advance(interval, time.Second)
 			target := h.f.Status().IdleTarget
 			if target > ceiling {
@@ -172,27 +234,24 @@ func TestPredictiveFleetFollowsRate(t *testing.T) {
 			maxTarget = max(maxTarget, target)
 		}
 	}
-	// One job a minute, 23 s lead: about 0.4 expected, quantile 2.
-	phase(30*time.Minute, time.Minute)
+	defer jobs.Wait()
+	defer h.stop()
+	// A job every 4 s against a 20 s boot: about 5 within a lead time,
+	// more than the ceiling allows at a high price.
 	h.f.mu.Lock()
-	t.Logf("demand %+v", h.f.demand.Demand(h.clk.Now(), 0, 0.95))
+	h.f.demand.price = 1e4
 	h.f.mu.Unlock()
-	if got := h.f.Status().IdleTarget; got < 1 || got > 2 {
-		t.Errorf("idle target at one job a minute = %d, want 1 or 2", got)
-	}
-	low := maxTarget
-	// One job every 4 s: about 6 expected per lead time, capped at 6.
 	phase(10*time.Minute, 4*time.Second)
 	if maxTarget != ceiling {
-		t.Errorf("max idle target at one job every 4s = %d, want the ceiling %d (low-rate max %d)", maxTarget, ceiling, low)
+		t.Errorf("max idle target at one job every 4s = %d, want the ceiling %d", maxTarget, ceiling)
 	}
 	if n := h.count(StateIdle) + h.count(StateCreating) + h.count(StateProvisioning); n > ceiling {
 		t.Errorf("%d idle or booting instances, above IdleCount %d", n, ceiling)
 	}
-	// Quiet for longer than the long window: back to the floor.
+	// Quiet for longer than the window: no stock.
 	h.advance(31*time.Minute, 30*time.Second)
-	if got := h.f.Status().IdleTarget; got != 1 {
-		t.Errorf("idle target after 31 quiet minutes = %d, want 1", got)
+	if got := h.f.Status().IdleTarget; got != 0 {
+		t.Errorf("idle target after 31 quiet minutes = %d, want 0", got)
 	}
 }
 
@@ -233,33 +292,28 @@ func TestSetSchedule(t *testing.T) {
 	}
 }
 
-// A burst of 50 acquisitions (a pipeline of 50 parallel jobs) is
-// remembered for 30 minutes, and the idle target covers it
-// although the Poisson rate over 30 minutes asks for far fewer.
-func TestDemandPeakCoversBursts(t *testing.T) {
-	t0 := time.Date(2026, 11, 23, 10, 0, 0, 0, time.UTC)
+// TestStockCoversBursts: a pipeline of 50 parallel jobs makes the stock
+// cover its width when the price is high, although the Poisson quantile
+// at the half hour's rate asks for far fewer.
+func TestStockCoversBursts(t *testing.T) {
 	var d DemandMeter
-	d.Booted(45 * time.Second)
 	for i := range 50 {
 		d.Acquired(t0.Add(time.Duration(i) * 100 * time.Millisecond))
 	}
-	d.Acquired(t0.Add(10 * time.Minute)) // a lone job later
 	now := t0.Add(20 * time.Minute)
-	dm := d.Demand(now, 3*time.Second, 0.95)
-	// The jobs saw 1, 2, ... 50 and 1 (the lone one) acquisitions within a
-	// lead time; the 0.975 quantile of those 51 numbers is 49.
-	if dm.Peak != 49 {
-		t.Fatalf("peak = %d, want 49", dm.Peak)
+	lead := 48 * time.Second
+	// A stock for a burst every half hour stands idle most of the time:
+	// worth it only at a high price.
+	if stock := d.stock(now, lead, 1e4); stock < 40 || stock > 50 {
+		t.Errorf("stock after a burst of 50 at a high price = %d, want most of its width", stock)
 	}
-	p := schedule.Policy{IdleCount: 40, Predictive: true}
-	s := Snapshot{Now: now, Demand: dm}
-	if got := idleTarget(&s, p, Limits{CheckInterval: 3 * time.Second}, 0); got != 40 {
-		t.Errorf("idle target %d, want the burst capped by IdleCount 40", got)
+	if stock := d.stock(now, lead, 100); stock != 0 {
+		t.Errorf("stock after a burst of 50 at a low price = %d, want 0", stock)
 	}
-	if poisson := PredictiveTarget(p, dm.Rate, dm.BootMean, 3*time.Second); poisson >= 40 {
-		t.Errorf("the Poisson target alone is %d: the test no longer shows what the peak adds", poisson)
+	if poisson := PredictiveTarget(schedule.Policy{IdleCount: 1000, PredictiveQuantile: 0.95}, d.Rate(now), lead); poisson >= 10 {
+		t.Errorf("the Poisson target alone is %d: the test no longer shows what the job distribution adds", poisson)
 	}
-	if late := d.Demand(t0.Add(31*time.Minute), 3*time.Second, 0.95); late.Peak != 1 {
-		t.Errorf("peak after 31 minutes = %d, want 1 (the burst forgotten, the lone job left)", late.Peak)
+	if late := d.Demand(t0.Add(31*time.Minute), lead).Stock; late != 0 {
+		t.Errorf("stock after 31 minutes = %d, want 0 (the burst forgotten)", late)
 	}
 }

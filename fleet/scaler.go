@@ -134,7 +134,8 @@ func (f *Fleet) snapshotLocked(now time.Time, withDemand bool) Snapshot {
 	}
 	snap := Snapshot{Now: now, Instances: views, Requested: f.requested, Reserved: f.reserved, Waiting: len(f.waiters), Breaker: f.breaker}
 	if withDemand && f.policy.Predictive {
-		snap.Demand = f.demand.Demand(now, f.limits.CheckInterval, f.policy.Quantile())
+		lead := predictiveLead(f.demand.BootMean(), f.limits.CheckInterval, f.cfg.CreateBatchWindow, f.policy)
+		snap.Demand = f.demand.Demand(now, lead)
 	}
 	return snap
 }

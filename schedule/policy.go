@@ -45,6 +45,13 @@ type Policy struct {
 	// the acquisitions of one lead time, in (0,1); 0 means
 	// DefaultPredictiveQuantile.
 	PredictiveQuantile float64
+	// PredictiveWithin is the queue-to-start time the predictive pool
+	// aims to keep that share of jobs within (0: at once). A job that
+	// finds no idle instance is taken on demand and waits about one
+	// boot, so the pool only covers the jobs of one boot time plus the
+	// check interval less PredictiveWithin; when boots are quicker than
+	// that, it keeps no idle instance at all.
+	PredictiveWithin time.Duration
 }
 
 // DefaultPredictiveQuantile is the PredictiveQuantile used when it is 0.

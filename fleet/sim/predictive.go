@@ -2,6 +2,7 @@ package sim
 
 import (
 	"fmt"
+	"time"
 
 	"github.com/mayfly-ci/mayfly/fleet"
 	"github.com/mayfly-ci/mayfly/schedule"
@@ -15,11 +16,17 @@ type Predictive struct {
 	// probability that the idle pool covers the acquisitions expected
 	// within one lead time (0: the policy's own, by default 0.95).
 	Quantile float64
+	// Within, when set, replaces every policy's PredictiveWithin: the
+	// queue-to-start time the pool aims to keep that share of jobs within.
+	Within time.Duration
 }
 
 func (p *Predictive) defaults() error {
 	if p.Quantile < 0 || p.Quantile >= 1 {
 		return fmt.Errorf("predictive: quantile must be in (0,1), got %g", p.Quantile)
+	}
+	if p.Within < 0 {
+		return fmt.Errorf("predictive: within must not be negative, got %s", p.Within)
 	}
 	return nil
 }
@@ -30,6 +37,9 @@ func (p Predictive) apply(pol schedule.Policy) schedule.Policy {
 	if p.Quantile > 0 {
 		pol.PredictiveQuantile = p.Quantile
 	}
+	if p.Within > 0 {
+		pol.PredictiveWithin = p.Within
+	}
 	return pol
 }
 
@@ -39,6 +49,10 @@ func (p Predictive) describe(check fmt.Stringer) string {
 	if p.Quantile > 0 {
 		q = fmt.Sprintf("%.2f", p.Quantile)
 	}
-	return fmt.Sprintf("predictive (fleet.PredictiveTarget, production code): idle target = min(IdleCount, max(1, PoissonQuantile(%s, rate × (mean of last 16 boots + check interval %s)))), rate = the highest acquisition rate over 5m and 30m windows, recomputed every %s; at least the (1+q)/2 quantile, over the acquisitions of the last 30m, of the acquisitions each saw within one lead time before it (bursts); when the pool runs dry right after a job was received, the target is raised to twice the acquisitions of the last lead time, at most once per lead time, held for one lead time",
-		q, check, fleet.PredictiveReevaluate)
+	within := "at once"
+	if p.Within > 0 {
+		within = "within " + p.Within.String()
+	}
+	return fmt.Sprintf("predictive (fleet's DemandMeter, production code): a share %s of jobs to start %s (check interval %s); base stock (idle + booting) minimising idle + price × rate × jobs not served in time over the jobs of the last 30m, lead = Create batch + mean boot − the allowed wait; the price learned so that the share served in time is the quantile; recomputed at least every %s",
+		q, within, check, fleet.PredictiveReevaluate)
 }

@@ -263,8 +263,10 @@ type world struct {
 	finished int
 	running  int // jobs running or bound to a VM
 	latency  []time.Duration
-	failures int
-	created  int // VMs created
+	// jobLatency, when not nil, records each job's latency by index.
+	jobLatency []time.Duration
+	failures   int
+	created    int // VMs created
 	// wastedWhileWaiting counts VMs deleted unused after they became
 	// ready while a job was waiting for one (issue 20's invariant).
 	wastedWhileWaiting int
@@ -562,6 +564,9 @@ func (w *world) requeue(j int) {
 func (w *world) startJob(v *vm, j int) {
 	w.started++
 	w.latency = append(w.latency, w.now.Sub(w.jobs[j].Arrival))
+	if w.jobLatency != nil {
+		w.jobLatency[j] = w.now.Sub(w.jobs[j].Arrival)
+	}
 	v.uses++
 	v.job = -1
 	w.setState(v, vmBusy)

@@ -364,11 +364,13 @@ func (b *builder) machine(key string, m *fileMachine, limit int) Fleet {
 
 	f.Schedule.Default = b.machinePolicy(key, m.IdleCount, m.IdleCountMin, m.IdleScaleFactor, m.IdleTime)
 	b.predictive(&f.Schedule.Default, key, "IdlePredictive", "IdlePredictiveQuantile", m.IdlePredictive, m.IdlePredictiveQuantile)
+	b.predictiveWithin(&f.Schedule.Default, key+".IdlePredictiveWithin", m.IdlePredictiveWithin != nil, b.seconds(key+".IdlePredictiveWithin", m.IdlePredictiveWithin, 0))
 	for j := range m.Autoscaling {
 		a := &m.Autoscaling[j]
 		ak := fmt.Sprintf("%s[%d]", k("autoscaling"), j)
 		e := schedule.Entry{Policy: b.machinePolicy(ak, a.IdleCount, a.IdleCountMin, a.IdleScaleFactor, a.IdleTime)}
 		b.predictive(&e.Policy, ak, "IdlePredictive", "IdlePredictiveQuantile", a.IdlePredictive, a.IdlePredictiveQuantile)
+		b.predictiveWithin(&e.Policy, ak+".IdlePredictiveWithin", a.IdlePredictiveWithin != nil, b.seconds(ak+".IdlePredictiveWithin", a.IdlePredictiveWithin, 0))
 		e.Periods = b.periods(ak, "Periods", "Timezone", a.Periods, a.Timezone, schedule.DockerMachine)
 		f.Schedule.Entries = append(f.Schedule.Entries, e)
 	}
@@ -421,6 +423,15 @@ func (b *builder) predictive(p *schedule.Policy, key, onKey, qKey string, on *bo
 	p.PredictiveQuantile = *q
 	if !p.Predictive {
 		b.warnf(key+"."+qKey, "has no effect unless %s is true", onKey)
+	}
+}
+
+// predictiveWithin sets the predictive pool's latency target of one
+// policy, read from key (set: the key was given).
+func (b *builder) predictiveWithin(p *schedule.Policy, key string, set bool, within time.Duration) {
+	p.PredictiveWithin = within
+	if set && !p.Predictive {
+		b.warnf(key, "has no effect unless the policy is predictive")
 	}
 }
 
@@ -493,6 +504,7 @@ func (b *builder) autoscaler(key string, a *fileAutoscaler) Fleet {
 			pol.PreemptiveMode = *p.PreemptiveMode
 		}
 		b.predictive(&pol, pk, "predictive", "predictive_quantile", p.Predictive, p.PredictiveQuantile)
+		b.predictiveWithin(&pol, pk+".predictive_within", p.PredictiveWithin != nil, b.duration(pk+".predictive_within", p.PredictiveWithin, 0))
 		periods := p.Periods
 		if len(periods) == 0 {
 			periods = []string{"* * * * *"}

@@ -113,6 +113,7 @@ func TestParseErrors(t *testing.T) {
 		{"no runners", "concurrent = 1\n", 0, "runners", "no [[runners]] entry"},
 		{"predictive quantile out of range", strings.Replace(machineDoc, "IdleTime = 600", "IdleTime = 600\n    IdlePredictive = true\n    IdlePredictiveQuantile = 1.5", 1), 11, "runners[0].machine.IdlePredictiveQuantile", "must be in (0,1), got 1.5"},
 		{"predictive wrong type", strings.Replace(machineDoc, "IdleTime = 600", "IdleTime = 600\n    IdlePredictive = 1", 1), 10, "runners.machine.IdlePredictive", "wrong type"},
+		{"predictive within negative", strings.Replace(machineDoc, "IdleTime = 600", "IdleTime = 600\n    IdlePredictive = true\n    IdlePredictiveWithin = -1", 1), 11, "runners[0].machine.IdlePredictiveWithin", "must not be negative"},
 		{"predictive quantile 0 in a period", machineDoc + `    [[runners.machine.autoscaling]]
       Periods = ["* * * * * sat,sun *"]
       IdlePredictive = true
@@ -636,6 +637,38 @@ func TestGetSourcesScriptKeys(t *testing.T) {
 			}
 			if r := cfg.Runners[0]; r.PreCloneScript != tt.pre || r.PostCloneScript != tt.post {
 				t.Errorf("pre %q post %q", r.PreCloneScript, r.PostCloneScript)
+			}
+		})
+	}
+}
+
+func TestPredictiveWithinKeys(t *testing.T) {
+	for _, tt := range []struct {
+		name     string
+		doc      string
+		want     time.Duration
+		wantWarn string
+	}{
+		{"unset: at once", strings.Replace(machineDoc, "IdleTime = 600", "IdleTime = 600\n    IdlePredictive = true", 1), 0, ""},
+		{"machine seconds", strings.Replace(machineDoc, "IdleTime = 600", "IdleTime = 600\n    IdlePredictive = true\n    IdlePredictiveWithin = 120", 1), 2 * time.Minute, ""},
+		{"without predictive warns", strings.Replace(machineDoc, "IdleTime = 600", "IdleTime = 600\n    IdlePredictiveWithin = 120", 1), 2 * time.Minute, "runners[0].machine.IdlePredictiveWithin"},
+		{"autoscaler duration", strings.Replace(autoscalerDoc, "idle_count = 2", "idle_count = 2\n      predictive = true\n      predictive_within = \"2m\"", 1), 2 * time.Minute, ""},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := Parse("c.toml", []byte(tt.doc))
+			if err != nil {
+				t.Fatalf("Parse: %v", err)
+			}
+			at, _ := time.Parse(time.RFC3339, "2026-11-23T12:00:00Z")
+			if p, _ := cfg.Runners[0].Fleet.Schedule.At(at); p.PredictiveWithin != tt.want {
+				t.Errorf("PredictiveWithin = %v, want %v", p.PredictiveWithin, tt.want)
+			}
+			warned := false
+			for _, w := range cfg.Warnings {
+				warned = warned || w.Key == tt.wantWarn
+			}
+			if tt.wantWarn != "" && !warned {
+				t.Errorf("no warning for %s in %v", tt.wantWarn, cfg.Warnings)
 			}
 		})
 	}

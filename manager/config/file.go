@@ -50,6 +50,7 @@ type fileMachine struct {
 	IdleTime               *int                     `toml:"IdleTime"`
 	IdlePredictive         *bool                    `toml:"IdlePredictive"`
 	IdlePredictiveQuantile *float64                 `toml:"IdlePredictiveQuantile"`
+	IdlePredictiveWithin   *int                     `toml:"IdlePredictiveWithin"`
 	MaxGrowthRate          *int                     `toml:"MaxGrowthRate"`
 	OnDemandWithin         *int                     `toml:"OnDemandWithin"`
 	MaxBuilds              *int                     `toml:"MaxBuilds"`
@@ -68,6 +69,7 @@ type fileMachineAutoscaling struct {
 	IdleTime               *int     `toml:"IdleTime"`
 	IdlePredictive         *bool    `toml:"IdlePredictive"`
 	IdlePredictiveQuantile *float64 `toml:"IdlePredictiveQuantile"`
+	IdlePredictiveWithin   *int     `toml:"IdlePredictiveWithin"`
 }
 
 type fileAutoscaler struct {
@@ -108,6 +110,7 @@ type filePolicy struct {
 	PreemptiveMode     *bool     `toml:"preemptive_mode"`
 	Predictive         *bool     `toml:"predictive"`
 	PredictiveQuantile *float64  `toml:"predictive_quantile"`
+	PredictiveWithin   *duration `toml:"predictive_within"`
 }
 
 // duration is a Go duration written as a TOML string ("20m", "1h30m"), the

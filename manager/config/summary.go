@@ -97,7 +97,11 @@ func policyText(p schedule.Policy, from string) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "idle %d", p.IdleCount)
 	if p.Predictive {
-		fmt.Fprintf(&b, " (at most; predictive, quantile %g of the acquisitions expected within one boot time)", p.Quantile())
+		if p.PredictiveWithin > 0 {
+			fmt.Fprintf(&b, " (at most; predictive, quantile %g of the jobs to start within %s: the pool covers the jobs expected in a boot time less that)", p.Quantile(), p.PredictiveWithin)
+		} else {
+			fmt.Fprintf(&b, " (at most; predictive, quantile %g of the jobs expected within one boot time)", p.Quantile())
+		}
 	} else if p.ScaleFactor > 0 {
 		if p.Style == schedule.Taskscaler {
 			fmt.Fprintf(&b, " (at least; %g per instance in use", p.ScaleFactor)
