@@ -82,11 +82,13 @@ func (g *gcsSigner) presign(ctx context.Context, object, key string, ttl time.Du
 	}
 	// The bucket refuses an archive larger than the limit, and keeps the
 	// key readable, as gitlab-runner's uploads do.
-	out.PutHeaders = []string{"x-goog-meta-cachekey: " + key}
+	// GCS canonicalizes headers as name:value; the helper sends them as is.
+	signed := []string{"x-goog-meta-cachekey:" + key}
 	if g.maxSize > 0 {
-		out.PutHeaders = append(out.PutHeaders, fmt.Sprintf("x-goog-content-length-range: 0,%d", g.maxSize))
+		signed = append(signed, fmt.Sprintf("x-goog-content-length-range:0,%d", g.maxSize))
 	}
-	out.Put, err = g.sign(http.MethodPut, object, contentType, out.PutHeaders, ttl)
+	out.PutHeaders = signed
+	out.Put, err = g.sign(http.MethodPut, object, contentType, signed, ttl)
 	return out, err
 }
 
