@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -213,6 +214,18 @@ func image(r Recipe, layerPath string) (v1.Image, error) {
 	return mutate.ConfigFile(img, cf)
 }
 
+// basicAuth adds HTTP basic credentials to every request.
+type basicAuth struct {
+	user, password string
+	next           http.RoundTripper
+}
+
+func (b basicAuth) RoundTrip(req *http.Request) (*http.Response, error) {
+	req = req.Clone(req.Context())
+	req.SetBasicAuth(b.user, b.password)
+	return b.next.RoundTrip(req)
+}
+
 // Push pushes img as <registry>/mayfly/<name>:<Suite> with the push token
 // (any user name, as the coordinator's registry takes it). insecure uses
 // plain HTTP. It returns the reference.
@@ -229,11 +242,14 @@ func Push(ctx context.Context, registry, token string, insecure bool, r Recipe, 
 	if err != nil {
 		return "", err
 	}
-	auth := authn.Anonymous
+	// The credentials go with every request: the coordinator checks them
+	// directly, and its token realm is its external URL, which only its
+	// VMs may reach (http://10.0.2.2:PORT for the local fleet).
+	var rt http.RoundTripper = remote.DefaultTransport
 	if token != "" {
-		auth = &authn.Basic{Username: "mayfly", Password: token}
+		rt = basicAuth{user: "mayfly", password: token, next: rt}
 	}
-	if err := remote.Write(tag, img, remote.WithAuth(auth), remote.WithContext(ctx)); err != nil {
+	if err := remote.Write(tag, img, remote.WithAuth(authn.Anonymous), remote.WithTransport(rt), remote.WithContext(ctx)); err != nil {
 		return "", fmt.Errorf("push %s: %w", ref, err)
 	}
 	return ref, nil
