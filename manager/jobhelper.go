@@ -2,10 +2,14 @@ package manager
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"io/fs"
 	"os"
+	"path"
 	"path/filepath"
+	"strings"
 	"sync"
 
 	"github.com/mayfly-ci/mayfly/manager/buildscript"
@@ -22,6 +26,7 @@ type Helpers struct {
 
 	mu    sync.Mutex
 	cache map[string][]byte
+	sums  map[*byte]string // by binary
 }
 
 // HelperFileName is the helper's file name for an OS and architecture.
@@ -79,6 +84,10 @@ func (m *Manager) uploadHelper(ctx context.Context, r *runner, plan *buildscript
 		return fmt.Errorf("mayfly-helper for the VM: %w", err)
 	}
 	start := m.now()
+	if baked(ctx, plan, exec, m.helpers.sum(bin)) {
+		phases.since(PhaseUpload, start)
+		return nil
+	}
 	if err := exec.Upload(ctx, plan.HelperPath, bin, 0o755); err != nil {
 		return fmt.Errorf("upload mayfly-helper to %s: %w", plan.HelperPath, err)
 	}
@@ -93,4 +102,48 @@ func maxCacheArchiveSize(rc config.Runner) int64 {
 		return 0
 	}
 	return rc.Cache.MaxUploadedArchiveSize
+}
+
+// BakedHelperPath is where a VM image may hold mayfly-helper: when its
+// SHA-256 is the manager's helper's, the job links it instead of getting
+// an upload (about 7 MB over the job's connection).
+const BakedHelperPath = "/usr/local/bin/mayfly-helper"
+
+// bakedHelperPath is BakedHelperPath, or a test's file.
+var bakedHelperPath = BakedHelperPath
+
+// bakedMarker is what the check prints when the image's helper is used.
+const bakedMarker = "mayfly-helper-baked"
+
+// baked links the image's helper at the plan's path when it is the same
+// binary, in one round trip; false means it has to be uploaded.
+func baked(ctx context.Context, plan *buildscript.Plan, exec vmexec.Executor, sum string) bool {
+	if plan.Shell != buildscript.ShellBash && plan.Shell != buildscript.ShellSh {
+		return false
+	}
+	q := func(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
+	script := fmt.Sprintf(`p=%s; if [ -x "$p" ] && [ "$(sha256sum "$p" 2>/dev/null | cut -d' ' -f1)" = %s ]; then mkdir -p %s && ln -sf "$p" %s && echo %s; fi`,
+		q(bakedHelperPath), q(sum), q(path.Dir(plan.HelperPath)), q(plan.HelperPath), bakedMarker)
+	var out strings.Builder
+	code, err := exec.Run(ctx, vmexec.Command{Script: script, Shell: "sh", Stdout: &out})
+	return err == nil && code == 0 && strings.TrimSpace(out.String()) == bakedMarker
+}
+
+// sum is the SHA-256 of a helper binary, in hex, computed once.
+func (h *Helpers) sum(bin []byte) string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.sums == nil {
+		h.sums = map[*byte]string{}
+	}
+	if len(bin) == 0 {
+		return ""
+	}
+	if s, ok := h.sums[&bin[0]]; ok {
+		return s
+	}
+	d := sha256.Sum256(bin)
+	s := hex.EncodeToString(d[:])
+	h.sums[&bin[0]] = s
+	return s
 }

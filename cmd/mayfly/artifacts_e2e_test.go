@@ -69,7 +69,7 @@ projects:
 // manager.Helpers looks it up for linux/amd64 VMs.
 func buildHelper(t testing.TB, dir string) {
 	t.Helper()
-	cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(dir, manager.HelperFileName("linux", "amd64")), "github.com/mayfly-ci/mayfly/cmd/mayfly-helper")
+	cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", filepath.Join(dir, manager.HelperFileName("linux", "amd64")), "github.com/mayfly-ci/mayfly/cmd/mayfly-helper")
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("build mayfly-helper: %v\n%s", err, out)
@@ -79,6 +79,10 @@ func buildHelper(t testing.TB, dir string) {
 // startArtifactsCoordinator serves a coordinator with a state dir (for
 // artifacts) and the pipeline applied.
 func startArtifactsCoordinator(t *testing.T, token, pipeline string) (*coordinator.Server, string) {
+	return startArtifactsCoordinatorTB(t, token, pipeline)
+}
+
+func startArtifactsCoordinatorTB(t testing.TB, token, pipeline string) (*coordinator.Server, string) {
 	t.Helper()
 	srv, err := coordinator.New(coordinator.Config{Logger: slog.New(slog.DiscardHandler), TraceUpdateInterval: time.Second, StateDir: t.TempDir()})
 	if err != nil {
@@ -99,7 +103,7 @@ func startArtifactsCoordinator(t *testing.T, token, pipeline string) (*coordinat
 	return srv, "http://" + ln.Addr().String()
 }
 
-func apply(t *testing.T, srv *coordinator.Server, pipeline string) {
+func apply(t testing.TB, srv *coordinator.Server, pipeline string) {
 	t.Helper()
 	f, err := coordinator.ParsePipelineFile("artifacts-e2e.yaml", []byte(pipeline))
 	if err != nil {
@@ -110,7 +114,9 @@ func apply(t *testing.T, srv *coordinator.Server, pipeline string) {
 	}
 }
 
-func freePort(t *testing.T) string {
+func freePort(t *testing.T) string { return freePortTB(t) }
+
+func freePortTB(t testing.TB) string {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -157,6 +163,10 @@ log_level = "warn"
 
 // runWithHelper is runUntilDone with the helper directory set.
 func runWithHelper(t *testing.T, srv *coordinator.Server, dir, pluginDir, helperDir, cfg string) string {
+	return runWithHelperTB(t, srv, dir, pluginDir, helperDir, cfg)
+}
+
+func runWithHelperTB(t testing.TB, srv *coordinator.Server, dir, pluginDir, helperDir, cfg string) string {
 	t.Helper()
 	cfgPath := filepath.Join(dir, "config.toml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
@@ -326,4 +336,68 @@ func assertNowhere(t *testing.T, root string, srv *coordinator.Server, secrets .
 			}
 		}
 	}
+}
+
+// BenchmarkCacheOverhead is the wall time a 10 MB cache restore + save adds
+// to a job on a warm VM (fake provider, OpenSSH on this machine, the
+// manager's local store): jobs "plain" and "cached" run the same script
+// side by side after a seed job filled the cache; the figure is the median
+// difference of their durations over three pipelines.
+//
+//	go test -run '^$' -bench CacheOverhead -benchtime 1x ./cmd/mayfly/
+func BenchmarkCacheOverhead(b *testing.B) {
+	ssh := sshtest.Run(b, sshtest.OpenSSH)
+	dir := b.TempDir()
+	pluginDir := filepath.Join(dir, "plugins")
+	buildPlugin(b, pluginDir, "github.com/mayfly-ci/mayfly/providers/fake/cmd/mayfly-plugin-fake")
+	helperDir := filepath.Join(dir, "helpers")
+	buildHelper(b, helperDir)
+	const pipeline = `
+projects:
+  - name: bench
+    pipelines:
+      - variables: [{key: GIT_STRATEGY, value: empty}]
+        jobs:
+          - {name: seed, stage: build, script: ["mkdir -p vendor", "head -c 10000000 /dev/urandom > vendor/blob"], cache: [{key: deps, paths: [vendor/]}]}
+          - {name: plain, stage: test, script: ["ls -la"]}
+          - {name: cached, stage: test, script: ["ls -la"], cache: [{key: deps, paths: [vendor/]}]}
+`
+	var diffs []time.Duration
+	var logs string
+	for round := range 3 {
+		srv, url := startArtifactsCoordinatorTB(b, "bench-token", pipeline)
+		sub := filepath.Join(dir, fmt.Sprint(round))
+		if err := os.MkdirAll(sub, 0o755); err != nil {
+			b.Fatal(err)
+		}
+		cfg := fakeFleetConfig(url, "bench-token", sub, ssh, fmt.Sprintf(`  [runners.cache]
+    Type = "local"
+    [runners.cache.local]
+      Dir = %q
+      ListenAddress = %q
+`, filepath.Join(dir, "store"), freePortTB(b)))
+		logs = runWithHelperTB(b, srv, sub, pluginDir, helperDir, strings.Replace(cfg, `log_level = "warn"`, `log_level = "debug"`, 1))
+		var plain, cached time.Duration
+		for _, j := range srv.Jobs() {
+			switch j.Name {
+			case "plain":
+				plain = j.FinishedAt.Sub(j.StartedAt)
+			case "cached":
+				cached = j.FinishedAt.Sub(j.StartedAt)
+				if !strings.Contains(string(j.Trace), "Successfully extracted cache") || !strings.Contains(string(j.Trace), "Created cache") {
+					b.Fatalf("cached job did not restore and save:\n%s", j.Trace)
+				}
+			}
+		}
+		diffs = append(diffs, cached-plain)
+	}
+	slices.Sort(diffs)
+	for _, l := range strings.Split(logs, "\n") {
+		if strings.Contains(l, "phase") && (strings.Contains(l, "restore_cache") || strings.Contains(l, "upload")) {
+			b.Log(l)
+		}
+	}
+	b.ReportMetric(diffs[1].Seconds(), "added-s-median")
+	b.ReportMetric(diffs[0].Seconds(), "added-s-min")
+	b.ReportMetric(diffs[2].Seconds(), "added-s-max")
 }

@@ -64,8 +64,17 @@ func Write(ctx context.Context, w io.Writer, format, dir string, entries []Entry
 func writeZip(ctx context.Context, w io.Writer, dir string, entries []Entry, level CompressionLevel) (Stats, error) {
 	var st Stats
 	zw := zip.NewWriter(w)
+	// One compressor for every entry (zip writes one at a time and closes
+	// it before the next): a new one per file costs more than a small file.
+	var fw *flate.Writer
 	zw.RegisterCompressor(zip.Deflate, func(out io.Writer) (io.WriteCloser, error) {
-		return flate.NewWriter(out, int(level))
+		if fw == nil {
+			var err error
+			fw, err = flate.NewWriter(out, int(level))
+			return fw, err
+		}
+		fw.Reset(out)
+		return fw, nil
 	})
 	for _, e := range entries {
 		if err := ctx.Err(); err != nil {
