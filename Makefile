@@ -40,12 +40,15 @@ run: setup helpers
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/mayfly ./plugins/qemu/cmd/mayfly-plugin-qemu
 	scripts/demo.sh
 
-## bench: the simulator on every trace with every policy, then the Go benchmarks
+## bench: the hosted configs through the simulator; the policy comparison of issue 15 (every
+## trace shape, 3 seeds, baselines tuned over their knobs; about an hour on 2 cores); then the
+## other Go benchmarks
 bench: setup build
 	@for t in weekly nightly monorepo; do \
 		$(BIN)/mayfly simulate --config testdata/hosted-gcp-linux.toml --trace testdata/traces/$$t.csv 2>/dev/null | sed -n '1,6p'; echo; done
 	@$(BIN)/mayfly simulate --config testdata/gce-windows.toml --trace testdata/traces/weekly-windows.csv 2>/dev/null | sed -n '1,6p'; echo
-	$(GO) test -run '^$$' -bench . -benchmem -benchtime 1x ./cmd/... ./fleet/... ./schedule/... ./manager/... ./providers/... ./vmexec/... ./plugins/...
+	$(GO) test -run '^$$' -bench '^BenchmarkCompare$$' -benchtime 1x -timeout 4h ./fleet/sim/ -args -compare.shapes=all -compare.seeds=3
+	$(GO) test -run '^$$' -bench . -skip '^BenchmarkCompare$$' -benchmem -benchtime 1x ./cmd/... ./fleet/... ./schedule/... ./manager/... ./providers/... ./vmexec/... ./plugins/...
 
 ## fuzz: run every fuzz target for FUZZTIME each
 fuzz:

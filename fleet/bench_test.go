@@ -176,13 +176,26 @@ func dayArrivals(start time.Time) []time.Time {
 // and the share of jobs that waited over 120 s for an instance.
 //
 //	go test -run '^$' -bench SimulatedDay -benchtime 1x ./fleet/
+//
+// It runs twice: with the fake as it is (connect info by one ConnectInfo
+// call per instance once a list shows it running, as the plugins over the
+// wire protocol today), and as a providers.Launcher (connect info with
+// Create; the provisioner waits for the boot).
 func BenchmarkSimulatedDay(b *testing.B) {
-	for b.Loop() {
-		simulateDay(b)
+	for _, launch := range []bool{false, true} {
+		name := "connect=call"
+		if launch {
+			name = "connect=create"
+		}
+		b.Run(name, func(b *testing.B) {
+			for b.Loop() {
+				simulateDay(b, launch)
+			}
+		})
 	}
 }
 
-func simulateDay(b *testing.B) {
+func simulateDay(b *testing.B, launch bool) {
 	start := time.Date(2026, 3, 4, 0, 0, 0, 0, time.UTC)
 	clk := fleettest.NewClock(start)
 	per := func(exprs ...string) []schedule.Period {
@@ -203,9 +216,19 @@ func simulateDay(b *testing.B) {
 			{Periods: per("* 30-59 3 * * * *", "* 0-30 4 * * * *"), Policy: schedule.Policy{IdleCount: 700, IdleTime: time.Hour}},
 		},
 	}
-	h := newHarness(b, Config{Schedule: sched, Clock: clk, JournalPath: "-", APIRate: 20, APIBurst: 40},
-		fake.Options{BootDelay: time.Minute, DeleteDelay: 30 * time.Second})
+	// The batch windows are the fleet's defaults (the harness turns them
+	// off for the tests).
+	cfg := Config{Schedule: sched, Clock: clk, JournalPath: "-", APIRate: 20, APIBurst: 40, CreateBatchWindow: time.Second, DeleteBatchWindow: 5 * time.Second}
+	bw := &bootWait{boot: time.Minute, now: clk.Now}
+	if launch {
+		cfg.Provisioner = bw
+	}
+	h := newHarness(b, cfg, fake.Options{BootDelay: time.Minute, DeleteDelay: 30 * time.Second})
 	h.f.cfg.JournalPath = "" // in memory: a day of fsyncs is not what this measures
+	if launch {
+		bw.fk = h.prov.Fake
+		h.f.api.prov = launchingProvider{h.prov}
+	}
 	wallStart := time.Now()
 	h.start()
 

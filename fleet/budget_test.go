@@ -50,10 +50,17 @@ func (p launchingProvider) Launch(ctx context.Context, n int, labels map[string]
 // provisioner waits for SSH.
 type bootWait struct {
 	fk     *fake.Fake
+	boot   time.Duration    // when set, the first check waits until the boot should be over
+	now    func() time.Time // the fleet's clock, with boot
 	checks atomic.Int64
 }
 
 func (b *bootWait) Provision(ctx context.Context, inst providers.Instance, ci providers.ConnectInfo) error {
+	if b.boot > 0 {
+		if err := Sleep(ctx, inst.CreatedAt.Add(b.boot).Sub(b.now())); err != nil {
+			return err
+		}
+	}
 	for {
 		b.checks.Add(1)
 		list, _ := b.fk.List(ctx) // the instance's own port, not a provider API call

@@ -430,3 +430,53 @@ func TestNoRunawayQueueWindows(t *testing.T) {
 		})
 	}
 }
+
+// TestAPIBudget is issue 15's API budget in the simulator, with a provider
+// that returns connect info with Create (providers.Launcher): on a Linux
+// day (the first day of the twotz trace) the runtime fleet makes at most
+// 2.2 provider calls per job, under the predictive policy and a flat pool;
+// on a Windows day (a fifth of the rate) it lists once per ListInterval
+// whatever the number of VMs booting, and batches creations and deletions
+// to at most 2 calls per job between them. (A list a minute is 1.2 calls
+// per job at that rate by itself: see the issue 15 notes.)
+func TestAPIBudget(t *testing.T) {
+	for _, tt := range []struct {
+		trace, os string
+		policy    string
+		idle      schedule.Policy
+		linux     bool
+	}{
+		{"twotz.csv", "linux", PolicyPredictive, schedule.Policy{IdleCount: 1000, IdleTime: 10 * time.Minute}, true},
+		{"twotz.csv", "linux", PolicyMayfly, schedule.Policy{IdleCount: 10, IdleTime: 10 * time.Minute}, true},
+		{"windows-twotz.csv", "windows", PolicyPredictive, schedule.Policy{IdleCount: 1000, IdleTime: 10 * time.Minute}, false},
+	} {
+		t.Run(tt.trace+"/"+tt.policy, func(t *testing.T) {
+			jobs := loadTrace(t, tt.trace)
+			jobs = window(jobs, jobs[0].Arrival, jobs[0].Arrival.Add(24*time.Hour))
+			o := Options{
+				Policy: tt.policy, Jobs: jobs, Schedule: schedule.Schedule{Default: tt.idle},
+				Limits:     fleet.Limits{MaxUses: 1, MaxGrowthRate: 100, OnDemandWithin: 90 * time.Second},
+				Provider:   DefaultProvider(tt.os),
+				Predictive: Predictive{Quantile: 0.92},
+			}
+			r, err := Run(o)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c := r.APICallsByCall
+			t.Logf("%d jobs: %.2f calls per job %v", r.Jobs, r.APICallsPerJob, c)
+			if c[fleet.OpConnectInfo] != 0 {
+				t.Errorf("%d ConnectInfo calls: the connect info came with Create", c[fleet.OpConnectInfo])
+			}
+			if tt.linux && r.APICallsPerJob > 2.2 {
+				t.Errorf("%.2f provider calls per job, want at most 2.2", r.APICallsPerJob)
+			}
+			if perJob := float64(c[fleet.OpCreate]+c[fleet.OpDelete]) / float64(r.Jobs); perJob > 2 {
+				t.Errorf("%.2f create and delete calls per job, want at most 2", perJob)
+			}
+			if lists, most := c[fleet.OpList], int(r.SimulatedHours*60)+2; lists > most {
+				t.Errorf("%d lists in %.1f h, want at most one a minute (%d)", lists, r.SimulatedHours, most)
+			}
+		})
+	}
+}
