@@ -17,6 +17,7 @@ func (e *journalError) Unwrap() error { return e.err }
 
 // recover is the start-up reconciliation. It lists the provider and sorts
 // the instances carrying this fleet's labels:
+//   - claimed (Claim) for a job the manager resumes: kept, as acquired;
 //   - recorded as acquired in the journal, or any at all when the journal
 //     is missing or damaged: deleted (they may have run a job);
 //   - failed: deleted;
@@ -70,8 +71,11 @@ func (f *Fleet) recover(ctx context.Context) error {
 	}
 	f.mu.Unlock()
 
+	f.mu.Lock()
+	held := f.claimedLocked() // claimed for resumed jobs: still acquired
+	f.mu.Unlock()
 	slices.Sort(doomed)
-	j, err := createJournal(f.cfg.JournalPath, doomed)
+	j, err := createJournal(f.cfg.JournalPath, append(doomed, held...))
 	if err != nil {
 		return &journalError{err}
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"time"
 
+	"github.com/mayfly-ci/mayfly/providers"
 	"github.com/mayfly-ci/mayfly/vmexec"
 )
 
@@ -39,6 +40,14 @@ type Lease interface {
 	// Lost is closed when the instance disappeared under the job (preempted,
 	// deleted outside mayfly).
 	Lost() <-chan struct{}
+}
+
+// Claimer is a Fleet that can hand a resumed job the instance its journal
+// names (the id, and how to reach it), keeping the instance from the
+// clean-up of used instances a restarted fleet does. Claims come before
+// the fleet runs.
+type Claimer interface {
+	Claim(id string, ci providers.ConnectInfo) (Lease, error)
 }
 
 // Discarder is a Lease whose instance can be ended as broken: deleted at

@@ -47,19 +47,37 @@ func (r fleetReservation) Acquire(ctx context.Context) (Lease, error) {
 	return fleetLease{l: l, connect: r.connect}, nil
 }
 
+// Claim implements Claimer: fleet.Claim, before the fleet runs.
+func (a fleetAdapter) Claim(id string, ci providers.ConnectInfo) (Lease, error) {
+	l, err := a.f.Claim(id)
+	if err != nil {
+		return nil, err
+	}
+	return fleetLease{l: l, connect: a.connect, ci: &ci}, nil
+}
+
 type fleetLease struct {
 	l       *fleet.Lease
 	connect ConnectFunc
+	ci      *providers.ConnectInfo // a claimed instance's, from the job journal
 }
 
 func (l fleetLease) ID() string            { return l.l.ID() }
 func (l fleetLease) Lost() <-chan struct{} { return l.l.Lost() }
 
+// ConnectInfo returns how to reach the instance, for the job journal.
+func (l fleetLease) ConnectInfo() providers.ConnectInfo {
+	if l.ci != nil {
+		return *l.ci
+	}
+	return l.l.ConnectInfo()
+}
+
 func (l fleetLease) Connect(ctx context.Context) (vmexec.Executor, error) {
 	if e, ok := l.l.Attachment().(vmexec.Executor); ok && e != nil && answers(ctx, e) {
 		return lend(e), nil
 	}
-	return l.connect(ctx, l.l.ConnectInfo())
+	return l.connect(ctx, l.ConnectInfo())
 }
 
 // Discard implements Discarder.

@@ -29,6 +29,7 @@ type jobRunner struct {
 	lost        <-chan struct{}
 	firstOutput *sync.Once
 	flush       func()
+	handover    func() bool // the manager hands its jobs over: stop nothing
 }
 
 func (t jobRunner) Run(ctx context.Context, s stagerun.Stage, out io.Writer) (int, error) {
@@ -64,6 +65,9 @@ func (o *onFirstWrite) Write(p []byte) (int, error) {
 func (t jobRunner) Stop(ctx context.Context, id string) error {
 	if t.isLost() {
 		return nil // nothing runs on a VM that is gone
+	}
+	if t.handover != nil && t.handover() {
+		return errors.New("the manager hands the job over: its stages run on")
 	}
 	return t.Runner.Stop(ctx, id)
 }

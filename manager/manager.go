@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -53,6 +54,10 @@ type Options struct {
 	Helpers *Helpers
 	// Caches sign the distributed cache's URLs, by runner name.
 	Caches map[string]buildscript.CacheSigner
+	// StateDir holds the journals of running jobs (in StateDir/jobs), so
+	// that a manager started after this one dies or hands over resumes
+	// them; "" keeps no journal: jobs die with the manager.
+	StateDir string
 }
 
 // Manager runs jobs for every configured runner.
@@ -80,6 +85,16 @@ type Manager struct {
 
 	jobEndMu sync.Mutex
 	jobEnd   chan struct{} // closed (and replaced) when a job ends
+
+	stateDir     string
+	newClient    func(gitlab.Config) (*gitlab.Client, error)
+	handover     atomic.Bool
+	handoverOnce sync.Once
+	trackMu      sync.Mutex
+	running      map[*jobRun]struct{}
+	loadOnce     sync.Once
+	loadErr      error
+	resumables   []*resumable
 }
 
 // runner is one [[runners]] entry at run time.
@@ -108,6 +123,8 @@ func New(opts Options) (*Manager, error) {
 		caches:        opts.Caches,
 		drain:         make(chan struct{}),
 		jobEnd:        make(chan struct{}),
+		stateDir:      opts.StateDir,
+		running:       map[*jobRun]struct{}{},
 	}
 	if m.log == nil {
 		m.log = slog.Default()
@@ -127,6 +144,7 @@ func New(opts Options) (*Manager, error) {
 	if newClient == nil {
 		newClient = gitlab.New
 	}
+	m.newClient = newClient
 	for _, rc := range opts.Config.Runners {
 		f := opts.Fleets[rc.Name]
 		if f == nil {
@@ -191,10 +209,16 @@ func (m *Manager) versionInfo(rc config.Runner) runnerapi.VersionInfo {
 	}
 }
 
-// Run asks for and runs jobs until ctx ends or Drain or Abort is called, then
-// waits for the jobs still running. When ctx ends, also while draining,
-// running jobs are aborted (and reported) before Run returns.
+// Run resumes the jobs a previous manager left (see LoadJournals), then
+// asks for and runs jobs until ctx ends or Drain, Abort or HandOver is
+// called, then waits for the jobs still running. When ctx ends, also while
+// draining, running jobs are aborted (and reported) before Run returns;
+// after HandOver they are left running for the next manager.
 func (m *Manager) Run(ctx context.Context) error {
+	if err := m.LoadJournals(); err != nil {
+		return err
+	}
+	m.resumeJobs()
 	pollCtx, stopPolling := context.WithCancel(ctx)
 	defer stopPolling()
 	go func() {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -32,6 +33,7 @@ type env struct {
 	reg   *prometheus.Registry
 	stop  context.CancelFunc
 	done  chan struct{}
+	opts  manager.Options
 }
 
 // newEnv starts everything; edit may change the runner's config first.
@@ -112,7 +114,7 @@ func newEnvConfig(t *testing.T, jobs []coordinator.JobSpec, editCfg func(*config
 		Config:        cfg,
 		Fleets:        map[string]manager.Fleet{"local": mf},
 		Registerer:    reg,
-		Logger:        slog.New(slog.DiscardHandler),
+		Logger:        testLogger(),
 		TraceInterval: 50 * time.Millisecond,
 	}
 	if editOpts != nil {
@@ -123,10 +125,33 @@ func newEnvConfig(t *testing.T, jobs []coordinator.JobSpec, editCfg func(*config
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	e := &env{t: t, srv: srv, fleet: fleet, m: m, reg: reg, stop: cancel, done: make(chan struct{})}
+	e := &env{t: t, srv: srv, fleet: fleet, m: m, reg: reg, stop: cancel, done: make(chan struct{}), opts: opts}
 	go func() { defer close(e.done); _ = m.Run(ctx) }()
 	t.Cleanup(e.shutdown)
 	return e
+}
+
+// restart stops the manager without a word (hand-over) and starts a new
+// one with the same options, fleet, coordinator and state directory.
+func (e *env) restart() {
+	e.t.Helper()
+	e.m.HandOver()
+	select {
+	case <-e.done:
+	case <-time.After(30 * time.Second):
+		e.t.Fatal("the manager did not return after HandOver")
+	}
+	e.stop()
+	opts := e.opts
+	e.reg = prometheus.NewRegistry()
+	opts.Registerer = e.reg
+	m, err := manager.New(opts)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	e.m, e.stop, e.done = m, cancel, make(chan struct{})
+	go func() { defer close(e.done); _ = m.Run(ctx) }()
 }
 
 func (e *env) shutdown() {
@@ -136,6 +161,25 @@ func (e *env) shutdown() {
 	case <-time.After(30 * time.Second):
 		e.t.Error("manager did not stop")
 	}
+}
+
+// testLogger discards logs unless MAYFLY_TEST_LOG is set.
+func testLogger() *slog.Logger {
+	if os.Getenv("MAYFLY_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+// deleted waits (a bounded time) until at least n instances were deleted,
+// and returns them: an instance is released right after its job's final
+// update.
+func (e *env) deleted(n int) []string {
+	deadline := time.Now().Add(10 * time.Second)
+	for len(e.fleet.Deleted()) < n && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	return e.fleet.Deleted()
 }
 
 // job waits for the job named name to finish and returns its record.
@@ -212,7 +256,7 @@ func TestSuccessfulJob(t *testing.T) {
 		t.Errorf("trace does not end with the success line: %q", tr[max(0, len(tr)-60):])
 	}
 	// Single use: the instance that ran the job is deleted, and another job would get another one.
-	if got := len(e.fleet.Deleted()); got != 1 {
+	if got := len(e.deleted(1)); got != 1 {
 		t.Errorf("deleted instances = %d, want 1", got)
 	}
 }
@@ -263,7 +307,7 @@ func TestHardTimeout(t *testing.T) {
 	if !strings.Contains(tr, "execution took longer than 2s seconds") && !strings.Contains(tr, "execution took longer than") {
 		t.Errorf("trace lacks the timeout message:\n%s", tr)
 	}
-	if len(e.fleet.Deleted()) != 1 {
+	if len(e.deleted(1)) != 1 {
 		t.Errorf("the timed-out job's instance was not deleted")
 	}
 }
@@ -296,7 +340,7 @@ func TestCancelMidJob(t *testing.T) {
 	if m == nil {
 		t.Fatalf("trace does not name the instance:\n%s", j.Trace)
 	}
-	if !slices.Contains(e.fleet.Deleted(), m[1]) || len(e.fleet.Leased()) != 0 {
+	if !slices.Contains(e.deleted(1), m[1]) || len(e.fleet.Leased()) != 0 {
 		t.Errorf("after cancel: deleted %v, leased %v; want %s deleted and nothing leased", e.fleet.Deleted(), e.fleet.Leased(), m[1])
 	}
 }
@@ -431,7 +475,7 @@ func TestManyJobsSingleUse(t *testing.T) {
 		}
 		roots[line] = j.Name
 	}
-	if got := len(e.fleet.Deleted()); got != 12 {
+	if got := len(e.deleted(12)); got != 12 {
 		t.Errorf("deleted instances = %d, want 12", got)
 	}
 }

@@ -38,6 +38,10 @@ import (
 // warm for the job that takes it.
 var _ fleet.Attacher = (*provisioner.Ready)(nil)
 
+// stateLockWait is how long mayfly run waits for another one to leave the
+// state directory (one that hands over exits within moments).
+const stateLockWait = time.Minute
+
 // runFlags are the flags of mayfly run.
 type runFlags struct {
 	config, pluginDir, stateDir, managerID string
@@ -47,6 +51,8 @@ type runFlags struct {
 	// shutdownTimeout, when set, receives shutdown_timeout of the config
 	// in force (nanoseconds), for the signal handler.
 	shutdownTimeout *atomic.Int64
+	// handover, when closed, hands the running jobs over (SIGUSR2).
+	handover <-chan struct{}
 }
 
 // handleSignals turns signals into the manager's shutdown, as gitlab-runner
@@ -54,9 +60,11 @@ type runFlags struct {
 // take); SIGTERM or SIGINT stops forcefully (running jobs are aborted and
 // reported), also during a drain, and if the manager has not exited
 // shutdown_timeout later, the process exits anyway; a second SIGTERM or
-// SIGINT exits at once. It returns when stop is closed.
-func handleSignals(sigs <-chan os.Signal, stop <-chan struct{}, drain chan<- struct{}, abort func(), timeout *atomic.Int64, stderr io.Writer, exit func(int)) {
-	drained, forced := false, false
+// SIGINT exits at once. SIGUSR2, mayfly's own, hands over: the process
+// exits at once, leaving its running jobs to the next one started with the
+// same state directory. It returns when stop is closed.
+func handleSignals(sigs <-chan os.Signal, stop <-chan struct{}, drain, handover chan<- struct{}, abort func(), timeout *atomic.Int64, stderr io.Writer, exit func(int)) {
+	drained, forced, handed := false, false, false
 	var timer *time.Timer
 	defer func() {
 		if timer != nil {
@@ -71,6 +79,11 @@ func handleSignals(sigs <-chan os.Signal, stop <-chan struct{}, drain chan<- str
 		case sig = <-sigs:
 		}
 		switch {
+		case sig == sigHandOver && !handed && !forced:
+			handed = true
+			fmt.Fprintln(stderr, "mayfly run: SIGUSR2: handing over, exiting now; running jobs go on for the next mayfly run with this state directory")
+			close(handover)
+		case sig == sigHandOver:
 		case sig == syscall.SIGQUIT && !drained && !forced:
 			drained = true
 			fmt.Fprintln(stderr, "mayfly run: SIGQUIT: graceful shutdown, running jobs finish (SIGTERM to abort them)")
@@ -100,11 +113,11 @@ func runRun(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&f.config, "config", "config.toml", "config file (gitlab-runner config.toml format)")
 	fs.StringVar(&f.helperDir, "helper-dir", "", "directory of the mayfly-helper-<os>-<arch> binaries jobs use for cache and artifacts (default: next to the mayfly binary)")
 	fs.StringVar(&f.pluginDir, "plugin-dir", "", "directory of provider plugins (default: next to the mayfly binary, then PATH)")
-	fs.StringVar(&f.stateDir, "state-dir", ".cache/mayfly/state", "where the fleet journals of acquired instances are kept")
+	fs.StringVar(&f.stateDir, "state-dir", ".cache/mayfly/state", "where the journals of acquired instances and running jobs are kept (mode 0700; they hold job tokens): a manager started with the same directory resumes the jobs of one that died or handed over")
 	fs.StringVar(&f.managerID, "manager-id", "", "identity carried by every instance this manager creates (default: host name and config path)")
 	fs.DurationVar(&f.view, "view", 0, "print the fleet and jobs every interval (0 = off)")
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: mayfly run --config FILE [flags]\n\nRuns the runner manager: asks GitLab for jobs for every [[runners]] entry and\nruns each in a fresh VM of that runner's fleet.\n\nSignals: SIGQUIT drains (no new jobs; running ones finish, however long they\ntake). SIGTERM or SIGINT abort, also during a drain: running jobs are\nstopped and reported as runner_system_failure, and the process exits at\nthe latest shutdown_timeout seconds later. A second SIGTERM or SIGINT exits\nat once.\n\nFlags:\n")
+		fmt.Fprintf(fs.Output(), "Usage: mayfly run --config FILE [flags]\n\nRuns the runner manager: asks GitLab for jobs for every [[runners]] entry and\nruns each in a fresh VM of that runner's fleet.\n\nSignals: SIGQUIT drains (no new jobs; running ones finish, however long they\ntake). SIGTERM or SIGINT abort, also during a drain: running jobs are\nstopped and reported as runner_system_failure, and the process exits at\nthe latest shutdown_timeout seconds later. A second SIGTERM or SIGINT exits\nat once. SIGUSR2 hands over: the process exits at once and its running jobs\ngo on in their VMs; the next mayfly run with the same --state-dir resumes\nthem (the upgrade procedure). A manager killed outright is resumed the same\nway.\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -117,15 +130,16 @@ func runRun(args []string, stdout, stderr io.Writer) int {
 	// bound what follows by shutdown_timeout; a second one exits at once.
 	ctx, abort := context.WithCancel(context.Background())
 	defer abort()
-	drain := make(chan struct{})
+	drain, handover := make(chan struct{}), make(chan struct{})
+	f.handover = handover
 	f.shutdownTimeout = new(atomic.Int64)
 	f.shutdownTimeout.Store(int64(config.DefaultShutdownTimeout))
 	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM, syscall.SIGQUIT)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM, syscall.SIGQUIT, sigHandOver)
 	defer signal.Stop(sigs)
 	stopSignals := make(chan struct{})
 	defer close(stopSignals)
-	go handleSignals(sigs, stopSignals, drain, abort, f.shutdownTimeout, stderr, os.Exit)
+	go handleSignals(sigs, stopSignals, drain, handover, abort, f.shutdownTimeout, stderr, os.Exit)
 	if err := runManager(ctx, drain, f, stdout, stderr); err != nil {
 		fmt.Fprintf(stderr, "mayfly run: %v\n", err)
 		return 1
@@ -191,6 +205,11 @@ func runManager(ctx context.Context, drain <-chan struct{}, f runFlags, stdout, 
 	if err := os.MkdirAll(f.stateDir, 0o700); err != nil {
 		return fmt.Errorf("state dir: %w", err)
 	}
+	unlock, err := lockStateDir(f.stateDir, stateLockWait)
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
@@ -238,8 +257,13 @@ func runManager(ctx context.Context, drain <-chan struct{}, f runFlags, stdout, 
 	}
 	b := buildInfo()
 	m, err := manager.New(manager.Options{Config: cfg, Fleets: managerFleets, Version: b.Version, Revision: b.Revision, Branch: b.Branch, Registerer: reg, Logger: log,
-		Helpers: helpers, Caches: caches.signers})
+		Helpers: helpers, Caches: caches.signers, StateDir: f.stateDir})
 	if err != nil {
+		return err
+	}
+	// Jobs a previous manager left running come first: their instances
+	// are claimed before the fleets' start-up clean-up runs.
+	if err := m.LoadJournals(); err != nil {
 		return err
 	}
 
@@ -273,6 +297,13 @@ func runManager(ctx context.Context, drain <-chan struct{}, f runFlags, stdout, 
 		select {
 		case <-drain:
 			m.Drain()
+		case <-watchCtx.Done():
+		}
+	}()
+	go func() {
+		select {
+		case <-f.handover:
+			m.HandOver()
 		case <-watchCtx.Done():
 		}
 	}()

@@ -32,6 +32,8 @@ var (
 	ErrJobAborted = errors.New("job aborted by GitLab")
 	// ErrTraceClosed is returned by Write after Finish started.
 	ErrTraceClosed = errors.New("job trace closed")
+	// ErrTraceAbandoned is wrapped by Finish after Abandon.
+	ErrTraceAbandoned = errors.New("job trace abandoned")
 )
 
 // TraceOptions tune a JobTrace; zero fields take the defaults.
@@ -49,6 +51,9 @@ type TraceOptions struct {
 	// ObservePatch, if set, is called with the duration of every PATCH of
 	// the trace (for the job's phase timings).
 	ObservePatch func(time.Duration)
+	// Acked, if set, is called with the trace offset GitLab acknowledged
+	// after every PATCH it accepted.
+	Acked func(offset int)
 }
 
 func (o TraceOptions) withDefaults() TraceOptions {
@@ -86,8 +91,9 @@ type JobTrace struct {
 	mu          sync.Mutex
 	buf         []byte // the whole trace, append-only
 	truncated   bool
-	closed      bool // Finish started: no more writes
-	sent        int  // bytes GitLab acknowledged
+	closed      bool // Finish started, or abandoned: no more writes
+	abandoned   bool
+	sent        int // bytes GitLab acknowledged
 	interval    time.Duration
 	lastSuccess time.Time
 	aborted     bool
@@ -100,6 +106,7 @@ type JobTrace struct {
 	cancelLoop context.CancelFunc
 	loopDone   chan struct{}
 	wake       chan struct{} // FlushSoon: send without waiting for the interval
+	abandonCh  chan struct{} // closed by Abandon: a Finish in progress gives up
 }
 
 // StartJobTrace starts uploading the trace of job id (jobToken is the job's
@@ -125,6 +132,7 @@ func (c *Client) StartJobTrace(ctx context.Context, id int64, jobToken string, o
 		canceled:    make(chan struct{}),
 		loopDone:    make(chan struct{}),
 		wake:        make(chan struct{}, 1),
+		abandonCh:   make(chan struct{}),
 	}
 	loopCtx, cancel := context.WithCancel(ctx)
 	t.cancelLoop = cancel
@@ -213,6 +221,24 @@ func (t *JobTrace) Sent() int {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return t.sent
+}
+
+// Abandon stops the trace without a word to GitLab: the upload goroutine
+// ends, later writes are dropped and Finish refuses. A manager handing its
+// jobs over to the next one abandons their traces; the next one writes
+// them again.
+func (t *JobTrace) Abandon() {
+	t.mu.Lock()
+	t.closed = true
+	first := !t.abandoned
+	t.abandoned = true
+	t.mu.Unlock()
+	if first {
+		close(t.abandonCh)
+	}
+	t.cancelLoop()
+	<-t.loopDone
+	t.c.ForgetJob(t.id)
 }
 
 // FlushSoon asks the upload goroutine to send the unsent trace now rather
@@ -321,6 +347,9 @@ func (t *JobTrace) flushLocked(ctx context.Context) flushResult {
 			t.sent = res.NewOffset
 			t.lastSuccess = t.c.clock.Now()
 			t.mu.Unlock()
+			if t.opts.Acked != nil {
+				t.opts.Acked(res.NewOffset)
+			}
 		case PatchRangeMismatch:
 			t.mu.Lock()
 			t.sent = min(res.NewOffset, len(t.buf))
@@ -408,6 +437,10 @@ func (t *JobTrace) Finish(ctx context.Context, state, failureReason string, exit
 		return fmt.Errorf("finish job %d: state must be %q or %q, got %q", t.id, runnerapi.StateSuccess, runnerapi.StateFailed, state)
 	}
 	t.mu.Lock()
+	if t.abandoned {
+		t.mu.Unlock()
+		return fmt.Errorf("finish job %d: %w", t.id, ErrTraceAbandoned)
+	}
 	if t.closed {
 		t.mu.Unlock()
 		return fmt.Errorf("finish job %d: already finished", t.id)
@@ -426,6 +459,13 @@ func (t *JobTrace) Finish(ctx context.Context, state, failureReason string, exit
 	defer t.sendMu.Unlock()
 	ctx, cancel := context.WithTimeout(ctx, t.opts.FinalUpdateTimeout)
 	defer cancel()
+	go func() { // a Finish in progress gives up when the trace is abandoned
+		select {
+		case <-t.abandonCh:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	deadline := t.c.clock.Now().Add(t.opts.FinalUpdateTimeout)
 	sum := runnerapi.TraceChecksum(trace)
 	req := runnerapi.UpdateJobRequest{

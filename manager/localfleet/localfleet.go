@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/mayfly-ci/mayfly/manager"
+	"github.com/mayfly-ci/mayfly/providers"
 	"github.com/mayfly-ci/mayfly/vmexec"
 )
 
@@ -124,6 +125,18 @@ func (r *reservation) Acquire(ctx context.Context) (manager.Lease, error) {
 	}
 	f.used[in.id] = true
 	f.leased[in.id] = in
+	return &lease{f: f, in: in}, nil
+}
+
+// Claim implements manager.Claimer: a manager that resumes a job takes
+// back the instance an earlier manager leased to it and never released.
+func (f *Fleet) Claim(id string, _ providers.ConnectInfo) (manager.Lease, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	in, ok := f.leased[id]
+	if !ok {
+		return nil, fmt.Errorf("localfleet: instance %s is not leased (gone)", id)
+	}
 	return &lease{f: f, in: in}, nil
 }
 
