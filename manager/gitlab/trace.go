@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/mayfly-ci/mayfly/manager/runnerapi"
 )
@@ -158,9 +159,8 @@ func (t *JobTrace) Write(p []byte) (int, error) {
 		return len(p), nil
 	}
 	t.grow(room + truncationNoticeRoom)
-	t.buf = append(t.buf, p[:room]...)
-	t.buf = fmt.Appendf(t.buf, "\n\x1b[33;1mmayfly: the job log exceeded its limit of %d bytes; "+
-		"the job goes on, further output is dropped.\x1b[0;m\n", t.opts.OutputLimit)
+	t.buf = append(t.buf, cutUTF8(p, room)...)
+	t.buf = append(t.buf, LimitNotice(t.opts.OutputLimit)...)
 	t.truncated = true
 	t.log.Warn("job trace truncated", "limit", t.opts.OutputLimit)
 	return len(p), nil
@@ -168,6 +168,31 @@ func (t *JobTrace) Write(p []byte) (int, error) {
 
 // truncationNoticeRoom is what the truncation notice may take beyond the limit.
 const truncationNoticeRoom = 256
+
+// LimitNotice is what ends a trace that reached its output limit of limit
+// bytes: gitlab-runner's notice, word for word and in its colours (bold
+// yellow, then reset), so that what users and their tools look for in a
+// truncated log is there.
+func LimitNotice(limit int) string {
+	return fmt.Sprintf("\n\x1b[33;1mJob's log exceeded limit of %d bytes.\n"+
+		"Job execution will continue but no more output will be collected.\x1b[0;m\n", limit)
+}
+
+// cutUTF8 returns p cut to n bytes, less the start of a UTF-8 character
+// the cut would split (as gitlab-runner cuts); bytes that are not UTF-8
+// are cut where n says.
+func cutUTF8(p []byte, n int) []byte {
+	p = p[:n]
+	for i := 1; i <= utf8.UTFMax-1 && i <= len(p); i++ {
+		if utf8.RuneStart(p[len(p)-i]) {
+			if !utf8.FullRune(p[len(p)-i:]) {
+				return p[:len(p)-i]
+			}
+			return p
+		}
+	}
+	return p
+}
 
 // grow makes room for n more bytes, doubling the buffer (append grows large
 // slices by only 1.25x, which costs several copies of a 4 MiB trace) but
