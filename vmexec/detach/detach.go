@@ -34,6 +34,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/mayfly-ci/mayfly/vmexec"
@@ -63,6 +64,7 @@ type File struct {
 // Defaults of Options.
 const (
 	DefaultReconnectTimeout = 2 * time.Minute
+	DefaultNoServerTimeout  = 15 * time.Second
 	DefaultKillGrace        = 2 * time.Second
 	DefaultDrainTimeout     = 5 * time.Second
 	DefaultMaxBuffer        = 16 << 20
@@ -86,6 +88,12 @@ type Options struct {
 	// ReconnectTimeout bounds reconnecting after the connection broke,
 	// before Run and Stop give up (default 2m).
 	ReconnectTimeout time.Duration
+	// NoServerTimeout bounds reconnecting to a machine that answers but
+	// has no SSH server any more, as when a job killed it: every attempt
+	// for this long was refused, reset, or closed before the handshake
+	// ended (default 15s). A machine that does not answer at all (a
+	// network outage) gets the whole ReconnectTimeout.
+	NoServerTimeout time.Duration
 	// KillGrace is the time between SIGTERM and SIGKILL in Stop (default 2s).
 	KillGrace time.Duration
 	// DrainTimeout is how long processes a stage left behind may run on
@@ -157,6 +165,9 @@ func New(opts Options) (*Runner, error) {
 	}
 	if opts.ReconnectTimeout <= 0 {
 		opts.ReconnectTimeout = DefaultReconnectTimeout
+	}
+	if opts.NoServerTimeout <= 0 {
+		opts.NoServerTimeout = DefaultNoServerTimeout
 	}
 	if opts.KillGrace <= 0 {
 		opts.KillGrace = DefaultKillGrace
@@ -385,14 +396,23 @@ func (r *Runner) startSession(s Stage, from int64) (*stream, error) {
 	return first, nil
 }
 
-// reconnect replaces a broken connection, retrying until by.
+// reconnect replaces a broken connection, retrying until by, or for
+// NoServerTimeout while the machine answers without an SSH server.
 func (r *Runner) reconnect(ctx context.Context, by time.Time, cause error) error {
 	if r.opts.Redial == nil {
 		return fmt.Errorf("connection lost, no way to reconnect: %w", cause)
 	}
 	r.log.Warn("connection to the machine lost; reconnecting to follow the stages", "err", cause)
+	var noServerSince time.Time // start of the attempts in a row that met no SSH server
 	for attempt := 1; ; attempt++ {
-		rctx, cancel := context.WithDeadline(ctx, by)
+		start := time.Now()
+		// Each attempt is bounded by NoServerTimeout, so that one that
+		// meets no SSH server is seen as such in time.
+		deadline := start.Add(r.opts.NoServerTimeout)
+		if by.Before(deadline) {
+			deadline = by
+		}
+		rctx, cancel := context.WithDeadline(ctx, deadline)
 		e, err := r.opts.Redial(rctx)
 		cancel()
 		if err == nil {
@@ -408,6 +428,15 @@ func (r *Runner) reconnect(ctx context.Context, by time.Time, cause error) error
 		if ctx.Err() != nil {
 			return fmt.Errorf("reconnect: %w", context.Cause(ctx))
 		}
+		if !noServer(err) {
+			noServerSince = time.Time{}
+		} else if noServerSince.IsZero() {
+			noServerSince = start
+		}
+		if !noServerSince.IsZero() && time.Since(noServerSince) >= r.opts.NoServerTimeout {
+			return fmt.Errorf("%w: the machine has no SSH server any more (every connection for %s refused or closed): %v (connection lost: %v)",
+				ErrLost, time.Since(noServerSince).Round(time.Second), err, cause)
+		}
 		if !time.Now().Before(by) {
 			return fmt.Errorf("%w: no connection within %s after %d attempts: %v (connection lost: %v)", ErrLost, r.opts.ReconnectTimeout, attempt, err, cause)
 		}
@@ -418,6 +447,14 @@ func (r *Runner) reconnect(ctx context.Context, by time.Time, cause error) error
 			t.Stop()
 		}
 	}
+}
+
+// noServer reports whether a failed dial met a machine that answers
+// without an SSH server: the connection was refused or reset, or closed
+// before the SSH handshake ended. A network outage gives timeouts instead.
+func noServer(err error) bool {
+	return errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)
 }
 
 // Stop implements stagerun.Runner: see stopFunctions.

@@ -8,6 +8,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -315,6 +316,67 @@ func TestConnectionDropMidStage(t *testing.T) {
 			t.Errorf("%d redials, want 1", redials.Load())
 		}
 	})
+}
+
+// A machine that answers without an SSH server (here the server and its
+// machine were killed: connections are refused) is given up after
+// NoServerTimeout, not the whole ReconnectTimeout; one that does not answer
+// at all (a listener that never speaks, as behind a network outage) gets
+// the whole ReconnectTimeout.
+func TestReconnectGivesUpOnMachineWithoutSSHServer(t *testing.T) {
+	silent, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	go func() {
+		var held []net.Conn
+		defer func() {
+			for _, c := range held {
+				c.Close()
+			}
+		}()
+		for {
+			c, err := silent.Accept()
+			if err != nil {
+				return
+			}
+			held = append(held, c) // accepted, never answered
+		}
+	}()
+	for _, tt := range []struct {
+		name   string
+		target func(srv *sshtest.Server) sshexec.Target
+		want   string
+	}{
+		{"refused", func(srv *sshtest.Server) sshexec.Target { return srv.Target() }, "no SSH server any more"},
+		{"silent", func(srv *sshtest.Server) sshexec.Target {
+			tg := srv.Target()
+			tg.Addr = silent.Addr().String()
+			return tg
+		}, "no connection within 4s"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			srv := sshtest.Run(t, sshtest.Dropbear)
+			serverLog = srv.Log
+			first := dial(t, srv)
+			r := newRunner(t, first, filepath.Join(t.TempDir(), "job"), func(o *detach.Options) {
+				o.ReconnectTimeout = 4 * time.Second
+				o.NoServerTimeout = time.Second
+				o.Redial = func(ctx context.Context) (vmexec.Executor, error) {
+					return sshexec.Dial(ctx, tt.target(srv))
+				}
+			})
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			var out bytes.Buffer
+			_, err := r.Run(ctx, detach.Stage{ID: "00-s-1", Script: "echo up; sleep 60"},
+				&notifyWriter{w: &out, at: "up\n", hit: func() { go srv.Kill() }})
+			if !errors.Is(err, detach.ErrLost) || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("Run = %v, want ErrLost saying %q", err, tt.want)
+			}
+		})
+	}
 }
 
 // Processes a stage leaves behind are given the drain time, then killed;

@@ -252,7 +252,7 @@ func Dial(ctx context.Context, t Target) (*Client, error) {
 			lastErr = err
 		}
 		if ctx.Err() != nil {
-			return nil, fmt.Errorf("%s: %w (last error: %v)", op, context.Cause(ctx), lastErr)
+			return nil, fmt.Errorf("%s: %w (last error: %w)", op, context.Cause(ctx), lastErr)
 		}
 		if dctx.Err() == nil {
 			log.Debug("ssh dial failed, retrying", "attempt", attempt, "backoff", backoff, "err", err)
@@ -267,7 +267,7 @@ func Dial(ctx context.Context, t Target) (*Client, error) {
 			backoff = min(2*backoff, maxBackoff)
 		}
 		if ctx.Err() != nil {
-			return nil, fmt.Errorf("%s: %w (last error: %v)", op, context.Cause(ctx), lastErr)
+			return nil, fmt.Errorf("%s: %w (last error: %w)", op, context.Cause(ctx), lastErr)
 		}
 		if dctx.Err() != nil {
 			return nil, &vmexec.SystemError{Op: op, Err: fmt.Errorf(
