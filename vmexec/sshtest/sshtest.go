@@ -480,6 +480,17 @@ func (s *Server) Kill() {
 	}
 }
 
+// Restart kills the server, if it still runs, with everything it started,
+// and starts it again on the same address with the same keys: a machine
+// whose SSH server (or the whole machine) died, back up.
+func (s *Server) Restart() error {
+	s.Kill()
+	s.mu.Lock()
+	s.cmd, s.exited = nil, nil
+	s.mu.Unlock()
+	return s.Start()
+}
+
 // AuthorizeKey lets key (one authorized_keys line) log in too, as
 // cloud-init does with an instance's key.
 func (s *Server) AuthorizeKey(key string) error {
