@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
@@ -314,9 +315,23 @@ func pushImage(t *testing.T, registry, token, repoTag string, img v1.Image) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := remote.Write(tag, img, remote.WithAuth(&authn.Basic{Username: "admin", Password: token})); err != nil {
+	// The credentials go with every request: the coordinator's token
+	// realm is its external URL, which may be the VMs' 10.0.2.2.
+	rt := basicTransport{user: "admin", password: token, next: remote.DefaultTransport}
+	if err := remote.Write(tag, img, remote.WithAuth(authn.Anonymous), remote.WithTransport(rt)); err != nil {
 		t.Fatalf("push %s: %v", tag, err)
 	}
+}
+
+type basicTransport struct {
+	user, password string
+	next           http.RoundTripper
+}
+
+func (b basicTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	req = req.Clone(req.Context())
+	req.SetBasicAuth(b.user, b.password)
+	return b.next.RoundTrip(req)
 }
 
 func withPortAndCmd(t *testing.T, img v1.Image, port string, cmd ...string) v1.Image {
