@@ -377,7 +377,7 @@ func TestTerraformIAMAndCache(t *testing.T) {
 		}
 	}
 	for key, b := range m.resources {
-		if !strings.HasPrefix(key, "google_project_iam_") || key == "google_project_iam_custom_role.manager" {
+		if !strings.HasPrefix(key, "google_project_iam_") || strings.HasPrefix(key, "google_project_iam_custom_role.") {
 			continue
 		}
 		if r := attrRefs(b.Body, "role"); !slices.Equal(r, []string{"google_project_iam_custom_role.manager.name"}) {
@@ -415,6 +415,47 @@ func TestTerraformIAMAndCache(t *testing.T) {
 	}
 	if expiry != "14" {
 		t.Errorf("cache bucket deletes objects after %q days, want 14", expiry)
+	}
+
+	// The manager may sign cache URLs and nothing more; the VMs get nothing.
+	exact := func(roleKey string, want ...string) {
+		r := m.resources[roleKey]
+		if r == nil {
+			t.Errorf("no %s", roleKey)
+			return
+		}
+		got := m.strings(t, r.Body, "permissions")
+		slices.Sort(got)
+		slices.Sort(want)
+		if !slices.Equal(got, want) {
+			t.Errorf("%s grants %v, want exactly %v", roleKey, got, want)
+		}
+	}
+	exact("google_project_iam_custom_role.cache_signer", "storage.objects.get", "storage.objects.create", "storage.objects.delete")
+	exact("google_project_iam_custom_role.sign_blob", "iam.serviceAccounts.signBlob")
+	for key, want := range map[string]string{
+		"google_storage_bucket_iam_member.manager_cache":        "google_project_iam_custom_role.cache_signer.name",
+		"google_service_account_iam_member.manager_signs_urls": "google_project_iam_custom_role.sign_blob.name",
+	} {
+		b := m.resources[key]
+		if b == nil {
+			t.Errorf("no %s", key)
+			continue
+		}
+		if r := attrRefs(b.Body, "role"); !slices.Equal(r, []string{want}) {
+			t.Errorf("%s grants %v, want %s", key, r, want)
+		}
+		if r := attrRefs(b.Body, "member"); !slices.Equal(r, []string{"google_service_account.manager.email"}) {
+			t.Errorf("%s grants to %v, want the manager's service account only", key, r)
+		}
+	}
+	if r := attrRefs(m.resources["google_service_account_iam_member.manager_signs_urls"].Body, "service_account_id"); !slices.Equal(r, []string{"google_service_account.manager.name"}) {
+		t.Errorf("signBlob is granted on %v, want the manager's own service account", r)
+	}
+	for key, b := range m.resources {
+		if strings.Contains(key, "iam_member") && slices.ContainsFunc(attrRefs(b.Body, "member"), func(s string) bool { return strings.Contains(s, "runner_vm") }) {
+			t.Errorf("%s grants a role to the job VMs' service account", key)
+		}
 	}
 }
 

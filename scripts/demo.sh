@@ -22,7 +22,7 @@ trap cleanup EXIT
 
 echo "== coordinator on http://$ADDR with testdata/pipelines/demo.yaml"
 "$BIN/mayfly" coordinator --listen "$ADDR" --pipeline testdata/pipelines/demo.yaml \
-	--runner-token local-runner-token --exit-when-done --progress 2>/dev/null &
+	--external-url "http://10.0.2.2:${ADDR##*:}" --runner-token local-runner-token --exit-when-done --progress 2>/dev/null &
 coord_pid=$!
 sleep 1
 
@@ -45,3 +45,5 @@ if [ -n "$left" ]; then
 	exit 1
 fi
 echo "== no VM left running"
+echo "   (artifacts went from build to unit through the coordinator; run make run"
+echo "   again and build's trace says the cache came back from the local store)"

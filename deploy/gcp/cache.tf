@@ -34,17 +34,42 @@ resource "google_storage_bucket" "cache" {
   depends_on = [google_project_service.storage]
 }
 
-# The manager reads and writes cache objects and signs URLs for jobs.
+# A signed URL carries the signer's rights: the manager signs GETs
+# (objects.get) and PUTs that may overwrite (objects.create and
+# objects.delete), on this bucket only. Nothing else: no listing, no
+# metadata or IAM changes (roles/storage.objectAdmin would add those). The
+# job VMs' service account has no role here (nor anywhere: see iam.tf); a
+# VM only ever holds the URLs the manager signed for its own job.
+resource "google_project_iam_custom_role" "cache_signer" {
+  role_id     = replace("${var.name}_cache_signer", "-", "_")
+  title       = "mayfly cache signer"
+  description = "What a signed cache URL needs: read, create and overwrite objects."
+  permissions = [
+    "storage.objects.create",
+    "storage.objects.delete",
+    "storage.objects.get",
+  ]
+}
+
 resource "google_storage_bucket_iam_member" "manager_cache" {
   bucket = google_storage_bucket.cache.name
-  role   = "roles/storage.objectAdmin"
+  role   = google_project_iam_custom_role.cache_signer.name
   member = "serviceAccount:${google_service_account.manager.email}"
 }
 
-# Signing URLs without a key file goes through iam.serviceAccounts.signBlob
-# on the manager's own service account.
+# Signing URLs without a key file goes through the IAM Credentials API's
+# signBlob on the manager's own service account, and needs that alone
+# (roles/iam.serviceAccountTokenCreator would also mint access and ID
+# tokens).
+resource "google_project_iam_custom_role" "sign_blob" {
+  role_id     = replace("${var.name}_sign_blob", "-", "_")
+  title       = "mayfly URL signing"
+  description = "Sign blobs as a service account (V4 signed URLs without a key file)."
+  permissions = ["iam.serviceAccounts.signBlob"]
+}
+
 resource "google_service_account_iam_member" "manager_signs_urls" {
   service_account_id = google_service_account.manager.name
-  role               = "roles/iam.serviceAccountTokenCreator"
+  role               = google_project_iam_custom_role.sign_blob.name
   member             = "serviceAccount:${google_service_account.manager.email}"
 }
