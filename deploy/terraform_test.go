@@ -434,7 +434,7 @@ func TestTerraformIAMAndCache(t *testing.T) {
 	exact("google_project_iam_custom_role.cache_signer", "storage.objects.get", "storage.objects.create", "storage.objects.delete")
 	exact("google_project_iam_custom_role.sign_blob", "iam.serviceAccounts.signBlob")
 	for key, want := range map[string]string{
-		"google_storage_bucket_iam_member.manager_cache":        "google_project_iam_custom_role.cache_signer.name",
+		"google_storage_bucket_iam_member.manager_cache":       "google_project_iam_custom_role.cache_signer.name",
 		"google_service_account_iam_member.manager_signs_urls": "google_project_iam_custom_role.sign_blob.name",
 	} {
 		b := m.resources[key]
