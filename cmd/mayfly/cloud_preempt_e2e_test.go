@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -34,6 +35,15 @@ var viaRE = regexp.MustCompile(`via ([a-z0-9-]+)/([a-z0-9-]+)\.\.\.`)
 // publishes dropbear's host key in guest attributes (hostkeys/), where the
 // plugin reads the key the manager pins, and plays the agent's account
 // management by authorising each ssh-keys metadata entry on dropbear.
+//
+// A preempted VM's processes die with it. The instances here share one
+// dropbear on the host, and a job's stages run detached from their SSH
+// session (they survive a broken connection by design), so the test plays
+// the guest's power-off: once the fleet has deleted the preempted instance
+// it kills the processes whose environment carries the long job's BEAT
+// file. (On GCE the guest may go down earlier, within its 30 s shutdown; a
+// stage killed before the fleet notices would race the loss, which this
+// test does not time.)
 //
 // The fleet notices a preemption at its next list of the provider: every
 // update_interval (default 1m; 2s here), or update_interval_when_expecting
@@ -69,9 +79,10 @@ func TestGCEPreemptionDuringJobEndToEnd(t *testing.T) {
 			}
 		}
 	}
+	const preemptDelay = 2 * time.Second // the guest's shutdown time: 30s at most on GCE
 	fake := gcefake.New(gcefake.Options{
 		Project: "e2e-project", BootDelay: time.Second, AgentDelay: 200 * time.Millisecond,
-		PreemptDelay: 2 * time.Second, // the guest's shutdown time: 30s at most on GCE
+		PreemptDelay: preemptDelay,
 		Address:      vmIP, HostKeys: []string{sshd.HostKey}, OnMetadata: agent,
 	})
 	api := httptest.NewServer(fake)
@@ -138,7 +149,24 @@ log_level = "info"
 
 	stop := make(chan struct{})
 	results := make(chan preemptResult, 1)
-	go func() { results <- preemptLongJob(srv, fake, beat, stop) }()
+	powerOff := func(name string, stop <-chan struct{}) {
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		for deleted := false; !deleted; {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+			}
+			for _, r := range fake.Requests() {
+				deleted = deleted || r.Method == "instances.delete" && r.Name == name && r.Status == http.StatusOK
+			}
+		}
+		if err := killProcessesWithEnv("BEAT=" + beat); err != nil {
+			t.Errorf("power off the preempted VM: %v", err)
+		}
+	}
+	go func() { results <- preemptLongJob(srv, fake, beat, powerOff, stop) }()
 	defer close(stop)
 	logs := runUntilDone(t, srv, dir, pluginDir, cfg, 100*time.Second)
 
@@ -243,8 +271,9 @@ type preemptResult struct {
 
 // preemptLongJob waits until the long job's script runs (its marker is in
 // the trace and its count goes on), preempts the long job's VM in the
-// fake, and waits for the long job to end. It gives up when stop is closed or after 3 minutes.
-func preemptLongJob(srv *coordinator.Server, fake *gcefake.Server, beat string, stop <-chan struct{}) preemptResult {
+// fake, powers its guest off (powerOff, in the background, until stop),
+// and waits for the long job to end. It gives up when stop is closed or after 3 minutes.
+func preemptLongJob(srv *coordinator.Server, fake *gcefake.Server, beat string, powerOff func(name string, stop <-chan struct{}), stop <-chan struct{}) preemptResult {
 	var res preemptResult
 	deadline := time.After(3 * time.Minute)
 	tick := time.NewTicker(100 * time.Millisecond)
@@ -295,6 +324,9 @@ func preemptLongJob(srv *coordinator.Server, fake *gcefake.Server, beat string, 
 		res.err = fmt.Errorf("preempt the long job's instance: %w", err)
 		return res
 	}
+	off := make(chan struct{})
+	go func() { defer close(off); powerOff(res.name, stop) }()
+	defer func() { <-off }()
 	for {
 		if j, ok := long(); ok && coordinator.IsFinal(j.Status) {
 			res.failedAt = time.Now()
@@ -311,4 +343,30 @@ func readBeat(file string) int {
 	b, _ := os.ReadFile(file)
 	n, _ := strconv.Atoi(strings.TrimSpace(string(b)))
 	return n
+}
+
+// killProcessesWithEnv sends SIGKILL to every process whose environment
+// holds the entry kv, as a VM's power-off ends every process in it.
+func killProcessesWithEnv(kv string) error {
+	dirs, err := os.ReadDir("/proc")
+	if err != nil {
+		return fmt.Errorf("list processes: %w", err)
+	}
+	for _, d := range dirs {
+		pid, err := strconv.Atoi(d.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		env, err := os.ReadFile(filepath.Join("/proc", d.Name(), "environ"))
+		if err != nil {
+			continue // gone, or not ours to read
+		}
+		for _, e := range strings.Split(string(env), "\x00") {
+			if e == kv {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+				break
+			}
+		}
+	}
+	return nil
 }
