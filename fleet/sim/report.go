@@ -40,8 +40,14 @@ type Report struct {
 	// APICallsByCall splits APICalls by call (the runtime fleet's
 	// policies, counted at the simulated provider).
 	APICallsByCall map[string]int `json:"api_calls_by_call,omitempty"`
-	// InstancesCreated counts the VMs created.
+	// InstancesCreated counts the VMs created. For the runtime fleet's
+	// policies it is at most Jobs + IdleTargetRises + BootFailures (issue
+	// 20: no VM is created that neither a job nor the idle target asked
+	// for, failures aside).
 	InstancesCreated int `json:"instances_created"`
+	// IdleTargetRises sums the rises of the idle target over the run (the
+	// runtime fleet's policies).
+	IdleTargetRises int `json:"idle_target_rises,omitempty"`
 	// DeletedUnused counts VMs deleted after they became ready without
 	// running a job (idle past IdleTime, or surplus).
 	DeletedUnused int `json:"deleted_unused"`
@@ -122,6 +128,7 @@ func (w *world) report() Report {
 	r.DeletedUnusedWhileWaiting = w.wastedWhileWaiting
 	if rf, ok := w.ctl.(*runtimeFleet); ok {
 		r.MaxIdleTarget = rf.maxTarget
+		r.IdleTargetRises = rf.targetRises
 		r.OnDemandJobs = rf.onDemand
 		r.APICallsByCall = rf.cloud.calls
 		// The fleet keeps the invariant's count too; both must be 0.

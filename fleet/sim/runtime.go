@@ -39,7 +39,10 @@ type runtimeFleet struct {
 	finished  int           // Acquire goroutines that reported
 	onDemand  int           // jobs promised an instance that was not idle
 	maxTarget int
-	timer     *time.Timer // settleFleet's fallback
+	// targetRises sums the rises of the idle target: each may create that
+	// many VMs that no job asked for yet (issue 20's bound).
+	targetRises, lastTarget int
+	timer                   *time.Timer // settleFleet's fallback
 }
 
 type acquired struct {
@@ -144,7 +147,10 @@ func (r *runtimeFleet) settleFleet() {
 		}
 		r.timer.Stop()
 	}
-	r.maxTarget = max(r.maxTarget, r.f.Gauges().IdleTarget)
+	target := r.f.Gauges().IdleTarget
+	r.maxTarget = max(r.maxTarget, target)
+	r.targetRises += max(target-r.lastTarget, 0)
+	r.lastTarget = target
 }
 
 func (r *runtimeFleet) fail(err error) {

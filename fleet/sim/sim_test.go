@@ -464,7 +464,7 @@ func TestAPIBudget(t *testing.T) {
 				t.Fatal(err)
 			}
 			c := r.APICallsByCall
-			t.Logf("%d jobs: %.2f calls per job %v", r.Jobs, r.APICallsPerJob, c)
+			t.Logf("%d jobs: %.2f calls per job %v; %d VMs created, idle target rises %d, failures %d", r.Jobs, r.APICallsPerJob, c, r.InstancesCreated, r.IdleTargetRises, r.BootFailures)
 			if c[fleet.OpConnectInfo] != 0 {
 				t.Errorf("%d ConnectInfo calls: the connect info came with Create", c[fleet.OpConnectInfo])
 			}
@@ -473,6 +473,10 @@ func TestAPIBudget(t *testing.T) {
 			}
 			if perJob := float64(c[fleet.OpCreate]+c[fleet.OpDelete]) / float64(r.Jobs); perJob > 2 {
 				t.Errorf("%.2f create and delete calls per job, want at most 2", perJob)
+			}
+			if bound := r.Jobs + r.IdleTargetRises + r.BootFailures; r.InstancesCreated > bound || r.DeletedUnusedWhileWaiting != 0 {
+				t.Errorf("%d VMs created, want at most jobs + idle target rises + failures = %d; %d deleted unused while jobs waited (want 0)",
+					r.InstancesCreated, bound, r.DeletedUnusedWhileWaiting)
 			}
 			if lists, most := c[fleet.OpList], int(r.SimulatedHours*60)+2; lists > most {
 				t.Errorf("%d lists in %.1f h, want at most one a minute (%d)", lists, r.SimulatedHours, most)
