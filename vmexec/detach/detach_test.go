@@ -15,6 +15,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -399,6 +400,39 @@ func TestLeftoversAreKilled(t *testing.T) {
 			t.Errorf("the background process survived the stage")
 		}
 	})
+}
+
+// A stage that fills the disk the job directory is on still gets its
+// exit status recorded (the supervisor keeps a page for it), so the job
+// fails with the script's own code instead of a lost stage. The disk is
+// a small tmpfs, which needs root.
+func TestStageFillsTheDisk(t *testing.T) {
+	if os.Geteuid() != 0 {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("mounting a tmpfs needs root, and CI runs as root")
+		}
+		t.Skip("mounting a tmpfs needs root")
+	}
+	for _, k := range []sshtest.Kind{sshtest.OpenSSH, sshtest.Dropbear} {
+		t.Run(string(k), func(t *testing.T) {
+			// Mounted before the server starts, so that the server's
+			// private mount namespace has it too.
+			disk := t.TempDir()
+			if err := syscall.Mount("tmpfs", disk, "tmpfs", 0, "size=512k"); err != nil {
+				t.Fatalf("mount a tmpfs on %s: %v", disk, err)
+			}
+			t.Cleanup(func() { _ = syscall.Unmount(disk, syscall.MNT_DETACH) })
+			srv := sshtest.Run(t, k)
+			serverLog = srv.Log
+			r := newRunner(t, dial(t, srv), filepath.Join(disk, "job"), nil)
+			// At most 16 MiB, should the tmpfs not be the one written.
+			code, out := run(t, r, detach.Stage{ID: "00-fill-1",
+				Script: "echo filling; head -c 16777216 /dev/zero >" + filepath.Join(disk, "fill") + " 2>/dev/null || exit 7"})
+			if code != 7 || !strings.HasPrefix(out, "filling\n") {
+				t.Errorf("%d %q, want 7 and the output written before the disk was full", code, out)
+			}
+		})
+	}
 }
 
 func TestOptionsValidation(t *testing.T) {

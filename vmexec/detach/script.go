@@ -20,6 +20,9 @@ const layoutVersion = "1"
 //	                 supervisor that runs it
 //	D/s/<id>.out     its output (stdout and stderr), append-only
 //	D/s/<id>.code    its exit status; not empty once the stage is done
+//	D/s/<id>.pad     a page written when the stage starts and emptied just
+//	                 before its exit status is written, so that a stage
+//	                 that filled the disk still gets its status recorded
 //	D/halt.<pid>     written by Stop: supervisor pid must start nothing more
 //
 // Each file in D/f is marked whole by an empty NAME.ok, file variables by
@@ -74,6 +77,7 @@ while [ $# -gt 0 ]; do
 	mf_id=${1%%:*}; mf_r=${1#*:}; mf_sc=${mf_r%%:*}; mf_env=${mf_r#*:}; shift
 	mf_d=$mf_D/s/$mf_id
 	: >>"$mf_d.out"
+	{ printf '%4096s' '' >"$mf_d.pad"; } 2>/dev/null
 	( set --; . "$mf_D/f/$mf_env"; . "$mf_D/f/$mf_sc" ) </dev/null >>"$mf_d.out" 2>&1
 	mf_c=$?
 	mf_drain
@@ -81,6 +85,7 @@ while [ $# -gt 0 ]; do
 	if [ "$mf_c" = 0 ] && [ $# -gt 0 ] && [ ! -e "$mf_halt" ] && mf_claim "${1%%:*}"; then
 		mf_next=${1%%:*}
 	fi
+	: >"$mf_d.pad"
 	printf '%s\n' "$mf_c" >"$mf_d.code"
 	[ -n "$mf_next" ] || exit 0
 	if [ -e "$mf_halt" ]; then
