@@ -51,7 +51,7 @@ const DefaultCacheDir = ".cache/mayfly"
 
 // formatVersion changes whenever the image layout changes, so old cache
 // entries are not reused.
-const formatVersion = "mayfly-image-v2"
+const formatVersion = "mayfly-image-v3"
 
 // Options configure Build. Only CacheDir is required.
 type Options struct {
@@ -98,8 +98,12 @@ const DefaultDiskSize = 16 << 30
 type Image struct {
 	// Profile is what the image holds.
 	Profile Profile `json:"profile"`
-	// Kernel is the path of the kernel (bzImage).
+	// Kernel is the path of the kernel to boot: the uncompressed vmlinux
+	// when PVH, else the bzImage.
 	Kernel string `json:"kernel,omitempty"`
+	// PVH says the kernel is booted through its PVH entry point (see
+	// extractPVH), which skips the firmware's loader and the decompressor.
+	PVH bool `json:"pvh,omitempty"`
 	// Initrd is the path of the gzip-compressed base initramfs. It holds no
 	// keys: boot it with an instance overlay appended (WriteInstanceInitrd).
 	Initrd string `json:"initrd,omitempty"`
@@ -129,10 +133,11 @@ type Image struct {
 
 // Files of an image directory.
 const (
-	kernelFile   = "vmlinuz"
-	initrdFile   = "initrd.gz"
-	diskFile     = "disk.img"
-	manifestFile = "manifest.json"
+	kernelFile    = "vmlinuz"
+	pvhKernelFile = "vmlinux"
+	initrdFile    = "initrd.gz"
+	diskFile      = "disk.img"
+	manifestFile  = "manifest.json"
 )
 
 // ErrMissing is wrapped by errors about a missing package, file or tool.
@@ -306,6 +311,9 @@ func load(dir string) (*Image, error) {
 		img.Profile = ProfileBusybox
 	}
 	img.Kernel = filepath.Join(dir, kernelFile)
+	if img.PVH {
+		img.Kernel = filepath.Join(dir, pvhKernelFile)
+	}
 	img.Initrd = filepath.Join(dir, initrdFile)
 	files := []string{img.Kernel, img.Initrd}
 	if img.Profile.HasDisk() {

@@ -48,6 +48,9 @@ func (r *busyboxRecipe) build(ctx context.Context, work, out string, img *Image)
 		return err
 	}
 	img.KernelVersion = version
+	if img.PVH, err = writePVHKernel(ctx, out, r.opts.Logger); err != nil {
+		return err
+	}
 	modules, err := findModules(unpacked, version, r.opts.Modules)
 	if err != nil {
 		return fmt.Errorf("%s: %w", r.opts.KernelDeb, err)

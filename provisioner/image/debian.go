@@ -176,6 +176,9 @@ func (r *debianRecipe) build(ctx context.Context, work, out string, img *Image) 
 		return err
 	}
 	img.KernelVersion, img.Suite = version, o.Suite
+	if img.PVH, err = writePVHKernel(ctx, out, log); err != nil {
+		return err
+	}
 	modules, err := findModules(unpacked, version, o.Modules)
 	if err != nil {
 		return fmt.Errorf("%s: %w", o.KernelDeb, err)

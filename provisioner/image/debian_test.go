@@ -84,13 +84,12 @@ func TestDebianFiles(t *testing.T) {
 			}
 		}
 		for _, name := range []string{"stage1", GuestInitPath} {
-			sh := "sh"
-			if name == "stage1" && haveTool("busybox") {
-				sh = "busybox" // stage 1 runs busybox's sh
-			}
-			args := []string{"-n"}
-			if sh == "busybox" {
-				args = []string{"sh", "-n"}
+			sh, args := "bash", []string{"-n"} // stage 2 is bash
+			if name == "stage1" {
+				sh, args = "sh", []string{"-n"}
+				if haveTool("busybox") {
+					sh, args = "busybox", []string{"sh", "-n"} // stage 1 runs busybox's sh
+				}
 			}
 			cmd := exec.Command(sh, args...)
 			cmd.Stdin = strings.NewReader(files[name])
@@ -99,7 +98,7 @@ func TestDebianFiles(t *testing.T) {
 			}
 		}
 		_, hasDaemon := files[GuestDockerDaemonConfig]
-		if hasDaemon != p.HasDocker() || strings.Contains(files[GuestInitPath], `[ "1" = 1 ]`) != p.HasDocker() {
+		if hasDaemon != p.HasDocker() || strings.Contains(files[GuestInitPath], `[[ 1 == 1 ]]`) != p.HasDocker() {
 			t.Errorf("%s: Docker configured = %v, want %v", p, hasDaemon, p.HasDocker())
 		}
 		sshd := files["/etc/ssh/sshd_config"]

@@ -456,13 +456,25 @@ func TestBuild(t *testing.T) {
 	if !strings.HasSuffix(img.KernelVersion, "-amd64") {
 		t.Errorf("kernel version %q", img.KernelVersion)
 	}
-	kernel, err := os.ReadFile(img.Kernel)
+	bz, err := os.ReadFile(filepath.Join(filepath.Dir(img.Initrd), kernelFile))
 	if err != nil {
 		t.Fatal(err)
 	}
 	// A bzImage carries "HdrS" at offset 0x202.
-	if len(kernel) < 0x206 || string(kernel[0x202:0x206]) != "HdrS" {
-		t.Error("kernel is not a bzImage")
+	if len(bz) < 0x206 || string(bz[0x202:0x206]) != "HdrS" {
+		t.Error("vmlinuz is not a bzImage")
+	}
+	// Debian's kernels have CONFIG_PVH, and xz is on every Debian system:
+	// the image boots the uncompressed vmlinux through its PVH entry.
+	if !img.PVH || filepath.Base(img.Kernel) != pvhKernelFile {
+		t.Errorf("image boots %s (PVH %v), want the PVH vmlinux", img.Kernel, img.PVH)
+	} else if kernel, err := os.ReadFile(img.Kernel); err != nil {
+		t.Error(err)
+	} else if ok, err := hasPVHNote(kernel); !ok || err != nil || !bytes.HasPrefix(kernel, []byte("\x7fELF")) {
+		t.Errorf("vmlinux: ELF %v, PVH note %v, %v", bytes.HasPrefix(kernel, []byte("\x7fELF")), ok, err)
+	}
+	if _, err := extractPVH(context.Background(), []byte("not a kernel")); !errors.Is(err, errNoPVH) {
+		t.Errorf("extractPVH(junk) = %v, want errNoPVH", err)
 	}
 
 	initrd, err := os.ReadFile(img.Initrd)
