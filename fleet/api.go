@@ -21,10 +21,17 @@ const (
 	OpConnectInfo = "connect_info"
 )
 
-// api is the one budget through which every call to a provider goes: a
-// token bucket on the injected clock, a pause when the provider says it is
-// rate limited (for as long as it asked, or a doubling wait when it gave
-// no hint), a timeout on every call, and counters per operation.
+// api is the gate through which every call to a provider goes: a token
+// bucket on the injected clock (APIRate, the fleet's own cap on calls), a
+// pause when the provider says it is rate limited, a timeout on every
+// call, and counters per operation.
+//
+// Of the two backoffs a call meets, the plugin's is the budget: a cloud
+// plugin paces its requests with providers/pluginkit.Limiter and, when
+// its cloud throttles, answers rate_limited with the pause it chose. The
+// fleet only passes that through: it waits exactly as long as the plugin
+// said and adds no backoff of its own. The doubling wait here is only for
+// a plugin that says it is rate limited without saying for how long.
 type api struct {
 	prov    providers.Provider
 	runner  string

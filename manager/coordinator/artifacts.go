@@ -3,6 +3,7 @@ package coordinator
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"compress/gzip"
 	"crypto/sha256"
 	"encoding/hex"
@@ -99,10 +100,10 @@ func (s *Server) handleUploadArtifacts(w http.ResponseWriter, r *http.Request) {
 		writeMessage(w, http.StatusNotFound, "404 Job Not Found")
 		return
 	}
-	token := cmpOr(r.Header.Get(runnerapi.HeaderJobToken), r.URL.Query().Get("token"))
+	token := cmp.Or(r.Header.Get(runnerapi.HeaderJobToken), r.URL.Query().Get("token"))
 	q := r.URL.Query()
-	typ := cmpOr(q.Get("artifact_type"), "archive")
-	format := cmpOr(q.Get("artifact_format"), "zip")
+	typ := cmp.Or(q.Get("artifact_type"), "archive")
+	format := cmp.Or(q.Get("artifact_format"), "zip")
 	expireIn := q.Get("expire_in")
 	switch {
 	case !knownArtifactType[typ]:
@@ -173,7 +174,7 @@ func (s *Server) handleUploadArtifacts(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	a := &storedArtifact{
-		typ: typ, format: format, filename: filepath.Base(cmpOr(part.FileName(), typ)),
+		typ: typ, format: format, filename: filepath.Base(cmp.Or(part.FileName(), typ)),
 		size: n, sha256: hex.EncodeToString(h.Sum(nil)), createdAt: now, expireAt: expireAt,
 		path: filepath.Join(jobDir, typ+"."+format),
 	}
@@ -231,7 +232,7 @@ func (s *Server) handleDownloadArtifacts(w http.ResponseWriter, r *http.Request)
 		writeMessage(w, http.StatusNotFound, "404 Job Not Found")
 		return
 	}
-	token := cmpOr(r.Header.Get(runnerapi.HeaderJobToken), r.URL.Query().Get("token"))
+	token := cmp.Or(r.Header.Get(runnerapi.HeaderJobToken), r.URL.Query().Get("token"))
 	s.mu.Lock()
 	j := s.jobs[id]
 	allowed := false
@@ -455,11 +456,4 @@ func parseDotenv(path, format string, size int64) ([]runnerapi.Variable, error) 
 		out = append(out, runnerapi.Variable{Key: k, Value: vals[k], Public: true})
 	}
 	return out, nil
-}
-
-func cmpOr(a, b string) string {
-	if a != "" {
-		return a
-	}
-	return b
 }
