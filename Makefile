@@ -11,7 +11,7 @@ REVISION ?= $(or $(shell git rev-parse --short=8 HEAD 2>/dev/null),HEAD)
 BRANCH   ?= $(or $(shell git rev-parse --abbrev-ref HEAD 2>/dev/null),HEAD)
 LDFLAGS  := -X main.version=$(VERSION) -X main.revision=$(REVISION) -X main.branch=$(BRANCH)
 
-.PHONY: all setup build helpers test run bench fuzz lint generate clean
+.PHONY: all setup build helpers test run bench chaos fuzz lint generate clean
 
 all: build
 
@@ -49,6 +49,16 @@ bench: setup build
 	@$(BIN)/mayfly simulate --config testdata/gce-windows.toml --trace testdata/traces/weekly-windows.csv 2>/dev/null | sed -n '1,6p'; echo
 	$(GO) test -run '^$$' -bench '^BenchmarkCompare$$' -benchtime 1x -timeout 4h ./fleet/sim/ -args -compare.shapes=all -compare.seeds=3
 	$(GO) test -run '^$$' -bench . -skip '^BenchmarkCompare$$' -benchmem -benchtime 1x ./cmd/... ./fleet/... ./schedule/... ./manager/... ./providers/... ./vmexec/... ./plugins/...
+
+## chaos: the long chaos suite (issue 16): `mayfly run` killed with SIGKILL in every phase of its
+## jobs' life and started again on the same state dir, CHAOS_FAKE trials on the fake provider and
+## CHAOS_QEMU on qemu microVMs; prints one table (about 25 min on 2 cores). `make test` runs 6 + 1.
+CHAOS_FAKE ?= 100
+CHAOS_QEMU ?= 10
+CHAOS_SEED ?= 16
+chaos: setup
+	$(GO) test -run '^TestChaos$$' -v -count=1 -timeout 120m ./cmd/mayfly/ -args \
+		-chaos.fake=$(CHAOS_FAKE) -chaos.qemu=$(CHAOS_QEMU) -chaos.seed=$(CHAOS_SEED) -chaos.parallel=4 -chaos.qemu-parallel=2
 
 ## fuzz: run every fuzz target for FUZZTIME each
 fuzz:

@@ -242,6 +242,7 @@ func (m *Manager) resumeJob(rs *resumable) {
 			jr.finish(systemFailure("the runner manager restarted and cannot reach the job's VM %s within %v: %v", st.lease.Instance, reattachTimeout, err))
 			return
 		}
+		jr.log.Info("job reattached", "instance", st.lease.Instance, "reattach_seconds", m.now().Sub(start).Seconds())
 		jr.exec = exec
 		defer exec.Close()
 		jr.finish(jr.execute())

@@ -1,0 +1,428 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mayfly-ci/mayfly/manager/coordinator"
+	"github.com/mayfly-ci/mayfly/manager/runnerapi"
+	"github.com/mayfly-ci/mayfly/vmexec/sshtest"
+)
+
+// One chaos trial: a few jobs through `mayfly run`, SIGKILL at a seeded
+// moment of a seeded phase of their life, `mayfly run` again on the same
+// state dir, and a count of what became of every job and instance.
+
+// Phases a trial kills the manager in.
+const (
+	phaseBoot        = "boot"
+	phaseGetSources  = "get_sources"
+	phaseScript      = "script"
+	phaseAfterScript = "after_script"
+	phaseUpload      = "upload"
+	phaseFinalUpdate = "final_update"
+)
+
+// chaosSetup is what the trials of one provider share.
+type chaosSetup struct {
+	provider string // "fake" or "qemu"
+	binDir   string
+	ssh      *sshtest.Server // fake: every instance is this server
+	cacheDir string          // qemu: the VM images
+	jobs     int             // jobs per trial
+	boot     time.Duration   // fake: boot delay; qemu: an estimate
+	within   time.Duration   // bound for the jobs to end after the restart
+}
+
+// chaosJob is one job of a trial and the result its script decides.
+type chaosJob struct {
+	name  string
+	exit  int // 0: success; else script_failure
+	sleep time.Duration
+}
+
+// trialResult counts what became of a trial's jobs and instances.
+type trialResult struct {
+	phase                    string
+	jobs, runningAtKill      int
+	trueAtKill, cleanAtKill  int // of those running at the kill
+	wrong                    int // neither their true result nor a clean failure
+	stuck, leaked, reused    int
+	reran, badTrace, crashes int
+	resume                   []time.Duration
+	triggerMissed            bool
+	problems                 []string
+}
+
+func (r *trialResult) problem(format string, args ...any) {
+	r.problems = append(r.problems, fmt.Sprintf(format, args...))
+}
+
+// chaosProject writes the trial's project: a repository whose
+// .gitlab-ci.yml has jobs that sleep in every phase long enough to be
+// killed in, mark on the machine that their script ran (a second run
+// prints CHAOS-RERAN), and on qemu that their VM is fresh (a VM used
+// before prints CHAOS-VM-REUSED). On the fake provider get_sources fetches
+// the repository from the coordinator; qemu VMs here have no git and no
+// route to it, so there GIT_STRATEGY is none and nothing is uploaded.
+func chaosProjects(t testing.TB, s *chaosSetup, dir string, jobs []chaosJob, marks string) []string {
+	q := strconv.Quote
+	list := func(lines ...string) string {
+		out := make([]string, len(lines))
+		for i, l := range lines {
+			out[i] = q(l)
+		}
+		return "[" + strings.Join(out, ", ") + "]"
+	}
+	var dirs []string
+	for _, j := range jobs {
+		var b strings.Builder
+		fmt.Fprintf(&b, "variables:\n  CHAOS_MARKS: %s\n", q(marks))
+		if s.provider == "qemu" {
+			b.WriteString("  GIT_STRATEGY: none\n")
+		}
+		pre := []string{"echo chaos-get-sources", "sleep 1.5"}
+		script := []string{"echo chaos-script-start"}
+		if s.provider == "qemu" {
+			script = append(script, "if [ -e /var/chaos-vm-used ]; then echo CHAOS-VM-REUSED; fi; touch /var/chaos-vm-used")
+		}
+		script = append(script,
+			`if [ -e "$CHAOS_MARKS/ran-$CI_JOB_ID" ]; then echo CHAOS-RERAN; fi; echo x >> "$CHAOS_MARKS/ran-$CI_JOB_ID"`,
+			fmt.Sprintf("sleep %.1f", j.sleep.Seconds()))
+		if s.provider == "fake" {
+			script = append(script, "head -c 4000000 /dev/urandom > out.bin")
+		}
+		script = append(script, "cat chaos.txt 2>/dev/null || true", "echo chaos-script-end")
+		if j.exit != 0 {
+			script = append(script, fmt.Sprintf("exit %d", j.exit))
+		}
+		fmt.Fprintf(&b, "%s:\n  hooks:\n    pre_get_sources_script: %s\n  script: %s\n  after_script: %s\n",
+			j.name, list(pre...), list(script...), list("echo chaos-after-$CI_JOB_STATUS", "sleep 1.5"))
+		if s.provider == "fake" {
+			b.WriteString("  artifacts: {paths: [out.bin], when: always}\n")
+		}
+		pdir := filepath.Join(dir, "project-"+j.name)
+		if err := os.MkdirAll(pdir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		for name, content := range map[string]string{".gitlab-ci.yml": b.String(), "chaos.txt": "chaos-source-fetched\n"} {
+			if err := os.WriteFile(filepath.Join(pdir, name), []byte(content), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		dirs = append(dirs, pdir)
+	}
+	return dirs
+}
+
+// chaosConfig is the trial's config.toml.
+func chaosConfig(s *chaosSetup, url, token, dir string) string {
+	head := fmt.Sprintf(`concurrent = %d
+check_interval = 1
+log_level = "info"
+log_format = "json"
+
+[[runners]]
+  name = "chaos"
+  url = %q
+  token = %q
+  executor = "instance"
+  shell = "sh"
+`, s.jobs, url, token)
+	if s.provider == "fake" {
+		host, port, _ := net.SplitHostPort(s.ssh.Addr)
+		return head + fmt.Sprintf(`  builds_dir = %q
+  [runners.autoscaler]
+    plugin = "fake"
+    max_instances = %d
+    delete_instances_on_shutdown = true
+    [runners.autoscaler.plugin_config]
+      state_dir = %q
+      boot_delay = %q
+      [runners.autoscaler.plugin_config.connect]
+        address = %q
+        port = %s
+        username = %q
+        host_key = %q
+        private_key = '''
+%s'''
+    [runners.autoscaler.connector_config]
+      timeout = "30s"
+    [[runners.autoscaler.policy]]
+      idle_count = 0
+`, filepath.Join(dir, "builds"), s.jobs+1, filepath.Join(dir, "provider"), s.boot.String(), host, port, s.ssh.User, s.ssh.HostKey, s.ssh.ClientKeyPEM)
+	}
+	return head + fmt.Sprintf(`  builds_dir = "/builds"
+  [runners.autoscaler]
+    plugin = "qemu"
+    max_instances = %d
+    max_growth_rate = 2
+    delete_instances_on_shutdown = true
+    instance_ready_command = "test -d /proc"
+    [runners.autoscaler.plugin_config]
+      state_dir = %q
+      image_cache_dir = %q
+      memory_mb = 256
+      boot_timeout = "150s"
+    [runners.autoscaler.connector_config]
+      timeout = "2m"
+    [[runners.autoscaler.policy]]
+      idle_count = 0
+`, s.jobs, filepath.Join(dir, "provider"), s.cacheDir)
+}
+
+// instancesLeft returns the instances the provider still holds: the fake
+// plugin's state file, or the qemu processes of the trial's state dir.
+func (s *chaosSetup) instancesLeft(t testing.TB, dir string) []string {
+	provider := filepath.Join(dir, "provider")
+	if s.provider == "qemu" {
+		return qemuProcesses(provider)
+	}
+	b, err := os.ReadFile(filepath.Join(provider, "state.json"))
+	if os.IsNotExist(err) {
+		return nil
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st struct {
+		Instances []struct {
+			ID string `json:"id"`
+		} `json:"instances"`
+	}
+	if err := json.Unmarshal(b, &st); err != nil {
+		return []string{"unreadable provider state: " + err.Error()}
+	}
+	var ids []string
+	for _, in := range st.Instances {
+		ids = append(ids, in.ID)
+	}
+	return ids
+}
+
+// runChaosTrial runs trial index of setup s in phase, seeded by seed.
+func runChaosTrial(t *testing.T, s *chaosSetup, seed uint64, index int, phase string) trialResult {
+	rng := rand.New(rand.NewPCG(seed, uint64(index)))
+	res := trialResult{phase: phase}
+	dir := t.TempDir()
+	marks := "/tmp"
+	if s.provider == "fake" {
+		marks = filepath.Join(dir, "marks")
+		if err := os.MkdirAll(marks, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	jobs := make([]chaosJob, s.jobs)
+	want := map[string]chaosJob{}
+	for i := range jobs {
+		jobs[i] = chaosJob{name: fmt.Sprintf("j%d", i+1), sleep: time.Duration(2000+rng.IntN(1000)) * time.Millisecond}
+		if rng.IntN(2) == 1 {
+			jobs[i].exit = 3
+		}
+		want[jobs[i].name] = jobs[i]
+	}
+	token := fmt.Sprintf("chaos-%s-%d", s.provider, index)
+	slow := 1500 * time.Millisecond
+	c := startChaosCoordinator(t, token, chaosProjects(t, s, dir, jobs, marks), slow)
+	if phase == phaseFinalUpdate && rng.IntN(2) == 1 {
+		// GitLab refuses the first final updates too: the manager retries.
+		if err := c.srv.InjectFault(coordinator.Fault{Endpoint: coordinator.FaultUpdateJob, Status: 503, Times: 2}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cfgPath := filepath.Join(dir, "config.toml")
+	if err := os.WriteFile(cfgPath, []byte(chaosConfig(s, c.url, token, dir)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	stateDir := filepath.Join(dir, "state")
+	id := fmt.Sprintf("chaos-%s-%d", s.provider, index)
+	m1 := startChaosManager(t, s.binDir, cfgPath, stateDir, id)
+
+	// The kill: a seeded moment after the phase is seen to begin.
+	ctx, cancel := context.WithTimeout(context.Background(), s.within)
+	defer cancel()
+	traceHas := func(text string) bool {
+		for _, j := range c.srv.Jobs() {
+			if bytes.Contains(j.Trace, []byte(text)) {
+				return true
+			}
+		}
+		return false
+	}
+	var seen time.Time
+	var window time.Duration
+	ok := waitFor(ctx, func() bool {
+		switch phase {
+		case phaseBoot:
+			for _, j := range c.srv.Jobs() {
+				if j.Status == "running" {
+					seen, window = time.Now(), s.boot*8/10
+					return true
+				}
+			}
+		case phaseGetSources, phaseScript, phaseAfterScript:
+			text := map[string]string{phaseGetSources: "chaos-get-sources", phaseScript: "chaos-script-start", phaseAfterScript: "chaos-after-"}[phase]
+			if traceHas(text) {
+				seen, window = time.Now(), 800*time.Millisecond
+				return true
+			}
+		case phaseUpload:
+			at, ok := seenAt(&c.uploadSeen)
+			if ok {
+				seen, window = at, slow
+			}
+			return ok
+		case phaseFinalUpdate:
+			at, ok := seenAt(&c.finalSeen)
+			if ok {
+				seen, window = at, slow
+			}
+			return ok
+		}
+		return false
+	})
+	if !ok || !m1.running() {
+		res.triggerMissed = true
+		res.problem("phase %s was not seen within %v (manager running: %v)", phase, s.within, m1.running())
+	} else {
+		time.Sleep(time.Until(seen.Add(time.Duration(rng.Int64N(int64(window) + 1)))))
+	}
+	atKill := map[int64]bool{}
+	for _, j := range c.srv.Jobs() {
+		if j.Status == "running" {
+			atKill[j.ID] = true
+		}
+	}
+	if !m1.running() {
+		res.crashes++
+		res.problem("the first manager exited by itself: %v\n%s", m1.err, m1.log.String())
+	}
+	m1.kill()
+	res.runningAtKill = len(atKill)
+
+	m2 := startChaosManager(t, s.binDir, cfgPath, stateDir, id)
+	done := func() bool {
+		for _, j := range c.srv.Jobs() {
+			if !coordinator.IsFinal(j.Status) {
+				return false
+			}
+		}
+		return len(c.srv.Jobs()) == len(jobs)
+	}
+	waitFor(ctx, done)
+	left := func() bool { return len(s.instancesLeft(t, dir)) == 0 }
+	lctx, lcancel := context.WithTimeout(context.Background(), 60*time.Second)
+	waitFor(lctx, left)
+	lcancel()
+	if l := s.instancesLeft(t, dir); len(l) > 0 {
+		res.leaked = len(l)
+		res.problem("instances left after every job ended: %v", l)
+	}
+	if !m2.running() {
+		res.crashes++
+		res.problem("the restarted manager exited by itself: %v", m2.err)
+	} else if err := m2.drain(time.Minute); err != nil {
+		res.crashes++
+		res.problem("the restarted manager's drain: %v", err)
+	}
+	res.resume = resumeTimes(m2, atKill)
+	countJobs(&res, c.srv.Jobs(), want, atKill, s.provider == "fake")
+	if len(res.problems) > 0 {
+		res.problem("first manager's log:\n%s\nrestarted manager's log:\n%s", m1.log.String(), m2.log.String())
+	}
+	return res
+}
+
+// countJobs sorts a trial's jobs into the result's columns.
+func countJobs(res *trialResult, records []coordinator.JobRecord, want map[string]chaosJob, atKill map[int64]bool, fetched bool) {
+	vms := map[string]string{}
+	for _, j := range records {
+		res.jobs++
+		tr := string(j.Trace)
+		w := want[j.Name]
+		if !coordinator.IsFinal(j.Status) {
+			res.stuck++
+			res.problem("job %s (%d) is stuck %s:\n%s", j.Name, j.ID, j.Status, tr)
+			continue
+		}
+		wantStatus, wantReason := "success", ""
+		if w.exit != 0 {
+			wantStatus, wantReason = "failed", runnerapi.FailureScriptFailure
+		}
+		isTrue := j.Status == wantStatus && j.FailureReason == wantReason &&
+			strings.Contains(tr, "\nchaos-script-end\n") && (!fetched || strings.Contains(tr, "\nchaos-source-fetched\n")) && strings.Contains(tr, "chaos-after-"+map[bool]string{true: "success", false: "failed"}[w.exit == 0])
+		clean := j.Status == "failed" && j.FailureReason == runnerapi.FailureRunnerSystemFailure &&
+			regexp.MustCompile(`ERROR: Job failed: \(system failure\) \S`).MatchString(tr)
+		switch {
+		case isTrue && atKill[j.ID]:
+			res.trueAtKill++
+		case isTrue:
+		case clean && atKill[j.ID]:
+			res.cleanAtKill++
+			res.problem("job %s (%d), running at the kill, failed cleanly:\n%s", j.Name, j.ID, tr)
+		default:
+			res.wrong++
+			res.problem("job %s (%d): %s %q, want %s %q or a clean runner_system_failure:\n%s", j.Name, j.ID, j.Status, j.FailureReason, wantStatus, wantReason, tr)
+		}
+		if strings.Contains(tr, "\nCHAOS-RERAN\n") {
+			res.reran++
+			res.problem("job %s (%d): its script ran twice:\n%s", j.Name, j.ID, tr)
+		}
+		if strings.Contains(tr, "\nCHAOS-VM-REUSED\n") {
+			res.reused++
+			res.problem("job %s (%d) ran on a VM used before:\n%s", j.Name, j.ID, tr)
+		}
+		if j.TraceVerified == nil || !*j.TraceVerified {
+			res.badTrace++
+			res.problem("job %s (%d): the stored trace does not match the reported checksum:\n%q", j.Name, j.ID, tr)
+		}
+		for _, m := range runningOn.FindAllStringSubmatch(tr, -1) {
+			if prev, dup := vms[m[2]]; dup && prev != j.Name {
+				res.reused++
+				res.problem("jobs %s and %s ran on the same instance %s", prev, j.Name, m[2])
+			}
+			vms[m[2]] = j.Name
+		}
+	}
+}
+
+// resumeTimes reads, from the restarted manager's log, how long after its
+// start each job running at the kill was found again: reattached to its VM,
+// or (when it had none yet) resumed.
+func resumeTimes(m *chaosManager, atKill map[int64]bool) []time.Duration {
+	at := map[int64]time.Time{}
+	for _, line := range strings.Split(m.log.String(), "\n") {
+		var rec struct {
+			Time time.Time `json:"time"`
+			Msg  string    `json:"msg"`
+			Job  int64     `json:"job"`
+		}
+		if json.Unmarshal([]byte(line), &rec) != nil || !atKill[rec.Job] {
+			continue
+		}
+		switch rec.Msg {
+		case "job reattached":
+			at[rec.Job] = rec.Time
+		case "resuming a job a previous manager started":
+			if _, ok := at[rec.Job]; !ok {
+				at[rec.Job] = rec.Time
+			}
+		}
+	}
+	var out []time.Duration
+	for _, t := range at {
+		out = append(out, t.Sub(m.started))
+	}
+	return out
+}
