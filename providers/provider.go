@@ -14,6 +14,8 @@ import (
 	"encoding/pem"
 	"fmt"
 	"maps"
+	"net/netip"
+	"regexp"
 	"time"
 
 	"golang.org/x/crypto/ssh"
@@ -161,6 +163,8 @@ func (c ConnectInfo) Validate() error {
 	switch {
 	case c.Address == "":
 		return fmt.Errorf("connect info %s: address is empty", c.ID)
+	case checkAddress(c.Address) != nil:
+		return fmt.Errorf("connect info %s: address %q: %w", c.ID, c.Address, checkAddress(c.Address))
 	case c.Port < 1 || c.Port > 65535:
 		return fmt.Errorf("connect info %s: port %d out of range 1-65535", c.ID, c.Port)
 	case c.Username == "":
@@ -200,6 +204,40 @@ func (c ConnectInfo) Validate() error {
 		if _, err := x509.ParseCertificate(block.Bytes); err != nil {
 			return fmt.Errorf("connect info %s: tls_cert: %w", c.ID, err)
 		}
+	}
+	return nil
+}
+
+// hostNameRE is a DNS host name: dot-separated labels of letters, digits
+// and inner hyphens, at most 63 characters each.
+var hostNameRE = regexp.MustCompile(`^(?i:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)(?:\.(?i:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?))*\.?$`)
+
+// checkAddress refuses an instance address no provider may return: one
+// that is neither an IP address nor a host name, or an IP address no
+// instance can have (unspecified, multicast, broadcast) or that belongs
+// to the host's link (link-local: 169.254.0.0/16, where clouds serve
+// their metadata and credentials, and fe80::/10). A plugin's answers are
+// input too: the manager must not be pointed there.
+func checkAddress(a string) error {
+	ip, err := netip.ParseAddr(a)
+	if err != nil {
+		if len(a) > 253 || !hostNameRE.MatchString(a) {
+			return fmt.Errorf("neither an IP address nor a host name")
+		}
+		return nil
+	}
+	ip = ip.Unmap()
+	switch {
+	case ip.Zone() != "":
+		return fmt.Errorf("an IP address with a zone")
+	case ip.IsUnspecified():
+		return fmt.Errorf("the unspecified address")
+	case ip.IsMulticast():
+		return fmt.Errorf("a multicast address")
+	case ip == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
+		return fmt.Errorf("the broadcast address")
+	case ip.IsLinkLocalUnicast():
+		return fmt.Errorf("a link-local address (where clouds serve instance metadata), never an instance's")
 	}
 	return nil
 }

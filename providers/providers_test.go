@@ -140,6 +140,19 @@ func TestConnectInfoValidate(t *testing.T) {
 		{"winrm needs password", func(c *ConnectInfo) { c.Protocol = ProtocolWinRM }, "winrm needs password"},
 		{"bad cert", func(c *ConnectInfo) { c.TLSCert = []byte("nope") }, "tls_cert"},
 		{"no os", func(c *ConnectInfo) { c.OS = "" }, "os"},
+		{"ipv6 loopback", func(c *ConnectInfo) { c.Address = "::1" }, ""},
+		{"private address", func(c *ConnectInfo) { c.Address = "10.128.0.7" }, ""},
+		{"host name", func(c *ConnectInfo) { c.Address = "vm-1.internal" }, ""},
+		{"metadata server", func(c *ConnectInfo) { c.Address = "169.254.169.254" }, "link-local"},
+		{"ipv6 link-local", func(c *ConnectInfo) { c.Address = "fe80::1" }, "link-local"},
+		{"mapped link-local", func(c *ConnectInfo) { c.Address = "::ffff:169.254.169.254" }, "link-local"},
+		{"unspecified", func(c *ConnectInfo) { c.Address = "0.0.0.0" }, "unspecified"},
+		{"multicast", func(c *ConnectInfo) { c.Address = "224.0.0.1" }, "multicast"},
+		{"broadcast", func(c *ConnectInfo) { c.Address = "255.255.255.255" }, "broadcast"},
+		{"zone", func(c *ConnectInfo) { c.Address = "fe80::1%eth0" }, "zone"},
+		{"address with a port", func(c *ConnectInfo) { c.Address = "10.0.0.1:22" }, "neither an IP address nor a host name"},
+		{"address with a path", func(c *ConnectInfo) { c.Address = "host/../x" }, "neither an IP address nor a host name"},
+		{"address with an option", func(c *ConnectInfo) { c.Address = "-oProxyCommand=x" }, "neither an IP address nor a host name"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
