@@ -140,7 +140,9 @@ func newHarness(t testing.TB, cfg Config, opts fake.Options) *harness {
 		cfg.JournalPath = filepath.Join(t.TempDir(), "journal")
 	}
 	cfg.Clock = clk
-	cfg.Logger = testLogger()
+	if cfg.Logger == nil {
+		cfg.Logger = testLogger()
+	}
 	// Calls go out at once unless a test is about batching them.
 	if cfg.CreateBatchWindow == 0 {
 		cfg.CreateBatchWindow = -1

@@ -43,13 +43,17 @@ func (f *Fleet) recover(ctx context.Context) error {
 	f.mu.Lock()
 	now := f.clock.Now()
 	var doomed []string
-	adopted := 0
+	adopted, skipped := 0, 0
 	for i := range list {
 		pi := &list[i]
 		if !f.ours(pi) || pi.State == providers.StateDeleting || pi.State == providers.StateGone || f.books[pi.ID] != nil {
 			continue
 		}
 		_, used := live[pi.ID]
+		if !used && len(f.books) >= maxListIntake {
+			skipped++ // later lists take it up as an orphan
+			continue
+		}
 		switch {
 		case used || !trusted:
 			in := f.addLocked(pi.ID, StateCreating, now)
@@ -70,6 +74,10 @@ func (f *Fleet) recover(ctx context.Context) error {
 		}
 	}
 	f.mu.Unlock()
+	if skipped > 0 {
+		f.log.Warn("the provider lists more instances with this fleet's labels than one list may bring into the books; the rest are taken up by later lists",
+			"bound", maxListIntake, "left", skipped)
+	}
 
 	f.mu.Lock()
 	held := f.claimedLocked() // claimed for resumed jobs: still acquired
@@ -87,6 +95,17 @@ func (f *Fleet) recover(ctx context.Context) error {
 	f.log.Info("start-up reconciliation done", "listed", len(list), "deleting", len(doomed), "adopted", adopted, "journal_trusted", trusted)
 	return nil
 }
+
+// maxListIntake bounds the instances one list brings into the books
+// (adopted at start, or orphans to delete): a provider that lists far more
+// instances with this fleet's labels than it ever made (a plugin's bug, or
+// a hostile one: its replies are input too) must not flood the books, the
+// logs and the API budget. Later lists take up the rest.
+const maxListIntake = 200
+
+// orphansNamed is how many orphans one list names in a log line each;
+// one line counts the others.
+const orphansNamed = 10
 
 // reconcile compares the provider's list with the books:
 //   - an instance with our labels that the books do not know is deleted
@@ -134,6 +153,13 @@ func (f *Fleet) applyListLocked(list []providers.Instance, err error, startSeq, 
 	gen := f.listGen
 	seen := make(map[string]bool, len(f.suspects))
 	atProvider := 0
+	orphanRoom := maxListIntake
+	for _, in := range f.books {
+		if in.state == StateDeleting && in.reason == ReasonOrphan {
+			orphanRoom--
+		}
+	}
+	skipped := 0
 	for i := range list {
 		pi := &list[i]
 		if !f.ours(pi) {
@@ -156,7 +182,14 @@ func (f *Fleet) applyListLocked(list []providers.Instance, err error, startSeq, 
 				seen[pi.ID] = true
 				continue
 			}
-			f.log.Warn("instance with this fleet's labels is not in the books", "instance", pi.ID, "state", pi.State)
+			if orphanRoom <= 0 {
+				skipped++
+				continue
+			}
+			orphanRoom--
+			if len(orphans) < orphansNamed {
+				f.log.Warn("instance with this fleet's labels is not in the books", "instance", pi.ID, "state", pi.State)
+			}
 			in := f.addLocked(pi.ID, StateCreating, now)
 			in.journaled = true
 			f.deleteLocked(in, ReasonOrphan)
@@ -185,6 +218,10 @@ func (f *Fleet) applyListLocked(list []providers.Instance, err error, startSeq, 
 		}
 	}
 	f.m.atProvider.WithLabelValues(f.cfg.Name).Set(float64(atProvider))
+	if len(orphans) > orphansNamed || skipped > 0 {
+		f.log.Warn("the provider lists many instances with this fleet's labels that are not in the books; deleting them, at most a bound at once, the rest after later lists",
+			"deleting", len(orphans), "named", orphansNamed, "bound", maxListIntake, "left", skipped)
+	}
 
 	for id := range f.suspects {
 		if !seen[id] {

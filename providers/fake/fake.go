@@ -103,6 +103,8 @@ type Settings struct {
 	// Connect, when set, makes every instance's ConnectInfo point at one
 	// real server, so tests can run jobs through the fake.
 	Connect *ConnectSpec `json:"connect"`
+	// Hostile, when set, makes the answers hostile (see HostileSpec).
+	Hostile *HostileSpec `json:"hostile"`
 }
 
 // ConnectSpec is the server every instance's ConnectInfo points at.
@@ -169,6 +171,7 @@ type Fake struct {
 	holds     map[Op]chan struct{}
 	calls     map[Op]int
 	closed    bool
+	hostile   *HostileSpec
 }
 
 var _ providers.Provider = (*Fake)(nil)
@@ -279,6 +282,11 @@ func (f *Fake) Init(ctx context.Context, raw json.RawMessage) (providers.Info, e
 	if s.Protocol != "" && s.Protocol != string(providers.ProtocolSSH) && s.Protocol != string(providers.ProtocolWinRM) {
 		return providers.Info{}, providers.InvalidArgument(fmt.Errorf("fake init: settings key \"protocol\": %q is not ssh or winrm", s.Protocol))
 	}
+	if s.Hostile != nil {
+		if err := s.Hostile.check(); err != nil {
+			return providers.Info{}, providers.InvalidArgument(fmt.Errorf("fake init: settings key \"hostile\": %w", err))
+		}
+	}
 	if s.MaxSize < 0 || s.Quota < 0 {
 		return providers.Info{}, providers.InvalidArgument(errors.New("fake init: settings keys \"max_size\" and \"quota\" must not be negative"))
 	}
@@ -308,6 +316,9 @@ func (f *Fake) Init(ctx context.Context, raw json.RawMessage) (providers.Info, e
 		o.Protocol = providers.ProtocolWinRM
 	}
 	f.faults = append(f.faults, faults...)
+	if s.Hostile != nil {
+		f.applyHostileLocked(s.Hostile)
+	}
 	if s.StateDir != "" && s.StateDir != o.StateDir {
 		o.StateDir = s.StateDir
 		if err := f.load(); err != nil {
@@ -470,7 +481,7 @@ func (f *Fake) List(ctx context.Context) ([]providers.Instance, error) {
 			return nil, fmt.Errorf("fake list: %w", err)
 		}
 	}
-	return f.snapshot(), nil
+	return f.hostileList(f.snapshot()), nil
 }
 
 // ConnectInfo implements providers.Provider.
@@ -486,7 +497,8 @@ func (f *Fake) ConnectInfo(ctx context.Context, id string) (providers.ConnectInf
 		return providers.ConnectInfo{}, providers.NotFound(id)
 	}
 	if f.opts.ConnectInfo != nil {
-		return f.opts.ConnectInfo(id)
+		ci, err := f.opts.ConnectInfo(id)
+		return f.hostileConnectInfo(ci), err
 	}
 	if in.PrivateKey == "" {
 		priv, host, err := newKeys()
@@ -513,7 +525,7 @@ func (f *Fake) ConnectInfo(ctx context.Context, id string) (providers.ConnectInf
 	} else {
 		ci.PrivateKey = []byte(in.PrivateKey)
 	}
-	return ci, nil
+	return f.hostileConnectInfo(ci), nil
 }
 
 // newKeys returns a PEM private login key and an authorized_keys host key.
