@@ -64,6 +64,25 @@ func (h *hostileEnv) peakRSS() int64 {
 	return vmHWM(h.t, h.cmd.Process.Pid)
 }
 
+// resetPeakRSS resets the peak resident set size (VmHWM) of process pid
+// to its current size (proc(5), clear_refs "5"), so that the next reading
+// is the peak of what came after.
+func resetPeakRSS(t testing.TB, pid int) {
+	t.Helper()
+	if err := os.WriteFile(fmt.Sprintf("/proc/%d/clear_refs", pid), []byte("5"), 0); err != nil {
+		t.Fatalf("reset the manager's peak RSS: %v", err)
+	}
+}
+
+// tableRow logs one row of issue 19's table of hostile cases: the case,
+// its outcome, the manager's peak RSS during it, the time to detect and
+// whether the VM was deleted. `go test -v -run Hostile ./cmd/mayfly/ |
+// grep hostile-table` prints the table.
+func tableRow(t testing.TB, name, outcome string, rss int64, detect, deleted string) {
+	t.Helper()
+	t.Logf("hostile-table | %s | %s | %.1f MiB | %s | %s |", name, outcome, float64(rss)/(1<<20), detect, deleted)
+}
+
 // vmHWM reads the peak resident set size of process pid in bytes.
 func vmHWM(t testing.TB, pid int) int64 {
 	t.Helper()
@@ -117,8 +136,8 @@ projects:
 // afterHostile checks what every hostile case must leave: the hostile
 // job's instance deleted at the provider, and a next job that runs and
 // succeeds on another instance. It returns the manager's peak RSS, read
-// after both jobs.
-func (h *hostileEnv) afterHostile(hostile coordinator.JobRecord) int64 {
+// after both jobs, and when the instance was seen deleted.
+func (h *hostileEnv) afterHostile(hostile coordinator.JobRecord) (int64, string) {
 	h.t.Helper()
 	used := instanceOf(h.t, hostile)
 	ended := time.Now()
@@ -126,8 +145,10 @@ func (h *hostileEnv) afterHostile(hostile coordinator.JobRecord) int64 {
 	for slices.Contains(h.fakeInstances(), used) && time.Now().Before(deadline) {
 		time.Sleep(50 * time.Millisecond)
 	}
+	deletion := fmt.Sprintf("yes, %v after the job was seen ended", time.Since(ended).Round(100*time.Millisecond))
 	if slices.Contains(h.fakeInstances(), used) {
 		h.t.Errorf("the hostile job's instance %s was not deleted within 30s: %v", used, h.fakeInstances())
+		deletion = "NO"
 	}
 	deleted := time.Now()
 	h.enqueue(nextJobPipeline)
@@ -145,7 +166,7 @@ func (h *hostileEnv) afterHostile(hostile coordinator.JobRecord) int64 {
 	if rss > maxManagerRSS {
 		h.t.Errorf("manager peak RSS %d MiB, want at most %d MiB", rss>>20, maxManagerRSS>>20)
 	}
-	return rss
+	return rss, deletion
 }
 
 // gitlabRunnerLimitNotice is the notice gitlab-runner (helpers/trace's
@@ -194,9 +215,12 @@ projects:
 		t.Error("output after the limit reached the trace")
 	}
 	secs, _ := os.ReadFile(filepath.Join(h.dir, "builds", "flood-seconds"))
-	rss := h.afterHostile(j)
+	rss, deletion := h.afterHostile(j)
 	t.Logf("flood of %d MiB: job done %v after pick-up wait start, the script's own flood took %ss; manager peak RSS %.1f MiB",
 		floodMB, took.Round(100*time.Millisecond), strings.TrimSpace(string(secs)), float64(rss)/(1<<20))
+	tableRow(t, fmt.Sprintf("fake+dropbear: output flood of %d MiB past output_limit %d KiB", floodMB, limitKB),
+		fmt.Sprintf("%s; trace cut at the limit with gitlab-runner's notice; the flood took the script %ss", outcome(j), strings.TrimSpace(string(secs))),
+		rss, "n/a (job done "+took.Round(100*time.Millisecond).String()+" after it was queued)", deletion)
 }
 
 // silentTermIgnoringScript prints once, then never again, ignores SIGTERM
@@ -216,7 +240,10 @@ projects:
         jobs:
           - {name: silent-timeout, timeout: 5, script: ["%s"]}
 `, fmt.Sprintf(silentTermIgnoringScript, "timeout"+marker)), "")
+	h.waitJob("silent-timeout", "running", 2*time.Minute)
+	runningAt := time.Now()
 	j := h.waitJob("silent-timeout", "failed", 2*time.Minute)
+	timedOut := time.Since(runningAt) - 5*time.Second
 	if j.FailureReason != runnerapi.FailureJobExecutionTimeout {
 		t.Errorf("timed-out job: %s, want job_execution_timeout\n%s", j.FailureReason, j.Trace)
 	}
@@ -226,7 +253,10 @@ projects:
 	if left := processesWith("timeout" + marker); len(left) > 0 {
 		t.Errorf("the timed-out script still runs: %v", left)
 	}
-	h.afterHostile(j)
+	rss, deletion := h.afterHostile(j)
+	tableRow(t, "fake+dropbear: silent script ignoring SIGTERM, timeout 5s", outcome(j)+"; its processes gone", rss,
+		fmt.Sprintf("%v past the timeout (seen running to failed, less 5s)", timedOut.Round(100*time.Millisecond)), deletion)
+	resetPeakRSS(t, h.cmd.Process.Pid)
 
 	// A cancel: the same script, canceled while it runs.
 	h.enqueue(fmt.Sprintf(`
@@ -252,15 +282,20 @@ projects:
 	if left := processesWith("cancel" + marker); len(left) > 0 {
 		t.Errorf("the canceled script still runs a minute after the cancel: %v", left)
 	}
-	t.Logf("cancel to script gone: %v", time.Since(canceledAt).Round(10*time.Millisecond))
+	gone := time.Since(canceledAt)
+	t.Logf("cancel to script gone: %v", gone.Round(10*time.Millisecond))
 	j = h.waitJob("silent-cancel", "canceled", time.Minute)
 	used := instanceOf(t, j)
 	for slices.Contains(h.fakeInstances(), used) && time.Since(canceledAt) < time.Minute {
 		time.Sleep(50 * time.Millisecond)
 	}
+	deletion = fmt.Sprintf("yes, %v after the cancel", time.Since(canceledAt).Round(100*time.Millisecond))
 	if slices.Contains(h.fakeInstances(), used) {
 		t.Errorf("the canceled job's instance %s was not deleted", used)
+		deletion = "NO"
 	}
+	tableRow(t, "fake+dropbear: silent script ignoring SIGTERM, canceled", outcome(j)+"; its processes gone", h.peakRSS(),
+		fmt.Sprintf("%v from the cancel to the script gone", gone.Round(100*time.Millisecond)), deletion)
 }
 
 // processesWith returns the pids of processes whose command line holds s.
@@ -326,12 +361,15 @@ projects:
 `, "")
 	killed := markerTime(t, filepath.Join(h.dir, "builds", "killing"), 2*time.Minute)
 	j := h.waitJob("kill-sessions", "success", 2*time.Minute)
-	t.Logf("sessions killed to job success: %v", time.Since(killed).Round(10*time.Millisecond))
+	reattached := time.Since(killed)
+	t.Logf("sessions killed to job success: %v", reattached.Round(10*time.Millisecond))
 	tr := string(j.Trace)
 	if !strings.Contains(tr, "\nbefore the kill\n") || !strings.Contains(tr, "\nafter the kill\n") {
 		t.Errorf("the trace lacks output from before or after the kill:\n%s", tr)
 	}
-	h.afterHostile(j)
+	rss, deletion := h.afterHostile(j)
+	tableRow(t, "fake+dropbear: job kills every SSH session (the manager's too), server lives", outcome(j)+"; reconnected, all output kept", rss,
+		fmt.Sprintf("%v from the kill to job success (the script sleeps 2s after it)", reattached.Round(100*time.Millisecond)), deletion)
 }
 
 // A script that kills the machine's SSH server outright (here the
@@ -366,7 +404,9 @@ projects:
 	if err := h.ssh.Restart(); err != nil {
 		t.Fatal(err)
 	}
-	h.afterHostile(j)
+	rss, deletion := h.afterHostile(j)
+	tableRow(t, "fake+dropbear: job kills its SSH server (the machine ends)", outcome(j), rss,
+		fmt.Sprintf("%v from the kill to job failed", detect.Round(100*time.Millisecond)), deletion)
 }
 
 // Escape sequences and bytes that are not UTF-8 reach the trace exactly as
@@ -410,5 +450,6 @@ projects:
 	if j.TraceVerified == nil || !*j.TraceVerified {
 		t.Error("the stored trace does not match the checksum the runner reported")
 	}
-	h.afterHostile(j)
+	rss, deletion := h.afterHostile(j)
+	tableRow(t, "fake+dropbear: escape sequences, invalid UTF-8, masked value split and wrapped", outcome(j)+"; bytes stored as sent, value masked", rss, "n/a", deletion)
 }
