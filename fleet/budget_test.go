@@ -188,3 +188,42 @@ func TestBatchedCalls(t *testing.T) {
 		t.Errorf("5 jobs ending within 5s: Delete calls %+v, want one for 5", got)
 	}
 }
+
+// TestWaitingJobsDoNotWaitForTheBatchWindow: jobs waiting for an instance
+// on an empty fleet are created for within waitingCreateWindow, in one
+// call when their requests follow each other at once; the full
+// CreateBatchWindow (1s here) is only for the idle pool.
+func TestWaitingJobsDoNotWaitForTheBatchWindow(t *testing.T) {
+	h := newHarness(t, Config{
+		Schedule:          idlePolicy(schedule.Policy{IdleCount: 0}),
+		CreateBatchWindow: time.Second,
+	}, fake.Options{BootDelay: 10 * time.Second})
+	h.start()
+	creates := len(h.prov.callsOf(OpCreate))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	leases := make(chan *Lease, 2)
+	for i := range 2 {
+		go func() {
+			if l, err := h.f.Acquire(ctx); err == nil {
+				leases <- l
+			}
+		}()
+		deadline := time.Now().Add(5 * time.Second)
+		for h.f.Status().Reserved != i+1 {
+			if time.Now().After(deadline) {
+				t.Fatalf("Acquire %d is not waiting after 5s", i+1)
+			}
+			time.Sleep(time.Millisecond)
+		}
+		h.advance(40*time.Millisecond, 10*time.Millisecond) // the next request of the same poll
+	}
+	h.advance(100*time.Millisecond, 10*time.Millisecond)
+	if got := h.prov.callsOf(OpCreate)[creates:]; len(got) != 1 || got[0].n != 2 {
+		t.Fatalf("180ms after two jobs began to wait: Create calls %+v, want one for 2", got)
+	}
+	h.until(time.Minute, time.Second, "both jobs served", func() bool { return len(leases) == 2 })
+	for range 2 {
+		(<-leases).Release(JobSucceeded)
+	}
+}

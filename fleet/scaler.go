@@ -59,16 +59,17 @@ func (f *Fleet) pass(ctx context.Context) time.Time {
 			wake = t
 		}
 	}
+	window := f.createWindowLocked()
 	switch {
 	case plan.Create <= 0 || ctx.Err() != nil:
 		f.createWanted = time.Time{}
-	case f.createWanted.IsZero() && f.cfg.CreateBatchWindow > 0:
+	case f.createWanted.IsZero() && window > 0:
 		// Wait a moment for more: the runner takes a burst of jobs one
 		// request at a time, and one Create call can serve them all.
 		f.createWanted = now
-		at(now.Add(f.cfg.CreateBatchWindow))
-	case now.Before(f.createWanted.Add(f.cfg.CreateBatchWindow)):
-		at(f.createWanted.Add(f.cfg.CreateBatchWindow))
+		at(now.Add(window))
+	case now.Before(f.createWanted.Add(window)):
+		at(f.createWanted.Add(window))
 	default:
 		f.createWanted = time.Time{}
 		n := plan.Create
@@ -89,13 +90,34 @@ func (f *Fleet) pass(ctx context.Context) time.Time {
 	return wake
 }
 
+// waitingCreateWindow bounds CreateBatchWindow while a job in hand waits
+// for an instance: long enough for the requests of one poll that follow
+// each other at once, short against a job's start. With the full window
+// (1s by default) a job on an empty fleet started up to a second late,
+// and with the list cadence that broke issue 20's bound of one boot plus
+// check_interval from pick-up to start.
+const waitingCreateWindow = 100 * time.Millisecond
+
+// createWindowLocked is how long the scaler gathers demand for one Create
+// call: CreateBatchWindow for the idle pool, at most waitingCreateWindow
+// while a job waits in Acquire (a reservation alone is not a job: most end
+// in an empty poll). f.mu is held.
+func (f *Fleet) createWindowLocked() time.Duration {
+	w := f.cfg.CreateBatchWindow
+	if len(f.waiters) > 0 {
+		w = min(w, waitingCreateWindow)
+	}
+	return w
+}
+
 // nextListLocked returns when the provider's list should be read next:
 // every ListInterval, so that a preempted or vanished instance is noticed
 // within one interval; and while instances wait in state creating for a
 // list to show them running, every ListIntervalBooting, but not before
 // the first of them can be expected to run (its creation plus the
 // shortest boot seen lately, less one ListIntervalBooting since a boot is
-// seen up to that late). One list serves every instance booting.
+// seen up to that late), and from then on every half ListIntervalBooting.
+// One list serves every instance booting.
 // Instances the provider gave connect info for are not waited for with
 // lists: their provisioner waits for SSH or WinRM. f.mu is held.
 func (f *Fleet) nextListLocked() time.Time {
@@ -107,9 +129,17 @@ func (f *Fleet) nextListLocked() time.Time {
 		return next
 	}
 	due := f.lastList.Add(f.cfg.ListIntervalBooting)
-	lead := max(f.seenRunning.Shortest()-f.cfg.ListIntervalBooting, 0)
-	if expect := f.firstCreating.Add(lead); expect.After(due) {
+	shortest := f.seenRunning.Shortest()
+	lead := max(shortest-f.cfg.ListIntervalBooting, 0)
+	switch expect := f.firstCreating.Add(lead); {
+	case expect.After(due):
 		due = expect
+	case shortest > 0 && !f.lastList.Before(expect):
+		// A boot as short as the shortest seen may be over: list every
+		// half interval, so that one that just missed a list waits half
+		// as long (boots of one image take the same time to the second,
+		// and lists spaced from the creation kept missing them by a hair).
+		due = f.lastList.Add(f.cfg.ListIntervalBooting / 2)
 	}
 	if due.Before(next) {
 		return due

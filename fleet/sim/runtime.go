@@ -196,8 +196,14 @@ func (r *runtimeFleet) start(a acquired) {
 // next implements timed: the fleet's next timer.
 func (r *runtimeFleet) next() (time.Time, bool) { return r.clk.Next() }
 
-// fire implements timed: the fleet's clock moves to t, running its timers.
+// fire implements timed: the fleet's clock moves to t, running its timers
+// one at a time with the fleet settled after each, so that goroutines
+// woken at one instant (boots ending, a pass due) cannot race: two runs
+// of one seed make the same calls.
 func (r *runtimeFleet) fire(t time.Time) {
+	for r.clk.Step(t) && r.err == nil {
+		r.settleFleet()
+	}
 	r.clk.AdvanceTo(t)
 	r.settleFleet()
 }

@@ -205,10 +205,11 @@ func TestPredictiveSizesFromRate(t *testing.T) {
 }
 
 // sameRun reports whether two reports of one simulation agree: exactly,
-// but for the VM-hours of the runtime fleet's policies, within 0.1 %. Its
-// calls wait for the API budget in goroutines, and two waiting at one
-// instant may go in either order: a Delete a second later bills a second
-// more.
+// but for the VM-hours and API calls of the runtime fleet's policies,
+// within 0.1 % and 1 %. Its calls wait for the API budget in goroutines,
+// and two waiting at one instant may go in either order: a Delete a second
+// later bills a second more, and may then go in its own call rather than
+// in a batch (seen: 167 or 168 deletes of 380 calls, under -race).
 func sameRun(a, b Report) bool {
 	if a.Policy != PolicyMayfly && a.Policy != PolicyPredictive {
 		return reflect.DeepEqual(a, b)
@@ -219,6 +220,16 @@ func sameRun(a, b Report) bool {
 		return false
 	}
 	a.IdleVMHours, a.BootVMHours, a.BusyVMHours, a.DeletingVMHours, a.TotalVMHours = b.IdleVMHours, b.BootVMHours, b.BusyVMHours, b.DeletingVMHours, b.TotalVMHours
+	calls := func(x, y int) bool { return math.Abs(float64(x-y)) <= max(1, 0.01*float64(max(x, y))) }
+	if !calls(a.APICalls, b.APICalls) || len(a.APICallsByCall) != len(b.APICallsByCall) {
+		return false
+	}
+	for op, n := range a.APICallsByCall {
+		if !calls(n, b.APICallsByCall[op]) {
+			return false
+		}
+	}
+	a.APICalls, a.APICallsPerJob, a.APICallsByCall = b.APICalls, b.APICallsPerJob, b.APICallsByCall
 	return reflect.DeepEqual(a, b)
 }
 
@@ -339,15 +350,16 @@ func TestOnDemandHandComputed(t *testing.T) {
 		onDemand int
 	}{
 		// IdleCount 0: every job is taken on demand and waits one boot
-		// and the second the Create call waits for company.
-		{"IdleCount 0", 0, 0, []float64{31, 31, 31}, 3},
+		// and the 0.1 s the Create call waits for company while jobs wait
+		// (the 1 s CreateBatchWindow is for the idle pool).
+		{"IdleCount 0", 0, 0, []float64{30.1, 30.1, 30.1}, 3},
 		// One idle VM (ready at 971) takes the first job; the other two are
-		// taken at once for VMs created at 1001 and ready at 1031.
-		{"pool of 1, window 90s", 1, 90 * time.Second, []float64{31, 31, 31}, 2},
+		// taken at once for VMs created at 1000.1 and ready at 1030.1.
+		{"pool of 1, window 90s", 1, 90 * time.Second, []float64{30.1, 30.1, 30.1}, 2},
 		// A 20 s window is shorter than a boot: the jobs are taken all the
 		// same, for new VMs, since nothing stops one being created (issue
 		// 15: no runaway queue).
-		{"pool of 1, window 20s", 1, 20 * time.Second, []float64{31, 31, 31}, 2},
+		{"pool of 1, window 20s", 1, 20 * time.Second, []float64{30.1, 30.1, 30.1}, 2},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			o := smallCase(PolicyMayfly, schedule.Policy{IdleCount: tt.idle, IdleTime: time.Hour})
