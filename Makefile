@@ -11,7 +11,7 @@ REVISION ?= $(or $(shell git rev-parse --short=8 HEAD 2>/dev/null),HEAD)
 BRANCH   ?= $(or $(shell git rev-parse --abbrev-ref HEAD 2>/dev/null),HEAD)
 LDFLAGS  := -X main.version=$(VERSION) -X main.revision=$(REVISION) -X main.branch=$(BRANCH)
 
-.PHONY: all setup build helpers test run bench chaos fuzz lint generate clean
+.PHONY: all setup build helpers test run run-busybox bench chaos fuzz lint generate clean
 
 all: build
 
@@ -35,10 +35,16 @@ test: setup
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 15m ./...
 
-## run: set up, build, and run the local demo on real microVMs (scripts/demo.sh)
+## run: set up, build, and run the sample project testdata/projects/demo on real microVMs
+## with Docker Engine (scripts/demo.sh)
 run: setup helpers
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/mayfly ./plugins/qemu/cmd/mayfly-plugin-qemu
 	scripts/demo.sh
+
+## run-busybox: the faster demo of testdata/pipelines/demo.yaml on busybox microVMs
+run-busybox: setup helpers
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/mayfly ./plugins/qemu/cmd/mayfly-plugin-qemu
+	scripts/demo.sh busybox
 
 ## bench: the hosted configs through the simulator; the policy comparison of issue 15 (every
 ## trace shape, 3 seeds, baselines tuned over their knobs; about an hour on 2 cores); then the

@@ -34,8 +34,9 @@ as_root() {
 }
 
 # Packages whose programs the tests run for real (docker.io: a private
-# dockerd per test run, see vmexec/dockertest; never the system service).
-packages=(git openssh-server openssh-client dropbear-bin prometheus docker.io)
+# dockerd per test run, see vmexec/dockertest; never the system service;
+# curl and jq: scripts/demo.sh reads the coordinator's admin API).
+packages=(git openssh-server openssh-client dropbear-bin prometheus docker.io curl jq)
 missing=()
 for pkg in "${packages[@]}"; do
 	if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then

@@ -246,8 +246,18 @@ func TestLocalConfig(t *testing.T) {
 	}
 	f := cfg.Runners[0].Fleet
 	p, _ := f.Schedule.At(time.Now())
-	if f.Provider != "qemu" || f.Connector.Protocol != "ssh" || f.Connector.Timeout != 90*time.Second || p.IdleCount != 2 || p.IdleTime != 10*time.Minute || !p.PreemptiveMode {
+	if f.Provider != "qemu" || f.Connector.Protocol != "ssh" || f.Connector.Timeout != 300*time.Second || p.IdleCount != 1 || p.IdleTime != 10*time.Minute || !p.PreemptiveMode {
 		t.Errorf("local fleet = %+v, policy %+v", f, p)
+	}
+	if d := cfg.Runners[0].Docker; d == nil || f.ProviderConfig["image"] != "debian-docker" {
+		t.Errorf("the local fleet runs image: jobs in Docker on debian-docker VMs: docker %+v, plugin %v", d, f.ProviderConfig)
+	}
+	busybox, err := Load("../../testdata/local-busybox.toml")
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	if f := busybox.Runners[0].Fleet; f.Provider != "qemu" || f.ProviderConfig["image"] != "busybox" {
+		t.Errorf("local busybox fleet = %+v", f)
 	}
 }
 

@@ -98,6 +98,24 @@ func TestSampleProjects(t *testing.T) {
 	if len(unit.Cache) != 1 || !strings.HasPrefix(unit.Cache[0].Key, "go-") || !strings.HasSuffix(unit.Cache[0].Key, "-protected") || len(unit.Cache[0].Key) != len("go-")+40+len("-protected") {
 		t.Errorf("go-app cache %+v", unit.Cache)
 	}
+	// demo is what `make run` runs (scripts/demo.sh checks its traces).
+	for _, name := range []string{"demo/build", "demo/lint", "demo/check-db"} {
+		if payloads[name] == nil {
+			t.Fatalf("no job %q among %v", name, keys(payloads))
+		}
+	}
+	if b := payloads["demo/build"]; len(b.Cache) != 1 || b.Cache[0].Key != "demo-$CI_COMMIT_REF_SLUG-protected" || len(b.Artifacts) != 2 || b.Image != nil {
+		t.Errorf("demo build: cache %+v artifacts %+v image %+v", b.Cache, b.Artifacts, b.Image)
+	}
+	for _, j := range e.s.Jobs() {
+		if j.ProjectPath == "root/demo" && j.Name == "lint" && !j.AllowFailure {
+			t.Errorf("demo lint may not fail")
+		}
+	}
+	if c := payloads["demo/check-db"]; c.Image == nil || len(c.Services) != 1 || c.Services[0].Alias != "db" ||
+		len(c.Dependencies) != 1 || c.Dependencies[0].ID != payloads["demo/build"].ID {
+		t.Errorf("demo check-db: image %+v services %+v dependencies %+v", c.Image, c.Services, c.Dependencies)
+	}
 }
 
 func keys[V any](m map[string]V) []string {
