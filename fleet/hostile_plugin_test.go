@@ -24,9 +24,12 @@ import (
 // with the "hostile" settings given and calls bounded by callTimeout.
 func hostilePlugin(t *testing.T, hostile map[string]any, callTimeout time.Duration) *host.Plugin {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	// Generous: the machine may be loaded (the plugin starts in well
+	// under a second on a quiet one).
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	p, err := host.Start(ctx, host.Config{Path: fakePlugin(t), Name: "fake", Logger: slog.New(slog.DiscardHandler), CallTimeout: callTimeout})
+	p, err := host.Start(ctx, host.Config{Path: fakePlugin(t), Name: "fake", Logger: slog.New(slog.DiscardHandler), CallTimeout: callTimeout,
+		StartTimeout: time.Minute})
 	if err != nil {
 		t.Fatalf("start plugin: %v", err)
 	}
@@ -97,7 +100,8 @@ func TestHostilePluginHugeList(t *testing.T) {
 	const extra = 100_000
 	before := heapMiB()
 	p := hostilePlugin(t, map[string]any{"list_extra": extra,
-		"list_labels": map[string]string{providers.LabelManager: "mgr-1", providers.LabelRunner: "linux"}}, 20*time.Second)
+		"list_labels": map[string]string{providers.LabelManager: "mgr-1", providers.LabelRunner: "linux"}},
+		2*time.Minute) // a 100k-entry List takes about 3s through the host on a quiet machine, several times that on a loaded one
 	listStart := time.Now()
 	list, err := p.List(context.Background())
 	if err != nil || len(list) != extra {
@@ -222,6 +226,45 @@ func TestHostilePluginNeverAnswers(t *testing.T) {
 	}
 	if h.f.Available() != 0 {
 		t.Errorf("%d instances available from a plugin that never answers", h.f.Available())
+	}
+	stopped := time.Now()
+	h.stop()
+	t.Logf("stopped in %v", time.Since(stopped).Round(10*time.Millisecond))
+}
+
+// A plugin that answers every call slowly, just within the call timeout:
+// the fleet still builds its pool and hands out an instance, and its
+// status answers at once meanwhile.
+func TestHostilePluginSlow(t *testing.T) {
+	const slow = 1500 * time.Millisecond
+	p := hostilePlugin(t, map[string]any{"slow": slow.String()}, 2*time.Second)
+	logs := newLogCounter()
+	h := newHarness(t, Config{Provider: p, Schedule: idlePolicy(schedule.Policy{IdleCount: 2}), Logger: slog.New(logs)}, providers0())
+	start := time.Now()
+	h.startNoSettle()
+	var slowest time.Duration
+	for i := 0; h.f.Available() < 2; i++ {
+		if i == 300 { // a minute of wall time
+			t.Fatalf("no pool of 2 from a slow plugin after %v: %v", time.Since(start), h.f.Status().Counts)
+		}
+		s := time.Now()
+		_ = h.f.Status()
+		slowest = max(slowest, time.Since(s))
+		h.clk.Advance(time.Second)
+		time.Sleep(200 * time.Millisecond)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	l, err := h.f.Acquire(ctx)
+	if err != nil {
+		t.Fatalf("Acquire: %v", err)
+	}
+	l.Release(JobSucceeded)
+	n, msgs := logs.warnings()
+	t.Logf("plugin answering every call in %v: pool of 2 and a job's instance after %v of wall time; slowest status %v; %d warnings: %v",
+		slow, time.Since(start).Round(100*time.Millisecond), slowest.Round(time.Microsecond), n, msgs)
+	if slowest > time.Second {
+		t.Errorf("the fleet's status took %v while the plugin was slow", slowest)
 	}
 	stopped := time.Now()
 	h.stop()

@@ -240,6 +240,11 @@ func (f *Fake) begin(ctx context.Context, op Op) error {
 			return providers.Transient(fmt.Errorf("%s: %w", op, ctx.Err()))
 		}
 	}
+	if d := f.hostileDelay(op); d > 0 {
+		if err := f.opts.Sleep(ctx, d); err != nil {
+			return providers.Transient(fmt.Errorf("%s: %w", op, err))
+		}
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.takeFault(op, "")

@@ -304,6 +304,10 @@ func TestInitSettings(t *testing.T) {
 		{`{"faults": [{"op": "create", "kind": "bad"}]}`, `unknown error kind "bad"`},
 		{`{"protocol": "rdp"}`, `"protocol"`},
 		{`{"quota": -1}`, `"quota"`},
+		{`{"hostile": {"hang": ["init"]}}`, `"hostile": hang[0]`},
+		{`{"hostile": {"list_extra": -1}}`, `"hostile": list_extra`},
+		{`{"hostile": {"slow": "-1s"}}`, `"hostile": duration "-1s" is negative`},
+		{`{"hostile": {"explode": true}}`, `unknown key`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.settings, func(t *testing.T) {
@@ -332,5 +336,31 @@ func TestShutdownClosesCalls(t *testing.T) {
 	}
 	if _, err := f.List(t.Context()); !errors.Is(err, providers.ErrClosed) {
 		t.Errorf("List after Shutdown = %v, want ErrClosed", err)
+	}
+}
+
+// The hostile settings: made-up list entries, a replaced address, a
+// hanging operation.
+func TestHostileSettings(t *testing.T) {
+	f, _ := newFake(t, Options{})
+	if _, err := f.Init(t.Context(), json.RawMessage(`{"hostile": {"list_extra": 3, "list_labels": {"a": "b"}, "connect_address": "169.254.169.254", "hang": ["heartbeat"]}}`)); err != nil {
+		t.Fatal(err)
+	}
+	ids, err := f.Create(t.Context(), 1, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	list, err := f.List(t.Context())
+	if err != nil || len(list) != 4 || !list[3].HasLabels(map[string]string{"a": "b"}) {
+		t.Errorf("List = %v, %v; want the instance and 3 made-up ones labelled a=b", list, err)
+	}
+	ci, err := f.ConnectInfo(t.Context(), ids[0])
+	if err != nil || ci.Address != "169.254.169.254" || ci.Validate() == nil {
+		t.Errorf("ConnectInfo = %+v, %v; want the hostile address, which does not validate", ci, err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 50*time.Millisecond)
+	defer cancel()
+	if err := f.Heartbeat(ctx, ids[0]); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("Heartbeat = %v, want it to hang until its context ends", err)
 	}
 }

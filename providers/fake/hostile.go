@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"time"
 
 	"github.com/mayfly-ci/mayfly/providers"
 )
@@ -20,6 +21,8 @@ type HostileSpec struct {
 	// Hang names operations that never answer: each call waits until its
 	// caller gives up.
 	Hang []Op `json:"hang"`
+	// Slow delays every answer but Init's and Shutdown's by this much.
+	Slow providers.Duration `json:"slow"`
 }
 
 // hostileMaxListExtra bounds ListExtra: enough for any test of a huge list.
@@ -73,4 +76,14 @@ func (f *Fake) hostileConnectInfo(ci providers.ConnectInfo) providers.ConnectInf
 		ci.Address = f.hostile.ConnectAddress
 	}
 	return ci
+}
+
+// hostileDelay is how long a call of op waits before it answers.
+func (f *Fake) hostileDelay(op Op) time.Duration {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.hostile == nil || op == OpInit || op == OpShutdown {
+		return 0
+	}
+	return time.Duration(f.hostile.Slow)
 }
