@@ -164,22 +164,49 @@ func journalPath(dir, runner string, id int64) string {
 	return filepath.Join(dir, fmt.Sprintf("job-%d-%s.journal", id, hex.EncodeToString(sum[:4])))
 }
 
-// createJobJournal starts the journal of a job with its job record, synced.
+// createJobJournal starts the journal of a job with its job record. The
+// record is written to a temporary file that is then renamed into place,
+// so a journal is never found empty or torn in its first line (which
+// would leave the job running in GitLab with nothing to finish it with):
+// a manager killed before the rename leaves no journal, one killed after
+// it a whole one. The file and its directory are synced after the rename;
+// the process's death does not need it (the page cache survives it), a
+// power loss does.
 func createJobJournal(dir string, rec journalRecord, now func() time.Time) (*jobJournal, error) {
+	rec.Kind = recJob
+	line, err := json.Marshal(rec)
+	if err != nil {
+		return nil, fmt.Errorf("job journal: %w", err)
+	}
+	line = append(line, '\n')
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("job journal: %w", err)
 	}
 	path := journalPath(dir, rec.Runner, rec.JobID)
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY|os.O_APPEND, 0o600)
+	tmp := path + ".new"
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("job journal: %w", err)
 	}
-	j := &jobJournal{path: path, now: now, f: f, state: newJournalState()}
-	rec.Kind = recJob
-	if err := j.append(rec, true); err != nil {
+	if _, err := f.Write(line); err != nil {
 		f.Close()
-		os.Remove(path)
-		return nil, err
+		os.Remove(tmp)
+		return nil, fmt.Errorf("job journal: %w", err)
+	}
+	if _, err := os.Stat(path); err == nil {
+		f.Close()
+		os.Remove(tmp)
+		return nil, fmt.Errorf("job journal: %s exists already", path)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		f.Close()
+		os.Remove(tmp)
+		return nil, fmt.Errorf("job journal: %w", err)
+	}
+	j := &jobJournal{path: path, now: now, f: f, state: newJournalState()}
+	j.state.apply(rec)
+	if err := f.Sync(); err != nil {
+		j.err = fmt.Errorf("job journal %s: %w", path, err)
 	}
 	if d, err := os.Open(dir); err == nil { // the new name, durable too
 		_ = d.Sync()
@@ -353,7 +380,7 @@ func (j *jobJournal) remove() error {
 	if err := os.Remove(j.path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("remove job journal: %w", err)
 	}
-	return nil
+	return removeTraceCopy(j.path)
 }
 
 // readJobJournal reads a journal. A torn last line is ignored; a damaged
@@ -428,4 +455,32 @@ func listJobJournals(dir string) ([]string, error) {
 	}
 	sort.Strings(out)
 	return out, nil
+}
+
+// recoverNewJournals finishes the creation of journals a manager was
+// killed in the middle of: one whose job record was written whole is
+// renamed into place, to be resumed; one without a whole record is
+// removed (nothing can finish its job: GitLab fails it as stuck).
+func recoverNewJournals(dir string) (recovered, removed []string, err error) {
+	news, err := filepath.Glob(filepath.Join(dir, "*.journal.new"))
+	if err != nil {
+		return nil, nil, fmt.Errorf("job journals: %w", err)
+	}
+	for _, tmp := range news {
+		path := strings.TrimSuffix(tmp, ".new")
+		if _, err := os.Stat(path); err != nil {
+			if st, err := readJobJournal(tmp); st != nil && err == nil {
+				if err := os.Rename(tmp, path); err != nil {
+					return recovered, removed, fmt.Errorf("job journals: %w", err)
+				}
+				recovered = append(recovered, path)
+				continue
+			}
+		}
+		if err := os.Remove(tmp); err != nil {
+			return recovered, removed, fmt.Errorf("job journals: %w", err)
+		}
+		removed = append(removed, tmp)
+	}
+	return recovered, removed, nil
 }

@@ -1,6 +1,7 @@
 package manager
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -85,6 +86,16 @@ func (m *Manager) loadJournals() error {
 	if m.stateDir == "" {
 		return nil
 	}
+	recovered, removed, err := recoverNewJournals(journalDir(m.stateDir))
+	if err != nil {
+		return err
+	}
+	for _, p := range recovered {
+		m.log.Warn("job journal completed: the manager before was killed as it created it", "path", p)
+	}
+	for _, p := range removed {
+		m.log.Error("job journal removed: the manager before was killed before it wrote the job; the job cannot be finished and GitLab fails it as stuck", "path", p)
+	}
 	paths, err := listJobJournals(journalDir(m.stateDir))
 	if err != nil {
 		return err
@@ -106,7 +117,9 @@ func (m *Manager) loadJournals() error {
 				rs.r = r
 			}
 		}
-		if st.lease != nil && rs.r != nil && err == nil {
+		// Even with the rest of its journal damaged, a job's instance is
+		// claimed: its end then deletes it.
+		if st.lease != nil && rs.r != nil {
 			if c, ok := rs.r.fleet.(Claimer); ok && st.lease.Connect != nil {
 				rs.lease, rs.claim = c.Claim(st.lease.Instance, *st.lease.Connect)
 			} else {
@@ -194,6 +207,13 @@ func (m *Manager) resumeJob(rs *resumable) {
 	if jr.j, err = openJobJournal(rs.path, st, m.now); err != nil {
 		jr.log.Error("resume job: the journal cannot be written; a later restart replays from the same point", "err", err)
 	}
+	saved := readTraceCopy(rs.path)
+	if jr.j != nil {
+		if jr.copy, err = openTraceCopy(traceCopyPath(rs.path), r.cfg.OutputLimitKB*1024); err != nil {
+			jr.log.Error("resume job: its trace copy cannot be written", "err", err)
+		}
+		defer jr.copy.close()
+	}
 	sec := secrets(&job)
 	p0, p0err := plan(&job, jr.opts, "")
 	if p0err == nil {
@@ -203,20 +223,39 @@ func (m *Manager) resumeJob(rs *resumable) {
 		jr.log.Error("resume job: start its trace", "err", err)
 		return
 	}
-	for _, t := range st.texts {
-		jr.out.Write([]byte(t))
-	}
 	jr.log.Info("resuming a job a previous manager started", "instance", instanceOf(st))
+	// The trace is written again from the journal's lines and the stages'
+	// output, which stays on the VM; a job that cannot get there ends with
+	// its trace copy instead, so that the line saying why follows what
+	// GitLab has. A result decided before the VM went is still the result.
+	rebuild := func() {
+		for _, t := range st.texts {
+			jr.out.Write([]byte(t))
+		}
+	}
+	fail := func(res jobResult) {
+		if rr := st.result; rr != nil {
+			res = jobResult{state: rr.State, failureReason: rr.FailureReason, exitCode: rr.ExitCode, message: rr.Message}
+		}
+		if len(saved) == 0 {
+			rebuild()
+		} else {
+			jr.dst.Write(saved)
+			jr.summaryDone = bytes.HasSuffix(saved, []byte(res.summaryLine()))
+		}
+		jr.finish(res)
+	}
 
 	switch {
 	case rs.err != nil:
-		jr.finish(systemFailure("the runner manager restarted and its record of the job is damaged: %v", rs.err))
+		fail(systemFailure("the runner manager restarted and its record of the job is damaged: %v", rs.err))
 	case perr != nil || p0err != nil:
-		jr.finish(systemFailure("the runner manager restarted and cannot read the job again: %v", errors.Join(perr, p0err)))
+		fail(systemFailure("the runner manager restarted and cannot read the job again: %v", errors.Join(perr, p0err)))
 	case rs.r == nil:
-		jr.finish(systemFailure("the runner manager restarted without runner %q in its configuration", st.job.Runner))
+		fail(systemFailure("the runner manager restarted without runner %q in its configuration", st.job.Runner))
 	case st.lease == nil:
 		// It had no VM yet: nothing ran. Take one now.
+		rebuild()
 		res, wait, err := m.reserveFor(jr)
 		if err != nil {
 			jr.finish(waitResult(err))
@@ -231,7 +270,7 @@ func (m *Manager) resumeJob(rs *resumable) {
 		jr.phases.since(PhaseReattach, start)
 		jr.runOn(lease)
 	case rs.lease == nil:
-		jr.finish(systemFailure("the runner manager restarted and the job's VM %s cannot be had: %v", st.lease.Instance, rs.claim))
+		fail(systemFailure("the runner manager restarted and the job's VM %s cannot be had: %v", st.lease.Instance, rs.claim))
 	default:
 		jr.dir = st.lease.Dir
 		ctx, cancel := context.WithTimeout(m.jobsCtx, reattachTimeout)
@@ -239,9 +278,10 @@ func (m *Manager) resumeJob(rs *resumable) {
 		cancel()
 		jr.phases.since(PhaseReattach, start)
 		if err != nil {
-			jr.finish(systemFailure("the runner manager restarted and cannot reach the job's VM %s within %v: %v", st.lease.Instance, reattachTimeout, err))
+			fail(systemFailure("the runner manager restarted and cannot reach the job's VM %s within %v: %v", st.lease.Instance, reattachTimeout, err))
 			return
 		}
+		rebuild()
 		jr.log.Info("job reattached", "instance", st.lease.Instance, "reattach_seconds", m.now().Sub(start).Seconds())
 		jr.exec = exec
 		defer exec.Close()

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"sync"
 	"time"
@@ -28,10 +29,15 @@ type jobRun struct {
 	phases   *phaseLog
 	received time.Time
 
-	j   *jobJournal   // nil: no state dir, or it could not be written
-	st  *journalState // what the journal said, when resumed
-	tr  *gitlab.JobTrace
-	out *mask.Writer // the trace, masked
+	j    *jobJournal   // nil: no state dir, or it could not be written
+	copy *traceCopy    // the trace as GitLab gets it, beside the journal
+	st   *journalState // what the journal said, when resumed
+	tr   *gitlab.JobTrace
+	out  *mask.Writer // the trace, masked
+	dst  io.Writer    // where out writes: the trace and its copy
+	// summaryDone: the trace has the summary line already (a resumed job
+	// that ends with its trace copy)
+	summaryDone bool
 
 	lease Lease
 	exec  vmexec.Executor
@@ -60,7 +66,11 @@ func (jr *jobRun) startTrace(ctx context.Context, secrets []string) error {
 		return err
 	}
 	jr.tr = tr
-	jr.out = mask.NewWriter(tr, secrets)
+	var dst io.Writer = tr
+	if jr.copy != nil {
+		dst = teeTrace{copy: jr.copy, trace: tr}
+	}
+	jr.dst, jr.out = dst, mask.NewWriter(dst, secrets)
 	return nil
 }
 
@@ -105,15 +115,19 @@ func (m *Manager) runJob(r *runner, job *runnerapi.JobResponse, res Reservation,
 		}
 		if err != nil {
 			jr.log.Error("job journal: the job will not survive a restart of the manager", "err", err)
+		} else if jr.copy, err = createTraceCopy(traceCopyPath(jr.j.path), r.cfg.OutputLimitKB*1024); err != nil {
+			jr.log.Error("job journal: a restarted manager that cannot reach the job's VM will not say why in its trace", "err", err)
 		}
 	}
 	if !m.track(jr) {
 		// Taken as the manager hands over: the next one runs it.
 		res.Cancel()
 		jr.j.close()
+		jr.copy.close()
 		return
 	}
 	defer m.untrack(jr)
+	defer jr.copy.close()
 
 	// The trace and final report outlive the job's own context: a timed-out
 	// or canceled job still reports how it ended.
@@ -320,7 +334,9 @@ func (jr *jobRun) finish(result jobResult) {
 		return
 	}
 	jr.j.result(result)
-	fmt.Fprint(jr.out, result.summaryLine())
+	if !jr.summaryDone {
+		fmt.Fprint(jr.out, result.summaryLine())
+	}
 	if err := jr.out.Close(); err != nil {
 		jr.log.Warn("flush trace", "err", err)
 	}
