@@ -64,7 +64,7 @@ CHAOS_QEMU ?= 10
 CHAOS_SEED ?= 16
 chaos: setup
 	$(GO) test -run '^TestChaos$$' -v -count=1 -timeout 120m ./cmd/mayfly/ -args \
-		-chaos.fake=$(CHAOS_FAKE) -chaos.qemu=$(CHAOS_QEMU) -chaos.seed=$(CHAOS_SEED) -chaos.parallel=4 -chaos.qemu-parallel=2
+		-chaos.fake=$(CHAOS_FAKE) -chaos.qemu=$(CHAOS_QEMU) -chaos.seed=$(CHAOS_SEED) -chaos.parallel=4 -chaos.qemu-parallel=1
 
 ## fuzz: run every fuzz target for FUZZTIME each
 fuzz:

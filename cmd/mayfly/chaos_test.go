@@ -78,7 +78,7 @@ func TestChaos(t *testing.T) {
 				cacheDir := filepath.Join(repo, ".cache", "mayfly")
 				requireQEMU(t, cacheDir)
 				s := &chaosSetup{provider: "qemu", binDir: chaosBinaries(t), cacheDir: cacheDir,
-					jobs: 2, boot: 6 * time.Second, within: 6 * time.Minute}
+					jobs: 2, boot: 6 * time.Second, within: 10 * time.Minute}
 				add(runChaosTrials(t, s, n, *chaosQEMUPar, qemuPhases))
 			})
 		}
