@@ -59,6 +59,7 @@ type trialResult struct {
 	trueAtKill, cleanAtKill  int // of those running at the kill
 	wrong                    int // neither their true result nor a clean failure
 	stuck, leaked, reused    int
+	pickupLost               int // never finished, but the killed manager never read them
 	reran, badTrace, crashes int
 	resume                   []time.Duration
 	triggerMissed            bool
@@ -337,7 +338,7 @@ func runChaosTrial(t *testing.T, s *chaosSetup, seed uint64, index int, phase st
 		res.problem("the restarted manager's drain: %v", err)
 	}
 	res.resume = resumeTimes(m2, atKill)
-	countJobs(&res, c.srv.Jobs(), want, atKill, s.provider == "fake")
+	countJobs(&res, c.srv.Jobs(), want, atKill, receivedJobs(m1), s.provider == "fake")
 	if len(res.problems) > 0 {
 		res.problem("first manager's log:\n%s\nrestarted manager's log:\n%s", m1.log.String(), m2.log.String())
 	}
@@ -345,13 +346,22 @@ func runChaosTrial(t *testing.T, s *chaosSetup, seed uint64, index int, phase st
 }
 
 // countJobs sorts a trial's jobs into the result's columns.
-func countJobs(res *trialResult, records []coordinator.JobRecord, want map[string]chaosJob, atKill map[int64]bool, fetched bool) {
+func countJobs(res *trialResult, records []coordinator.JobRecord, want map[string]chaosJob, atKill, received map[int64]bool, fetched bool) {
 	vms := map[string]string{}
 	for _, j := range records {
 		res.jobs++
 		tr := string(j.Trace)
 		w := want[j.Name]
 		if !coordinator.IsFinal(j.Status) {
+			if !received[j.ID] && len(tr) == 0 {
+				// GitLab handed the job out as the manager was killed,
+				// before it read the answer: the runner API leaves
+				// nothing to finish such a job with (GitLab fails it as
+				// stuck after an hour).
+				res.pickupLost++
+				res.problem("job %s (%d) was handed out as the manager was killed, before it read it", j.Name, j.ID)
+				continue
+			}
 			res.stuck++
 			res.problem("job %s (%d) is stuck %s:\n%s", j.Name, j.ID, j.Status, tr)
 			continue
@@ -423,6 +433,21 @@ func resumeTimes(m *chaosManager, atKill map[int64]bool) []time.Duration {
 	var out []time.Duration
 	for _, t := range at {
 		out = append(out, t.Sub(m.started))
+	}
+	return out
+}
+
+// receivedJobs returns the jobs a manager's log says it received.
+func receivedJobs(m *chaosManager) map[int64]bool {
+	out := map[int64]bool{}
+	for _, line := range strings.Split(m.log.String(), "\n") {
+		var rec struct {
+			Msg string `json:"msg"`
+			Job int64  `json:"job"`
+		}
+		if json.Unmarshal([]byte(line), &rec) == nil && rec.Msg == "received job" {
+			out[rec.Job] = true
+		}
 	}
 	return out
 }
