@@ -378,7 +378,9 @@ func TestStageTimeouts(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
+		// Long enough for "echo started" to come out on a loaded machine
+		// (1.5s was not: preparing took 1.9s under CI load).
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		r, trace := runPlan(t, ctx, p, e)
 		if r.State != runnerapi.StateFailed || r.FailureReason != runnerapi.FailureJobExecutionTimeout {
