@@ -55,7 +55,10 @@ drain() {
 }
 
 if [ "$mode" = busybox ]; then
-	"$BIN/mayfly" image build >/dev/null
+	"$BIN/mayfly" image build >/dev/null 2>"$CACHE/image-build.log" || {
+		cat "$CACHE/image-build.log" >&2
+		exit 1
+	}
 	echo "== coordinator on http://$ADDR with testdata/pipelines/demo.yaml"
 	"$BIN/mayfly" coordinator --listen "$ADDR" --pipeline testdata/pipelines/demo.yaml \
 		--external-url "$EXTERNAL" --runner-token local-runner-token --exit-when-done --progress 2>/dev/null &
@@ -89,8 +92,12 @@ api() {
 }
 
 t=$(date +%s)
-"$BIN/mayfly" image build --profile debian-docker >/dev/null
-echo "== VM image debian-docker ready ($(($(date +%s) - t)) s; cached by content hash, the first build takes minutes)"
+echo "== VM image debian-docker (mayfly image build; cached by a hash of its inputs, the first build takes ~10 min)"
+"$BIN/mayfly" image build --profile debian-docker >/dev/null 2>"$CACHE/image-build.log" || {
+	cat "$CACHE/image-build.log" >&2
+	exit 1
+}
+echo "   ready ($(($(date +%s) - t)) s)"
 
 # The coordinator's state (the registry above all) survives from one run to
 # the next, so the images are pushed once and later runs only check them.
@@ -108,7 +115,10 @@ api /info >/dev/null
 t=$(date +%s)
 echo "== container images from Debian packages into the coordinator's registry (mayfly image push-debian)"
 "$BIN/mayfly" image push-debian --registry "$ADDR" --push-token "$PUSH" --images redis \
-	--cache-dir "$CACHE" 2>"$CACHE/push.log" | sed 's/^/   /'
+	--cache-dir "$CACHE" 2>"$CACHE/push.log" | sed 's/^/   /' || {
+	cat "$CACHE/push.log" >&2
+	exit 1
+}
 echo "   ($(($(date +%s) - t)) s)"
 
 echo "== mayfly run --config testdata/local.toml (fleet view every 30s; logs in $CACHE/run.log)"
