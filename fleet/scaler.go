@@ -116,7 +116,8 @@ func (f *Fleet) createWindowLocked() time.Duration {
 // list to show them running, every ListIntervalBooting, but not before
 // the first of them can be expected to run (its creation plus the
 // shortest boot seen lately, less one ListIntervalBooting since a boot is
-// seen up to that late), and from then on every half ListIntervalBooting.
+// seen up to that late), then every half ListIntervalBooting for one
+// ListIntervalBooting, then every ListIntervalBooting.
 // One list serves every instance booting.
 // Instances the provider gave connect info for are not waited for with
 // lists: their provisioner waits for SSH or WinRM. f.mu is held.
@@ -134,11 +135,13 @@ func (f *Fleet) nextListLocked() time.Time {
 	switch expect := f.firstCreating.Add(lead); {
 	case expect.After(due):
 		due = expect
-	case shortest > 0 && !f.lastList.Before(expect):
-		// A boot as short as the shortest seen may be over: list every
-		// half interval, so that one that just missed a list waits half
-		// as long (boots of one image take the same time to the second,
-		// and lists spaced from the creation kept missing them by a hair).
+	case shortest > 0 && !f.lastList.Before(expect) && f.lastList.Before(expect.Add(f.cfg.ListIntervalBooting)):
+		// A boot as short as the shortest seen may be over: for one
+		// interval, list every half interval, so that one that just
+		// missed a list waits half as long (boots of one image take the
+		// same time to the second, and lists spaced from the creation
+		// kept missing them by a hair). After it, the usual cadence: a
+		// slow boot must not cost twice the lists.
 		due = f.lastList.Add(f.cfg.ListIntervalBooting / 2)
 	}
 	if due.Before(next) {
