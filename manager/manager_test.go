@@ -567,7 +567,12 @@ func TestNextJobRequestedWhenAJobEnds(t *testing.T) {
 				}
 			}
 			// One request per job, one that found nothing, and no more:
-			// an empty answer is not retried before the tick.
+			// an empty answer is not retried before the tick. The empty
+			// one follows the last job's end (at once, but a loaded
+			// machine may take a moment); then nothing more comes.
+			for deadline := time.Now().Add(10 * time.Second); counterSum(t, e.reg, "mayfly_job_requests_total") < 4 && time.Now().Before(deadline); {
+				time.Sleep(20 * time.Millisecond)
+			}
 			time.Sleep(300 * time.Millisecond)
 			if got := counterSum(t, e.reg, "mayfly_job_requests_total"); got != 4 {
 				t.Errorf("%v job requests, want 4 (three jobs and one empty answer)", got)
