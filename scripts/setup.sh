@@ -50,3 +50,22 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 scripts/setup-vm.sh
+
+# The VM images the tests and the demo boot, built here once (cached by a
+# hash of their inputs: a second run does nothing) rather than inside the
+# tests, where a first build of debian-docker (minutes under software
+# emulation's neighbours) ran into the package's test timeout and starved
+# the tests beside it. The Debian profiles need root (mmdebstrap).
+profiles=(busybox)
+if [ "$(id -u)" -eq 0 ]; then
+	profiles+=(debian debian-docker)
+fi
+mkdir -p .cache/mayfly
+go build -o .cache/mayfly/setup-mayfly ./cmd/mayfly
+for p in "${profiles[@]}"; do
+	if ! .cache/mayfly/setup-mayfly image build --profile "$p" >/dev/null 2>.cache/mayfly/setup-image-build.log; then
+		tail -30 .cache/mayfly/setup-image-build.log >&2
+		echo "setup: mayfly image build --profile $p failed (log: .cache/mayfly/setup-image-build.log)" >&2
+		exit 1
+	fi
+done

@@ -25,7 +25,9 @@ import (
 // with the job token. It asserts from the stored trace that the script ran
 // inside the image (its os-release, not the VM's Debian), the service
 // answered by its alias, the image came from the coordinator's registry,
-// the job token stayed masked, and that no VM is left.
+// the job token stayed masked, and that no VM is left. The same run clones
+// testdata/projects/with-submodule in the VM's shell (issue 12: depth 1
+// at the pipeline's commit, a submodule, pre_clone_script).
 func TestQEMUDockerJobEndToEnd(t *testing.T) {
 	repo, err := filepath.Abs("../..")
 	if err != nil {
@@ -95,8 +97,23 @@ func TestQEMUDockerJobEndToEnd(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(proj, "greeting.txt"), []byte("cloned in the VM\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := srv.AddProjects(ctx, []coordinator.ProjectSource{{Dir: proj}}); err != nil {
+	// Issue 12's clone, in the same run: testdata/projects/with-submodule,
+	// a shallow clone at the pipeline's commit with a submodule served as
+	// the project shared-lib, and the hosted config's pre_clone_script.
+	added, err := srv.AddProjects(ctx, []coordinator.ProjectSource{{Dir: proj},
+		{Dir: filepath.Join(repo, "testdata", "projects", "shared-lib")},
+		{Dir: filepath.Join(repo, "testdata", "projects", "with-submodule")}})
+	if err != nil {
 		t.Fatal(err)
+	}
+	var pipelineSHA string
+	for _, a := range added {
+		if strings.HasSuffix(a.Project.Path, "/with-submodule") {
+			pipelineSHA = a.Commit
+		}
+	}
+	if pipelineSHA == "" {
+		t.Fatalf("no with-submodule project among %+v", added)
 	}
 
 	pluginDir := filepath.Join(dir, "plugins")
@@ -113,6 +130,7 @@ log_level = "debug"
   executor = "docker-autoscaler"
   shell = "bash"
   builds_dir = "/builds"
+  pre_clone_script = "eval \"$CI_PRE_CLONE_SCRIPT\""
   [runners.docker]
     wait_for_services_timeout = 60
   [runners.autoscaler]
@@ -148,10 +166,19 @@ log_level = "debug"
 		}
 	}
 	jobs := srv.Jobs()
-	if len(jobs) != 1 {
-		t.Fatalf("%d jobs, want 1", len(jobs))
+	if len(jobs) != 2 {
+		t.Fatalf("%d jobs, want 2 (check and show)", len(jobs))
 	}
-	j := jobs[0]
+	var j, show coordinator.JobRecord
+	for _, r := range jobs {
+		switch r.Name {
+		case "check":
+			j = r
+		case "show":
+			show = r
+		}
+	}
+	checkClone(t, show, pipelineSHA)
 	tr := string(j.Trace)
 	for _, want := range []string{
 		fmt.Sprintf("Pulling docker image 10.0.2.2:%d/mayfly/busybox:test ...", port),
@@ -170,5 +197,30 @@ log_level = "debug"
 	}
 	if left := qemuProcesses(stateDir); len(left) > 0 {
 		t.Errorf("qemu processes left after shutdown: %v", left)
+	}
+}
+
+// checkClone checks the with-submodule job of issue 12 from its stored
+// trace: it succeeded (its script compares HEAD with CI_COMMIT_SHA, checks
+// the clone is shallow and reads the submodule's file), it checked out the
+// pipeline's commit, the hooks before the clone ran in order, and no
+// credential is in the trace.
+func checkClone(t *testing.T, j coordinator.JobRecord, sha string) {
+	t.Helper()
+	tr := string(j.Trace)
+	if j.Status != "success" {
+		t.Errorf("job show: %s %s, want success:\n%s", j.Status, j.FailureReason, tr)
+	}
+	pre, hook := strings.Index(tr, "pre-clone script ran for root/with-submodule"), strings.Index(tr, "\npre_get_sources_script ran")
+	if pre < 0 || hook < 0 {
+		t.Errorf("job show: the pre_clone_script (%d) or the pre_get_sources_script hook (%d) did not run:\n%s", pre, hook, tr)
+	}
+	for _, want := range []string{"checked out " + sha, "shared-lib 1.0"} {
+		if !strings.Contains(tr, want) {
+			t.Errorf("job show: the trace lacks %q:\n%s", want, tr)
+		}
+	}
+	if strings.Contains(tr, "gitlab-ci-token:") {
+		t.Errorf("job show: a credential is in the trace:\n%s", tr)
 	}
 }
