@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mayfly-ci/mayfly/internal/testenv"
+
 	"github.com/mayfly-ci/mayfly/manager/coordinator"
 	"github.com/mayfly-ci/mayfly/provisioner/image"
 	"github.com/mayfly-ci/mayfly/vmexec/dockertest"
@@ -36,11 +38,7 @@ func TestQEMUDockerJobEndToEnd(t *testing.T) {
 	cacheDir := filepath.Join(repo, ".cache", "mayfly")
 	requireQEMU(t, cacheDir)
 	if os.Geteuid() != 0 {
-		msg := "the debian-docker image is built as root (mmdebstrap)"
-		if os.Getenv("CI") == "true" {
-			t.Fatal(msg)
-		}
-		t.Skip(msg)
+		testenv.Missing(t, "the debian-docker image is built as root (mmdebstrap)")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()

@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mayfly-ci/mayfly/internal/testenv"
+
 	"github.com/mayfly-ci/mayfly/manager/coordinator"
 	"github.com/mayfly-ci/mayfly/provisioner/image"
 )
@@ -30,11 +32,7 @@ func requireQEMU(t testing.TB, cacheDir string) {
 	if len(missing) == 0 {
 		return
 	}
-	msg := fmt.Sprintf("needs %s: run make setup", strings.Join(missing, " and "))
-	if os.Getenv("CI") == "true" {
-		t.Fatal(msg)
-	}
-	t.Skip(msg)
+	testenv.Missing(t, fmt.Sprintf("needs %s: run make setup", strings.Join(missing, " and ")))
 }
 
 // qemuProcesses returns the command lines of qemu processes that mention s.

@@ -36,6 +36,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mayfly-ci/mayfly/internal/testenv"
+
 	"github.com/docker/docker/client"
 )
 
@@ -51,10 +53,7 @@ const (
 func Require(t testing.TB) {
 	t.Helper()
 	if msg := missing(); msg != "" {
-		if os.Getenv("CI") == "true" {
-			t.Fatal(msg + "; failing because CI=true")
-		}
-		t.Skip(msg)
+		testenv.Missing(t, msg)
 	}
 }
 
