@@ -20,17 +20,9 @@ import (
 // *vmexec.AbortedError. Transport failures give a *vmexec.SystemError. No
 // write reaches cmd.Stdout or cmd.Stderr after Run returned.
 func (c *Client) Run(ctx context.Context, cmd vmexec.Command) (int, error) {
-	shell := cmd.Shell
-	if shell == "" {
-		shell = DefaultShell
-	}
-	if !shellName.MatchString(shell) {
-		return -1, &vmexec.SystemError{Op: "run", Err: fmt.Errorf(
-			"Command.Shell %q: want a program name or path without spaces or quotes", shell)}
-	}
-	env, err := vmexec.ParseEnv(cmd.Env)
+	shell, env, err := checkCommand("run", cmd)
 	if err != nil {
-		return -1, &vmexec.SystemError{Op: "run", Err: fmt.Errorf("Command.Env: %w", err)}
+		return -1, err
 	}
 	if ctx.Err() != nil {
 		return -1, &vmexec.AbortedError{Cause: context.Cause(ctx), Killed: true}
@@ -160,17 +152,9 @@ func (c *Client) killGroup(ctx context.Context, pgid int) error {
 // a *vmexec.AbortedError at once; the remote command is not killed but
 // dies of SIGPIPE at its next write. It implements vmexec.Streamer.
 func (c *Client) Stream(ctx context.Context, cmd vmexec.Command) (int, error) {
-	shell := cmd.Shell
-	if shell == "" {
-		shell = DefaultShell
-	}
-	if !shellName.MatchString(shell) {
-		return -1, &vmexec.SystemError{Op: "stream", Err: fmt.Errorf(
-			"Command.Shell %q: want a program name or path without spaces or quotes", shell)}
-	}
-	env, err := vmexec.ParseEnv(cmd.Env)
+	shell, env, err := checkCommand("stream", cmd)
 	if err != nil {
-		return -1, &vmexec.SystemError{Op: "stream", Err: fmt.Errorf("Command.Env: %w", err)}
+		return -1, err
 	}
 	if ctx.Err() != nil {
 		return -1, &vmexec.AbortedError{Cause: context.Cause(ctx)}
@@ -224,4 +208,23 @@ func (c *Client) Stream(ctx context.Context, cmd vmexec.Command) (int, error) {
 		return s.code, &vmexec.SystemError{Op: "stream: write output", Err: err}
 	}
 	return s.code, nil
+}
+
+// checkCommand returns cmd's shell (DefaultShell when unset) and parsed
+// environment, or a *vmexec.SystemError for operation op naming the field
+// that is wrong.
+func checkCommand(op string, cmd vmexec.Command) (string, []vmexec.EnvVar, error) {
+	shell := cmd.Shell
+	if shell == "" {
+		shell = DefaultShell
+	}
+	if !shellName.MatchString(shell) {
+		return "", nil, &vmexec.SystemError{Op: op, Err: fmt.Errorf(
+			"Command.Shell %q: want a program name or path without spaces or quotes", shell)}
+	}
+	env, err := vmexec.ParseEnv(cmd.Env)
+	if err != nil {
+		return "", nil, &vmexec.SystemError{Op: op, Err: fmt.Errorf("Command.Env: %w", err)}
+	}
+	return shell, env, nil
 }
