@@ -128,7 +128,6 @@ func freePortTB(t testing.TB) string {
 // fakeFleetConfig is a runner on the fake provider whose every instance
 // is the sshd given, with extra TOML at the end of [[runners]].
 func fakeFleetConfig(url, token, dir string, ssh *sshtest.Server, extra string) string {
-	host, port, _ := net.SplitHostPort(ssh.Addr)
 	return fmt.Sprintf(`concurrent = 2
 check_interval = 1
 log_level = "warn"
@@ -144,21 +143,11 @@ log_level = "warn"
     plugin = "fake"
     max_instances = 3
     delete_instances_on_shutdown = true
-    [runners.autoscaler.plugin_config]
-      state_dir = %q
-      boot_delay = "100ms"
-      [runners.autoscaler.plugin_config.connect]
-        address = %q
-        port = %s
-        username = %q
-        host_key = %q
-        private_key = '''
-%s'''
-    [runners.autoscaler.connector_config]
+%s    [runners.autoscaler.connector_config]
       timeout = "30s"
     [[runners.autoscaler.policy]]
       idle_count = 1
-%s`, url, token, filepath.Join(dir, "builds"), filepath.Join(dir, "fake-state"), host, port, ssh.User, ssh.HostKey, ssh.ClientKeyPEM, extra)
+%s`, url, token, filepath.Join(dir, "builds"), fakePluginConfig(filepath.Join(dir, "fake-state"), ssh), extra)
 }
 
 // runWithHelper is runUntilDone with the helper directory set.

@@ -3,7 +3,6 @@ package main
 import (
 	"encoding/json"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -43,7 +42,6 @@ projects:
           - {name: six, script: ["uname -s"]}
 `)
 
-	host, port, _ := net.SplitHostPort(ssh.Addr)
 	stateDir := filepath.Join(dir, "fake-state")
 	cfg := fmt.Sprintf(`concurrent = 3
 check_interval = 1
@@ -60,21 +58,11 @@ log_level = "warn"
     plugin = "fake"
     max_instances = 4
     delete_instances_on_shutdown = true
-    [runners.autoscaler.plugin_config]
-      state_dir = %q
-      boot_delay = "100ms"
-      [runners.autoscaler.plugin_config.connect]
-        address = %q
-        port = %s
-        username = %q
-        host_key = %q
-        private_key = '''
-%s'''
-    [runners.autoscaler.connector_config]
+%s    [runners.autoscaler.connector_config]
       timeout = "30s"
     [[runners.autoscaler.policy]]
       idle_count = 2
-`, url, filepath.Join(dir, "builds"), stateDir, host, port, ssh.User, ssh.HostKey, ssh.ClientKeyPEM)
+`, url, filepath.Join(dir, "builds"), fakePluginConfig(stateDir, ssh))
 	runUntilDone(t, srv, dir, pluginDir, cfg, 2*time.Minute)
 
 	want := map[string]struct {

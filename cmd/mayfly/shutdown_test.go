@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -70,7 +69,6 @@ func newProcEnv(t *testing.T, pipeline, extraGlobal string, idle int) *procEnv {
 	e := &procEnv{t: t, dir: t.TempDir(), binDir: mayflyBinaries(t), ssh: sshtest.Run(t, sshtest.Dropbear)}
 	e.srv, e.url = startCoordinator(t, "proc-test-token", pipeline)
 	e.stateDir = filepath.Join(e.dir, "fake-state")
-	host, port, _ := net.SplitHostPort(e.ssh.Addr)
 	cfg := fmt.Sprintf(`concurrent = 2
 check_interval = 1
 log_level = "info"
@@ -86,21 +84,11 @@ log_level = "info"
     plugin = "fake"
     max_instances = 4
     delete_instances_on_shutdown = true
-    [runners.autoscaler.plugin_config]
-      state_dir = %q
-      boot_delay = "100ms"
-      [runners.autoscaler.plugin_config.connect]
-        address = %q
-        port = %s
-        username = %q
-        host_key = %q
-        private_key = '''
-%s'''
-    [runners.autoscaler.connector_config]
+%s    [runners.autoscaler.connector_config]
       timeout = "30s"
     [[runners.autoscaler.policy]]
       idle_count = %d
-`, extraGlobal, e.url, filepath.Join(e.dir, "builds"), e.stateDir, host, port, e.ssh.User, e.ssh.HostKey, e.ssh.ClientKeyPEM, idle)
+`, extraGlobal, e.url, filepath.Join(e.dir, "builds"), fakePluginConfig(e.stateDir, e.ssh), idle)
 	e.cfgPath = filepath.Join(e.dir, "config.toml")
 	if err := os.WriteFile(e.cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
