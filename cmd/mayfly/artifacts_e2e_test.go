@@ -126,9 +126,12 @@ func freePortTB(t testing.TB) string {
 }
 
 // fakeFleetConfig is a runner on the fake provider whose every instance
-// is the sshd given, with extra TOML at the end of [[runners]].
+// is the sshd given, with extra TOML at the end of [[runners]]. One job at
+// a time: the "VMs" share this host's file system, so two jobs of one
+// project would share (and empty) one build directory, which no two real
+// VMs do (seen: a's directory removed under it by c's get_sources).
 func fakeFleetConfig(url, token, dir string, ssh *sshtest.Server, extra string) string {
-	return fmt.Sprintf(`concurrent = 2
+	return fmt.Sprintf(`concurrent = 1
 check_interval = 1
 log_level = "warn"
 
