@@ -2,10 +2,11 @@ package deploy
 
 import (
 	"context"
-	"os"
 	"os/exec"
 	"testing"
 	"time"
+
+	"github.com/mayfly-ci/mayfly/internal/testenv"
 )
 
 // hostedJobCap is the hard cap on a job on hosted runners; every drain
@@ -18,15 +19,7 @@ const hostedJobCap = 3 * time.Hour
 // systemd-analyze from systemd).
 func requireTool(t *testing.T, name string) string {
 	t.Helper()
-	p, err := exec.LookPath(name)
-	if err == nil {
-		return p
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("%s not found in PATH and CI=true: make setup installs it", name)
-	}
-	t.Skipf("%s not found in PATH: skipping (make setup installs it; with CI=true this fails)", name)
-	return ""
+	return testenv.LookPath(t, name, "make setup installs it")
 }
 
 // run runs a command in dir with a timeout and returns its combined output.

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mayfly-ci/mayfly/internal/testenv"
 	"github.com/mayfly-ci/mayfly/manager/gitlab"
 	"github.com/mayfly-ci/mayfly/manager/runnerapi"
 )
@@ -20,12 +21,7 @@ import (
 // repository with the git CLI at the URL the payload gives (the listen
 // address, as no --external-url is set), and checks the pipeline's output.
 func TestCoordinatorProjectFlag(t *testing.T) {
-	if _, err := exec.LookPath("git"); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("git is missing under CI=true: %v", err)
-		}
-		t.Skip("git is not installed (make setup installs it)")
-	}
+	testenv.LookPath(t, "git", "make setup installs it")
 	rc := runCoordinatorCmd(t, "--project", "../../testdata/projects/two-stages", "--project", "demo/lib=../../testdata/projects/shared-lib",
 		"--runner-token", "cli-project-token", "--exit-when-done")
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -90,12 +86,7 @@ func TestCoordinatorProjectFlag(t *testing.T) {
 // TestCoordinatorProjectErrors: a bad .gitlab-ci.yml stops the command
 // with the file, line and key, and --help lists unsupported keywords.
 func TestCoordinatorProjectErrors(t *testing.T) {
-	if _, err := exec.LookPath("git"); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("git is missing under CI=true: %v", err)
-		}
-		t.Skip("git is not installed (make setup installs it)")
-	}
+	testenv.LookPath(t, "git", "make setup installs it")
 	dir := t.TempDir()
 	if err := os.WriteFile(filepath.Join(dir, ".gitlab-ci.yml"), []byte("job:\n  script: [x]\n  stage: nowhere\n"), 0o644); err != nil {
 		t.Fatal(err)

@@ -2,7 +2,9 @@
 package testenv
 
 import (
+	"fmt"
 	"os"
+	"os/exec"
 	"testing"
 )
 
@@ -19,4 +21,16 @@ func Missing(t testing.TB, msg string) {
 		t.Fatal(msg + "; failing because CI=true")
 	}
 	t.Skip(msg + " (skipped here; under CI=true this fails)")
+}
+
+// LookPath returns the path of the program name, or ends the test with
+// Missing when it is not installed; install says what installs it (for
+// example "make setup installs it").
+func LookPath(t testing.TB, name, install string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err != nil {
+		Missing(t, fmt.Sprintf("%s is not installed (%s): %v", name, install, err))
+	}
+	return p
 }

@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"github.com/mayfly-ci/mayfly/internal/testenv"
 	"github.com/mayfly-ci/mayfly/manager/runnerapi"
 )
 
@@ -33,12 +34,7 @@ func git(t testing.TB, dir string, args ...string) string {
 // requireGit skips (fails under CI=true) when git is not installed.
 func requireGit(t testing.TB) {
 	t.Helper()
-	if _, err := exec.LookPath("git"); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("git not installed")
-		}
-		t.Skip("git not installed")
-	}
+	testenv.LookPath(t, "git", "make setup installs it")
 }
 
 // gitServer serves the bare repositories under root over git's smart HTTP

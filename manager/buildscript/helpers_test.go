@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mayfly-ci/mayfly/internal/testenv"
 	"github.com/mayfly-ci/mayfly/manager/runnerapi"
 	"github.com/mayfly-ci/mayfly/manager/stagerun"
 	"github.com/mayfly-ci/mayfly/vmexec"
@@ -33,12 +34,7 @@ type localExec struct {
 // program). stubs are small executables put first on PATH (name -> script).
 func newLocalExec(t testing.TB, program []string, stubs map[string]string) *localExec {
 	t.Helper()
-	if _, err := exec.LookPath(program[0]); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("%s not installed: %v", program[0], err)
-		}
-		t.Skipf("%s not installed: %v", program[0], err)
-	}
+	testenv.LookPath(t, program[0], "make setup installs it")
 	bin := t.TempDir()
 	for name, body := range stubs {
 		if err := os.WriteFile(filepath.Join(bin, name), []byte("#!/bin/sh\n"+body+"\n"), 0o755); err != nil {

@@ -12,17 +12,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mayfly-ci/mayfly/internal/testenv"
 	"github.com/mayfly-ci/mayfly/manager/runnerapi"
 )
 
 func needGit(t *testing.T) {
 	t.Helper()
-	if _, err := exec.LookPath("git"); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("git is missing under CI=true (scripts/setup.sh installs it): %v", err)
-		}
-		t.Skip("git is not installed (Debian package git; make setup installs it)")
-	}
+	testenv.LookPath(t, "git", "Debian package git; make setup installs it")
 }
 
 // gitCLI runs the real git client as a runner would, with no user configuration.

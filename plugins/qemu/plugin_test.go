@@ -27,6 +27,7 @@ import (
 
 	"golang.org/x/crypto/ssh"
 
+	"github.com/mayfly-ci/mayfly/internal/testenv"
 	"github.com/mayfly-ci/mayfly/plugins/qemu"
 	"github.com/mayfly-ci/mayfly/plugins/qemu/qemuvm"
 	"github.com/mayfly-ci/mayfly/providers"
@@ -66,10 +67,7 @@ func need(t testing.TB, what string, ok bool) {
 	if ok {
 		return
 	}
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("%s is missing and CI=true (run scripts/setup-vm.sh)", what)
-	}
-	t.Skipf("%s is missing; run scripts/setup-vm.sh (this test fails instead of skipping when CI=true)", what)
+	testenv.Missing(t, what+" is missing (run scripts/setup-vm.sh)")
 }
 
 // imageCacheDir is the repository's image cache (MAYFLY_CACHE_DIR overrides).

@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"golang.org/x/crypto/ssh"
+
+	"github.com/mayfly-ci/mayfly/internal/testenv"
 )
 
 // need skips the test when a host tool is missing, or fails it when CI=true.
@@ -24,10 +26,7 @@ func need(t *testing.T, what string, ok bool) {
 	if ok {
 		return
 	}
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("%s is missing and CI=true (run scripts/setup-vm.sh)", what)
-	}
-	t.Skipf("%s is missing; run scripts/setup-vm.sh (this test fails instead of skipping when CI=true)", what)
+	testenv.Missing(t, what+" is missing (run scripts/setup-vm.sh)")
 }
 
 func haveTool(name string) bool {

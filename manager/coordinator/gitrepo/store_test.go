@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/mayfly-ci/mayfly/internal/testenv"
 )
 
 // git runs the real git CLI for a test, with no user configuration.
@@ -37,12 +39,7 @@ func gitErr(t testing.TB, dir string, args ...string) (string, error) {
 
 func needGit(t testing.TB) {
 	t.Helper()
-	if _, err := exec.LookPath("git"); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("git is missing under CI=true (scripts/setup.sh installs it): %v", err)
-		}
-		t.Skip("git is not installed (Debian package git; make setup installs it)")
-	}
+	testenv.LookPath(t, "git", "Debian package git; make setup installs it")
 }
 
 func writeFiles(t testing.TB, dir string, files map[string]string) {

@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"github.com/klauspost/compress/gzip"
+
+	"github.com/mayfly-ci/mayfly/internal/testenv"
 )
 
 // tree writes files (name → content; a content starting with "->" makes a
@@ -107,12 +109,7 @@ func TestSelect(t *testing.T) {
 }
 
 func TestSelectUntracked(t *testing.T) {
-	if _, err := exec.LookPath("git"); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("git is missing under CI=true")
-		}
-		t.Skip("git is not installed")
-	}
+	testenv.LookPath(t, "git", "make setup installs it")
 	dir := tree(t, map[string]string{"tracked.txt": "t", ".gitignore": "ignored.log\n"})
 	for _, args := range [][]string{{"init", "-q"}, {"add", "."}, {"-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "x"}} {
 		cmd := exec.Command("git", args...)

@@ -21,6 +21,7 @@ import (
 
 	"golang.org/x/crypto/ssh"
 
+	"github.com/mayfly-ci/mayfly/internal/testenv"
 	"github.com/mayfly-ci/mayfly/provisioner/image"
 )
 
@@ -30,10 +31,7 @@ func need(t *testing.T, what string, ok bool) {
 	if ok {
 		return
 	}
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("%s is missing and CI=true (run scripts/setup-vm.sh)", what)
-	}
-	t.Skipf("%s is missing; run scripts/setup-vm.sh (this test fails instead of skipping when CI=true)", what)
+	testenv.Missing(t, what+" is missing (run scripts/setup-vm.sh)")
 }
 
 // testImage returns the base image from the repository cache, building it if needed.
