@@ -222,8 +222,15 @@ func TestWaitingJobsDoNotWaitForTheBatchWindow(t *testing.T) {
 	if got := h.prov.callsOf(OpCreate)[creates:]; len(got) != 1 || got[0].n != 2 {
 		t.Fatalf("180ms after two jobs began to wait: Create calls %+v, want one for 2", got)
 	}
-	h.until(time.Minute, time.Second, "both jobs served", func() bool { return len(leases) == 2 })
-	for range 2 {
-		(<-leases).Release(JobSucceeded)
+	// The fleet's side on fake time; the Acquire callers are this test's
+	// own goroutines, which fake time does not wait for.
+	h.until(time.Minute, time.Second, "both jobs served", func() bool { return h.count(StateAcquired) == 2 })
+	for i := range 2 {
+		select {
+		case l := <-leases:
+			l.Release(JobSucceeded)
+		case <-time.After(10 * time.Second):
+			t.Fatalf("lease %d: Acquire did not return 10s after the fleet handed it out", i+1)
+		}
 	}
 }
