@@ -9,6 +9,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/mayfly-ci/mayfly/manager/buildscript"
 	"github.com/mayfly-ci/mayfly/manager/config"
 	"github.com/mayfly-ci/mayfly/manager/gitlab"
 	"github.com/mayfly-ci/mayfly/manager/runnerapi"
@@ -254,8 +255,15 @@ func (m *Manager) resumeJob(rs *resumable) {
 	case rs.r == nil:
 		fail(systemFailure("the runner manager restarted without runner %q in its configuration", st.job.Runner))
 	case st.lease == nil:
-		// It had no VM yet: nothing ran. Take one now.
+		// It had no VM yet: nothing ran, so it runs now, as a user wants
+		// (failing it would only make them retry it by hand); its timeout
+		// counts from its first stage. A manager killed right after the
+		// journal was written left no trace line: the header comes now.
 		rebuild()
+		if len(st.texts) == 0 {
+			fmt.Fprint(jr, buildscript.Header("mayfly "+m.version, r.cfg.Name, gitlab.ShortToken(r.cfg.Token)))
+		}
+		fmt.Fprint(jr, buildscript.LogLine("The runner manager restarted before the job had a VM; this one takes a VM for it"))
 		res, wait, err := m.reserveFor(jr)
 		if err != nil {
 			jr.finish(waitResult(err))

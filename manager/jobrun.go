@@ -97,25 +97,46 @@ func (jr *jobRun) abandon() {
 // handingOver reports whether the manager is leaving its jobs to the next.
 func (m *Manager) handingOver() bool { return m.handover.Load() }
 
+// journalJob writes the journal of a job GitLab just handed out, with the
+// script options it will run with, before anything else is done with it:
+// the request path calls it before the job goes to its goroutine, so that
+// a manager killed from then on leaves a journal the next one finishes the
+// job from. Only the time GitLab's answer takes to reach this call is
+// left (the runner API's pick-up window). It returns nil without a state
+// directory or when the journal cannot be written (the job then runs
+// without surviving a restart, and says so in the log).
+func (m *Manager) journalJob(r *runner, job *runnerapi.JobResponse, opts buildscript.Options, received time.Time) *jobJournal {
+	if m.stateDir == "" {
+		return nil
+	}
+	payload, err := json.Marshal(job)
+	var j *jobJournal
+	if err == nil {
+		j, err = createJobJournal(journalDir(m.stateDir), journalRecord{
+			Runner: r.cfg.Name, URL: r.cfg.URL, JobID: job.ID, Token: job.Token, Payload: payload,
+			Options: journaledOptions(opts), Version: m.version, At: received,
+		}, m.now)
+	}
+	if err != nil {
+		m.log.Error("job journal: the job will not survive a restart of the manager", "runner", r.cfg.Name, "job", job.ID, "err", err)
+		return nil
+	}
+	m.log.Info("job journaled", "runner", r.cfg.Name, "job", job.ID, "journal", j.path)
+	return j
+}
+
 // runJob takes the instance res promised, runs one job on it and reports
 // the job to GitLab. It always ends the reservation and the lease, whatever
-// happens, unless the manager hands its jobs over.
-func (m *Manager) runJob(r *runner, job *runnerapi.JobResponse, res Reservation, wait time.Duration, received time.Time, phases *phaseLog) {
-	jr := &jobRun{m: m, r: r, job: job, opts: m.scriptOptions(r), log: m.log.With("runner", r.cfg.Name, "job", job.ID), phases: phases, received: received}
+// happens, unless the manager hands its jobs over. j is the job's journal
+// (journalJob), nil when there is none.
+func (m *Manager) runJob(r *runner, job *runnerapi.JobResponse, opts buildscript.Options, j *jobJournal, res Reservation, wait time.Duration, received time.Time, phases *phaseLog) {
+	jr := &jobRun{m: m, r: r, job: job, opts: opts, j: j, log: m.log.With("runner", r.cfg.Name, "job", job.ID), phases: phases, received: received}
 	defer phases.log(jr.log)
 	m.metrics.jobs.WithLabelValues(r.cfg.Name).Inc()
 	defer m.metrics.jobs.WithLabelValues(r.cfg.Name).Dec()
-	if m.stateDir != "" {
-		payload, err := json.Marshal(job)
-		if err == nil {
-			jr.j, err = createJobJournal(journalDir(m.stateDir), journalRecord{
-				Runner: r.cfg.Name, URL: r.cfg.URL, JobID: job.ID, Token: job.Token, Payload: payload,
-				Options: journaledOptions(jr.opts), Version: m.version, At: received,
-			}, m.now)
-		}
-		if err != nil {
-			jr.log.Error("job journal: the job will not survive a restart of the manager", "err", err)
-		} else if jr.copy, err = createTraceCopy(traceCopyPath(jr.j.path), r.cfg.OutputLimitKB*1024); err != nil {
+	if jr.j != nil {
+		var err error
+		if jr.copy, err = createTraceCopy(traceCopyPath(jr.j.path), r.cfg.OutputLimitKB*1024); err != nil {
 			jr.log.Error("job journal: a restarted manager that cannot reach the job's VM will not say why in its trace", "err", err)
 		}
 	}
@@ -165,6 +186,10 @@ func (m *Manager) runJob(r *runner, job *runnerapi.JobResponse, res Reservation,
 	jr.dir = jobDir(plan0, job.ID)
 	jr.runOn(lease)
 }
+
+// helperUploadAttempts bounds the uploads of mayfly-helper to a job's VM
+// over connections that drop.
+const helperUploadAttempts = 4
 
 // runOn runs the job on lease's instance: connect (taking another VM, once,
 // when it cannot be reached), journal the instance, run the stages, finish.

@@ -370,7 +370,11 @@ func (m *Manager) tryRequest(ctx context.Context, r *runner) (started bool, skip
 		}
 		return false, ""
 	}
+	// The journal first, synchronously: from here on a kill of the
+	// manager leaves the next one what it needs to finish the job.
 	received := m.now()
+	opts := m.scriptOptions(r)
+	j := m.journalJob(r, resp.Job, opts, received)
 	phases := newPhaseLog(m.metrics, r.cfg.Name, m.now)
 	phases.add(PhaseReserve, reserved)
 	phases.add(PhaseRequest, requested)
@@ -379,7 +383,7 @@ func (m *Manager) tryRequest(ctx context.Context, r *runner) (started bool, skip
 		defer m.jobs.Done()
 		defer m.signalJobEnd() // after the slots are free
 		defer release()
-		m.runJob(r, resp.Job, res, wait, received, phases)
+		m.runJob(r, resp.Job, opts, j, res, wait, received, phases)
 	}()
 	return true, ""
 }
