@@ -287,11 +287,26 @@ func (jr *jobRun) execute() jobResult {
 		}
 		return e, err
 	}
-	if err := m.uploadHelper(jobCtx, r, p, exec, jr.phases); err != nil {
+	// The helper upload (megabytes) starts again on a new connection when
+	// the connection drops under it, a few times; the stages that follow
+	// reconnect by themselves.
+	for attempt := 1; ; attempt++ {
+		err := m.uploadHelper(jobCtx, r, p, exec, jr.phases)
+		if err == nil {
+			break
+		}
 		if res, ended := endedResult(jobCtx, p.JobTimeout); ended {
 			return res
 		}
-		return systemFailure("%v", err)
+		if attempt == helperUploadAttempts || !vmexec.IsSystemFailure(err) {
+			return systemFailure("%v", err)
+		}
+		jr.log.Warn("helper upload: the connection dropped; uploading again on a new one", "attempt", attempt, "err", err)
+		e, rerr := redial(jobCtx)
+		if rerr != nil {
+			return systemFailure("%v (reconnecting: %v)", err, rerr)
+		}
+		exec = e
 	}
 	stages, closeStages, err := m.newStageRunner(p, jr.dir, exec, redial)
 	if err != nil {
