@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	mrand "math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
@@ -105,6 +106,8 @@ type Settings struct {
 	Connect *ConnectSpec `json:"connect"`
 	// Hostile, when set, makes the answers hostile (see HostileSpec).
 	Hostile *HostileSpec `json:"hostile"`
+	// Chaos, when set, injects faults at a seeded rate (see ChaosSpec).
+	Chaos *ChaosSpec `json:"chaos"`
 }
 
 // ConnectSpec is the server every instance's ConnectInfo points at.
@@ -150,6 +153,7 @@ type instance struct {
 	Reason     string            `json:"reason,omitempty"`
 	FailBoot   bool              `json:"fail_boot,omitempty"`
 	DeletedAt  time.Time         `json:"deleted_at,omitzero"`
+	PreemptAt  time.Time         `json:"preempt_at,omitzero"`
 	Port       int               `json:"port"`
 	PrivateKey string            `json:"private_key,omitempty"`
 	HostKey    string            `json:"host_key,omitempty"`
@@ -172,6 +176,10 @@ type Fake struct {
 	calls     map[Op]int
 	closed    bool
 	hostile   *HostileSpec
+	chaos     *ChaosSpec
+	chaosRand *mrand.Rand
+	// chaosFirstDone: the ChaosSpec's First fault was injected
+	chaosFirstDone bool
 }
 
 var _ providers.Provider = (*Fake)(nil)
@@ -247,7 +255,10 @@ func (f *Fake) begin(ctx context.Context, op Op) error {
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return f.takeFault(op, "")
+	if err := f.takeFault(op, ""); err != nil {
+		return err
+	}
+	return f.chaosFault(op)
 }
 
 // takeFault consumes and returns the first matching fault. f.mu is held.
@@ -292,6 +303,11 @@ func (f *Fake) Init(ctx context.Context, raw json.RawMessage) (providers.Info, e
 			return providers.Info{}, providers.InvalidArgument(fmt.Errorf("fake init: settings key \"hostile\": %w", err))
 		}
 	}
+	if s.Chaos != nil {
+		if err := s.Chaos.check(); err != nil {
+			return providers.Info{}, providers.InvalidArgument(fmt.Errorf("fake init: settings key \"chaos\": %w", err))
+		}
+	}
 	if s.MaxSize < 0 || s.Quota < 0 {
 		return providers.Info{}, providers.InvalidArgument(errors.New("fake init: settings keys \"max_size\" and \"quota\" must not be negative"))
 	}
@@ -323,6 +339,9 @@ func (f *Fake) Init(ctx context.Context, raw json.RawMessage) (providers.Info, e
 	f.faults = append(f.faults, faults...)
 	if s.Hostile != nil {
 		f.applyHostileLocked(s.Hostile)
+	}
+	if s.Chaos != nil {
+		f.applyChaosLocked(s.Chaos)
 	}
 	if s.StateDir != "" && s.StateDir != o.StateDir {
 		o.StateDir = s.StateDir
@@ -383,7 +402,10 @@ func KindError(kind providers.Kind, retryAfter time.Duration, scope string) erro
 
 // Create implements providers.Provider.
 func (f *Fake) Create(ctx context.Context, n int, labels map[string]string) ([]string, error) {
-	if err := f.begin(ctx, OpCreate); err != nil {
+	timeOut := false // made in the cloud, timed out for the caller
+	if err := f.begin(ctx, OpCreate); errors.Is(err, errCreateTimeout) {
+		timeOut = true
+	} else if err != nil {
 		return nil, fmt.Errorf("fake create: %w", err)
 	}
 	if n < 0 {
@@ -418,6 +440,7 @@ func (f *Fake) Create(ctx context.Context, n int, labels map[string]string) ([]s
 			f.failBoots--
 			in.FailBoot = true
 		}
+		in.PreemptAt = f.chaosPreemptAt(now)
 		f.instances[in.ID] = in
 		ids = append(ids, in.ID)
 	}
@@ -433,6 +456,9 @@ func (f *Fake) Create(ctx context.Context, n int, labels map[string]string) ([]s
 	}
 	if err := sleepFn(ctx, delay); err != nil {
 		return ids, providers.Transient(fmt.Errorf("fake create: %w", err))
+	}
+	if timeOut {
+		return nil, createTimedOut()
 	}
 	if quotaErr != nil {
 		return ids, fmt.Errorf("fake create: %w", quotaErr)
@@ -597,6 +623,13 @@ func (f *Fake) advance(now time.Time) bool {
 				if in.FailBoot {
 					in.State, in.Reason = providers.StateFailed, "boot failed"
 				}
+				changed = true
+			}
+			fallthrough
+		case providers.StateRunning:
+			if in.State == providers.StateRunning && !in.PreemptAt.IsZero() && !now.Before(in.PreemptAt) {
+				in.State, in.Reason = providers.StateFailed, "preempted"
+				f.logFault(ChaosPreempted, id)
 				changed = true
 			}
 		case providers.StateDeleting:
