@@ -57,14 +57,16 @@ bench: setup build
 	$(GO) test -run '^$$' -bench . -skip '^BenchmarkCompare$$' -benchmem -benchtime 1x ./cmd/... ./fleet/... ./schedule/... ./manager/... ./providers/... ./vmexec/... ./plugins/...
 
 ## chaos: the long chaos suite (issue 16): `mayfly run` killed with SIGKILL in every phase of its
-## jobs' life and started again on the same state dir, CHAOS_FAKE trials on the fake provider and
-## CHAOS_QEMU on qemu microVMs; prints one table (about 25 min on 2 cores). `make test` runs 6 + 1.
+## jobs' life and started again on the same state dir, with plugin kills, provider faults, dropped
+## SSH connections or a CHAOS_OUTAGE of GitLab besides, CHAOS_FAKE trials on the fake provider and
+## CHAOS_QEMU on qemu microVMs; prints one table (about 25 min on 2 cores). `make test` runs 5 + 1.
 CHAOS_FAKE ?= 100
 CHAOS_QEMU ?= 10
 CHAOS_SEED ?= 16
+CHAOS_OUTAGE ?= 1m
 chaos: setup
 	$(GO) test -run '^TestChaos$$' -v -count=1 -timeout 120m ./cmd/mayfly/ -args \
-		-chaos.fake=$(CHAOS_FAKE) -chaos.qemu=$(CHAOS_QEMU) -chaos.seed=$(CHAOS_SEED) -chaos.parallel=4 -chaos.qemu-parallel=1
+		-chaos.fake=$(CHAOS_FAKE) -chaos.qemu=$(CHAOS_QEMU) -chaos.seed=$(CHAOS_SEED) -chaos.outage=$(CHAOS_OUTAGE) -chaos.parallel=4 -chaos.qemu-parallel=1
 
 ## fuzz: run every fuzz target for FUZZTIME each
 fuzz:

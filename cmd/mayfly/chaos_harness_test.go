@@ -37,8 +37,13 @@ type chaosCoordinator struct {
 	slow        time.Duration
 	uploadSeen  atomic.Int64 // unix nanos of the first upload request
 	finalSeen   atomic.Int64 // unix nanos of the first final update
-	hs          *http.Server
-	serveClosed chan struct{}
+	requestSeen atomic.Int64 // unix nanos of the first job request
+	jobServed   atomic.Int64 // unix nanos of the first job handed out (201)
+	// an outage: every runner API call until then is answered 503
+	outageUntil  atomic.Int64
+	outageServed atomic.Int64
+	hs           *http.Server
+	serveClosed  chan struct{}
 }
 
 func startChaosCoordinator(t testing.TB, token string, projects []string, slow time.Duration) *chaosCoordinator {
@@ -80,7 +85,19 @@ func startChaosCoordinator(t testing.TB, token string, projects []string, slow t
 // a job with a state other than running), then lets the coordinator
 // answer.
 func (c *chaosCoordinator) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if c.inOutage(w, r) {
+		return
+	}
 	p := r.URL.Path
+	if r.Method == http.MethodPost && p == "/api/v4/jobs/request" {
+		c.requestSeen.CompareAndSwap(0, time.Now().UnixNano())
+		rec := &statusRecorder{ResponseWriter: w}
+		c.srv.ServeHTTP(rec, r)
+		if rec.code == http.StatusCreated {
+			c.jobServed.CompareAndSwap(0, time.Now().UnixNano())
+		}
+		return
+	}
 	if strings.HasPrefix(p, "/api/v4/jobs/") {
 		var seen *atomic.Int64
 		switch {

@@ -15,31 +15,45 @@ import (
 )
 
 // The chaos suite (issue 16): `mayfly run` killed with SIGKILL at a seeded
-// moment of each phase of its jobs' life (waiting for the VM to boot,
+// moment of each phase of its jobs' life (asking for a job with an
+// instance reserved, the job just handed out, the provider's create in
+// flight, waiting for the VM to boot, the first SSH connection,
 // get_sources, the script, after_script, the artifact upload, the final
-// update), started again on the same state directory, and every job and
-// instance accounted for. "pickup" counts jobs GitLab handed out as the
-// manager was killed, before it read them: the runner API leaves nothing
-// to finish those with (GitLab fails them as stuck), so they are shown
-// apart from "stuck", which must stay 0. `make test` runs a few seeded trials; `make
-// chaos` runs the long suite:
+// update, an instance's deletion), started again on the same state
+// directory, and every job and instance accounted for. Each trial also
+// injects one kind of fault at seeded moments: none, SIGKILL of the
+// provider plugin process, provider faults on 10 % of the calls (429 with
+// Retry-After, 5xx, quota, stockout, a create that times out for its
+// caller, preemptions), every SSH connection severed now and then, or
+// GitLab answering 503 to everything for -chaos.outage. "pickup" counts
+// jobs GitLab handed out as the manager was killed, before their journal
+// reached the disk: the runner API leaves nothing to finish those with
+// (GitLab fails them as stuck), so they are shown apart from "stuck",
+// which must stay 0. `make test` runs a few seeded trials; `make chaos`
+// runs the long suite:
 //
-//	go test -run '^TestChaos$' -v ./cmd/mayfly/ -args -chaos.fake=100 -chaos.qemu=10 -chaos.parallel=4 -chaos.qemu-parallel=2
+//	go test -run '^TestChaos$' -v ./cmd/mayfly/ -args -chaos.fake=100 -chaos.qemu=10 -chaos.parallel=4 -chaos.outage=1m
 var (
-	chaosFakeTrials = flag.Int("chaos.fake", 6, "chaos trials on the fake provider (local SSH server as every VM)")
+	chaosFakeTrials = flag.Int("chaos.fake", 5, "chaos trials on the fake provider (local SSH server as every VM)")
 	chaosQEMUTrials = flag.Int("chaos.qemu", 1, "chaos trials on the qemu provider (real microVMs)")
 	chaosSeed       = flag.Uint64("chaos.seed", 16, "seed of the chaos trials (phases, kill moments, scripts)")
 	chaosParallel   = flag.Int("chaos.parallel", 6, "fake-provider chaos trials run at once")
 	chaosQEMUPar    = flag.Int("chaos.qemu-parallel", 1, "qemu chaos trials run at once (each boots its own VMs)")
 	chaosMinTrue    = flag.Float64("chaos.min-true", 95, "per cent of the jobs running at a kill that must end with their true result")
+	chaosOutage     = flag.Duration("chaos.outage", 5*time.Second, "how long the coordinator answers 503 in a coordinator_5xx trial")
 )
 
 var (
-	fakePhases = []string{phaseBoot, phaseGetSources, phaseScript, phaseAfterScript, phaseUpload, phaseFinalUpdate}
+	fakePhases = []string{phaseScript, phaseRequest, phaseCreate, phaseConnect, phaseGetSources, phaseAfterScript, phaseUpload,
+		phaseFinalUpdate, phaseDelete, phaseReserve, phaseBoot}
+	fakeFaults = []string{faultNone, faultPluginKill, faultProvider, faultSSHDrop, faultCoordinator}
 	// qemu VMs here have no git and no route to the coordinator, so their
 	// jobs fetch and upload nothing. The script first: a short run kills
 	// a real VM's job mid-script.
 	qemuPhases = []string{phaseScript, phaseAfterScript, phaseFinalUpdate, phaseBoot}
+	// The qemu trials' faults need no fake: the VMs outlive a killed
+	// plugin.
+	qemuFaults = []string{faultNone, faultPluginKill, faultCoordinator}
 )
 
 func TestChaos(t *testing.T) {
@@ -56,7 +70,7 @@ func TestChaos(t *testing.T) {
 	})
 	defer func() { printChaosTable(t, rows) }()
 	defer wg.Wait()
-	add := func(r chaosRow) { mu.Lock(); rows = append(rows, r); mu.Unlock() }
+	add := func(r ...chaosRow) { mu.Lock(); rows = append(rows, r...); mu.Unlock() }
 	// The providers' trials run side by side: t.Run may be called from
 	// several goroutines, and each subtest may end in t.Fatal.
 	wg.Add(2)
@@ -66,7 +80,14 @@ func TestChaos(t *testing.T) {
 			t.Run("fake", func(t *testing.T) {
 				s := &chaosSetup{provider: "fake", binDir: chaosBinaries(t), ssh: sshtest.Run(t, sshtest.OpenSSH),
 					jobs: 3, boot: 1500 * time.Millisecond, within: 2 * time.Minute}
-				add(runChaosTrials(t, s, n, *chaosParallel, fakePhases))
+				var receipt sync.WaitGroup
+				receipt.Add(1)
+				go func() {
+					defer receipt.Done()
+					t.Run("kill-right-after-receipt", func(t *testing.T) { killRightAfterReceipt(t, s) })
+				}()
+				add(runChaosTrials(t, s, n, *chaosParallel, fakePhases, fakeFaults)...)
+				receipt.Wait()
 			})
 		}
 	}()
@@ -82,62 +103,74 @@ func TestChaos(t *testing.T) {
 				requireQEMU(t, cacheDir)
 				s := &chaosSetup{provider: "qemu", binDir: chaosBinaries(t), cacheDir: cacheDir,
 					jobs: 2, boot: 6 * time.Second, within: 10 * time.Minute}
-				add(runChaosTrials(t, s, n, *chaosQEMUPar, qemuPhases))
+				add(runChaosTrials(t, s, n, *chaosQEMUPar, qemuPhases, qemuFaults)...)
 			})
 		}
 	}()
 }
 
-// chaosRow sums the trials of one provider.
+// chaosRow sums the trials of one provider with one kind of fault.
 type chaosRow struct {
-	provider string
-	trials   int
-	sum      trialResult
-	phases   map[string]int
+	provider, fault string
+	trials          int
+	sum             trialResult
+	phases          map[string]int
 }
 
-// runChaosTrials runs n trials, cycling through phases, and fails the
-// test on anything stuck, leaked, reused, run twice, wrong, or crashed,
-// and when too few jobs killed mid-run end with their true result.
-func runChaosTrials(t *testing.T, s *chaosSetup, n, parallel int, phases []string) chaosRow {
-	row := chaosRow{provider: s.provider, phases: map[string]int{}}
+// runChaosTrials runs n trials, trial i in phase i mod len(phases) with
+// fault i mod len(faults) (so that the first len(phases)*len(faults)
+// trials try every pair), and fails the test on anything stuck, leaked,
+// reused, run twice, wrong, or crashed, and when too few jobs killed
+// mid-run end with their true result. It returns a row per fault.
+func runChaosTrials(t *testing.T, s *chaosSetup, n, parallel int, phases, faults []string) []chaosRow {
+	rows := map[string]*chaosRow{}
+	for _, f := range faults {
+		rows[f] = &chaosRow{provider: s.provider, fault: f, phases: map[string]int{}, sum: trialResult{why: map[string]int{}}}
+	}
 	var (
 		mu  sync.Mutex
 		wg  sync.WaitGroup
 		sem = make(chan struct{}, max(1, parallel))
 	)
 	for i := range n {
-		phase := phases[i%len(phases)]
+		phase, fault := phases[i%len(phases)], faults[i%len(faults)]
 		sem <- struct{}{}
 		wg.Add(1)
 		go func() {
 			defer func() { <-sem; wg.Done() }()
-			t.Run(fmt.Sprintf("%03d-%s", i, phase), func(t *testing.T) {
+			t.Run(fmt.Sprintf("%03d-%s-%s", i, phase, fault), func(t *testing.T) {
 				start := time.Now()
-				r := runChaosTrial(t, s, *chaosSeed, i, phase)
+				r := runChaosTrial(t, s, *chaosSeed, i, phase, fault)
 				mu.Lock()
+				row := rows[fault]
 				row.trials++
 				row.phases[phase]++
 				row.sum.add(r)
 				mu.Unlock()
-				t.Logf("%s: %d jobs, %d running at the kill, %d true, %d clean failures, %d wrong, %d stuck, %d lost at pick-up, %d leaked, %d reused (%v)",
-					phase, r.jobs, r.runningAtKill, r.trueAtKill, r.cleanAtKill, r.wrong, r.stuck, r.pickupLost, r.leaked, r.reused, time.Since(start).Round(100*time.Millisecond))
+				t.Logf("%s/%s: %d jobs, %d true, %d running at the kill, %d true, %d clean failures, %d other clean failures, %d wrong, %d stuck, %d lost at pick-up, %d leaked, %d reused, %d faults (%v)",
+					phase, fault, r.jobs, r.trueAll, r.runningAtKill, r.trueAtKill, r.cleanAtKill, r.cleanOther, r.wrong, r.stuck, r.pickupLost, r.leaked, r.reused, r.injected, time.Since(start).Round(100*time.Millisecond))
 				if r.wrong+r.stuck+r.leaked+r.reused+r.reran+r.badTrace+r.crashes > 0 {
-					t.Errorf("trial %d (%s):\n%s", i, phase, strings.Join(r.problems, "\n"))
-				} else if r.cleanAtKill > 0 || r.triggerMissed || r.pickupLost > 0 {
-					t.Logf("trial %d (%s):\n%s", i, phase, strings.Join(r.problems, "\n"))
+					t.Errorf("trial %d (%s, %s):\n%s", i, phase, fault, strings.Join(r.problems, "\n"))
+				} else if r.cleanAtKill+r.cleanOther > 0 || r.triggerMissed || r.pickupLost > 0 {
+					t.Logf("trial %d (%s, %s):\n%s", i, phase, fault, strings.Join(r.problems, "\n"))
 				}
 			})
 		}()
 	}
 	wg.Wait()
-	if row.sum.runningAtKill > 0 {
-		if pct := row.sum.truePct(); pct < *chaosMinTrue {
+	var out []chaosRow
+	var all trialResult
+	for _, f := range faults {
+		out = append(out, *rows[f])
+		all.add(rows[f].sum)
+	}
+	if all.runningAtKill > 0 {
+		if pct := all.truePct(); pct < *chaosMinTrue {
 			t.Errorf("%s: %.1f%% of the %d jobs running at a kill ended with their true result, want at least %.0f%%",
-				s.provider, pct, row.sum.runningAtKill, *chaosMinTrue)
+				s.provider, pct, all.runningAtKill, *chaosMinTrue)
 		}
 	}
-	return row
+	return out
 }
 
 func (r *trialResult) add(o trialResult) {
@@ -154,6 +187,16 @@ func (r *trialResult) add(o trialResult) {
 	r.badTrace += o.badTrace
 	r.crashes += o.crashes
 	r.resume = append(r.resume, o.resume...)
+	r.injected += o.injected
+	r.trueAll += o.trueAll
+	r.cleanOther += o.cleanOther
+	r.resumedJobs += o.resumedJobs
+	if r.why == nil {
+		r.why = map[string]int{}
+	}
+	for k, v := range o.why {
+		r.why[k] += v
+	}
 }
 
 func (r *trialResult) truePct() float64 {
@@ -163,27 +206,62 @@ func (r *trialResult) truePct() float64 {
 	return 100 * float64(r.trueAtKill) / float64(r.runningAtKill)
 }
 
-// printChaosTable prints one line per provider.
+// printChaosTable prints one line per provider and fault, a total per
+// provider, and the reasons of the runner_system_failures.
 func printChaosTable(t *testing.T, rows []chaosRow) {
 	if len(rows) == 0 {
 		return
 	}
-	slices.SortFunc(rows, func(a, b chaosRow) int { return strings.Compare(a.provider, b.provider) })
 	var b strings.Builder
-	fmt.Fprintf(&b, "chaos suite, seed %d\n", *chaosSeed)
-	fmt.Fprintf(&b, "%-8s %6s %5s %8s %7s %6s %6s %5s %6s %6s %6s %6s %8s %7s %10s\n",
-		"provider", "trials", "jobs", "run@kill", "true%", "clean", "wrong", "stuck", "pickup", "leaked", "reused", "reran", "badtrace", "crashes", "resume-p50")
-	for _, r := range rows {
-		s := r.sum
-		fmt.Fprintf(&b, "%-8s %6d %5d %8d %6.1f%% %6d %6d %5d %6d %6d %6d %6d %8d %7d %10s\n",
-			r.provider, r.trials, s.jobs, s.runningAtKill, s.truePct(), s.cleanAtKill, s.wrong, s.stuck, s.pickupLost, s.leaked, s.reused, s.reran, s.badTrace, s.crashes, median(s.resume))
+	fmt.Fprintf(&b, "chaos suite, seed %d, coordinator outage %v\n", *chaosSeed, *chaosOutage)
+	head := "%-8s %-15s %6s %5s %5s %8s %7s %5s %5s %5s %6s %6s %6s %6s %5s %5s %7s %6s %10s\n"
+	fmt.Fprintf(&b, head, "provider", "fault", "trials", "jobs", "true", "run@kill", "true%", "rsf", "wrong", "stuck", "pickup", "leaked", "reused", "reran", "badtr", "crash", "resumed", "faults", "resume-p50")
+	line := func(provider, fault string, trials int, s trialResult) {
+		fmt.Fprintf(&b, "%-8s %-15s %6d %5d %5d %8d %6.1f%% %5d %5d %5d %6d %6d %6d %6d %5d %5d %7d %6d %10s\n",
+			provider, fault, trials, s.jobs, s.trueAll, s.runningAtKill, s.truePct(), s.cleanAtKill+s.cleanOther, s.wrong, s.stuck, s.pickupLost,
+			s.leaked, s.reused, s.reran, s.badTrace, s.crashes, s.resumedJobs, s.injected, median(s.resume))
+	}
+	for _, provider := range []string{"fake", "qemu"} {
+		var total trialResult
+		trials := 0
+		phases := map[string]int{}
+		for _, r := range rows {
+			if r.provider != provider {
+				continue
+			}
+			line(r.provider, r.fault, r.trials, r.sum)
+			total.add(r.sum)
+			trials += r.trials
+			for p, n := range r.phases {
+				phases[p] += n
+			}
+		}
+		if trials == 0 {
+			continue
+		}
+		line(provider, "all", trials, total)
 		var ph []string
-		for p, n := range r.phases {
+		for p, n := range phases {
 			ph = append(ph, fmt.Sprintf("%s %d", p, n))
 		}
 		slices.Sort(ph)
 		fmt.Fprintf(&b, "         kills by phase: %s\n", strings.Join(ph, ", "))
+		var why []string
+		for w, n := range total.why {
+			why = append(why, fmt.Sprintf("%3d  %s", n, w))
+		}
+		slices.Sort(why)
+		slices.Reverse(why)
+		if len(why) > 0 {
+			fmt.Fprintf(&b, "         runner_system_failure, why:\n")
+			for _, w := range why {
+				fmt.Fprintf(&b, "         %s\n", w)
+			}
+		}
 	}
+	fmt.Fprintf(&b, "true: jobs ended with the result their script decided; run@kill: running in GitLab at the manager's kill; true%%: of those, ended true;\n"+
+		"rsf: failed cleanly with runner_system_failure and a reason; faults: faults injected (plugin kills, provider faults, SSH connections cut, 503s);\n"+
+		"resumed: jobs the restarted manager resumed from their journal; pickup: handed out by GitLab as the manager was killed, before their journal was written.\n")
 	t.Log("\n" + b.String())
 	fmt.Print(b.String())
 }
@@ -199,4 +277,21 @@ func median(ds []time.Duration) string {
 		m = (s[len(s)/2-1] + s[len(s)/2]) / 2
 	}
 	return m.Round(10 * time.Millisecond).String()
+}
+
+// killRightAfterReceipt: a manager killed right after the journal of a
+// job it was handed reached the disk, before anything else of the job was
+// done (no trace, no VM), is replaced by one that finds the journal and
+// runs the job: it ends with the result its script decides, never stuck.
+func killRightAfterReceipt(t *testing.T, fakeSetup *chaosSetup) {
+	s := *fakeSetup
+	s.jobs, s.boot = 1, 500*time.Millisecond
+	start := time.Now()
+	r := runChaosTrial(t, &s, *chaosSeed, 1000, phaseJournaled, faultNone)
+	t.Logf("trial: %v, %d faults", time.Since(start).Round(100*time.Millisecond), r.injected)
+	if r.jobs != 1 || r.runningAtKill != 1 || r.trueAtKill != 1 || r.resumedJobs != 1 ||
+		r.stuck+r.pickupLost+r.wrong+r.leaked+r.reused+r.reran+r.badTrace+r.crashes > 0 || r.triggerMissed {
+		t.Errorf("killed right after the journal: %d jobs, %d running at the kill, %d true, %d resumed, %d stuck, %d lost at pick-up, %d wrong, %d leaked, %d reused, %d reran, %d bad traces, %d crashes; want the one job running, resumed and true:\n%s",
+			r.jobs, r.runningAtKill, r.trueAtKill, r.resumedJobs, r.stuck, r.pickupLost, r.wrong, r.leaked, r.reused, r.reran, r.badTrace, r.crashes, strings.Join(r.problems, "\n"))
+	}
 }

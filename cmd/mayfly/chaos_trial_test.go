@@ -2,21 +2,26 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"math/rand/v2"
-	"net"
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/mayfly-ci/mayfly/manager/coordinator"
 	"github.com/mayfly-ci/mayfly/manager/runnerapi"
+	"github.com/mayfly-ci/mayfly/providers/fake"
 	"github.com/mayfly-ci/mayfly/vmexec/sshtest"
 )
 
@@ -26,6 +31,12 @@ import (
 
 // Phases a trial kills the manager in.
 const (
+	phaseReserve     = "reserve"   // asking GitLab for a job, an instance promised
+	phaseRequest     = "request"   // GitLab answered with a job
+	phaseJournaled   = "journaled" // the job's journal appeared (TestChaosKillRightAfterReceipt)
+	phaseCreate      = "create"    // the provider's create call in flight
+	phaseConnect     = "connect"   // the first SSH connection to an instance
+	phaseDelete      = "delete"    // an instance being deleted
 	phaseBoot        = "boot"
 	phaseGetSources  = "get_sources"
 	phaseScript      = "script"
@@ -63,6 +74,11 @@ type trialResult struct {
 	reran, badTrace, crashes int
 	resume                   []time.Duration
 	triggerMissed            bool
+	fault                    string
+	injected                 int            // faults injected
+	trueAll, cleanOther      int            // all jobs with their true result; clean failures not running at the kill
+	why                      map[string]int // runner_system_failure reasons
+	resumedJobs              int            // jobs the restarted manager resumed
 	problems                 []string
 }
 
@@ -128,7 +144,7 @@ func chaosProjects(t testing.TB, s *chaosSetup, dir string, jobs []chaosJob, mar
 }
 
 // chaosConfig is the trial's config.toml.
-func chaosConfig(s *chaosSetup, url, token, dir string) string {
+func chaosConfig(s *chaosSetup, url, token, dir string, proxyPort int, chaos string) string {
 	head := fmt.Sprintf(`concurrent = %d
 check_interval = 1
 log_level = "info"
@@ -142,7 +158,7 @@ log_format = "json"
   shell = "sh"
 `, s.jobs, url, token)
 	if s.provider == "fake" {
-		host, port, _ := net.SplitHostPort(s.ssh.Addr)
+		host, port := "127.0.0.1", strconv.Itoa(proxyPort)
 		return head + fmt.Sprintf(`  builds_dir = %q
   [runners.autoscaler]
     plugin = "fake"
@@ -151,7 +167,9 @@ log_format = "json"
     [runners.autoscaler.plugin_config]
       state_dir = %q
       boot_delay = %q
-      [runners.autoscaler.plugin_config.connect]
+      create_delay = "400ms"
+      delete_delay = "500ms"
+%s      [runners.autoscaler.plugin_config.connect]
         address = %q
         port = %s
         username = %q
@@ -162,7 +180,7 @@ log_format = "json"
       timeout = "30s"
     [[runners.autoscaler.policy]]
       idle_count = 0
-`, filepath.Join(dir, "builds"), s.jobs+1, filepath.Join(dir, "provider"), s.boot.String(), host, port, s.ssh.User, s.ssh.HostKey, s.ssh.ClientKeyPEM)
+`, filepath.Join(dir, "builds"), s.jobs+1, filepath.Join(dir, "provider"), s.boot.String(), chaos, host, port, s.ssh.User, s.ssh.HostKey, s.ssh.ClientKeyPEM)
 	}
 	return head + fmt.Sprintf(`  builds_dir = "/builds"
   [runners.autoscaler]
@@ -183,39 +201,29 @@ log_format = "json"
 `, s.jobs, filepath.Join(dir, "provider"), s.cacheDir)
 }
 
-// instancesLeft returns the instances the provider still holds: the fake
-// plugin's state file, or the qemu processes of the trial's state dir.
+// instancesLeft returns the instances the provider still holds: those of
+// the fake plugin's state file not being deleted (a delete the provider
+// accepted; the fake drops them at its next call), or the qemu processes
+// of the trial's state dir.
 func (s *chaosSetup) instancesLeft(t testing.TB, dir string) []string {
-	provider := filepath.Join(dir, "provider")
 	if s.provider == "qemu" {
-		return qemuProcesses(provider)
-	}
-	b, err := os.ReadFile(filepath.Join(provider, "state.json"))
-	if os.IsNotExist(err) {
-		return nil
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	var st struct {
-		Instances []struct {
-			ID string `json:"id"`
-		} `json:"instances"`
-	}
-	if err := json.Unmarshal(b, &st); err != nil {
-		return []string{"unreadable provider state: " + err.Error()}
+		return qemuProcesses(filepath.Join(dir, "provider"))
 	}
 	var ids []string
-	for _, in := range st.Instances {
-		ids = append(ids, in.ID)
+	for id, st := range providerStates(dir) {
+		if st != "deleting" {
+			ids = append(ids, id)
+		}
 	}
+	slices.Sort(ids)
 	return ids
 }
 
-// runChaosTrial runs trial index of setup s in phase, seeded by seed.
-func runChaosTrial(t *testing.T, s *chaosSetup, seed uint64, index int, phase string) trialResult {
+// runChaosTrial runs trial index of setup s in phase with fault, seeded by
+// seed.
+func runChaosTrial(t *testing.T, s *chaosSetup, seed uint64, index int, phase, fault string) trialResult {
 	rng := rand.New(rand.NewPCG(seed, uint64(index)))
-	res := trialResult{phase: phase}
+	res := trialResult{phase: phase, fault: fault, why: map[string]int{}}
 	dir := t.TempDir()
 	marks := "/tmp"
 	if s.provider == "fake" {
@@ -242,17 +250,48 @@ func runChaosTrial(t *testing.T, s *chaosSetup, seed uint64, index int, phase st
 			t.Fatal(err)
 		}
 	}
+	var proxy *sshProxy
+	chaosSettings := ""
+	if s.provider == "fake" {
+		proxy = startSSHProxy(t, s.ssh.Addr)
+		if fault == faultProvider {
+			// 10 % of the calls fail, and one fault of each trial is
+			// forced, its kind in turn: a trial makes few calls.
+			kinds := []string{fake.ChaosRateLimited, fake.ChaosServerError, fake.ChaosQuota, fake.ChaosStockout, fake.ChaosCreateTimeout, fake.ChaosPreempted}
+			chaosSettings = fmt.Sprintf("      [runners.autoscaler.plugin_config.chaos]\n        rate = 0.1\n        seed = %d\n        retry_after = \"1s\"\n        first = %q\n",
+				seed*1000+uint64(index), kinds[(index/len(fakeFaults))%len(kinds)])
+		}
+	}
 	cfgPath := filepath.Join(dir, "config.toml")
-	if err := os.WriteFile(cfgPath, []byte(chaosConfig(s, c.url, token, dir)), 0o600); err != nil {
+	if err := os.WriteFile(cfgPath, []byte(chaosConfig(s, c.url, token, dir, proxy.portOr0(), chaosSettings)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	stateDir := filepath.Join(dir, "state")
 	id := fmt.Sprintf("chaos-%s-%d", s.provider, index)
+	within := s.within
+	if fault == faultCoordinator {
+		within += *chaosOutage
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), within)
+	defer cancel()
 	m1 := startChaosManager(t, s.binDir, cfgPath, stateDir, id)
 
+	// The trial's fault, at seeded moments from the first start on.
+	dctx, dcancel := context.WithCancel(ctx)
+	drv := &faultDriver{cancel: dcancel}
+	var m2 *chaosManager
+	var mgrMu sync.Mutex
+	current := func() *chaosManager { mgrMu.Lock(); defer mgrMu.Unlock(); return cmp.Or(m2, m1) }
+	switch fault {
+	case faultPluginKill:
+		drv.at(dctx, seededDelays(rng, 3, 500*time.Millisecond, 12*time.Second), func() int { return killPlugins(dctx, current()) })
+	case faultSSHDrop:
+		drv.at(dctx, seededDelays(rng, 4, 2*time.Second, 16*time.Second), proxy.sever)
+	case faultCoordinator:
+		drv.at(dctx, seededDelays(rng, 1, 0, 8*time.Second), func() int { return c.outage(*chaosOutage) })
+	}
+
 	// The kill: a seeded moment after the phase is seen to begin.
-	ctx, cancel := context.WithTimeout(context.Background(), s.within)
-	defer cancel()
 	traceHas := func(text string) bool {
 		for _, j := range c.srv.Jobs() {
 			if bytes.Contains(j.Trace, []byte(text)) {
@@ -265,6 +304,31 @@ func runChaosTrial(t *testing.T, s *chaosSetup, seed uint64, index int, phase st
 	var window time.Duration
 	ok := waitFor(ctx, func() bool {
 		switch phase {
+		case phaseReserve, phaseRequest, phaseUpload, phaseFinalUpdate:
+			v, w := map[string]*atomic.Int64{phaseReserve: &c.requestSeen, phaseRequest: &c.jobServed, phaseUpload: &c.uploadSeen, phaseFinalUpdate: &c.finalSeen}[phase],
+				map[string]time.Duration{phaseReserve: 20 * time.Millisecond, phaseRequest: 30 * time.Millisecond, phaseUpload: slow, phaseFinalUpdate: slow}[phase]
+			at, ok := seenAt(v)
+			if ok {
+				seen, window = at, w
+			}
+			return ok
+		case phaseJournaled:
+			if paths, _ := filepath.Glob(filepath.Join(stateDir, "jobs", "*.journal")); len(paths) > 0 {
+				seen, window = time.Now(), 0
+				return true
+			}
+		case phaseCreate, phaseDelete:
+			for _, st := range providerStates(dir) {
+				if phase == phaseCreate || st == "deleting" {
+					seen, window = time.Now(), map[string]time.Duration{phaseCreate: 400 * time.Millisecond, phaseDelete: 300 * time.Millisecond}[phase]
+					return true
+				}
+			}
+		case phaseConnect:
+			if at, ok := proxy.firstAccepted(); ok {
+				seen, window = at, 300*time.Millisecond
+				return true
+			}
 		case phaseBoot:
 			for _, j := range c.srv.Jobs() {
 				if j.Status == "running" {
@@ -278,24 +342,12 @@ func runChaosTrial(t *testing.T, s *chaosSetup, seed uint64, index int, phase st
 				seen, window = time.Now(), 800*time.Millisecond
 				return true
 			}
-		case phaseUpload:
-			at, ok := seenAt(&c.uploadSeen)
-			if ok {
-				seen, window = at, slow
-			}
-			return ok
-		case phaseFinalUpdate:
-			at, ok := seenAt(&c.finalSeen)
-			if ok {
-				seen, window = at, slow
-			}
-			return ok
 		}
 		return false
 	})
 	if !ok || !m1.running() {
 		res.triggerMissed = true
-		res.problem("phase %s was not seen within %v (manager running: %v)", phase, s.within, m1.running())
+		res.problem("phase %s was not seen within %v (manager running: %v)", phase, within, m1.running())
 	} else {
 		time.Sleep(time.Until(seen.Add(time.Duration(rng.Int64N(int64(window) + 1)))))
 	}
@@ -310,22 +362,44 @@ func runChaosTrial(t *testing.T, s *chaosSetup, seed uint64, index int, phase st
 		res.problem("the first manager exited by itself: %v\n%s", m1.err, m1.log.String())
 	}
 	m1.kill()
+	t.Logf("killed %v after the start", time.Since(m1.started).Round(100*time.Millisecond))
 	res.runningAtKill = len(atKill)
 
-	m2 := startChaosManager(t, s.binDir, cfgPath, stateDir, id)
+	mgrMu.Lock()
+	m2 = startChaosManager(t, s.binDir, cfgPath, stateDir, id)
+	mgrMu.Unlock()
+	if fault == faultPluginKill {
+		drv.at(dctx, seededDelays(rng, 1, 500*time.Millisecond, 6*time.Second), func() int { return killPlugins(dctx, m2) })
+	}
+	// Done when every job ended, or those left are lost at pick-up: never
+	// journaled by either manager, no trace, and the restarted manager
+	// running for a while.
 	done := func() bool {
+		known := maps.Clone(journaledJobs(m1))
+		maps.Copy(known, journaledJobs(m2))
+		maps.Copy(known, resumedJobs(m2))
+		settled := time.Since(m2.started) > 30*time.Second
 		for _, j := range c.srv.Jobs() {
-			if !coordinator.IsFinal(j.Status) {
+			if !coordinator.IsFinal(j.Status) && (known[j.ID] || len(j.Trace) > 0 || !settled) {
 				return false
 			}
 		}
 		return len(c.srv.Jobs()) == len(jobs)
 	}
 	waitFor(ctx, done)
+	t.Logf("jobs done %v after the restart", time.Since(m2.started).Round(100*time.Millisecond))
+	res.injected = drv.stop()
+	switch fault {
+	case faultProvider:
+		res.injected = providerFaults(dir)
+	case faultCoordinator:
+		res.injected = int(c.outageServed.Load())
+	}
 	left := func() bool { return len(s.instancesLeft(t, dir)) == 0 }
 	lctx, lcancel := context.WithTimeout(context.Background(), 60*time.Second)
 	waitFor(lctx, left)
 	lcancel()
+	t.Logf("instances gone %v after the restart", time.Since(m2.started).Round(100*time.Millisecond))
 	if l := s.instancesLeft(t, dir); len(l) > 0 {
 		res.leaked = len(l)
 		res.problem("instances left after every job ended: %v", l)
@@ -337,8 +411,15 @@ func runChaosTrial(t *testing.T, s *chaosSetup, seed uint64, index int, phase st
 		res.crashes++
 		res.problem("the restarted manager's drain: %v", err)
 	}
+	if os.Getenv("CHAOS_DEBUG") != "" {
+		t.Logf("m1:\n%s\nm2:\n%s", m1.log.String(), m2.log.String())
+	}
 	res.resume = resumeTimes(m2, atKill)
-	countJobs(&res, c.srv.Jobs(), want, atKill, receivedJobs(m1), s.provider == "fake")
+	res.resumedJobs = len(resumedJobs(m2))
+	known := maps.Clone(journaledJobs(m1))
+	maps.Copy(known, journaledJobs(m2))
+	maps.Copy(known, resumedJobs(m2))
+	countJobs(&res, c.srv.Jobs(), want, atKill, known, s.provider == "fake")
 	if len(res.problems) > 0 {
 		res.problem("first manager's log:\n%s\nrestarted manager's log:\n%s", m1.log.String(), m2.log.String())
 	}
@@ -346,20 +427,21 @@ func runChaosTrial(t *testing.T, s *chaosSetup, seed uint64, index int, phase st
 }
 
 // countJobs sorts a trial's jobs into the result's columns.
-func countJobs(res *trialResult, records []coordinator.JobRecord, want map[string]chaosJob, atKill, received map[int64]bool, fetched bool) {
+func countJobs(res *trialResult, records []coordinator.JobRecord, want map[string]chaosJob, atKill, journaled map[int64]bool, fetched bool) {
 	vms := map[string]string{}
 	for _, j := range records {
 		res.jobs++
 		tr := string(j.Trace)
 		w := want[j.Name]
 		if !coordinator.IsFinal(j.Status) {
-			if !received[j.ID] && len(tr) == 0 {
+			if !journaled[j.ID] && len(tr) == 0 {
 				// GitLab handed the job out as the manager was killed,
-				// before it read the answer: the runner API leaves
-				// nothing to finish such a job with (GitLab fails it as
-				// stuck after an hour).
+				// before its journal reached the disk (the manager
+				// writes it first thing after reading the answer): the
+				// runner API leaves nothing to finish such a job with
+				// (GitLab fails it as stuck after an hour).
 				res.pickupLost++
-				res.problem("job %s (%d) was handed out as the manager was killed, before it read it", j.Name, j.ID)
+				res.problem("job %s (%d) was handed out as the manager was killed, before its journal was written", j.Name, j.ID)
 				continue
 			}
 			res.stuck++
@@ -374,13 +456,21 @@ func countJobs(res *trialResult, records []coordinator.JobRecord, want map[strin
 			strings.Contains(tr, "\nchaos-script-end\n") && (!fetched || strings.Contains(tr, "\nchaos-source-fetched\n")) && strings.Contains(tr, "chaos-after-"+map[bool]string{true: "success", false: "failed"}[w.exit == 0])
 		clean := j.Status == "failed" && j.FailureReason == runnerapi.FailureRunnerSystemFailure &&
 			regexp.MustCompile(`ERROR: Job failed: \(system failure\) \S`).MatchString(tr)
+		if clean {
+			res.why[failureWhy(tr)]++
+		}
 		switch {
 		case isTrue && atKill[j.ID]:
 			res.trueAtKill++
+			res.trueAll++
 		case isTrue:
+			res.trueAll++
 		case clean && atKill[j.ID]:
 			res.cleanAtKill++
 			res.problem("job %s (%d), running at the kill, failed cleanly:\n%s", j.Name, j.ID, tr)
+		case clean:
+			res.cleanOther++
+			res.problem("job %s (%d) failed cleanly:\n%s", j.Name, j.ID, tr)
 		default:
 			res.wrong++
 			res.problem("job %s (%d): %s %q, want %s %q or a clean runner_system_failure:\n%s", j.Name, j.ID, j.Status, j.FailureReason, wantStatus, wantReason, tr)
@@ -437,17 +527,54 @@ func resumeTimes(m *chaosManager, atKill map[int64]bool) []time.Duration {
 	return out
 }
 
-// receivedJobs returns the jobs a manager's log says it received.
-func receivedJobs(m *chaosManager) map[int64]bool {
+// journaledJobs returns the jobs a manager's log says it wrote the
+// journal of.
+func journaledJobs(m *chaosManager) map[int64]bool { return logged(m, "job journaled") }
+
+// resumedJobs returns the jobs a restarted manager's log says it found a
+// journal of.
+func resumedJobs(m *chaosManager) map[int64]bool { return logged(m, "job to resume") }
+
+// logged returns the jobs of the log records of m with message msg.
+func logged(m *chaosManager, msg string) map[int64]bool {
 	out := map[int64]bool{}
 	for _, line := range strings.Split(m.log.String(), "\n") {
 		var rec struct {
 			Msg string `json:"msg"`
 			Job int64  `json:"job"`
 		}
-		if json.Unmarshal([]byte(line), &rec) == nil && rec.Msg == "received job" {
+		if json.Unmarshal([]byte(line), &rec) == nil && rec.Msg == msg {
 			out[rec.Job] = true
 		}
 	}
 	return out
+}
+
+// failureWhy is the reason a trace gives for a runner_system_failure,
+// with instance names, numbers and durations taken out, so that alike
+// reasons count together.
+func failureWhy(trace string) string {
+	m := systemFailureLine.FindStringSubmatch(trace)
+	if m == nil {
+		return "?"
+	}
+	why := instanceName.ReplaceAllString(m[1], "VM")
+	why = numbers.ReplaceAllString(why, "N")
+	if len(why) > 90 {
+		why = why[:90] + "…"
+	}
+	return why
+}
+
+var (
+	systemFailureLine = regexp.MustCompile(`ERROR: Job failed: \(system failure\) ([^\n]*)`)
+	instanceName      = regexp.MustCompile(`\b(fake|qemu)-[0-9a-z-]+`)
+	numbers           = regexp.MustCompile(`[0-9]+(\.[0-9]+)?(ms|s|m)?`)
+)
+
+func (p *sshProxy) portOr0() int {
+	if p == nil {
+		return 0
+	}
+	return p.port()
 }
