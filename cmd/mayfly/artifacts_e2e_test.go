@@ -2,8 +2,10 @@ package main
 
 import (
 	"archive/zip"
+	"compress/gzip"
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -84,11 +86,21 @@ func startArtifactsCoordinator(t *testing.T, token, pipeline string) (*coordinat
 
 func startArtifactsCoordinatorTB(t testing.TB, token, pipeline string) (*coordinator.Server, string) {
 	t.Helper()
-	srv, err := coordinator.New(coordinator.Config{Logger: slog.New(slog.DiscardHandler), TraceUpdateInterval: time.Second, StateDir: t.TempDir()})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	srv := serveArtifactsCoordinator(t, ln, "", coordinator.RunnerOptions{RunUntagged: true, Token: token})
+	apply(t, srv, pipeline)
+	return srv, "http://" + ln.Addr().String()
+}
+
+// serveArtifactsCoordinator serves a coordinator with a state dir (for
+// artifacts) on ln until the test ends, with jobs told it is at
+// externalURL ("": its listen URL), and registers the runners.
+func serveArtifactsCoordinator(t testing.TB, ln net.Listener, externalURL string, runners ...coordinator.RunnerOptions) *coordinator.Server {
+	t.Helper()
+	srv, err := coordinator.New(coordinator.Config{Logger: slog.New(slog.DiscardHandler), TraceUpdateInterval: time.Second, StateDir: t.TempDir(), ExternalURL: externalURL})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -96,11 +108,13 @@ func startArtifactsCoordinatorTB(t testing.TB, token, pipeline string) (*coordin
 	done := make(chan struct{})
 	go func() { defer close(done); _ = srv.Serve(ctx, ln) }()
 	t.Cleanup(func() { cancel(); <-done })
-	if _, err := srv.RegisterRunner(coordinator.RunnerOptions{RegistrationToken: srv.RegistrationToken(), RunUntagged: true, Token: token}); err != nil {
-		t.Fatal(err)
+	for _, r := range runners {
+		r.RegistrationToken = srv.RegistrationToken()
+		if _, err := srv.RegisterRunner(r); err != nil {
+			t.Fatal(err)
+		}
 	}
-	apply(t, srv, pipeline)
-	return srv, "http://" + ln.Addr().String()
+	return srv
 }
 
 func apply(t testing.TB, srv *coordinator.Server, pipeline string) {
@@ -160,30 +174,7 @@ func runWithHelper(t *testing.T, srv *coordinator.Server, dir, pluginDir, helper
 
 func runWithHelperTB(t testing.TB, srv *coordinator.Server, dir, pluginDir, helperDir, cfg string) string {
 	t.Helper()
-	cfgPath := filepath.Join(dir, "config.toml")
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
-	defer cancel()
-	drain := make(chan struct{})
-	done := make(chan error, 1)
-	logs := &cloudLog{}
-	go func() {
-		done <- runManager(ctx, drain, runFlags{config: cfgPath, pluginDir: pluginDir, helperDir: helperDir, stateDir: filepath.Join(dir, "state"), managerID: "e2e"}, os.Stderr, logs)
-	}()
-	waitCtx, stopWait := context.WithTimeout(ctx, 3*time.Minute)
-	defer stopWait()
-	if err := srv.WaitAllFinished(waitCtx); err != nil {
-		cancel()
-		<-done
-		t.Fatalf("jobs did not finish: %v\nmanager log:\n%s", err, logs.String())
-	}
-	close(drain)
-	if err := <-done; err != nil && !strings.Contains(err.Error(), "context canceled") {
-		t.Fatalf("mayfly run: %v\n%s", err, logs.String())
-	}
-	return logs.String()
+	return managerRun{dir: dir, pluginDir: pluginDir, helperDir: helperDir, cfg: cfg, within: 3 * time.Minute}.untilDone(t, srv)
 }
 
 func jobByName(t *testing.T, srv *coordinator.Server, name string) coordinator.JobRecord {
@@ -239,6 +230,34 @@ func TestArtifactsAndCacheEndToEnd(t *testing.T) {
 `, storeDir, freePort(t)))
 	runWithHelper(t, srv, dir, pluginDir, helperDir, cfg)
 
+	a := checkArtifactsPipeline(t, srv)
+
+	// The cache object, named as gitlab-runner names it.
+	object := filepath.Join(storeDir, "objects", "runner", gitlab.ShortToken(token), "project", fmt.Sprint(a.ProjectID), "deps-non_protected")
+	if _, err := os.Stat(object); err != nil {
+		t.Fatalf("cache object: %v", err)
+	}
+
+	// A second pipeline restores the cache from the store.
+	apply(t, srv, cachePipeline)
+	runWithHelper(t, srv, dir, pluginDir, helperDir, cfg)
+	checkCacheRestored(t, jobByName(t, srv, "d"), a)
+
+	// The store's signing key never reached a VM: not in a job's
+	// environment (a's env.txt), its files, or a trace.
+	key, err := os.ReadFile(filepath.Join(storeDir, "signing-key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	assertNowhere(t, filepath.Join(dir, "builds"), srv, string(key), fmt.Sprintf("%x", key))
+}
+
+// checkArtifactsPipeline checks artifactsPipeline's jobs from the
+// coordinator's records: their status and trace lines, a's stored archive
+// (its content too) and reports, the dotenv variable, and c's on_failure
+// archive. It returns job a.
+func checkArtifactsPipeline(t *testing.T, srv *coordinator.Server) coordinator.JobRecord {
+	t.Helper()
 	a, b, c := jobByName(t, srv, "a"), jobByName(t, srv, "b"), jobByName(t, srv, "c")
 	for _, j := range []struct {
 		rec    coordinator.JobRecord
@@ -274,17 +293,21 @@ func TestArtifactsAndCacheEndToEnd(t *testing.T) {
 	if len(c.Artifacts) != 1 || !slices.Contains(zipNames(t, c.Artifacts[0].Path), "partial.log") {
 		t.Errorf("c's artifacts %+v", c.Artifacts)
 	}
-
-	// The cache object, named as gitlab-runner names it.
-	object := filepath.Join(storeDir, "objects", "runner", gitlab.ShortToken(token), "project", fmt.Sprint(a.ProjectID), "deps-non_protected")
-	if _, err := os.Stat(object); err != nil {
-		t.Fatalf("cache object: %v", err)
+	if got := zipFile(t, types["archive"].Path, "out/result.txt"); got != fmt.Sprintf("built-by-%d\n", a.ID) {
+		t.Errorf("a's stored archive: out/result.txt is %q", got)
 	}
+	if got := gunzipFile(t, types["junit"].Path); !strings.Contains(got, `<testsuite name="a" tests="1"/>`) {
+		t.Errorf("a's stored junit report: %q", got)
+	}
+	if len(a.Dotenv) == 1 && a.Dotenv[0].Value != fmt.Sprintf("1.2.%d", a.ID) {
+		t.Errorf("a's dotenv: %+v", a.Dotenv)
+	}
+	return a
+}
 
-	// A second pipeline restores the cache from the store.
-	apply(t, srv, cachePipeline)
-	runWithHelper(t, srv, dir, pluginDir, helperDir, cfg)
-	d := jobByName(t, srv, "d")
+// checkCacheRestored checks that job d restored the cache job a saved.
+func checkCacheRestored(t *testing.T, d, a coordinator.JobRecord) {
+	t.Helper()
 	for _, w := range []string{"Checking cache for deps-non_protected...", "Successfully extracted cache", fmt.Sprintf("cached-by-%d", a.ID)} {
 		if !strings.Contains(string(d.Trace), w) {
 			t.Errorf("job d: trace lacks %q:\n%s", w, d.Trace)
@@ -293,14 +316,48 @@ func TestArtifactsAndCacheEndToEnd(t *testing.T) {
 	if d.Status != "success" {
 		t.Errorf("job d: %s", d.Status)
 	}
+}
 
-	// The store's signing key never reached a VM: not in a job's
-	// environment (a's env.txt), its files, or a trace.
-	key, err := os.ReadFile(filepath.Join(storeDir, "signing-key"))
+// zipFile returns the content of one file of a stored zip archive.
+func zipFile(t *testing.T, path, name string) string {
+	t.Helper()
+	zr, err := zip.OpenReader(path)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("stored archive %s: %v", path, err)
 	}
-	assertNowhere(t, filepath.Join(dir, "builds"), srv, string(key), fmt.Sprintf("%x", key))
+	defer zr.Close()
+	f, err := zr.Open(name)
+	if err != nil {
+		t.Errorf("stored archive %s: %v", path, err)
+		return ""
+	}
+	defer f.Close()
+	b, err := io.ReadAll(f)
+	if err != nil {
+		t.Errorf("stored archive %s: %s: %v", path, name, err)
+	}
+	return string(b)
+}
+
+// gunzipFile returns the content of a stored gzip report.
+func gunzipFile(t *testing.T, path string) string {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Errorf("stored report: %v", err)
+		return ""
+	}
+	defer f.Close()
+	zr, err := gzip.NewReader(f)
+	if err != nil {
+		t.Errorf("stored report %s: %v", path, err)
+		return ""
+	}
+	b, err := io.ReadAll(zr)
+	if err != nil {
+		t.Errorf("stored report %s: %v", path, err)
+	}
+	return string(b)
 }
 
 // assertNowhere fails when any secret is in a file under root or in a trace.

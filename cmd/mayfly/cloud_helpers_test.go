@@ -130,21 +130,47 @@ func closeWrite(c net.Conn) {
 // drains it and waits for it to stop.
 func runUntilDone(t testing.TB, srv *coordinator.Server, dir, pluginDir, cfg string, within time.Duration) string {
 	t.Helper()
-	cfgPath := filepath.Join(dir, "config.toml")
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+	return managerRun{dir: dir, pluginDir: pluginDir, cfg: cfg, within: within}.untilDone(t, srv)
+}
+
+// managerRun is one mayfly run against a coordinator: its config (written
+// to dir), plugins and job helpers, how long its jobs may take, and what
+// the test does while they run.
+type managerRun struct {
+	dir, pluginDir, helperDir, cfg string
+	within                         time.Duration
+	// during runs once the manager started (e.g. it applies a second
+	// pipeline when a job of the first finished); an error fails the test.
+	during func(ctx context.Context) error
+}
+
+// untilDone runs the manager until every job of srv finished (after
+// during returned), then drains it, waits for it to stop and returns its
+// log.
+func (r managerRun) untilDone(t testing.TB, srv *coordinator.Server) string {
+	t.Helper()
+	cfgPath := filepath.Join(r.dir, "config.toml")
+	if err := os.WriteFile(cfgPath, []byte(r.cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), within+time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), r.within+time.Minute)
 	defer cancel()
 	drain := make(chan struct{})
 	done := make(chan error, 1)
 	logs := &cloudLog{}
 	go func() {
-		done <- runManager(ctx, drain, runFlags{config: cfgPath, pluginDir: pluginDir, stateDir: filepath.Join(dir, "state"), managerID: "e2e"}, io.Discard, logs)
+		done <- runManager(ctx, drain, runFlags{config: cfgPath, pluginDir: r.pluginDir, helperDir: r.helperDir, stateDir: filepath.Join(r.dir, "state"), managerID: "e2e"}, io.Discard, logs)
 	}()
-	waitCtx, stopWait := context.WithTimeout(ctx, within)
+	waitCtx, stopWait := context.WithTimeout(ctx, r.within)
 	defer stopWait()
-	if err := srv.WaitAllFinished(waitCtx); err != nil {
+	err := error(nil)
+	if r.during != nil {
+		err = r.during(waitCtx)
+	}
+	if err == nil {
+		err = srv.WaitAllFinished(waitCtx)
+	}
+	if err != nil {
 		select {
 		case err := <-done:
 			t.Fatalf("mayfly run ended early: %v\n%s", err, logs.String())

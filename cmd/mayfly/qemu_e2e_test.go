@@ -75,36 +75,8 @@ func runQEMU(t testing.TB, pipeline string, concurrent, idle int) *qemuRun {
 	srv, url := startCoordinator(t, "qemu-e2e-token", pipeline)
 
 	stateDir := filepath.Join(dir, "qemu")
-	cfg := fmt.Sprintf(`concurrent = %d
-check_interval = 1
-log_level = "info"
-log_format = "json"
-
-[[runners]]
-  name = "qemu-e2e"
-  url = %q
-  token = "qemu-e2e-token"
-  executor = "instance"
-  shell = "sh"
-  builds_dir = "/builds"
-  max_job_timeout = 40
-  [runners.autoscaler]
-    plugin = "qemu"
-    max_instances = %d
-    max_growth_rate = 2
-    delete_instances_on_shutdown = true
-    instance_ready_command = "test -d /proc"
-    [runners.autoscaler.plugin_config]
-      state_dir = %q
-      image_cache_dir = %q
-      memory_mb = 256
-      boot_timeout = "120s"
-    [runners.autoscaler.connector_config]
-      timeout = "2m"
-    [[runners.autoscaler.policy]]
-      idle_count = %d
-      idle_time = "10m"
-`, concurrent, url, concurrent+idle, stateDir, cacheDir, idle)
+	cfg := qemuConfig(concurrent, "info", stateDir, cacheDir, qemuRunner{name: "qemu-e2e", url: url, token: "qemu-e2e-token",
+		memoryMB: 256, maxInstances: concurrent + idle, idle: idle, maxJobTimeout: 40})
 	logs := runUntilDone(t, srv, dir, pluginDir, cfg, 11*time.Minute)
 	return &qemuRun{srv: srv, stateDir: stateDir, logs: logs}
 }
