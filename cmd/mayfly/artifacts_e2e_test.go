@@ -212,6 +212,7 @@ func zipNames(t *testing.T, path string) []string {
 // on_failure artifacts are kept, and a second pipeline restores the first
 // one's cache from the manager's local store.
 func TestArtifactsAndCacheEndToEnd(t *testing.T) {
+	t.Parallel() // beside issue 18's other end-to-end runs (see TestQEMUArtifactsAndCache)
 	ssh := sshtest.Run(t, sshtest.OpenSSH)
 	dir := t.TempDir()
 	pluginDir := filepath.Join(dir, "plugins")

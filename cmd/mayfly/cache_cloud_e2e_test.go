@@ -139,6 +139,7 @@ func checkS3Presigned(creds aws.Credentials, region string, r *http.Request) err
 // manager pre-signs with the real SDKs; the fakes check every signature,
 // and no credential reaches the VM.
 func TestCloudCacheEndToEnd(t *testing.T) {
+	t.Parallel() // beside issue 18's other end-to-end runs (see TestQEMUArtifactsAndCache)
 	ssh := sshtest.Run(t, sshtest.OpenSSH)
 	dir := t.TempDir()
 	pluginDir := filepath.Join(dir, "plugins")

@@ -33,14 +33,19 @@ type CacheGCS struct {
 	// neither, the manager's own service account signs through the IAM
 	// Credentials API (it needs iam.serviceAccounts.signBlob on itself).
 	CredentialsFile, AccessID, PrivateKey string
-	// Endpoint replaces https://storage.googleapis.com (emulators, tests).
+	// Endpoint replaces https://storage.googleapis.com (emulators, tests),
+	// as the VMs reach it: the signed URLs name its host, and the host is
+	// part of the signature.
 	Endpoint string
 }
 
 // CacheS3 is [runners.cache.s3].
 type CacheS3 struct {
-	ServerAddress, BucketName, BucketLocation string
-	AccessKey, SecretKey, SessionToken        string
+	// ServerAddress is host[:port] of the store as the VMs reach it (the
+	// presigned URLs name it, and SigV4 signs the host); empty is AWS.
+	ServerAddress                      string
+	BucketName, BucketLocation         string
+	AccessKey, SecretKey, SessionToken string
 	// AuthenticationType is "access-key" or "iam" (the manager's own role);
 	// empty picks access-key when ServerAddress and both keys are set.
 	AuthenticationType string
