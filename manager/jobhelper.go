@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path"
 	"path/filepath"
@@ -93,6 +94,34 @@ func (m *Manager) uploadHelper(ctx context.Context, r *runner, plan *buildscript
 	}
 	phases.since(PhaseUpload, start)
 	return nil
+}
+
+// helperUploadAttempts bounds the uploads of mayfly-helper to a job's VM
+// over connections that drop.
+const helperUploadAttempts = 4
+
+// retryOnNewConnection runs step on exec and, when it fails with a system
+// failure (the connection dropped), again on a new connection from redial,
+// up to attempts times in all: the helper upload (megabytes) is the one
+// step before the stages, which reconnect by themselves. It returns the
+// executor the step succeeded on, for the steps after it.
+func retryOnNewConnection(ctx context.Context, exec vmexec.Executor, redial func(context.Context) (vmexec.Executor, error), attempts int,
+	step func(vmexec.Executor) error, log *slog.Logger) (vmexec.Executor, error) {
+	for attempt := 1; ; attempt++ {
+		err := step(exec)
+		if err == nil {
+			return exec, nil
+		}
+		if attempt >= attempts || ctx.Err() != nil || !vmexec.IsSystemFailure(err) {
+			return exec, err
+		}
+		log.Warn("the connection dropped; trying again on a new one", "attempt", attempt, "err", err)
+		e, rerr := redial(ctx)
+		if rerr != nil {
+			return exec, fmt.Errorf("%w (reconnecting: %v)", err, rerr)
+		}
+		exec = e
+	}
 }
 
 // maxCacheArchiveSize is the runner's MaxUploadedArchiveSize, or 0 (the

@@ -2,7 +2,10 @@ package manager
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -56,5 +59,68 @@ func TestBakedHelper(t *testing.T) {
 	}
 	if target, err := os.Readlink(plan.HelperPath); err != nil || target != bakedHelperPath {
 		t.Errorf("%s links to %q (%v)", plan.HelperPath, target, err)
+	}
+}
+
+// flakyExec fails its uploads with a system failure (a dropped
+// connection) while drops lasts, or with another error when broken.
+type flakyExec struct {
+	shExec
+	name   string
+	drops  *int
+	broken bool
+}
+
+func (e *flakyExec) Upload(ctx context.Context, p string, b []byte, m fs.FileMode) error {
+	e.uploads++
+	switch {
+	case e.broken:
+		return errors.New("permission denied")
+	case *e.drops > 0:
+		*e.drops--
+		return &vmexec.SystemError{Op: "upload", Err: errors.New("ssh connection lost: EOF")}
+	}
+	return nil
+}
+
+// TestRetryOnNewConnection: a step that fails with a dropped connection is
+// tried again on a new connection, up to the bound; other errors and the
+// bound end it.
+func TestRetryOnNewConnection(t *testing.T) {
+	for _, tt := range []struct {
+		name              string
+		drops             int
+		broken, redialErr bool
+		wantErr           bool
+		wantOn            string
+		wantRedials       int
+	}{
+		{name: "no drop", wantOn: "first"},
+		{name: "two drops", drops: 2, wantOn: "redial-2", wantRedials: 2},
+		{name: "drops past the bound", drops: 9, wantErr: true, wantRedials: 3},
+		{name: "not a connection failure", broken: true, wantErr: true},
+		{name: "no new connection", drops: 1, redialErr: true, wantErr: true, wantRedials: 1},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			drops := tt.drops
+			first := &flakyExec{name: "first", drops: &drops, broken: tt.broken}
+			redials := 0
+			redial := func(ctx context.Context) (vmexec.Executor, error) {
+				redials++
+				if tt.redialErr {
+					return nil, errors.New("connection refused")
+				}
+				return &flakyExec{name: fmt.Sprintf("redial-%d", redials), drops: &drops}, nil
+			}
+			on, err := retryOnNewConnection(context.Background(), first, redial, 4, func(e vmexec.Executor) error {
+				return e.Upload(context.Background(), "/x", nil, 0o755)
+			}, slog.New(slog.DiscardHandler))
+			if (err != nil) != tt.wantErr || redials != tt.wantRedials {
+				t.Fatalf("err %v after %d redials, want error %v after %d", err, redials, tt.wantErr, tt.wantRedials)
+			}
+			if err == nil && on.(*flakyExec).name != tt.wantOn {
+				t.Errorf("succeeded on %s, want %s", on.(*flakyExec).name, tt.wantOn)
+			}
+		})
 	}
 }

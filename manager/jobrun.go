@@ -187,10 +187,6 @@ func (m *Manager) runJob(r *runner, job *runnerapi.JobResponse, opts buildscript
 	jr.runOn(lease)
 }
 
-// helperUploadAttempts bounds the uploads of mayfly-helper to a job's VM
-// over connections that drop.
-const helperUploadAttempts = 4
-
 // runOn runs the job on lease's instance: connect (taking another VM, once,
 // when it cannot be reached), journal the instance, run the stages, finish.
 func (jr *jobRun) runOn(lease Lease) {
@@ -287,26 +283,14 @@ func (jr *jobRun) execute() jobResult {
 		}
 		return e, err
 	}
-	// The helper upload (megabytes) starts again on a new connection when
-	// the connection drops under it, a few times; the stages that follow
-	// reconnect by themselves.
-	for attempt := 1; ; attempt++ {
-		err := m.uploadHelper(jobCtx, r, p, exec, jr.phases)
-		if err == nil {
-			break
-		}
+	exec, err = retryOnNewConnection(jobCtx, exec, redial, helperUploadAttempts, func(e vmexec.Executor) error {
+		return m.uploadHelper(jobCtx, r, p, e, jr.phases)
+	}, jr.log)
+	if err != nil {
 		if res, ended := endedResult(jobCtx, p.JobTimeout); ended {
 			return res
 		}
-		if attempt == helperUploadAttempts || !vmexec.IsSystemFailure(err) {
-			return systemFailure("%v", err)
-		}
-		jr.log.Warn("helper upload: the connection dropped; uploading again on a new one", "attempt", attempt, "err", err)
-		e, rerr := redial(jobCtx)
-		if rerr != nil {
-			return systemFailure("%v (reconnecting: %v)", err, rerr)
-		}
-		exec = e
+		return systemFailure("%v", err)
 	}
 	stages, closeStages, err := m.newStageRunner(p, jr.dir, exec, redial)
 	if err != nil {
