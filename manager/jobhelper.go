@@ -98,7 +98,7 @@ func (m *Manager) uploadHelper(ctx context.Context, r *runner, plan *buildscript
 
 // helperUploadAttempts bounds the uploads of mayfly-helper to a job's VM
 // over connections that drop.
-const helperUploadAttempts = 4
+const helperUploadAttempts = 8
 
 // retryOnNewConnection runs step on exec and, when it fails with a system
 // failure (the connection dropped), again on a new connection from redial,
