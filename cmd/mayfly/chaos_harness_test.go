@@ -34,11 +34,13 @@ type chaosCoordinator struct {
 	srv *coordinator.Server
 	url string
 
-	slow        time.Duration
-	uploadSeen  atomic.Int64 // unix nanos of the first upload request
-	finalSeen   atomic.Int64 // unix nanos of the first final update
-	requestSeen atomic.Int64 // unix nanos of the first job request
-	jobServed   atomic.Int64 // unix nanos of the first job handed out (201)
+	slow         time.Duration
+	uploadSeen   atomic.Int64 // unix nanos of the first upload request
+	finalSeen    atomic.Int64 // unix nanos of the first final update
+	requestSeen  atomic.Int64 // unix nanos of the first job request
+	jobServed    atomic.Int64 // unix nanos of the first job handed out (201)
+	traceSeen    atomic.Int64 // unix nanos of the first trace upload (PATCH) past the first
+	tracePatches atomic.Int64
 	// an outage: every runner API call until then is answered 503
 	outageUntil  atomic.Int64
 	outageServed atomic.Int64
@@ -97,6 +99,9 @@ func (c *chaosCoordinator) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			c.jobServed.CompareAndSwap(0, time.Now().UnixNano())
 		}
 		return
+	}
+	if r.Method == http.MethodPatch && strings.HasSuffix(p, "/trace") && c.tracePatches.Add(1) > 1 {
+		c.traceSeen.CompareAndSwap(0, time.Now().UnixNano())
 	}
 	if strings.HasPrefix(p, "/api/v4/jobs/") {
 		var seen *atomic.Int64

@@ -36,6 +36,7 @@ const (
 	phaseJournaled   = "journaled" // the job's journal appeared (TestChaosKillRightAfterReceipt)
 	phaseCreate      = "create"    // the provider's create call in flight
 	phaseConnect     = "connect"   // the first SSH connection to an instance
+	phaseTrace       = "trace"     // a trace upload (PATCH) in flight
 	phaseDelete      = "delete"    // an instance being deleted
 	phaseBoot        = "boot"
 	phaseGetSources  = "get_sources"
@@ -79,6 +80,8 @@ type trialResult struct {
 	trueAll, cleanOther      int            // all jobs with their true result; clean failures not running at the kill
 	why                      map[string]int // runner_system_failure reasons
 	resumedJobs              int            // jobs the restarted manager resumed
+	outageFailed             int            // failed as GitLab's outage refused their artifacts
+	outageAtKill             int            // of those, running at the kill
 	problems                 []string
 }
 
@@ -304,9 +307,9 @@ func runChaosTrial(t *testing.T, s *chaosSetup, seed uint64, index int, phase, f
 	var window time.Duration
 	ok := waitFor(ctx, func() bool {
 		switch phase {
-		case phaseReserve, phaseRequest, phaseUpload, phaseFinalUpdate:
-			v, w := map[string]*atomic.Int64{phaseReserve: &c.requestSeen, phaseRequest: &c.jobServed, phaseUpload: &c.uploadSeen, phaseFinalUpdate: &c.finalSeen}[phase],
-				map[string]time.Duration{phaseReserve: 20 * time.Millisecond, phaseRequest: 30 * time.Millisecond, phaseUpload: slow, phaseFinalUpdate: slow}[phase]
+		case phaseReserve, phaseRequest, phaseTrace, phaseUpload, phaseFinalUpdate:
+			v, w := map[string]*atomic.Int64{phaseReserve: &c.requestSeen, phaseRequest: &c.jobServed, phaseTrace: &c.traceSeen, phaseUpload: &c.uploadSeen, phaseFinalUpdate: &c.finalSeen}[phase],
+				map[string]time.Duration{phaseReserve: 20 * time.Millisecond, phaseRequest: 30 * time.Millisecond, phaseTrace: 20 * time.Millisecond, phaseUpload: slow, phaseFinalUpdate: slow}[phase]
 			at, ok := seenAt(v)
 			if ok {
 				seen, window = at, w
@@ -411,7 +414,8 @@ func runChaosTrial(t *testing.T, s *chaosSetup, seed uint64, index int, phase, f
 		res.crashes++
 		res.problem("the restarted manager's drain: %v", err)
 	}
-	if os.Getenv("CHAOS_DEBUG") != "" {
+	if os.Getenv("CHAOS_DEBUG") != "" { // both managers' logs, also of a trial that went well
+
 		t.Logf("m1:\n%s\nm2:\n%s", m1.log.String(), m2.log.String())
 	}
 	res.resume = resumeTimes(m2, atKill)
@@ -459,6 +463,11 @@ func countJobs(res *trialResult, records []coordinator.JobRecord, want map[strin
 		if clean {
 			res.why[failureWhy(tr)]++
 		}
+		// GitLab's outage refused the artifacts of a script that succeeded,
+		// past the helper's retries (gitlab-runner's: 6 tries, about 31 s,
+		// while GitLab answers 503): the job fails, as with gitlab-runner.
+		refused := res.fault == faultCoordinator && w.exit == 0 && j.Status == "failed" && j.FailureReason == runnerapi.FailureScriptFailure &&
+			strings.Contains(tr, "\nchaos-script-end\n") && artifactsRefused.MatchString(tr)
 		switch {
 		case isTrue && atKill[j.ID]:
 			res.trueAtKill++
@@ -471,6 +480,12 @@ func countJobs(res *trialResult, records []coordinator.JobRecord, want map[strin
 		case clean:
 			res.cleanOther++
 			res.problem("job %s (%d) failed cleanly:\n%s", j.Name, j.ID, tr)
+		case refused:
+			res.outageFailed++
+			if atKill[j.ID] {
+				res.outageAtKill++
+			}
+			res.problem("job %s (%d) failed: GitLab's outage refused its artifacts", j.Name, j.ID)
 		default:
 			res.wrong++
 			res.problem("job %s (%d): %s %q, want %s %q or a clean runner_system_failure:\n%s", j.Name, j.ID, j.Status, j.FailureReason, wantStatus, wantReason, tr)
@@ -567,6 +582,7 @@ func failureWhy(trace string) string {
 }
 
 var (
+	artifactsRefused  = regexp.MustCompile(`ERROR: uploading artifacts as "archive" to coordinator\.\.\. 503 Service Unavailable`)
 	systemFailureLine = regexp.MustCompile(`ERROR: Job failed: \(system failure\) ([^\n]*)`)
 	instanceName      = regexp.MustCompile(`\b(fake|qemu)-[0-9a-z-]+`)
 	numbers           = regexp.MustCompile(`[0-9]+(\.[0-9]+)?(ms|s|m)?`)
