@@ -289,7 +289,7 @@ func runChaosTrial(t *testing.T, s *chaosSetup, seed uint64, index int, phase, f
 	case faultPluginKill:
 		drv.at(dctx, seededDelays(rng, 3, 500*time.Millisecond, 12*time.Second), func() int { return killPlugins(dctx, current()) })
 	case faultSSHDrop:
-		drv.at(dctx, seededDelays(rng, 4, 2*time.Second, 16*time.Second), proxy.sever)
+		drv.at(dctx, seededDelays(rng, 4, 2*time.Second, 30*time.Second), proxy.sever)
 	case faultCoordinator:
 		drv.at(dctx, seededDelays(rng, 1, 0, 8*time.Second), func() int { return c.outage(*chaosOutage) })
 	}
