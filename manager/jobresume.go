@@ -254,6 +254,12 @@ func (m *Manager) resumeJob(rs *resumable) {
 		fail(systemFailure("the runner manager restarted and cannot read the job again: %v", errors.Join(perr, p0err)))
 	case rs.r == nil:
 		fail(systemFailure("the runner manager restarted without runner %q in its configuration", st.job.Runner))
+	case st.result != nil && len(st.attempts) == 0:
+		// Its end was decided before any stage started (no VM, a VM that
+		// could not be reached or prepared, a cancel): nothing runs now,
+		// the result stands. Running its stages now would report a
+		// result they did not decide.
+		fail(jobResult{})
 	case st.lease == nil:
 		// It had no VM yet: nothing ran, so it runs now, as a user wants
 		// (failing it would only make them retry it by hand); its timeout
