@@ -60,8 +60,19 @@ func (r *Ready) ProvisionAttach(ctx context.Context, inst providers.Instance, ci
 			return nil, fmt.Errorf("instance %s: ready command exited %d: %s", inst.ID, code, tail(out.Bytes(), 512))
 		}
 	}
+	if p, ok := exec.(shellPrestarter); ok && ci.OS != "windows" {
+		// The job's stages run detached under sh: the session of its
+		// first stage is opened now, while the instance waits.
+		p.PrestartShell("sh")
+	}
 	log.Info("instance ready", "instance", inst.ID, "connect_and_ready", time.Since(start).Round(time.Millisecond))
 	return exec, nil
+}
+
+// shellPrestarter is a connection that can start a shell ahead of need
+// (sshexec.Client).
+type shellPrestarter interface {
+	PrestartShell(shell string)
 }
 
 func tail(b []byte, n int) string {

@@ -123,6 +123,8 @@ type Client struct {
 
 	mu  sync.Mutex
 	err error // why the connection is gone
+
+	spares spareState
 }
 
 var _ vmexec.Executor = (*Client)(nil)

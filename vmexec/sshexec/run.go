@@ -159,9 +159,11 @@ func (c *Client) Stream(ctx context.Context, cmd vmexec.Command) (int, error) {
 	if ctx.Err() != nil {
 		return -1, &vmexec.AbortedError{Cause: context.Cause(ctx)}
 	}
-	s, err := c.openExec(ctx, "stream", "exec "+shell+" -s")
-	if err != nil {
-		return -1, err
+	s := c.takeSpare(ctx, shell)
+	if s == nil {
+		if s, err = c.openExec(ctx, "stream", streamCommand(shell)); err != nil {
+			return -1, err
+		}
 	}
 	defer s.ch.Close()
 	var mu sync.Mutex
