@@ -152,8 +152,9 @@ func (w *posixWriter) finish() string {
 	if w.bash {
 		s.WriteString("set -eo pipefail\n")
 	} else {
-		// A subshell tries pipefail first: dash has none and would exit.
-		s.WriteString("set -e\nif (set -o pipefail) 2>/dev/null; then set -o pipefail; fi\n")
+		// dash has no pipefail: "command" keeps the failing special
+		// builtin from ending the shell (and costs no subshell).
+		s.WriteString("set -e\ncommand set -o pipefail 2>/dev/null || :\n")
 	}
 	s.WriteString("set +o noclobber\n{\n")
 	s.WriteString(w.b.String())

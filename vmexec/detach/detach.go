@@ -11,11 +11,14 @@
 // the job's scripts and files (once per job), starts a supervisor for the
 // stage and the chain of stages given in Stage.Then, and follows them all;
 // later Runs of the chained stages read what that session already follows.
-// On the machine only shell builtins run on that path, besides mkdir, mv,
-// setsid, the stages' own commands, and cat and sleep while following.
+// On the machine only shell builtins run on that path, besides mkdir,
+// mkfifo, setsid, the stages' own commands, and cat while following: the
+// supervisor wakes the follower through a FIFO when a stage starts or
+// ends, so that the follower neither polls nor sleeps to see it.
 //
 // The runner needs sh, setsid, mkdir, mv, rm, rmdir, cat, sleep (with
-// fractions) and dd on the machine, and /proc: busybox is enough.
+// fractions) and dd on the machine, and /proc: busybox is enough. Without
+// mkfifo it polls.
 package detach
 
 import (

@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -459,4 +460,80 @@ func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Helper()
 	w.t.Log(strings.TrimSpace(string(p)))
 	return len(p), nil
+}
+
+// A session's wake-up FIFO and its ticker (shells without read -t) go
+// with the session: after a chain was followed to its end, and after a
+// follower was abandoned mid-stage, no process keeps a FIFO of the job
+// open for long.
+func TestWakeFIFOsDoNotOutliveTheirSessions(t *testing.T) {
+	eachServer(t, func(t *testing.T, srv *sshtest.Server) {
+		dir := filepath.Join(t.TempDir(), "job")
+		r := newRunner(t, dial(t, srv), dir, nil)
+		a := detach.Stage{ID: "00-a-1", Script: "echo a"}
+		a.Then = []detach.Stage{{ID: "01-b-1", Script: "sleep 0.6; echo b"}}
+		if code, out := run(t, r, a); code != 0 || out != "a\n" {
+			t.Fatalf("a: %d %q", code, out)
+		}
+		if code, out := run(t, r, a.Then[0]); code != 0 || out != "b\n" {
+			t.Fatalf("b: %d %q", code, out)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		var seen bytes.Buffer
+		w := &notifyWriter{w: &seen, at: "started\n", hit: cancel}
+		if _, err := r.Run(ctx, detach.Stage{ID: "02-c-1", Script: "echo started; sleep 60; echo done"}, w); !errors.Is(err, context.Canceled) {
+			t.Fatalf("c: %v, want the cancel", err)
+		}
+		r.Close()
+		t.Cleanup(func() {
+			sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			if err := newRunner(t, dial(t, srv), dir, nil).Stop(sctx, "02-c-1"); err != nil {
+				t.Errorf("stop c: %v", err)
+			}
+		})
+		// The abandoned follower dies at its next keep-alive write (every
+		// 5s while the stage is silent), its ticker at its next tick. Under
+		// dropbear the writes of a session whose channel was closed still
+		// succeed: the follower (the only process with the stage's output
+		// open) lives on until the stage ends, as it did before there were
+		// FIFOs; nothing else may hold one.
+		deadline := time.Now().Add(20 * time.Second)
+		for {
+			holders := fifoHolders(t, filepath.Join(dir, "w"))
+			if srv.Kind == sshtest.Dropbear {
+				holders = slices.DeleteFunc(holders, func(pid string) bool {
+					return followsStage(pid, filepath.Join(dir, "s", "02-c-1.out"))
+				})
+			}
+			if len(holders) == 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("processes still hold the job's wake-up FIFOs: %v", holders)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+	})
+}
+
+// fifoHolders lists the processes (/proc/PID) with a file under dir open.
+func fifoHolders(t *testing.T, dir string) []string {
+	t.Helper()
+	fds, _ := filepath.Glob("/proc/[0-9]*/fd/*")
+	var out []string
+	for _, fd := range fds {
+		target, err := os.Readlink(fd)
+		if p := filepath.Dir(filepath.Dir(fd)); err == nil && strings.HasPrefix(target, dir+"/") && !slices.Contains(out, p) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// followsStage reports whether process proc (/proc/PID) has the file
+// out open on its fd 3, as a follower of that stage does.
+func followsStage(proc, out string) bool {
+	target, err := os.Readlink(filepath.Join(proc, "fd", "3"))
+	return err == nil && target == out
 }

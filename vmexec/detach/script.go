@@ -24,6 +24,8 @@ const layoutVersion = "1"
 //	                 before its exit status is written, so that a stage
 //	                 that filled the disk still gets its status recorded
 //	D/halt.<pid>     written by Stop: supervisor pid must start nothing more
+//	D/w/<token>      a FIFO per following session: supervisors write a line
+//	                 to each when a stage starts or ends (wakeSetup)
 //
 // Each file in D/f is marked whole by an empty NAME.ok, file variables by
 // D/f/file-<hash of path>.ok. Besides the stages' own commands, only shell
@@ -38,7 +40,10 @@ const layoutVersion = "1"
 // marks the previous one done, only when that one exited 0 and no Stop
 // asked to halt, so whoever sees a stage done knows whether the chain goes
 // on. Processes a stage leaves behind get DRAIN seconds to exit, then
-// SIGTERM and SIGKILL.
+// SIGTERM and SIGKILL; only processes made after the stage started (by
+// /proc/sys/kernel/ns_last_pid, all of them where it cannot be read or
+// the pids wrapped) are looked at, as reading every /proc/PID/stat costs
+// tens of milliseconds per stage on a busy machine or under emulation.
 const supervisorScript = `# mayfly stage supervisor, layout ` + layoutVersion + `
 mf_D=$1; mf_drain_s=$2; shift 2
 read -r mf_boot </proc/sys/kernel/random/boot_id 2>/dev/null || mf_boot=-
@@ -52,8 +57,15 @@ mf_claim() {
 	set +C
 	return $mf_r
 }
+mf_lastpid() {
+	{ read -r mf_np </proc/sys/kernel/ns_last_pid; } 2>/dev/null || mf_np=0
+}
 mf_left() {
+	mf_lp=$mf_from; mf_lastpid
+	[ "$mf_np" -ge "$mf_lp" ] || mf_lp=0
 	for mf_f in /proc/[0-9]*/stat; do
+		mf_p=${mf_f#/proc/}
+		[ "${mf_p%/stat}" -gt "$mf_lp" ] || continue
 		{ read -r mf_p _ mf_s _ mf_g _ <"$mf_f"; } 2>/dev/null || continue
 		[ "$mf_g" = "$$" ] && [ "$mf_p" != "$$" ] && [ "$mf_s" != Z ] && return 0
 	done
@@ -72,12 +84,19 @@ mf_drain() {
 	mf_left || return 0
 	mf_signal TERM; sleep 1; mf_signal KILL
 }
+mf_note() {
+	for mf_f in "$mf_D"/w/*; do
+		[ -p "$mf_f" ] && { printf 'n\n' 1<>"$mf_f"; } 2>/dev/null
+	done
+}
 mf_claim "${1%%:*}" || exit 0
 while [ $# -gt 0 ]; do
 	mf_id=${1%%:*}; mf_r=${1#*:}; mf_sc=${mf_r%%:*}; mf_env=${mf_r#*:}; shift
 	mf_d=$mf_D/s/$mf_id
 	: >>"$mf_d.out"
+	mf_note
 	{ printf '%4096s' '' >"$mf_d.pad"; } 2>/dev/null
+	mf_lastpid; mf_from=$mf_np
 	( set --; . "$mf_D/f/$mf_env"; . "$mf_D/f/$mf_sc" ) </dev/null >>"$mf_d.out" 2>&1
 	mf_c=$?
 	mf_drain
@@ -87,6 +106,7 @@ while [ $# -gt 0 ]; do
 	fi
 	: >"$mf_d.pad"
 	printf '%s\n' "$mf_c" >"$mf_d.code"
+	mf_note
 	[ -n "$mf_next" ] || exit 0
 	if [ -e "$mf_halt" ]; then
 		rm -f "$mf_D/s/$mf_next.sup"; exit 0
@@ -102,7 +122,8 @@ done
 // "$T x". A stage whose supervisor is gone (the machine restarted, or it
 // was killed) without marking it done is lost. While a stage is silent,
 // "$T k" goes out every few seconds: a follower whose connection is gone
-// dies of SIGPIPE instead of polling on.
+// dies of SIGPIPE (or exits, where SIGPIPE is ignored, as under dropbear)
+// instead of polling on.
 const followFunctions = `read -r mf_boot </proc/sys/kernel/random/boot_id 2>/dev/null || mf_boot=-
 mf_alive() {
 	[ -r "$1.sup" ] || return 0
@@ -116,6 +137,12 @@ mf_sleep() {
 	sleep "$mf_z" 2>/dev/null || sleep 1
 	case $mf_z in 0.005) mf_z=0.01;; 0.01) mf_z=0.02;; 0.02) mf_z=0.05;; 0.05) mf_z=0.1;; 0.1) mf_z=0.25;; esac
 }
+mf_wait() {
+	if [ -z "$mf_w" ]; then mf_sleep
+	elif [ -n "$mf_rt" ]; then read -t 0.25 -r _ <&5
+	else read -r _ <&5 || mf_sleep
+	fi
+}
 mf_follow() {
 	mf_d=$D/s/$1; mf_z=0.005; mf_i=0
 	while [ ! -e "$mf_d.out" ]; do
@@ -123,19 +150,19 @@ mf_follow() {
 		if [ -s "$mf_d.sup" ] && ! mf_alive "$mf_d" && [ ! -e "$mf_d.out" ]; then printf '%s l the supervisor of stage %s is gone before it started\n' "$T" "$1"; return 1; fi
 		mf_i=$((mf_i+1))
 		if [ $mf_i -gt 120 ]; then printf '%s l stage %s did not start within 30s\n' "$T" "$1"; return 1; fi
-		mf_sleep
+		mf_wait
 	done
 	exec 3<"$mf_d.out"
 	[ "$2" -gt 0 ] && dd bs=1 skip="$2" count=0 <&3 2>/dev/null
 	mf_z=0.005; mf_i=0
 	while :; do
 		if [ -s "$mf_d.code" ]; then
-			cat <&3; exec 3<&-
+			[ ! -s "$mf_d.out" ] || cat <&3; exec 3<&-
 			read -r mf_c <"$mf_d.code"
 			printf '%s e %s\n' "$T" "$mf_c"
 			return 0
 		fi
-		cat <&3
+		[ ! -s "$mf_d.out" ] || cat <&3
 		mf_i=$((mf_i+1))
 		if [ $((mf_i % 4)) = 0 ] && ! mf_alive "$mf_d"; then
 			cat <&3; exec 3<&-
@@ -143,8 +170,8 @@ mf_follow() {
 			printf '%s l the supervisor of stage %s is gone (the machine restarted or it was killed)\n' "$T" "$1"
 			return 1
 		fi
-		[ $((mf_i % 20)) = 0 ] && printf '%s k\n' "$T"
-		mf_sleep
+		[ $((mf_i % 20)) != 0 ] || printf '%s k\n' "$T" || exit 0
+		mf_wait
 	done
 }
 mf_chain() {
@@ -158,6 +185,30 @@ mf_chain() {
 	done
 	printf '%s x\n' "$T"
 }
+`
+
+// wakeSetup lets supervisors wake the follower of a session at once when
+// a stage starts or ends, instead of at its next poll: the session makes a
+// FIFO D/w/$T (each supervisor writes a line to every FIFO there, see
+// mf_note) and reads it in mf_wait, for at most 0.25s so that output of a
+// running stage still goes out: with read -t where the shell has it
+// (busybox, bash), else (dash) a ticker writes to the FIFO every 0.25s and
+// dies of SIGPIPE when the follower is gone. Without mkfifo the follower
+// polls with sleep.
+const wakeSetup = `mf_w=; mf_tick=; mf_rt=
+read -t 1 _ </dev/null 2>/dev/null; [ $? -gt 1 ] || mf_rt=1
+if { mkfifo "$D/w/$T" || { mkdir -p "$D/w" && mkfifo "$D/w/$T"; }; } 2>/dev/null && exec 5<>"$D/w/$T"; then
+	mf_w=$D/w/$T
+	if [ -z "$mf_rt" ]; then
+		(exec 5<&-; while sleep 0.25; do printf 'k\n' || exit 0; done) >"$mf_w" 2>/dev/null &
+		mf_tick=$!
+	fi
+fi
+`
+
+// wakeTeardown ends a session's ticker and removes its FIFO.
+const wakeTeardown = `[ -z "$mf_tick" ] || kill "$mf_tick" 2>/dev/null
+[ -z "$mf_w" ] || { exec 5<&-; rm -f "$mf_w"; }
 `
 
 // stopFunctions: mf_stop ID stops a stage: a stage nobody claimed is
@@ -237,7 +288,7 @@ func (s sessionScript) String() string {
 		// a stage may be reading is never written again, and one a session
 		// that died left half written is, as it has no mark. Builtins only,
 		// but for one mkdir.
-		dirs := []string{`"$D/s"`, `"$D/f"`}
+		dirs := []string{`"$D/s"`, `"$D/f"`, `"$D/w"`}
 		for _, f := range s.files {
 			if f.Path != "" {
 				dirs = append(dirs, quote(parentDir(f.Path)))
@@ -254,20 +305,21 @@ func (s sessionScript) String() string {
 		}
 		b.WriteString(`printf '%s w\n' "$T"` + "\n")
 	}
+	b.WriteString(wakeSetup)
 	if len(s.launch) > 0 {
 		b.WriteString("mf_launched=\n")
 		fmt.Fprintf(&b, `if [ ! -e "$D/s/%s.sup" ]; then mf_launched=1; (cd / && exec setsid %s "$D/f/sup.sh" "$D" %d`, s.follow[0], s.shell, s.drainSec)
 		for _, sp := range s.launch {
 			b.WriteString(" " + sp)
 		}
-		b.WriteString(") </dev/null >/dev/null 2>&1 & fi\n")
+		b.WriteString(") </dev/null >/dev/null 2>&1 5<&- & fi\n")
 	}
 	b.WriteString(followFunctions)
 	fmt.Fprintf(&b, "mf_chain %s %s", s.follow[0], strconv.FormatInt(s.from, 10))
 	for _, id := range s.follow[1:] {
 		b.WriteString(" " + id)
 	}
-	b.WriteString("\n")
+	b.WriteString("\n" + wakeTeardown)
 	return b.String()
 }
 
