@@ -21,6 +21,8 @@ import (
 
 	"github.com/mayfly-ci/mayfly/plugins/qemu/qemuvm"
 	"github.com/mayfly-ci/mayfly/provisioner/image"
+	"github.com/mayfly-ci/mayfly/vmexec"
+	"github.com/mayfly-ci/mayfly/vmexec/sshexec"
 	"github.com/mayfly-ci/mayfly/vmexec/sshtest"
 )
 
@@ -261,4 +263,61 @@ func startBenchVM(b *testing.B) warmTarget {
 	host, port, _ := net.SplitHostPort(vm.SSHAddr)
 	b.Logf("microVM up (accel %s) after %v", vm.Accel, vm.ReadyAfter.Round(time.Millisecond))
 	return warmTarget{host: host, port: port, user: "root", hostKey: vm.HostKeyLine, clientKeyPEM: pem.EncodeToMemory(block), buildsDir: "/builds"}
+}
+
+// BenchmarkWarmFloor measures the floor under a trivial job's stages on
+// the targets of BenchmarkWarmStart, on one warm connection: a session
+// that runs `true` in sh (opening it and starting the shell), and inside
+// one session a subshell (fork) and a `cat </dev/null` (fork and exec), as
+// medians of 15.
+func BenchmarkWarmFloor(b *testing.B) {
+	b.Run("openssh", func(b *testing.B) {
+		s := sshtest.Run(b, sshtest.OpenSSH)
+		host, port, _ := net.SplitHostPort(s.Addr)
+		benchFloor(b, warmTarget{host: host, port: port, user: s.User, hostKey: s.HostKey, clientKeyPEM: s.ClientKeyPEM})
+	})
+	b.Run("qemu-dropbear", func(b *testing.B) {
+		benchFloor(b, startBenchVM(b))
+	})
+}
+
+func benchFloor(b *testing.B, tgt warmTarget) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	c, err := sshexec.Dial(ctx, sshexec.Target{Addr: net.JoinHostPort(tgt.host, tgt.port), User: tgt.user, PrivateKey: tgt.clientKeyPEM, HostKey: tgt.hostKey})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	// timed runs script n times in one session and returns the time per
+	// run, from the shell's own clock (/proc/uptime, 10 ms ticks: hence
+	// the 20 runs).
+	timed := func(script string) time.Duration {
+		var out strings.Builder
+		const n = 20
+		loop := fmt.Sprintf(`read -r a _ </proc/uptime; i=0; while [ $i -lt %d ]; do %s; i=$((i+1)); done; read -r z _ </proc/uptime; echo "$a $z"`, n, script)
+		if code, err := c.Stream(ctx, vmexec.Command{Script: loop, Shell: "sh", Stdout: &out}); err != nil || code != 0 {
+			b.Fatalf("%s: %d %v", script, code, err)
+		}
+		var a, z float64
+		if _, err := fmt.Sscan(out.String(), &a, &z); err != nil {
+			b.Fatalf("%q: %v", out.String(), err)
+		}
+		return time.Duration((z - a) / n * float64(time.Second))
+	}
+	var session, fork, exec []time.Duration
+	for range 15 * b.N {
+		t0 := time.Now()
+		if code, err := c.Stream(ctx, vmexec.Command{Script: "true", Shell: "sh"}); err != nil || code != 0 {
+			b.Fatalf("true: %d %v", code, err)
+		}
+		session = append(session, time.Since(t0))
+		fork = append(fork, timed("( : )"))
+		exec = append(exec, timed("cat </dev/null"))
+	}
+	b.Logf("session open + sh start + true: p50 %v; in one session: subshell %v, cat </dev/null %v",
+		ms(quantile(session, 0.5)), ms(quantile(fork, 0.5)), ms(quantile(exec, 0.5)))
+	b.ReportMetric(float64(quantile(session, 0.5).Microseconds())/1000, "session-ms")
+	b.ReportMetric(float64(quantile(fork, 0.5).Microseconds())/1000, "subshell-ms")
+	b.ReportMetric(float64(quantile(exec, 0.5).Microseconds())/1000, "cat-ms")
 }
