@@ -32,6 +32,7 @@ const (
 // publishes dropbear's host key on the console so the pin matches, and
 // plays cloud-init by authorising each instance's user-data key there.
 func TestEC2LinuxFleetEndToEnd(t *testing.T) {
+	t.Parallel() // waits more than it computes: overlaps the other waiting end-to-end tests
 	sshd := sshtest.Run(t, sshtest.Dropbear)
 	vm := listenLoopback(t, 22)
 	forward(t, vm, sshd.Addr)

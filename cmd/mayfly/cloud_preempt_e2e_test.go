@@ -51,6 +51,7 @@ var viaRE = regexp.MustCompile(`via ([a-z0-9-]+)/([a-z0-9-]+)\.\.\.`)
 // to notice when nothing was booting, measured before the keys were
 // honoured.
 func TestGCEPreemptionDuringJobEndToEnd(t *testing.T) {
+	t.Parallel() // waits more than it computes: overlaps the other waiting end-to-end tests
 	sshd := sshtest.Run(t, sshtest.Dropbear)
 	vm := listenLoopback(t, 22)
 	forward(t, vm, sshd.Addr)

@@ -41,6 +41,7 @@ const winrmLoader = `. ([ScriptBlock]::Create([Text.Encoding]::UTF8.GetString([C
 // generated PowerShell stage ("& { ... }") fails with sh's syntax error,
 // which the test expects.
 func TestGCEWindowsPasswordPinnedWinRMAndFailedStageTrace(t *testing.T) {
+	t.Parallel() // waits more than it computes: overlaps the other waiting end-to-end tests
 	const user, password = "mayfly", "E2e-Wind0ws-Pass!"
 	winrm := wsmantest.StartTLS(t, wsmantest.Config{
 		Username: user, Password: password, Interpreter: wsmantest.Sh, Dir: t.TempDir(),

@@ -183,6 +183,7 @@ func gitlabRunnerLimitNotice(limit int) string {
 // timeout by back-pressure), the job succeeds, and the manager does not
 // hold the flood in memory.
 func TestHostileOutputFlood(t *testing.T) {
+	t.Parallel() // waits more than it computes: overlaps the other waiting end-to-end tests
 	const (
 		limitKB = 1024
 		floodMB = 256
@@ -231,6 +232,7 @@ const silentTermIgnoringScript = `echo going silent; trap '' TERM; exec sh -c 'w
 // timeout and by a cancel alike: the stage is killed (SIGKILL after the
 // grace), the job reports the right reason, and its instance is deleted.
 func TestHostileSilentScriptIgnoringSIGTERM(t *testing.T) {
+	t.Parallel() // waits more than it computes: overlaps the other waiting end-to-end tests
 	marker := strconv.FormatInt(time.Now().UnixNano(), 36)
 	h := startHostile(t, fmt.Sprintf(`
 projects:
@@ -346,6 +348,7 @@ const killSessionsScript = `for f in /proc/[0-9]*/stat; do read -r p c s pp _ < 
 // manager reconnects and follows it to its end, and the job succeeds with
 // all its output.
 func TestHostileKillsSSHSessions(t *testing.T) {
+	t.Parallel() // waits more than it computes: overlaps the other waiting end-to-end tests
 	h := startHostile(t, `
 projects:
   - name: web
@@ -379,6 +382,7 @@ projects:
 // runner_system_failure; the instance is deleted, and once a machine is
 // reachable again the next job runs.
 func TestHostileKillsSSHServer(t *testing.T) {
+	t.Parallel() // waits more than it computes: overlaps the other waiting end-to-end tests
 	h := startHostile(t, `
 projects:
   - name: web
@@ -414,6 +418,7 @@ projects:
 // inside colour codes, and when the script writes it in two pieces with a
 // trace upload in between.
 func TestHostileEscapesAndInvalidUTF8(t *testing.T) {
+	t.Parallel() // waits more than it computes: overlaps the other waiting end-to-end tests
 	const secret = "hunter2-s3cr3t-value"
 	h := startHostile(t, `
 projects:

@@ -369,6 +369,7 @@ projects:
 // so pick-up to start is about check_interval + boot + up to one list
 // interval; the bound is two boots, far from that and from the defect.
 func TestSlowBootsIdleZeroEndToEnd(t *testing.T) {
+	t.Parallel() // waits more than it computes: overlaps the other waiting end-to-end tests
 	e := newProcEnv(t, `
 projects:
   - name: web
