@@ -5,16 +5,11 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"crypto/rsa"
-	"crypto/x509"
 	"encoding/base64"
-	"encoding/pem"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
-	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -23,10 +18,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/fsouza/fake-gcs-server/fakestorage"
-	"github.com/johannesboyne/gofakes3"
-	"github.com/johannesboyne/gofakes3/backend/s3mem"
 
 	"github.com/mayfly-ci/mayfly/internal/testenv"
 	"github.com/mayfly-ci/mayfly/manager/coordinator"
@@ -100,38 +92,13 @@ func TestQEMUArtifactsAndCache(t *testing.T) {
 		coordinator.RunnerOptions{Tags: []string{"s3"}, Token: s3Token})
 
 	// The GCS fake: V4 URLs signed with a service account key.
-	key, err := rsa.GenerateKey(rand.Reader, 2048)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pemKey := string(pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(key)}))
-	gln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	gcsAddr := gln.Addr().String()
-	gcs, err := fakestorage.NewServerWithOptions(fakestorage.Options{NoListener: true, PublicHost: guestView(gcsAddr), Scheme: "http"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	gcs.CreateBucketWithOpts(fakestorage.CreateBucketOpts{Name: "ci-cache"})
-	gcsV := &verifier{check: func(r *http.Request) error { return checkGCSV4(&key.PublicKey, r) }, next: gcs.HTTPHandler()}
-	gs := &httptest.Server{Listener: gln, Config: &http.Server{Handler: gcsV}}
-	gs.Start()
-	defer gs.Close()
+	g := startFakeGCS(t, guestView)
+	gcs, gcsV, gcsAddr, pemKey := g.srv, g.v, g.addr, g.pemKey
 
 	// The S3 fake: SigV4 presigned with an access key.
 	const keyID, s3Secret, region = "AKIAMAYFLYQEMU000001", "qemu-s3-secret/mayfly+cache+9876543210", "eu-west-1"
-	s3b := s3mem.New()
-	if err := s3b.CreateBucket("ci-cache"); err != nil {
-		t.Fatal(err)
-	}
-	s3V := &verifier{check: func(r *http.Request) error {
-		return checkS3Presigned(aws.Credentials{AccessKeyID: keyID, SecretAccessKey: s3Secret}, region, r)
-	}, next: gofakes3.New(s3b).Server()}
-	ss := httptest.NewServer(s3V)
-	defer ss.Close()
-	s3Addr := ss.Listener.Addr().String()
+	s3f := startFakeS3(t, keyID, s3Secret, region)
+	s3b, s3V, s3Addr := s3f.backend, s3f.v, s3f.addr
 
 	// Pipeline 1: artifactsPipeline for the local runner, and the cloud
 	// jobs, which look for the PEM key's lines and the S3 secret key.

@@ -148,24 +148,7 @@ func TestCloudCacheEndToEnd(t *testing.T) {
 	buildHelper(t, helperDir)
 
 	t.Run("gcs", func(t *testing.T) {
-		key, err := rsa.GenerateKey(rand.Reader, 2048)
-		if err != nil {
-			t.Fatal(err)
-		}
-		pemKey := string(pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(key)}))
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		gcs, err := fakestorage.NewServerWithOptions(fakestorage.Options{NoListener: true, PublicHost: ln.Addr().String(), Scheme: "http"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		gcs.CreateBucketWithOpts(fakestorage.CreateBucketOpts{Name: "ci-cache"})
-		v := &verifier{check: func(r *http.Request) error { return checkGCSV4(&key.PublicKey, r) }, next: gcs.HTTPHandler()}
-		hs := &httptest.Server{Listener: ln, Config: &http.Server{Handler: v}}
-		hs.Start()
-		defer hs.Close()
+		g := startFakeGCS(t, func(addr string) string { return addr })
 		extra := fmt.Sprintf(`  [runners.cache]
     Type = "gcs"
     Path = "ci"
@@ -174,24 +157,16 @@ func TestCloudCacheEndToEnd(t *testing.T) {
       AccessID = "manager@mayfly-test.iam.gserviceaccount.com"
       PrivateKey = '''%s'''
       Endpoint = "http://%s"
-`, pemKey, ln.Addr())
-		runCloudCache(t, dir, pluginDir, helperDir, ssh, extra, v, func(object string) bool {
-			_, err := gcs.GetObject("ci-cache", object)
+`, g.pemKey, g.addr)
+		runCloudCache(t, dir, pluginDir, helperDir, ssh, extra, g.v, func(object string) bool {
+			_, err := g.srv.GetObject("ci-cache", object)
 			return err == nil
-		}, pemKey[40:120])
+		}, g.pemKey[40:120])
 	})
 
 	t.Run("s3", func(t *testing.T) {
 		const keyID, secret, region = "AKIAMAYFLYCACHE0001", "s3-secret-key/mayfly+cache+0123456789", "eu-west-1"
-		backend := s3mem.New()
-		if err := backend.CreateBucket("ci-cache"); err != nil {
-			t.Fatal(err)
-		}
-		faker := gofakes3.New(backend)
-		creds := aws.Credentials{AccessKeyID: keyID, SecretAccessKey: secret}
-		v := &verifier{check: func(r *http.Request) error { return checkS3Presigned(creds, region, r) }, next: faker.Server()}
-		hs := httptest.NewServer(v)
-		defer hs.Close()
+		s3 := startFakeS3(t, keyID, secret, region)
 		extra := fmt.Sprintf(`  [runners.cache]
     Type = "s3"
     [runners.cache.s3]
@@ -201,12 +176,73 @@ func TestCloudCacheEndToEnd(t *testing.T) {
       AccessKey = %q
       SecretKey = %q
       Insecure = true
-`, strings.TrimPrefix(hs.URL, "http://"), region, keyID, secret)
-		runCloudCache(t, dir, pluginDir, helperDir, ssh, extra, v, func(object string) bool {
-			_, err := backend.HeadObject("ci-cache", object)
+`, s3.addr, region, keyID, secret)
+		runCloudCache(t, dir, pluginDir, helperDir, ssh, extra, s3.v, func(object string) bool {
+			_, err := s3.backend.HeadObject("ci-cache", object)
 			return err == nil
 		}, secret)
 	})
+}
+
+// fakeGCS is fake-gcs-server behind a verifier of V4 signed URLs made with
+// a service account's RSA key, with one bucket "ci-cache".
+type fakeGCS struct {
+	srv    *fakestorage.Server
+	v      *verifier
+	addr   string // where it listens
+	pemKey string // the service account's private key, PEM
+}
+
+// startFakeGCS starts a fakeGCS on 127.0.0.1 until the test ends;
+// publicHost maps its address to the host its URLs name (the address the
+// jobs use, which fake-gcs-server routes by).
+func startFakeGCS(t *testing.T, publicHost func(addr string) string) *fakeGCS {
+	t.Helper()
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := &fakeGCS{addr: ln.Addr().String(),
+		pemKey: string(pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(key)}))}
+	g.srv, err = fakestorage.NewServerWithOptions(fakestorage.Options{NoListener: true, PublicHost: publicHost(g.addr), Scheme: "http"})
+	if err != nil {
+		ln.Close()
+		t.Fatal(err)
+	}
+	g.srv.CreateBucketWithOpts(fakestorage.CreateBucketOpts{Name: "ci-cache"})
+	g.v = &verifier{check: func(r *http.Request) error { return checkGCSV4(&key.PublicKey, r) }, next: g.srv.HTTPHandler()}
+	hs := &httptest.Server{Listener: ln, Config: &http.Server{Handler: g.v}}
+	hs.Start()
+	t.Cleanup(hs.Close)
+	return g
+}
+
+// fakeS3 is gofakes3 behind a verifier of SigV4 presigned URLs, with one
+// bucket "ci-cache".
+type fakeS3 struct {
+	backend *s3mem.Backend
+	v       *verifier
+	addr    string // where it listens
+}
+
+// startFakeS3 starts a fakeS3 on 127.0.0.1 until the test ends, accepting
+// URLs presigned with the access key keyID/secret for region.
+func startFakeS3(t *testing.T, keyID, secret, region string) *fakeS3 {
+	t.Helper()
+	f := &fakeS3{backend: s3mem.New()}
+	if err := f.backend.CreateBucket("ci-cache"); err != nil {
+		t.Fatal(err)
+	}
+	creds := aws.Credentials{AccessKeyID: keyID, SecretAccessKey: secret}
+	f.v = &verifier{check: func(r *http.Request) error { return checkS3Presigned(creds, region, r) }, next: gofakes3.New(f.backend).Server()}
+	hs := httptest.NewServer(f.v)
+	t.Cleanup(hs.Close)
+	f.addr = hs.Listener.Addr().String()
+	return f
 }
 
 func runCloudCache(t *testing.T, dir, pluginDir, helperDir string, ssh *sshtest.Server, extra string, v *verifier, stored func(string) bool, secret string) {
