@@ -147,6 +147,19 @@ func Start(ctx context.Context, cfg Config) (*Plugin, error) {
 	p.ctx, p.cancel = context.WithCancel(context.Background())
 	stop := context.AfterFunc(ctx, p.cancel) // an abandoned start is undone
 	pr, err := p.launch(p.ctx)
+	// A process that died before its handshake (killed, or crashed on a
+	// bad moment) is started again a few times: one killed plugin must not
+	// stop the manager. One that hangs has had its StartTimeout already.
+	for attempt := 1; err != nil && errors.Is(err, errExitedEarly) && attempt < startAttempts && p.ctx.Err() == nil; attempt++ {
+		p.log.Warn("plugin exited during its start; starting it again", "attempt", attempt+1, "of", startAttempts, "err", err)
+		select {
+		case <-time.After(time.Duration(attempt) * startRetryDelay):
+		case <-p.ctx.Done():
+		}
+		if p.ctx.Err() == nil {
+			pr, err = p.launch(p.ctx)
+		}
+	}
 	stop()
 	if err != nil {
 		p.cancel()
@@ -155,6 +168,30 @@ func Start(ctx context.Context, cfg Config) (*Plugin, error) {
 	}
 	go p.supervise(pr)
 	return p, nil
+}
+
+// How often Start tries a plugin whose process exits before its
+// handshake, and the wait before the second try (growing by as much each
+// time).
+const (
+	startAttempts   = 3
+	startRetryDelay = 200 * time.Millisecond
+)
+
+// errExitedEarly marks a start whose process exited before its handshake.
+var errExitedEarly = errors.New("plugin process exited before its handshake")
+
+// exitedWithin reports whether the client's process has exited, waiting
+// up to d for go-plugin to notice an exit that closed its output.
+func exitedWithin(c *plugin.Client, d time.Duration) bool {
+	deadline := time.Now().Add(d)
+	for !c.Exited() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return true
 }
 
 // launch starts a process, initialises it again with the last settings,
@@ -180,7 +217,11 @@ func (p *Plugin) launch(ctx context.Context) (*proc, error) {
 	})
 	rpc, err := client.Client()
 	if err != nil {
+		exited := exitedWithin(client, time.Second)
 		client.Kill()
+		if exited {
+			return nil, fmt.Errorf("%w: %w", errExitedEarly, err)
+		}
 		return nil, err
 	}
 	raw, err := rpc.Dispense(wire.PluginName)

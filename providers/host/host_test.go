@@ -395,3 +395,56 @@ func TestStartFailures(t *testing.T) {
 		})
 	}
 }
+
+// A plugin whose process dies before its handshake is started again, a
+// bounded number of times: one killed at the wrong moment does not stop
+// the manager, one that always dies fails Start.
+func TestStartRetriesAPluginThatDiesBeforeItsHandshake(t *testing.T) {
+	tests := []struct {
+		name      string
+		deaths    int // starts that die before the handshake
+		wantStart bool
+		wantRuns  int
+	}{
+		{"dies once", 1, true, 2},
+		{"dies twice", 2, true, 3},
+		{"always dies", 100, false, 3},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			runs := filepath.Join(dir, "runs")
+			wrapper := filepath.Join(dir, "mayfly-plugin-flaky")
+			script := fmt.Sprintf("#!/bin/sh\necho run >> %q\nif [ \"$(wc -l < %q)\" -le %d ]; then kill -9 $$; fi\nexec %q \"$@\"\n", runs, runs, tt.deaths, pluginBinary)
+			if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			rec := newRecorder()
+			ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+			defer cancel()
+			p, err := host.Start(ctx, host.Config{Path: wrapper, Name: "flaky", Logger: slog.New(rec), CallTimeout: 15 * time.Second})
+			if p != nil {
+				defer p.Close()
+			}
+			if (err == nil) != tt.wantStart {
+				t.Fatalf("Start: %v, want success %v", err, tt.wantStart)
+			}
+			b, _ := os.ReadFile(runs)
+			if got := strings.Count(string(b), "run"); got != tt.wantRuns {
+				t.Errorf("plugin started %d times, want %d", got, tt.wantRuns)
+			}
+			if !tt.wantStart {
+				if !strings.Contains(err.Error(), "exited before its handshake") {
+					t.Errorf("Start error %q does not say the process exited", err)
+				}
+				return
+			}
+			if rec.find("plugin exited during its start; starting it again") == nil {
+				t.Error("no warning logged for the start that died")
+			}
+			if _, err := p.Init(callCtx(t), settingsJSON(t, map[string]any{})); err != nil {
+				t.Errorf("Init after the retried start: %v", err)
+			}
+		})
+	}
+}
