@@ -153,7 +153,7 @@ func Start(ctx context.Context, cfg Config) (*Plugin, error) {
 	for attempt := 1; err != nil && errors.Is(err, errExitedEarly) && attempt < startAttempts && p.ctx.Err() == nil; attempt++ {
 		p.log.Warn("plugin exited during its start; starting it again", "attempt", attempt+1, "of", startAttempts, "err", err)
 		select {
-		case <-time.After(time.Duration(attempt) * startRetryDelay):
+		case <-time.After(startRetryDelay << (attempt - 1)):
 		case <-p.ctx.Done():
 		}
 		if p.ctx.Err() == nil {
@@ -171,10 +171,10 @@ func Start(ctx context.Context, cfg Config) (*Plugin, error) {
 }
 
 // How often Start tries a plugin whose process exits before its
-// handshake, and the wait before the second try (growing by as much each
-// time).
+// handshake, and the wait before the second try (doubled each time: at
+// most 3 s of waiting in all).
 const (
-	startAttempts   = 3
+	startAttempts   = 5
 	startRetryDelay = 200 * time.Millisecond
 )
 
@@ -399,15 +399,27 @@ func (p *Plugin) checkDeath(ctx context.Context, pr *proc) {
 // the plugin process exit.
 const deathWait = time.Second
 
+// initAttempts bounds the Init calls made when the plugin's connection
+// fails during them.
+const initAttempts = 3
+
 // Init implements providers.Provider. The settings are kept and sent again
 // to a restarted plugin process.
+// A plugin that dies during Init (killed, or crashed on a bad moment) is
+// initialised again once restarted, up to initAttempts calls in all: Init
+// only hands over settings, and a manager must not stop for one dead child.
 func (p *Plugin) Init(ctx context.Context, settings json.RawMessage) (providers.Info, error) {
 	var info providers.Info
-	err := p.do(ctx, "init", func(ctx context.Context, prov providers.Provider) error {
+	call := func(ctx context.Context, prov providers.Provider) error {
 		var err error
 		info, err = prov.Init(ctx, settings)
 		return err
-	})
+	}
+	err := p.do(ctx, "init", call)
+	for attempt := 1; err != nil && errors.Is(err, wire.ErrConnection) && attempt < initAttempts && ctx.Err() == nil; attempt++ {
+		p.log.Warn("plugin connection failed during init; initialising the restarted plugin", "attempt", attempt+1, "of", initAttempts, "err", err)
+		err = p.do(ctx, "init", call)
+	}
 	if err != nil {
 		return providers.Info{}, err
 	}

@@ -407,8 +407,8 @@ func TestStartRetriesAPluginThatDiesBeforeItsHandshake(t *testing.T) {
 		wantRuns  int
 	}{
 		{"dies once", 1, true, 2},
-		{"dies twice", 2, true, 3},
-		{"always dies", 100, false, 3},
+		{"dies four times", 4, true, 5},
+		{"always dies", 100, false, 5},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -446,5 +446,29 @@ func TestStartRetriesAPluginThatDiesBeforeItsHandshake(t *testing.T) {
 				t.Errorf("Init after the retried start: %v", err)
 			}
 		})
+	}
+}
+
+// A plugin that died just before Init (its death not yet noticed) is
+// initialised once it has been restarted, instead of failing Init: the
+// manager's start must not end because one plugin process was killed.
+func TestInitRetriedOnARestartedPlugin(t *testing.T) {
+	p := start(t, host.Config{MinBackoff: 50 * time.Millisecond, PollInterval: 2 * time.Second})
+	pid := p.PID()
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for !processGone(pid) {
+		if time.Now().After(deadline) {
+			t.Fatal("plugin process still there 5s after SIGKILL")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if _, err := p.Init(callCtx(t), settingsJSON(t, map[string]any{"state_dir": t.TempDir()})); err != nil {
+		t.Fatalf("Init on a plugin killed before it: %v", err)
+	}
+	if p.Restarts() != 1 || p.PID() == pid {
+		t.Errorf("Restarts() = %d, PID %d (killed %d): want one restart", p.Restarts(), p.PID(), pid)
 	}
 }
