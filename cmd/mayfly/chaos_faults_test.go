@@ -125,17 +125,32 @@ func (p *sshProxy) firstAccepted() (time.Time, bool) {
 func (p *sshProxy) port() int { return p.ln.Addr().(*net.TCPAddr).Port }
 
 // killPlugins sends SIGKILL to the provider plugin processes of a running
-// `mayfly run`, once it has started (a plugin killed in its start-up
-// handshake ends `mayfly run` with an error, as a missing plugin does),
-// and returns how many it killed.
+// `mayfly run`, as soon as there is one: in its start-up handshake too,
+// which the host answers by starting it again. It returns how many it
+// killed.
 func killPlugins(ctx context.Context, m *chaosManager) int {
-	waitFor(ctx, func() bool { return !m.running() || strings.Contains(m.log.String(), `"runner manager started"`) })
-	if !m.running() {
-		return 0
-	}
-	pid := m.cmd.Process.Pid
-	tasks, _ := filepath.Glob(filepath.Join("/proc", strconv.Itoa(pid), "task", "*", "children"))
+	var pids []int
+	waitFor(ctx, func() bool {
+		pids = pluginChildren(m)
+		return !m.running() || len(pids) > 0
+	})
 	n := 0
+	for _, pid := range pids {
+		if syscall.Kill(pid, syscall.SIGKILL) == nil {
+			n++
+		}
+	}
+	return n
+}
+
+// pluginChildren returns the pids of the provider plugin processes of a
+// running `mayfly run`.
+func pluginChildren(m *chaosManager) []int {
+	if !m.running() {
+		return nil
+	}
+	tasks, _ := filepath.Glob(filepath.Join("/proc", strconv.Itoa(m.cmd.Process.Pid), "task", "*", "children"))
+	var pids []int
 	for _, f := range tasks {
 		b, _ := os.ReadFile(f)
 		for _, c := range strings.Fields(string(b)) {
@@ -144,12 +159,12 @@ func killPlugins(ctx context.Context, m *chaosManager) int {
 				continue
 			}
 			comm, _ := os.ReadFile(filepath.Join("/proc", c, "comm"))
-			if strings.HasPrefix(string(comm), "mayfly-plugin") && syscall.Kill(cpid, syscall.SIGKILL) == nil {
-				n++
+			if strings.HasPrefix(string(comm), "mayfly-plugin") {
+				pids = append(pids, cpid)
 			}
 		}
 	}
-	return n
+	return pids
 }
 
 // providerStates returns the state of every instance in the fake

@@ -164,7 +164,7 @@ func runChaosTrials(t *testing.T, s *chaosSetup, n, parallel int, phases, faults
 		out = append(out, *rows[f])
 		all.add(rows[f].sum)
 	}
-	if n := all.runningAtKill - all.pickupLost - all.outageAtKill; n > 0 {
+	if n := all.runningAtKill - all.pickupAtKill - all.outageAtKill; n > 0 {
 		if pct := all.truePct(); pct < *chaosMinTrue {
 			t.Errorf("%s: %.1f%% of the %d jobs running at a kill (%d lost at pick-up and %d failed by GitLab's outage left out) ended with their true result, want at least %.0f%%",
 				s.provider, pct, n, all.pickupLost, all.outageAtKill, *chaosMinTrue)
@@ -181,6 +181,7 @@ func (r *trialResult) add(o trialResult) {
 	r.wrong += o.wrong
 	r.stuck += o.stuck
 	r.pickupLost += o.pickupLost
+	r.pickupAtKill += o.pickupAtKill
 	r.leaked += o.leaked
 	r.reused += o.reused
 	r.reran += o.reran
@@ -207,19 +208,21 @@ func (r *trialResult) add(o trialResult) {
 // them, truePctAll). Jobs whose artifacts GitLab's outage refused are left
 // out too (column gl503): the outage decided their result, not the kill.
 func (r *trialResult) truePct() float64 {
-	n := r.runningAtKill - r.pickupLost - r.outageAtKill
+	n := r.runningAtKill - r.pickupAtKill - r.outageAtKill
 	if n <= 0 {
 		return 100
 	}
 	return 100 * float64(r.trueAtKill) / float64(n)
 }
 
-// truePctAll is truePct with the jobs lost at pick-up counted as not true.
+// truePctAll is truePct with the jobs lost at pick-up counted as not true
+// (those GitLab handed to the dead manager's request after the kill too).
 func (r *trialResult) truePctAll() float64 {
-	if r.runningAtKill == 0 {
+	n := r.runningAtKill + r.pickupLost - r.pickupAtKill
+	if n == 0 {
 		return 100
 	}
-	return 100 * float64(r.trueAtKill) / float64(r.runningAtKill)
+	return 100 * float64(r.trueAtKill) / float64(n)
 }
 
 // printChaosTable prints one line per provider and fault, a total per

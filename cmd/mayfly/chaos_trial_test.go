@@ -72,6 +72,7 @@ type trialResult struct {
 	wrong                    int // neither their true result nor a clean failure
 	stuck, leaked, reused    int
 	pickupLost               int // never finished, but the killed manager never read them
+	pickupAtKill             int // of those, running in GitLab at the kill (the others were handed out to the dead manager's request after it)
 	reran, badTrace, crashes int
 	resume                   []time.Duration
 	triggerMissed            bool
@@ -372,7 +373,10 @@ func runChaosTrial(t *testing.T, s *chaosSetup, seed uint64, index int, phase, f
 	m2 = startChaosManager(t, s.binDir, cfgPath, stateDir, id)
 	mgrMu.Unlock()
 	if fault == faultPluginKill {
-		drv.at(dctx, seededDelays(rng, 1, 500*time.Millisecond, 6*time.Second), func() int { return killPlugins(dctx, m2) })
+		// The first kill finds the restarted manager's plugin as soon as
+		// it exists: in its start-up handshake, which the host retries.
+		delays := append([]time.Duration{0}, seededDelays(rng, 1, 500*time.Millisecond, 6*time.Second)...)
+		drv.at(dctx, delays, func() int { return killPlugins(dctx, m2) })
 	}
 	// Done when every job ended, or those left are lost at pick-up: never
 	// journaled by either manager, no trace, and the restarted manager
@@ -445,6 +449,9 @@ func countJobs(res *trialResult, records []coordinator.JobRecord, want map[strin
 				// runner API leaves nothing to finish such a job with
 				// (GitLab fails it as stuck after an hour).
 				res.pickupLost++
+				if atKill[j.ID] {
+					res.pickupAtKill++
+				}
 				res.problem("job %s (%d) was handed out as the manager was killed, before its journal was written", j.Name, j.ID)
 				continue
 			}
