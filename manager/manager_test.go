@@ -434,10 +434,20 @@ func TestAbortFailsRunningJobs(t *testing.T) {
 func TestLostInstanceFailsJob(t *testing.T) {
 	e := newEnv(t, []coordinator.JobSpec{{Name: "victim", Script: []string{"echo started", "sleep 600"}}}, nil)
 	e.waitStatus("victim", "running")
+	// Under the script, not the prepare stage: a VM lost there is told as
+	// "stage lost: the VM is gone".
 	deadline := time.Now().Add(30 * time.Second)
-	for len(e.fleet.Leased()) == 0 {
+	started := func() bool {
+		for _, j := range e.srv.Jobs() {
+			if j.Name == "victim" {
+				return strings.Contains(string(j.Trace), "\nstarted\n")
+			}
+		}
+		return false
+	}
+	for len(e.fleet.Leased()) == 0 || !started() {
 		if time.Now().After(deadline) {
-			t.Fatal("no instance leased")
+			t.Fatal("no instance leased, or the script did not start, within 30s")
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
