@@ -182,14 +182,15 @@ const (
 var errExitedEarly = errors.New("plugin process exited before its handshake")
 
 // exitedWithin reports whether the client's process has exited, waiting
-// up to d for go-plugin to notice an exit that closed its output.
-func exitedWithin(c *plugin.Client, d time.Duration) bool {
+// up to d (and while ctx allows) for go-plugin to notice an exit, which it
+// sees a little after the process's output or connection closed.
+func exitedWithin(ctx context.Context, c *plugin.Client, d time.Duration) bool {
 	deadline := time.Now().Add(d)
 	for !c.Exited() {
-		if time.Now().After(deadline) {
+		if time.Now().After(deadline) || ctx.Err() != nil {
 			return false
 		}
-		time.Sleep(10 * time.Millisecond)
+		time.Sleep(5 * time.Millisecond)
 	}
 	return true
 }
@@ -217,7 +218,7 @@ func (p *Plugin) launch(ctx context.Context) (*proc, error) {
 	})
 	rpc, err := client.Client()
 	if err != nil {
-		exited := exitedWithin(client, time.Second)
+		exited := exitedWithin(ctx, client, deathWait)
 		client.Kill()
 		if exited {
 			return nil, fmt.Errorf("%w: %w", errExitedEarly, err)
@@ -385,14 +386,9 @@ func (p *Plugin) do(ctx context.Context, op string, fn func(context.Context, pro
 // calls that follow wait for the restart instead of meeting the dead
 // connection.
 func (p *Plugin) checkDeath(ctx context.Context, pr *proc) {
-	deadline := time.Now().Add(deathWait)
-	for !pr.client.Exited() {
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			return
-		}
-		time.Sleep(5 * time.Millisecond)
+	if exitedWithin(ctx, pr.client, deathWait) {
+		p.unpublish(pr)
 	}
-	p.unpublish(pr)
 }
 
 // deathWait bounds how long a call whose connection failed waits to see
