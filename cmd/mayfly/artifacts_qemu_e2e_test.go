@@ -139,23 +139,8 @@ func TestQEMUArtifactsAndCache(t *testing.T) {
 `, storeDir, storeAddr, guestView(storeAddr))),
 		// The signing address is the one the VMs use; the manager never
 		// connects to it (it only signs).
-		debian("gcs", gcsToken, 1, 0, gcsAddr, fmt.Sprintf(`    Type = "gcs"
-    Path = "ci"
-    [runners.cache.gcs]
-      BucketName = "ci-cache"
-      AccessID = "manager@mayfly-test.iam.gserviceaccount.com"
-      PrivateKey = '''%s'''
-      Endpoint = "http://%s"
-`, pemKey, guestView(gcsAddr))),
-		debian("s3", s3Token, 1, 0, s3Addr, fmt.Sprintf(`    Type = "s3"
-    [runners.cache.s3]
-      ServerAddress = %q
-      BucketName = "ci-cache"
-      BucketLocation = %q
-      AccessKey = %q
-      SecretKey = %q
-      Insecure = true
-`, guestView(s3Addr), region, keyID, s3Secret)))
+		debian("gcs", gcsToken, 1, 0, gcsAddr, g.cacheTOML()),
+		debian("s3", s3Token, 1, 0, s3Addr, s3f.cacheTOML(guestView(s3Addr))))
 
 	// Pipeline 2 (cachePipeline) once a saved its cache: d runs on another VM.
 	start := time.Now()

@@ -149,15 +149,7 @@ func TestCloudCacheEndToEnd(t *testing.T) {
 
 	t.Run("gcs", func(t *testing.T) {
 		g := startFakeGCS(t, func(addr string) string { return addr })
-		extra := fmt.Sprintf(`  [runners.cache]
-    Type = "gcs"
-    Path = "ci"
-    [runners.cache.gcs]
-      BucketName = "ci-cache"
-      AccessID = "manager@mayfly-test.iam.gserviceaccount.com"
-      PrivateKey = '''%s'''
-      Endpoint = "http://%s"
-`, g.pemKey, g.addr)
+		extra := "  [runners.cache]\n" + g.cacheTOML()
 		runCloudCache(t, dir, pluginDir, helperDir, ssh, extra, g.v, func(object string) bool {
 			_, err := g.srv.GetObject("ci-cache", object)
 			return err == nil
@@ -167,16 +159,7 @@ func TestCloudCacheEndToEnd(t *testing.T) {
 	t.Run("s3", func(t *testing.T) {
 		const keyID, secret, region = "AKIAMAYFLYCACHE0001", "s3-secret-key/mayfly+cache+0123456789", "eu-west-1"
 		s3 := startFakeS3(t, keyID, secret, region)
-		extra := fmt.Sprintf(`  [runners.cache]
-    Type = "s3"
-    [runners.cache.s3]
-      ServerAddress = %q
-      BucketName = "ci-cache"
-      BucketLocation = %q
-      AccessKey = %q
-      SecretKey = %q
-      Insecure = true
-`, s3.addr, region, keyID, secret)
+		extra := "  [runners.cache]\n" + s3.cacheTOML(s3.addr)
 		runCloudCache(t, dir, pluginDir, helperDir, ssh, extra, s3.v, func(object string) bool {
 			_, err := s3.backend.HeadObject("ci-cache", object)
 			return err == nil
@@ -190,7 +173,21 @@ type fakeGCS struct {
 	srv    *fakestorage.Server
 	v      *verifier
 	addr   string // where it listens
+	public string // the address its URLs name
 	pemKey string // the service account's private key, PEM
+}
+
+// cacheTOML is the [runners.cache] body (after the table header) of a
+// runner whose cache is g, signing URLs for g's public address.
+func (g *fakeGCS) cacheTOML() string {
+	return fmt.Sprintf(`    Type = "gcs"
+    Path = "ci"
+    [runners.cache.gcs]
+      BucketName = "ci-cache"
+      AccessID = "manager@mayfly-test.iam.gserviceaccount.com"
+      PrivateKey = '''%s'''
+      Endpoint = "http://%s"
+`, g.pemKey, g.public)
 }
 
 // startFakeGCS starts a fakeGCS on 127.0.0.1 until the test ends;
@@ -208,7 +205,8 @@ func startFakeGCS(t *testing.T, publicHost func(addr string) string) *fakeGCS {
 	}
 	g := &fakeGCS{addr: ln.Addr().String(),
 		pemKey: string(pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(key)}))}
-	g.srv, err = fakestorage.NewServerWithOptions(fakestorage.Options{NoListener: true, PublicHost: publicHost(g.addr), Scheme: "http"})
+	g.public = publicHost(g.addr)
+	g.srv, err = fakestorage.NewServerWithOptions(fakestorage.Options{NoListener: true, PublicHost: g.public, Scheme: "http"})
 	if err != nil {
 		ln.Close()
 		t.Fatal(err)
@@ -227,13 +225,29 @@ type fakeS3 struct {
 	backend *s3mem.Backend
 	v       *verifier
 	addr    string // where it listens
+
+	keyID, secret, region string
+}
+
+// cacheTOML is the [runners.cache] body (after the table header) of a
+// runner whose cache is f, signing URLs for serverAddress.
+func (f *fakeS3) cacheTOML(serverAddress string) string {
+	return fmt.Sprintf(`    Type = "s3"
+    [runners.cache.s3]
+      ServerAddress = %q
+      BucketName = "ci-cache"
+      BucketLocation = %q
+      AccessKey = %q
+      SecretKey = %q
+      Insecure = true
+`, serverAddress, f.region, f.keyID, f.secret)
 }
 
 // startFakeS3 starts a fakeS3 on 127.0.0.1 until the test ends, accepting
 // URLs presigned with the access key keyID/secret for region.
 func startFakeS3(t *testing.T, keyID, secret, region string) *fakeS3 {
 	t.Helper()
-	f := &fakeS3{backend: s3mem.New()}
+	f := &fakeS3{backend: s3mem.New(), keyID: keyID, secret: secret, region: region}
 	if err := f.backend.CreateBucket("ci-cache"); err != nil {
 		t.Fatal(err)
 	}
