@@ -171,3 +171,43 @@ func TestPluginKilledMidCreateRecoversAndLeaksNothing(t *testing.T) {
 		t.Fatalf("after shutdown the plugin still holds %v", left)
 	}
 }
+
+// TestPluginLaunchReadiesWithoutListing runs the fleet against the fake
+// provider plugin told to launch (it knows each instance's connect info at
+// creation, as the plugin protocol's CreateResponse.instances carries): the
+// pool becomes ready on the provisioner's word alone, with neither a list
+// showing the instances running nor a ConnectInfo call; without launch the
+// same pool needs both.
+func TestPluginLaunchReadiesWithoutListing(t *testing.T) {
+	bin := fakePlugin(t)
+	for _, launch := range []bool{true, false} {
+		t.Run(map[bool]string{true: "launch", false: "create"}[launch], func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			p, err := host.Start(ctx, host.Config{Path: bin, Name: "fake", Logger: slog.New(slog.DiscardHandler), CallTimeout: 20 * time.Second})
+			if err != nil {
+				t.Fatalf("start plugin: %v", err)
+			}
+			defer p.Close()
+			// Launched instances are ready while the plugin's list still
+			// says creating (on the wall clock; the fleet's is fake).
+			boot := map[bool]string{true: "1h", false: "0s"}[launch]
+			settings, _ := json.Marshal(map[string]any{"launch": launch, "boot_delay": boot})
+			if _, err := p.Init(ctx, settings); err != nil {
+				t.Fatalf("init plugin: %v", err)
+			}
+			h := newHarness(t, Config{Provider: p, Schedule: idlePolicy(schedule.Policy{IdleCount: 2}), DeleteOnShutdown: true}, providers0())
+			h.start()
+			h.until(time.Minute, 500*time.Millisecond, "pool ready", func() bool { return h.f.Available() == 2 })
+			calls := h.f.api.Calls()
+			lists, infos := calls[string(OpList)], calls[string(OpConnectInfo)]
+			if launch && (lists != 1 || infos != 0) {
+				t.Errorf("launched pool ready after %d lists and %d connect info calls, want only the start-up list and none", lists, infos)
+			}
+			if !launch && (lists < 2 || infos != 2) {
+				t.Errorf("created pool ready after %d lists and %d connect info calls, want a list after the boot and 2", lists, infos)
+			}
+			h.stop()
+		})
+	}
+}

@@ -99,8 +99,7 @@ type Instance struct {
 	// ask ConnectInfo once the instance runs. When set it is complete
 	// (Validate passes) and final; it may come while the instance is
 	// still creating, and the fleet then waits for SSH or WinRM at once.
-	// The plugin protocol does not carry it yet: in-process providers
-	// only.
+	// The plugin protocol carries it (Instance.connect_info).
 	ConnectInfo *ConnectInfo
 }
 
@@ -108,8 +107,9 @@ type Instance struct {
 // as soon as they create it. Launch is Create returning each new instance
 // with its ConnectInfo: the fleet then waits for SSH or WinRM at once and
 // needs neither a list nor a ConnectInfo call to make it ready. On partial
-// failure it returns the instances it did create with the error. The
-// plugin protocol does not carry it yet: in-process providers only.
+// failure it returns the instances it did create with the error. A
+// plugin's provider that implements it is called for the protocol's
+// Create, whose answer then carries the connect info.
 type Launcher interface {
 	Launch(ctx context.Context, n int, labels map[string]string) ([]Instance, error)
 }

@@ -84,6 +84,12 @@ type Options struct {
 	// ConnectInfo, if set, replaces the generated connect info, e.g. to
 	// point at a test SSH server.
 	ConnectInfo func(id string) (providers.ConnectInfo, error)
+	// Launch makes Create, called as providers.Launcher, return each new
+	// instance with its connect info, as a provider does that knows the
+	// address at creation: the fleet then waits for SSH or WinRM at once
+	// instead of listing until the instance runs (BootDelay then only
+	// delays the state List reports).
+	Launch bool
 	// Logger receives a record per operation (default: discard).
 	Logger *slog.Logger
 }
@@ -100,6 +106,7 @@ type Settings struct {
 	StateDir    string             `json:"state_dir"`
 	Protocol    string             `json:"protocol"`
 	OS          string             `json:"os"`
+	Launch      bool               `json:"launch"`
 	Faults      []FaultSpec        `json:"faults"`
 	// Connect, when set, makes every instance's ConnectInfo point at one
 	// real server, so tests can run jobs through the fake.
@@ -323,6 +330,7 @@ func (f *Fake) Init(ctx context.Context, raw json.RawMessage) (providers.Info, e
 	setIf(&o.DeleteDelay, time.Duration(s.DeleteDelay))
 	setIf(&o.Protocol, providers.Protocol(s.Protocol))
 	setIf(&o.OS, s.OS)
+	o.Launch = o.Launch || s.Launch
 	if c := s.Connect; c != nil {
 		if c.Address == "" || c.Port <= 0 || c.Username == "" {
 			return providers.Info{}, providers.InvalidArgument(errors.New("fake init: settings key \"connect\": address, port and username are required"))
@@ -466,6 +474,37 @@ func (f *Fake) Create(ctx context.Context, n int, labels map[string]string) ([]s
 	return ids, nil
 }
 
+// Launching is the fake as a providers.Launcher: Create, with each new
+// instance's connect info when Options.Launch (the "launch" setting) is
+// set, ids only otherwise. The plugin serves it, so that the setting can
+// turn launching on; *Fake itself is no Launcher, so that wrappers of it
+// that record Create see every call.
+type Launching struct{ *Fake }
+
+var _ providers.Launcher = Launching{}
+
+// Launch implements providers.Launcher. It counts as one Create call and
+// no ConnectInfo call.
+func (l Launching) Launch(ctx context.Context, n int, labels map[string]string) ([]providers.Instance, error) {
+	f := l.Fake
+	ids, err := f.Create(ctx, n, labels)
+	out := make([]providers.Instance, 0, len(ids))
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, id := range ids {
+		in := providers.Instance{ID: id, State: providers.StateCreating}
+		if f.opts.Launch {
+			ci, cerr := f.connectInfoLocked(id)
+			if cerr != nil {
+				return out, errors.Join(err, cerr)
+			}
+			in.ConnectInfo = &ci
+		}
+		out = append(out, in)
+	}
+	return out, err
+}
+
 // Delete implements providers.Provider. Unknown ids count as deleted.
 func (f *Fake) Delete(ctx context.Context, ids []string) ([]string, error) {
 	if err := f.begin(ctx, OpDelete); err != nil {
@@ -523,6 +562,12 @@ func (f *Fake) ConnectInfo(ctx context.Context, id string) (providers.ConnectInf
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.advance(f.opts.Now())
+	return f.connectInfoLocked(id)
+}
+
+// connectInfoLocked is ConnectInfo without its call accounting. f.mu is
+// held.
+func (f *Fake) connectInfoLocked(id string) (providers.ConnectInfo, error) {
 	in, ok := f.instances[id]
 	if !ok {
 		return providers.ConnectInfo{}, providers.NotFound(id)

@@ -291,6 +291,34 @@ func TestConnectInfoValid(t *testing.T) {
 	}
 }
 
+func TestLaunchGivesConnectInfoOnlyWhenAsked(t *testing.T) {
+	for _, launch := range []bool{false, true} {
+		f, _ := newFake(t, Options{Launch: launch})
+		made, err := Launching{f}.Launch(t.Context(), 2, map[string]string{"k": "v"})
+		if err != nil || len(made) != 2 {
+			t.Fatalf("launch %v: Launch = %v, %v", launch, made, err)
+		}
+		for _, in := range made {
+			if got := in.ConnectInfo != nil; got != launch {
+				t.Fatalf("launch %v: instance %s has connect info %v", launch, in.ID, got)
+			}
+			if !launch {
+				continue
+			}
+			if err := in.ConnectInfo.Validate(); err != nil {
+				t.Errorf("launched connect info invalid: %v", err)
+			}
+			ci, err := f.ConnectInfo(t.Context(), in.ID)
+			if err != nil || ci.Port != in.ConnectInfo.Port || ci.HostKey != in.ConnectInfo.HostKey || string(ci.PrivateKey) != string(in.ConnectInfo.PrivateKey) {
+				t.Errorf("ConnectInfo(%s) = %+v, %v; Launch said %+v", in.ID, ci, err, *in.ConnectInfo)
+			}
+		}
+		if c, ci := f.Calls(OpCreate), f.Calls(OpConnectInfo); c != 1 || ci != map[bool]int{false: 0, true: 2}[launch] {
+			t.Errorf("launch %v: %d create and %d connect info calls, want 1 and the test's own", launch, c, ci)
+		}
+	}
+}
+
 func TestInitSettings(t *testing.T) {
 	tests := []struct {
 		settings string

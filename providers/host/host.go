@@ -104,7 +104,10 @@ type Plugin struct {
 	closed   bool
 }
 
-var _ providers.Provider = (*Plugin)(nil)
+var (
+	_ providers.Provider = (*Plugin)(nil)
+	_ providers.Launcher = (*Plugin)(nil)
+)
 
 // proc is one plugin process.
 type proc struct {
@@ -436,6 +439,26 @@ func (p *Plugin) Create(ctx context.Context, n int, labels map[string]string) ([
 		return err
 	})
 	return ids, err
+}
+
+// Launch implements providers.Launcher: Create, with each instance's
+// connect info when the plugin knows it at creation (ids only otherwise).
+func (p *Plugin) Launch(ctx context.Context, n int, labels map[string]string) ([]providers.Instance, error) {
+	var made []providers.Instance
+	err := p.do(ctx, "create", func(ctx context.Context, prov providers.Provider) error {
+		l, ok := prov.(providers.Launcher)
+		if !ok {
+			ids, err := prov.Create(ctx, n, labels)
+			for _, id := range ids {
+				made = append(made, providers.Instance{ID: id})
+			}
+			return err
+		}
+		var err error
+		made, err = l.Launch(ctx, n, labels)
+		return err
+	})
+	return made, err
 }
 
 // Delete implements providers.Provider.

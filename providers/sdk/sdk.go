@@ -86,7 +86,8 @@ func hclogLevel(l slog.Level) string {
 }
 
 // Serve serves impl to the mayfly host and returns when the host ends the
-// plugin. It exits the process with a message when the binary is started
+// plugin. When impl is also a providers.Launcher, its Launch answers the
+// host's Create calls, with each instance's connect info. It exits the process with a message when the binary is started
 // by hand instead of by the host.
 func Serve(impl providers.Provider) {
 	if impl == nil {

@@ -17,7 +17,10 @@ type Client struct {
 	RPC pb.ProviderClient
 }
 
-var _ providers.Provider = (*Client)(nil)
+var (
+	_ providers.Provider = (*Client)(nil)
+	_ providers.Launcher = (*Client)(nil)
+)
 
 // callErr converts the error of a failed call to op. When the caller's
 // context ended, the context's error is kept so errors.Is works on it.
@@ -61,6 +64,67 @@ func (c *Client) Delete(ctx context.Context, ids []string) ([]string, error) {
 
 func swap(err error, ids []string) ([]string, error) { return ids, err }
 
+// Launch implements providers.Launcher: it is Create, returning the
+// instances with their connect info when the plugin's provider launches
+// (see CreateResponse.instances), and with their ids only otherwise, as
+// after a partial failure.
+func (c *Client) Launch(ctx context.Context, n int, labels map[string]string) ([]providers.Instance, error) {
+	if n < 0 {
+		return nil, providers.InvalidArgument(fmt.Errorf("create: count %d is negative", n))
+	}
+	resp, err := c.RPC.Create(ctx, &pb.CreateRequest{Count: int64(n), Labels: labels})
+	if err != nil {
+		err, ids := callErr(ctx, "create", err)
+		return idsOnly(ids), err
+	}
+	if len(resp.GetInstances()) == 0 {
+		return idsOnly(resp.GetIds()), nil
+	}
+	out := make([]providers.Instance, 0, len(resp.GetInstances()))
+	for _, in := range resp.GetInstances() {
+		got, err := instanceFromProto(in)
+		if err != nil {
+			// The plugin made them: keep the ids so the fleet owns them,
+			// and let it ask for their connect info.
+			return idsOnly(resp.GetIds()), providers.Permanent(fmt.Errorf("create: %w", err))
+		}
+		out = append(out, got)
+	}
+	return out, nil
+}
+
+// idsOnly is the instances named by ids, with nothing else known.
+func idsOnly(ids []string) []providers.Instance {
+	if len(ids) == 0 {
+		return nil
+	}
+	out := make([]providers.Instance, len(ids))
+	for i, id := range ids {
+		out[i] = providers.Instance{ID: id}
+	}
+	return out
+}
+
+// instanceFromProto converts one instance, with its connect info when set.
+func instanceFromProto(in *pb.Instance) (providers.Instance, error) {
+	st, ok := stateFromProto[in.GetState()]
+	if !ok {
+		return providers.Instance{}, fmt.Errorf("instance %s has invalid state %v", in.GetId(), in.GetState())
+	}
+	out := providers.Instance{
+		ID:        in.GetId(),
+		State:     st,
+		Labels:    in.GetLabels(),
+		CreatedAt: fromUnixNano(in.GetCreatedUnixNano()),
+		Reason:    in.GetReason(),
+	}
+	if pci := in.GetConnectInfo(); pci != nil {
+		ci := connectInfoFromProto(pci)
+		out.ConnectInfo = &ci
+	}
+	return out, nil
+}
+
 // List implements providers.Provider.
 func (c *Client) List(ctx context.Context) ([]providers.Instance, error) {
 	resp, err := c.RPC.List(ctx, &pb.ListRequest{})
@@ -70,17 +134,11 @@ func (c *Client) List(ctx context.Context) ([]providers.Instance, error) {
 	}
 	out := make([]providers.Instance, 0, len(resp.GetInstances()))
 	for _, in := range resp.GetInstances() {
-		st, ok := stateFromProto[in.GetState()]
-		if !ok {
-			return nil, providers.Permanent(fmt.Errorf("list: instance %s has invalid state %v", in.GetId(), in.GetState()))
+		got, err := instanceFromProto(in)
+		if err != nil {
+			return nil, providers.Permanent(fmt.Errorf("list: %w", err))
 		}
-		out = append(out, providers.Instance{
-			ID:        in.GetId(),
-			State:     st,
-			Labels:    in.GetLabels(),
-			CreatedAt: fromUnixNano(in.GetCreatedUnixNano()),
-			Reason:    in.GetReason(),
-		})
+		out = append(out, got)
 	}
 	return out, nil
 }
@@ -92,6 +150,12 @@ func (c *Client) ConnectInfo(ctx context.Context, id string) (providers.ConnectI
 		err, _ = callErr(ctx, "connect info", err)
 		return providers.ConnectInfo{}, err
 	}
+	return connectInfoFromProto(resp), nil
+}
+
+// connectInfoFromProto converts connect info as the plugin sent it; the
+// fleet validates it before use.
+func connectInfoFromProto(resp *pb.ConnectInfoResponse) providers.ConnectInfo {
 	return providers.ConnectInfo{
 		ID:         resp.GetId(),
 		Address:    resp.GetAddress(),
@@ -104,7 +168,7 @@ func (c *Client) ConnectInfo(ctx context.Context, id string) (providers.ConnectI
 		Password:   resp.GetPassword(),
 		HostKey:    resp.GetHostKey(),
 		TLSCert:    resp.GetTlsCert(),
-	}, nil
+	}
 }
 
 // Heartbeat implements providers.Provider.

@@ -29,11 +29,59 @@ func (s *Server) Create(ctx context.Context, req *pb.CreateRequest) (*pb.CreateR
 	if req.GetCount() < 0 {
 		return nil, ToStatus(providers.InvalidArgument(fmt.Errorf("create: count %d is negative", req.GetCount())), nil)
 	}
-	ids, err := s.Impl.Create(ctx, int(req.GetCount()), req.GetLabels())
+	l, ok := s.Impl.(providers.Launcher)
+	if !ok {
+		ids, err := s.Impl.Create(ctx, int(req.GetCount()), req.GetLabels())
+		if err != nil {
+			return nil, ToStatus(err, ids)
+		}
+		return &pb.CreateResponse{Ids: ids}, nil
+	}
+	made, err := l.Launch(ctx, int(req.GetCount()), req.GetLabels())
+	ids := make([]string, len(made))
+	for i, in := range made {
+		ids[i] = in.ID
+	}
 	if err != nil {
 		return nil, ToStatus(err, ids)
 	}
-	return &pb.CreateResponse{Ids: ids}, nil
+	resp := &pb.CreateResponse{Ids: ids}
+	for _, in := range made {
+		if in.State == "" {
+			in.State = providers.StateCreating
+		}
+		pin, err := instanceToProto(in)
+		if err != nil {
+			return nil, ToStatus(providers.Permanent(fmt.Errorf("create: %w", err)), ids)
+		}
+		resp.Instances = append(resp.Instances, pin)
+	}
+	return resp, nil
+}
+
+// instanceToProto converts one instance, with its connect info when set.
+func instanceToProto(in providers.Instance) (*pb.Instance, error) {
+	st, ok := stateToProto[in.State]
+	if !ok {
+		// A plugin bug; refuse rather than report a state the fleet would
+		// have to guess at.
+		return nil, fmt.Errorf("instance %s has invalid state %q", in.ID, in.State)
+	}
+	out := &pb.Instance{
+		Id:              in.ID,
+		State:           st,
+		Labels:          in.Labels,
+		CreatedUnixNano: unixNano(in.CreatedAt),
+		Reason:          in.Reason,
+	}
+	if in.ConnectInfo != nil {
+		ci, err := connectInfoToProto(*in.ConnectInfo)
+		if err != nil {
+			return nil, err
+		}
+		out.ConnectInfo = ci
+	}
+	return out, nil
 }
 
 // Delete implements pb.ProviderServer.
@@ -53,19 +101,11 @@ func (s *Server) List(ctx context.Context, _ *pb.ListRequest) (*pb.ListResponse,
 	}
 	resp := &pb.ListResponse{Instances: make([]*pb.Instance, 0, len(list))}
 	for _, in := range list {
-		st, ok := stateToProto[in.State]
-		if !ok {
-			// A plugin bug; refuse rather than report a state the fleet would
-			// have to guess at.
-			return nil, ToStatus(providers.Permanent(fmt.Errorf("list: instance %s has invalid state %q", in.ID, in.State)), nil)
+		pin, err := instanceToProto(in)
+		if err != nil {
+			return nil, ToStatus(providers.Permanent(fmt.Errorf("list: %w", err)), nil)
 		}
-		resp.Instances = append(resp.Instances, &pb.Instance{
-			Id:              in.ID,
-			State:           st,
-			Labels:          in.Labels,
-			CreatedUnixNano: unixNano(in.CreatedAt),
-			Reason:          in.Reason,
-		})
+		resp.Instances = append(resp.Instances, pin)
 	}
 	return resp, nil
 }
@@ -76,12 +116,22 @@ func (s *Server) ConnectInfo(ctx context.Context, req *pb.ConnectInfoRequest) (*
 	if err != nil {
 		return nil, ToStatus(err, nil)
 	}
+	resp, err := connectInfoToProto(ci)
+	if err != nil {
+		return nil, ToStatus(providers.Permanent(err), nil)
+	}
+	return resp, nil
+}
+
+// connectInfoToProto converts connect info, refusing a protocol or port
+// the wire cannot carry.
+func connectInfoToProto(ci providers.ConnectInfo) (*pb.ConnectInfoResponse, error) {
 	proto, ok := protocolToProto[ci.Protocol]
 	if !ok {
-		return nil, ToStatus(providers.Permanent(fmt.Errorf("connect info %s: invalid protocol %q", req.GetId(), ci.Protocol)), nil)
+		return nil, fmt.Errorf("connect info %s: invalid protocol %q", ci.ID, ci.Protocol)
 	}
 	if ci.Port < 0 || ci.Port > 65535 {
-		return nil, ToStatus(providers.Permanent(fmt.Errorf("connect info %s: port %d out of range", req.GetId(), ci.Port)), nil)
+		return nil, fmt.Errorf("connect info %s: port %d out of range", ci.ID, ci.Port)
 	}
 	return &pb.ConnectInfoResponse{
 		Id:         ci.ID,

@@ -243,3 +243,80 @@ func TestCallerContextKept(t *testing.T) {
 		t.Errorf("List with canceled ctx: %v, want transient wrapping context.Canceled", err)
 	}
 }
+
+// launching is a scripted provider that knows its instances' connect info
+// at creation.
+type launching struct {
+	*scripted
+	made []providers.Instance
+}
+
+func (l launching) Launch(_ context.Context, n int, _ map[string]string) ([]providers.Instance, error) {
+	l.gotN = n
+	return l.made, l.err
+}
+
+func TestLaunchCrossesTheWire(t *testing.T) {
+	ci := providers.ConnectInfo{ID: "a", Address: "127.0.0.1", Port: 2222, Protocol: providers.ProtocolSSH,
+		OS: "linux", Arch: "amd64", Username: "root", PrivateKey: []byte("PEM"), HostKey: "ssh-ed25519 AAAA"}
+	tests := []struct {
+		name     string
+		impl     providers.Provider
+		wantIDs  []string
+		wantCI   []bool
+		wantErr  bool
+		wantKind providers.Kind
+	}{
+		{"a launching plugin gives connect info", launching{&scripted{}, []providers.Instance{
+			{ID: "a", ConnectInfo: &ci}, {ID: "b", State: providers.StateRunning}}},
+			[]string{"a", "b"}, []bool{true, false}, false, 0},
+		{"a plugin that only creates gives ids", &scripted{ids: []string{"x", "y"}},
+			[]string{"x", "y"}, []bool{false, false}, false, 0},
+		{"a partial failure keeps the ids made", launching{&scripted{err: providers.QuotaExceeded("z", errors.New("full"))},
+			[]providers.Instance{{ID: "a", ConnectInfo: &ci}}},
+			[]string{"a"}, []bool{false}, true, providers.KindQuotaExceeded},
+		{"connect info the wire cannot carry is refused, the ids kept", launching{&scripted{}, []providers.Instance{
+			{ID: "a", ConnectInfo: &providers.ConnectInfo{ID: "a", Protocol: "rdp"}}}},
+			[]string{"a"}, []bool{false}, true, providers.KindPermanent},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := dial(t, tt.impl)
+			made, err := c.Launch(ctx(t), 2, nil)
+			if got := providers.KindOf(err); tt.wantErr != (err != nil) || (err != nil && got != tt.wantKind) {
+				t.Errorf("Launch error %v (kind %s), want error %v of kind %s", err, got, tt.wantErr, tt.wantKind)
+			}
+			var ids []string
+			for i, in := range made {
+				ids = append(ids, in.ID)
+				if has := in.ConnectInfo != nil; i < len(tt.wantCI) && has != tt.wantCI[i] {
+					t.Errorf("instance %s: connect info %v, want %v", in.ID, has, tt.wantCI[i])
+				}
+			}
+			if !slices.Equal(ids, tt.wantIDs) {
+				t.Fatalf("Launch ids %v, want %v", ids, tt.wantIDs)
+			}
+			if made[0].ConnectInfo != nil {
+				got := *made[0].ConnectInfo
+				if got.Address != ci.Address || got.Port != ci.Port || string(got.PrivateKey) != "PEM" || got.HostKey != ci.HostKey || got.Username != "root" {
+					t.Errorf("connect info %+v, want %+v", got, ci)
+				}
+				if made[0].State != providers.StateCreating {
+					t.Errorf("state %q, want creating when the plugin left it unset", made[0].State)
+				}
+			}
+		})
+	}
+}
+
+func TestListCarriesConnectInfo(t *testing.T) {
+	ci := providers.ConnectInfo{ID: "a", Address: "127.0.0.1", Port: 22, Protocol: providers.ProtocolSSH, Username: "root", HostKey: "k"}
+	c := dial(t, &scripted{list: []providers.Instance{{ID: "a", State: providers.StateRunning, ConnectInfo: &ci}, {ID: "b", State: providers.StateCreating}}})
+	list, err := c.List(ctx(t))
+	if err != nil || len(list) != 2 {
+		t.Fatalf("List = %v, %v", list, err)
+	}
+	if list[0].ConnectInfo == nil || list[0].ConnectInfo.Port != 22 || list[0].ConnectInfo.HostKey != "k" || list[1].ConnectInfo != nil {
+		t.Errorf("List connect info: %+v / %+v", list[0].ConnectInfo, list[1].ConnectInfo)
+	}
+}

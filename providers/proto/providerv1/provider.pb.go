@@ -359,8 +359,14 @@ func (x *CreateRequest) GetLabels() map[string]string {
 }
 
 type CreateResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Ids           []string               `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Ids   []string               `protobuf:"bytes,1,rep,name=ids,proto3" json:"ids,omitempty"`
+	// The same instances as ids, each with its connect_info, from a plugin
+	// whose provider knows how to reach an instance as soon as it creates it
+	// (providers.Launcher). The host then waits for SSH or WinRM at once
+	// instead of listing until the instance runs. Empty from other plugins;
+	// hosts that predate it read only ids.
+	Instances     []*Instance `protobuf:"bytes,2,rep,name=instances,proto3" json:"instances,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -398,6 +404,13 @@ func (*CreateResponse) Descriptor() ([]byte, []int) {
 func (x *CreateResponse) GetIds() []string {
 	if x != nil {
 		return x.Ids
+	}
+	return nil
+}
+
+func (x *CreateResponse) GetInstances() []*Instance {
+	if x != nil {
+		return x.Instances
 	}
 	return nil
 }
@@ -578,7 +591,10 @@ type Instance struct {
 	// Creation time in nanoseconds since the Unix epoch; 0 if unknown.
 	CreatedUnixNano int64 `protobuf:"varint,4,opt,name=created_unix_nano,json=createdUnixNano,proto3" json:"created_unix_nano,omitempty"`
 	// Human-readable reason for the state (e.g. "preempted").
-	Reason        string `protobuf:"bytes,5,opt,name=reason,proto3" json:"reason,omitempty"`
+	Reason string `protobuf:"bytes,5,opt,name=reason,proto3" json:"reason,omitempty"`
+	// How to reach the instance, when the plugin knows it without a
+	// ConnectInfo call (complete and final when set); unset otherwise.
+	ConnectInfo   *ConnectInfoResponse `protobuf:"bytes,6,opt,name=connect_info,json=connectInfo,proto3" json:"connect_info,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -646,6 +662,13 @@ func (x *Instance) GetReason() string {
 		return x.Reason
 	}
 	return ""
+}
+
+func (x *Instance) GetConnectInfo() *ConnectInfoResponse {
+	if x != nil {
+		return x.ConnectInfo
+	}
+	return nil
 }
 
 type ConnectInfoRequest struct {
@@ -1059,9 +1082,10 @@ const file_providerv1_provider_proto_rawDesc = "" +
 	"\x06labels\x18\x02 \x03(\v2-.mayfly.provider.v1.CreateRequest.LabelsEntryR\x06labels\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\"\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"^\n" +
 	"\x0eCreateResponse\x12\x10\n" +
-	"\x03ids\x18\x01 \x03(\tR\x03ids\"!\n" +
+	"\x03ids\x18\x01 \x03(\tR\x03ids\x12:\n" +
+	"\tinstances\x18\x02 \x03(\v2\x1c.mayfly.provider.v1.InstanceR\tinstances\"!\n" +
 	"\rDeleteRequest\x12\x10\n" +
 	"\x03ids\x18\x01 \x03(\tR\x03ids\"1\n" +
 	"\x0eDeleteResponse\x12\x1f\n" +
@@ -1069,13 +1093,14 @@ const file_providerv1_provider_proto_rawDesc = "" +
 	"deletedIds\"\r\n" +
 	"\vListRequest\"J\n" +
 	"\fListResponse\x12:\n" +
-	"\tinstances\x18\x01 \x03(\v2\x1c.mayfly.provider.v1.InstanceR\tinstances\"\x8c\x02\n" +
+	"\tinstances\x18\x01 \x03(\v2\x1c.mayfly.provider.v1.InstanceR\tinstances\"\xd8\x02\n" +
 	"\bInstance\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12/\n" +
 	"\x05state\x18\x02 \x01(\x0e2\x19.mayfly.provider.v1.StateR\x05state\x12@\n" +
 	"\x06labels\x18\x03 \x03(\v2(.mayfly.provider.v1.Instance.LabelsEntryR\x06labels\x12*\n" +
 	"\x11created_unix_nano\x18\x04 \x01(\x03R\x0fcreatedUnixNano\x12\x16\n" +
-	"\x06reason\x18\x05 \x01(\tR\x06reason\x1a9\n" +
+	"\x06reason\x18\x05 \x01(\tR\x06reason\x12J\n" +
+	"\fconnect_info\x18\x06 \x01(\v2'.mayfly.provider.v1.ConnectInfoResponseR\vconnectInfo\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"$\n" +
@@ -1175,30 +1200,32 @@ var file_providerv1_provider_proto_goTypes = []any{
 }
 var file_providerv1_provider_proto_depIdxs = []int32{
 	19, // 0: mayfly.provider.v1.CreateRequest.labels:type_name -> mayfly.provider.v1.CreateRequest.LabelsEntry
-	11, // 1: mayfly.provider.v1.ListResponse.instances:type_name -> mayfly.provider.v1.Instance
-	0,  // 2: mayfly.provider.v1.Instance.state:type_name -> mayfly.provider.v1.State
-	20, // 3: mayfly.provider.v1.Instance.labels:type_name -> mayfly.provider.v1.Instance.LabelsEntry
-	1,  // 4: mayfly.provider.v1.ConnectInfoResponse.protocol:type_name -> mayfly.provider.v1.Protocol
-	2,  // 5: mayfly.provider.v1.ErrorDetail.kind:type_name -> mayfly.provider.v1.ErrorKind
-	3,  // 6: mayfly.provider.v1.Provider.Init:input_type -> mayfly.provider.v1.InitRequest
-	5,  // 7: mayfly.provider.v1.Provider.Create:input_type -> mayfly.provider.v1.CreateRequest
-	7,  // 8: mayfly.provider.v1.Provider.Delete:input_type -> mayfly.provider.v1.DeleteRequest
-	9,  // 9: mayfly.provider.v1.Provider.List:input_type -> mayfly.provider.v1.ListRequest
-	12, // 10: mayfly.provider.v1.Provider.ConnectInfo:input_type -> mayfly.provider.v1.ConnectInfoRequest
-	14, // 11: mayfly.provider.v1.Provider.Heartbeat:input_type -> mayfly.provider.v1.HeartbeatRequest
-	16, // 12: mayfly.provider.v1.Provider.Shutdown:input_type -> mayfly.provider.v1.ShutdownRequest
-	4,  // 13: mayfly.provider.v1.Provider.Init:output_type -> mayfly.provider.v1.InitResponse
-	6,  // 14: mayfly.provider.v1.Provider.Create:output_type -> mayfly.provider.v1.CreateResponse
-	8,  // 15: mayfly.provider.v1.Provider.Delete:output_type -> mayfly.provider.v1.DeleteResponse
-	10, // 16: mayfly.provider.v1.Provider.List:output_type -> mayfly.provider.v1.ListResponse
-	13, // 17: mayfly.provider.v1.Provider.ConnectInfo:output_type -> mayfly.provider.v1.ConnectInfoResponse
-	15, // 18: mayfly.provider.v1.Provider.Heartbeat:output_type -> mayfly.provider.v1.HeartbeatResponse
-	17, // 19: mayfly.provider.v1.Provider.Shutdown:output_type -> mayfly.provider.v1.ShutdownResponse
-	13, // [13:20] is the sub-list for method output_type
-	6,  // [6:13] is the sub-list for method input_type
-	6,  // [6:6] is the sub-list for extension type_name
-	6,  // [6:6] is the sub-list for extension extendee
-	0,  // [0:6] is the sub-list for field type_name
+	11, // 1: mayfly.provider.v1.CreateResponse.instances:type_name -> mayfly.provider.v1.Instance
+	11, // 2: mayfly.provider.v1.ListResponse.instances:type_name -> mayfly.provider.v1.Instance
+	0,  // 3: mayfly.provider.v1.Instance.state:type_name -> mayfly.provider.v1.State
+	20, // 4: mayfly.provider.v1.Instance.labels:type_name -> mayfly.provider.v1.Instance.LabelsEntry
+	13, // 5: mayfly.provider.v1.Instance.connect_info:type_name -> mayfly.provider.v1.ConnectInfoResponse
+	1,  // 6: mayfly.provider.v1.ConnectInfoResponse.protocol:type_name -> mayfly.provider.v1.Protocol
+	2,  // 7: mayfly.provider.v1.ErrorDetail.kind:type_name -> mayfly.provider.v1.ErrorKind
+	3,  // 8: mayfly.provider.v1.Provider.Init:input_type -> mayfly.provider.v1.InitRequest
+	5,  // 9: mayfly.provider.v1.Provider.Create:input_type -> mayfly.provider.v1.CreateRequest
+	7,  // 10: mayfly.provider.v1.Provider.Delete:input_type -> mayfly.provider.v1.DeleteRequest
+	9,  // 11: mayfly.provider.v1.Provider.List:input_type -> mayfly.provider.v1.ListRequest
+	12, // 12: mayfly.provider.v1.Provider.ConnectInfo:input_type -> mayfly.provider.v1.ConnectInfoRequest
+	14, // 13: mayfly.provider.v1.Provider.Heartbeat:input_type -> mayfly.provider.v1.HeartbeatRequest
+	16, // 14: mayfly.provider.v1.Provider.Shutdown:input_type -> mayfly.provider.v1.ShutdownRequest
+	4,  // 15: mayfly.provider.v1.Provider.Init:output_type -> mayfly.provider.v1.InitResponse
+	6,  // 16: mayfly.provider.v1.Provider.Create:output_type -> mayfly.provider.v1.CreateResponse
+	8,  // 17: mayfly.provider.v1.Provider.Delete:output_type -> mayfly.provider.v1.DeleteResponse
+	10, // 18: mayfly.provider.v1.Provider.List:output_type -> mayfly.provider.v1.ListResponse
+	13, // 19: mayfly.provider.v1.Provider.ConnectInfo:output_type -> mayfly.provider.v1.ConnectInfoResponse
+	15, // 20: mayfly.provider.v1.Provider.Heartbeat:output_type -> mayfly.provider.v1.HeartbeatResponse
+	17, // 21: mayfly.provider.v1.Provider.Shutdown:output_type -> mayfly.provider.v1.ShutdownResponse
+	15, // [15:22] is the sub-list for method output_type
+	8,  // [8:15] is the sub-list for method input_type
+	8,  // [8:8] is the sub-list for extension type_name
+	8,  // [8:8] is the sub-list for extension extendee
+	0,  // [0:8] is the sub-list for field type_name
 }
 
 func init() { file_providerv1_provider_proto_init() }

@@ -1,6 +1,7 @@
 // Command mayfly-plugin-fake serves the in-memory fake provider as a plugin
 // process, for tests of the plugin host and the conformance kit. Give it a
-// "state_dir" setting to keep its instances across restarts.
+// "state_dir" setting to keep its instances across restarts, and a
+// "launch" setting to return connect info with Create.
 package main
 
 import (
@@ -17,5 +18,5 @@ func main() {
 		fmt.Fprintln(os.Stderr, "mayfly-plugin-fake:", err)
 		os.Exit(1)
 	}
-	sdk.Serve(f)
+	sdk.Serve(fake.Launching{Fake: f})
 }
