@@ -189,6 +189,39 @@ func TestBatchedCalls(t *testing.T) {
 	}
 }
 
+// TestDeleteWindowYieldsToMaxInstances: instances being deleted count
+// toward MaxInstances, so a deletion waiting in DeleteBatchWindow for
+// others to join its call goes out at once when creation is held at the
+// cap; without that, the pool stayed empty for the whole window (the
+// warm-start benchmark's 20 quick jobs waited 3s at max_instances = 10).
+func TestDeleteWindowYieldsToMaxInstances(t *testing.T) {
+	for _, max := range []int{2, 0} {
+		h := newHarness(t, Config{
+			Schedule:          idlePolicy(schedule.Policy{IdleCount: 2, IdleTime: time.Hour}),
+			Limits:            Limits{MaxInstances: max},
+			DeleteBatchWindow: 5 * time.Second,
+		}, fake.Options{})
+		h.start()
+		h.until(time.Minute, time.Second, "2 idle", func() bool { return h.f.Available() == 2 })
+		a, b := h.acquire(), h.acquire()
+		deletes := len(h.prov.callsOf(OpDelete))
+		a.Release(JobSucceeded)
+		b.Release(JobSucceeded)
+		h.settle()
+		h.advance(time.Second, time.Second) // well within the window
+		got := len(h.prov.callsOf(OpDelete)) - deletes
+		switch {
+		case max > 0 && got != 1:
+			t.Errorf("max_instances %d reached by 2 deleting: %d Delete calls within 1s, want 1 at once", max, got)
+		case max > 0 && h.f.Available() != 2:
+			t.Errorf("max_instances %d: pool %d after the deletion, want it refilled to 2", max, h.f.Available())
+		case max == 0 && got != 0:
+			t.Errorf("no cap: %d Delete calls within 1s, want the window kept (0)", got)
+		}
+		h.stop()
+	}
+}
+
 // TestWaitingJobsDoNotWaitForTheBatchWindow: jobs waiting for an instance
 // on an empty fleet are created for within waitingCreateWindow, in one
 // call when their requests follow each other at once; the full

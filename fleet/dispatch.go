@@ -53,8 +53,11 @@ func (f *Fleet) create(ctx context.Context, n int) {
 // due, and reports the next due time through at. A new deletion is due
 // DeleteBatchWindow after it was decided; the call then takes every
 // deletion not backing off from a failure, due or not, so that instances
-// deleted close together cost one call.
-func (f *Fleet) dispatchDeletesLocked(ctx context.Context, now time.Time, at func(time.Time)) {
+// deleted close together cost one call. When roomWanted (creation is held
+// at MaxInstances, which counts instances being deleted), a deletion
+// waiting only for others to join its call is due at once: the window
+// spares API calls, it must not keep a job from an instance.
+func (f *Fleet) dispatchDeletesLocked(ctx context.Context, now time.Time, at func(time.Time), roomWanted bool) {
 	if f.counts[StateDeleting] == 0 {
 		return
 	}
@@ -65,7 +68,7 @@ func (f *Fleet) dispatchDeletesLocked(ctx context.Context, now time.Time, at fun
 		if in.state != StateDeleting || in.delInFlight {
 			continue
 		}
-		if !now.Before(in.delNext) {
+		if !now.Before(in.delNext) || (roomWanted && in.delFailures == 0) {
 			due = true
 		} else if next.IsZero() || in.delNext.Before(next) {
 			next = in.delNext

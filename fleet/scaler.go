@@ -79,7 +79,7 @@ func (f *Fleet) pass(ctx context.Context) time.Time {
 		f.creating++
 		f.spawn(func() { f.create(ctx, n) })
 	}
-	f.dispatchDeletesLocked(ctx, now, at)
+	f.dispatchDeletesLocked(ctx, now, at, plan.Held == HeldMaxInstances)
 	f.compactIdleLocked()
 	f.lastPlan = plan
 	at(f.nextListLocked())
