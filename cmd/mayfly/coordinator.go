@@ -52,6 +52,7 @@ func runCoordinatorContext(ctx context.Context, args []string, stdout, stderr io
 	anonPull := fs.Bool("registry-anonymous-pull", false, "let the registry serve pulls without credentials")
 	maxArtifact := fs.Int64("max-artifact-bytes", coordinator.DefaultMaxArtifactBytes, "largest artifact file a job may upload (stored under --state-dir)")
 	longPoll := fs.Duration("long-poll", 0, "hold job requests this long while no job is queued (0 = off)")
+	stuckTimeout := fs.Duration("stuck-job-timeout", coordinator.DefaultStuckJobTimeout, "fail a running job no runner call (trace upload, running update) touched for this long with stuck_or_timeout_failure, as GitLab's stuck-job clean-up (0 = never)")
 	exitWhenDone := fs.Bool("exit-when-done", false, "exit once every enqueued job has finished")
 	progress := fs.Bool("progress", false, "print each job's outcome as it finishes, the queue, and a summary at exit")
 	fs.Usage = func() {
@@ -100,6 +101,13 @@ func runCoordinatorContext(ctx context.Context, args []string, stdout, stderr io
 		StateDir:          state,
 		PushToken:         *pushToken,
 		MaxArtifactBytes:  *maxArtifact,
+		StuckJobTimeout:   *stuckTimeout,
+	}
+	if *stuckTimeout == 0 {
+		cfg.StuckJobTimeout = -1
+	} else if *stuckTimeout < 0 {
+		fmt.Fprintf(stderr, "mayfly coordinator: --stuck-job-timeout %s: must not be negative (0 turns the clean-up off)\n", *stuckTimeout)
+		return 2
 	}
 	if *withRegistry {
 		cfg.Registry = &coordinator.RegistryConfig{MaxBytes: *registryMax, AnonymousPull: *anonPull}

@@ -462,6 +462,7 @@ func (s *Server) appendTrace(id int64, token, contentRange string, body []byte) 
 	default:
 		// The end the server computes is start+len(body), whatever the header says.
 		j.trace = append(j.trace, body...)
+		s.touch(j, now) // GitLab touches the job after a trace write
 		rp = &reply{status: http.StatusAccepted}
 	}
 	patch.Status = rp.status
@@ -523,6 +524,7 @@ func (s *Server) updateJob(id int64, req *runnerapi.UpdateJobRequest) *reply {
 	j.lastSeenAt = now
 	switch req.State {
 	case runnerapi.StateRunning:
+		s.touch(j, now)
 		rp = message(http.StatusOK, "200")
 		if j.status == StatusCanceling {
 			rp.set(runnerapi.HeaderJobStatus, j.status)

@@ -38,6 +38,10 @@
 // with run_untagged, nothing while paused; a locked project runner cannot be
 // enabled for other projects.
 //
+// A running job no runner call touched for Config.StuckJobTimeout (default
+// 1 hour) fails with stuck_or_timeout_failure, as GitLab's stuck-job
+// clean-up fails it (DropStuckJobs, run by Serve or RunStuckJobSweep).
+//
 // Everything a runner sends is recorded per job (trace bytes, every trace
 // patch and update, refused ones included with the status and reason, final
 // state, failure reason, exit code, timestamps) and

@@ -291,6 +291,9 @@ type job struct {
 	droppedCalls  int // patches and updates beyond maxRecordedCalls
 
 	createdAt, queuedAt, startedAt, finishedAt, lastSeenAt time.Time
+	// touchedAt is GitLab's updated_at as the stuck-job clean-up reads it:
+	// set when the job is taken, moved by runner calls (Server.touch).
+	touchedAt time.Time
 }
 
 func (j *job) processing() bool {

@@ -248,6 +248,7 @@ func (s *Server) assign(j *job, r *runner) {
 	j.runner = r
 	j.startedAt = now
 	j.lastSeenAt = now
+	j.touchedAt = now
 	j.runnerTimeout = j.timeout
 	if r.maximumTimeout > 0 && r.maximumTimeout < j.runnerTimeout {
 		j.runnerTimeout = r.maximumTimeout

@@ -78,7 +78,17 @@ type Config struct {
 	// CI_REGISTRY, CI_REGISTRY_IMAGE, CI_REGISTRY_USER, CI_REGISTRY_PASSWORD
 	// and registry credentials in every payload. Needs StateDir.
 	Registry *RegistryConfig
-	// Now is the clock (job timestamps, time_in_queue_seconds). Default time.Now.
+	// StuckJobTimeout fails a running job no runner call touched for this
+	// long with stuck_or_timeout_failure, as GitLab's stuck-job clean-up
+	// does (see DropStuckJobs). Default DefaultStuckJobTimeout (GitLab's
+	// 1 hour); negative turns the clean-up off.
+	StuckJobTimeout time.Duration
+	// StuckJobTouch is how old a job's updated_at must be before a runner
+	// call moves it (GitLab's needs_touch?: 15 minutes). Default a quarter
+	// of StuckJobTimeout; negative: every call moves it.
+	StuckJobTouch time.Duration
+	// Now is the clock (job timestamps, time_in_queue_seconds, the
+	// stuck-job clean-up). Default time.Now.
 	Now func() time.Time
 	// Logger receives structured logs. Default slog.Default().
 	Logger *slog.Logger
@@ -95,6 +105,10 @@ type Server struct {
 	mux      *http.ServeMux
 	held     atomic.Int64       // job requests held in a long poll right now
 	registry *registry.Registry // the container registry under /v2/; nil when not served
+
+	stuckTimeout time.Duration // 0: the stuck-job clean-up is off
+	stuckTouch   time.Duration
+	stuckSweep   time.Duration
 
 	mu              sync.Mutex
 	faults          []*fault // armed by InjectFault
@@ -133,6 +147,9 @@ func New(cfg Config) (*Server, error) {
 			return nil, &FieldError{Source: "config", Field: "ExternalURL", Msg: fmt.Sprintf("%q is not an http(s) URL", cfg.ExternalURL)}
 		}
 		cfg.ExternalURL = strings.TrimRight(cfg.ExternalURL, "/")
+	}
+	if cfg.StuckJobTimeout > 0 && cfg.StuckJobTouch >= cfg.StuckJobTimeout {
+		return nil, &FieldError{Source: "config", Field: "StuckJobTouch", Msg: fmt.Sprintf("must be shorter than StuckJobTimeout (%s), got %s", cfg.StuckJobTimeout, cfg.StuckJobTouch)}
 	}
 	if cfg.TraceUpdateInterval == 0 {
 		cfg.TraceUpdateInterval = DefaultTraceUpdateInterval
@@ -183,6 +200,7 @@ func New(cfg Config) (*Server, error) {
 		queueChanged:    make(chan struct{}),
 		stateChanged:    make(chan struct{}),
 	}
+	s.stuckTimeout, s.stuckTouch, s.stuckSweep = stuckSettings(cfg)
 	if cfg.Registry != nil {
 		if err := s.openRegistry(); err != nil {
 			return nil, err
@@ -227,6 +245,10 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	}
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
+	sweepCtx, stopSweep := context.WithCancel(ctx)
+	sweepDone := make(chan struct{})
+	go func() { defer close(sweepDone); s.RunStuckJobSweep(sweepCtx) }()
+	defer func() { stopSweep(); <-sweepDone }()
 	s.log.Info("coordinator listening", "addr", ln.Addr().String())
 	select {
 	case err := <-errc:
