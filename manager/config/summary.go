@@ -8,6 +8,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/mayfly-ci/mayfly/manager/helper"
 	"github.com/mayfly-ci/mayfly/providers"
 	"github.com/mayfly-ci/mayfly/schedule"
 )
@@ -32,6 +33,7 @@ func WriteSummary(w io.Writer, cfg *Config, now time.Time) error {
 		p("  jobs\t%s, hard timeout %s\n", limitText(r.Limit, "jobs"), r.MaxJobTimeout)
 		p("  images\t%s\n", dockerText(r.Docker))
 		p("  on demand\t%s\n", onDemandText(f))
+		p("  GitLab away\t%s\n", gitlabAwayText())
 		p("  provider list\t%s\n", listText(f))
 		p("  connector\t%s over %s, %s/%s, connect timeout %s\n", userText(f.Connector.Username), f.Connector.Protocol, f.Connector.OS, f.Connector.Arch, f.Connector.Timeout)
 		pol, idx := f.Schedule.At(now)
@@ -79,6 +81,13 @@ func onDemandText(f Fleet) string {
 		return "off: a job is taken only for an idle VM (always on demand while IdleCount is 0)"
 	}
 	return fmt.Sprintf("on: when no VM is idle a job is taken and a VM created for it, whatever the boot time; at max instances, max growth rate or in a creation backoff, only for a VM expected within %s (mayfly; gitlab-runner waits for an idle VM unless IdleCount is 0)", f.OnDemandWithin)
+}
+
+// gitlabAwayText says how a job's artifact transfers ride out GitLab
+// being away, and how that differs from gitlab-runner.
+func gitlabAwayText() string {
+	return fmt.Sprintf("artifact uploads and downloads retry 5xx, 429, 408 and connections refused or cut for %s, pausing 1 s doubling to %s or as Retry-After says; 403 and 413 fail at once (mayfly; gitlab-runner's helper gives up after 6 tries on 503, 3 on other errors, 1 to 5 s apart, so a minute of 503s fails jobs whose script passed)",
+		helper.GitLabRetryBudget, helper.GitLabMaxRetryWait)
 }
 
 // listText says how often the fleet reads the provider's list, which is

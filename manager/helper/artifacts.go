@@ -16,11 +16,11 @@ import (
 	"github.com/mayfly-ci/mayfly/manager/helper/archive"
 )
 
-// Tries of an artifacts transfer, as gitlab-runner's helper makes them: 3,
-// or 6 while GitLab answers 503.
+// Tries of an artifacts transfer on answers that are not transient (as
+// gitlab-runner's helper makes them: 3); transient ones (GitLab away) are
+// retried for a time budget instead, see gitlabRetry.
 const (
 	artifactTries            = 3
-	serviceUnavailableTries  = 6
 	defaultArtifactsBaseName = "artifacts"
 )
 
@@ -75,7 +75,6 @@ func runArtifactsUploader(ctx context.Context, c *cli, args []string) error {
 		name, expireIn, format   string
 		typ                      string
 		level                    = int(archive.LevelDefault)
-		tries, unavailableTries  = artifactTries, serviceUnavailableTries
 		maxRedirectsBeforeFailed = 3
 	)
 	job.register(c, fs)
@@ -123,47 +122,50 @@ func runArtifactsUploader(ctx context.Context, c *cli, args []string) error {
 	q.Set("artifact_type", typ)
 	endpoint := fmt.Sprintf("%s/jobs/%d/artifacts?%s", base, job.id, q.Encode())
 	redirects := 0
-	attempt := 0
-	for {
-		attempt++
-		status, location, err := uploadOnce(ctx, client, endpoint, job.token, filename, format, wd, entries, archive.CompressionLevel(level))
-		switch {
-		case err == nil && status == http.StatusCreated:
-			c.logf("Uploading artifacts as %q to coordinator... 201 Created  id=%d responseStatus=201 Created", typ, job.id)
-			return nil
-		case err == nil && status == http.StatusTemporaryRedirect && location != "" && redirects < maxRedirectsBeforeFailed:
-			// GitLab asks to send it elsewhere: same path on that host.
-			redirects++
-			nu, perr := url.Parse(location)
-			if perr != nil {
-				return fmt.Errorf("upload redirected to an invalid location %q", location)
+	what := fmt.Sprintf("Uploading artifacts as %q to coordinator", typ)
+	err = gitlabRetry(ctx, c, what, artifactTries, func(int) error {
+		for {
+			status, location, header, err := uploadOnce(ctx, client, endpoint, job.token, filename, format, wd, entries, archive.CompressionLevel(level))
+			var aerr archiveError
+			switch {
+			case errors.Is(err, archive.ErrTooManyRawFiles):
+				return err
+			case errors.As(err, &aerr):
+				return retryable{err}
+			case err != nil:
+				// No answer: GitLab is down, restarting or out of reach.
+				return transient{err: err}
+			case status == http.StatusCreated:
+				c.logf("Uploading artifacts as %q to coordinator... 201 Created  id=%d responseStatus=201 Created", typ, job.id)
+				return nil
+			case status == http.StatusTemporaryRedirect && location != "" && redirects < maxRedirectsBeforeFailed:
+				// GitLab asks to send it elsewhere: same path on that host.
+				redirects++
+				nu, perr := url.Parse(location)
+				if perr != nil {
+					return fmt.Errorf("upload redirected to an invalid location %q", location)
+				}
+				eu, _ := url.Parse(endpoint)
+				eu.Scheme, eu.Host = nu.Scheme, nu.Host
+				endpoint = eu.String()
+				c.logf("Upload request redirected to %s", cleanURL(endpoint))
+				continue
+			case status == http.StatusForbidden:
+				return errors.New("403 Forbidden (is the job still running?)")
+			case status == http.StatusRequestEntityTooLarge:
+				return errors.New("413 Request Entity Too Large: the archive is larger than GitLab allows")
 			}
-			eu, _ := url.Parse(endpoint)
-			eu.Scheme, eu.Host = nu.Scheme, nu.Host
-			endpoint = eu.String()
-			c.logf("Upload request redirected to %s", cleanURL(endpoint))
-			continue
-		case err == nil && status == http.StatusForbidden:
-			return fmt.Errorf("uploading artifacts as %q to coordinator... 403 Forbidden (is the job still running?)", typ)
-		case err == nil && status == http.StatusRequestEntityTooLarge:
-			return fmt.Errorf("uploading artifacts as %q to coordinator... 413 Request Entity Too Large: the archive is larger than GitLab allows", typ)
+			serr := fmt.Errorf("%d %s", status, http.StatusText(status))
+			if isTransient(status) {
+				return transient{err: serr, after: retryAfter(header.Get("Retry-After"), time.Now())}
+			}
+			return retryable{serr}
 		}
-		limit := tries
-		if err == nil && status == http.StatusServiceUnavailable {
-			limit = unavailableTries
-		}
-		if err == nil {
-			err = fmt.Errorf("%d %s", status, http.StatusText(status))
-		}
-		if ctx.Err() != nil || attempt >= limit || errors.Is(err, archive.ErrTooManyRawFiles) {
-			return fmt.Errorf("uploading artifacts as %q to coordinator... %w", typ, err)
-		}
-		wait := min(c.retryWait<<(attempt-1), maxRetryWait)
-		c.logf("WARNING: Uploading artifacts as %q to coordinator... failed: %v; retrying in %s (attempt %d)", typ, err, wait, attempt+1)
-		if err := sleepCtx(ctx, wait); err != nil {
-			return err
-		}
+	})
+	if err != nil {
+		return fmt.Errorf("uploading artifacts as %q to coordinator... %w", typ, err)
 	}
+	return nil
 }
 
 // artifactFilename is the file name GitLab gets: name (its base) with the
@@ -184,7 +186,7 @@ func artifactFilename(name, format string) string {
 
 // uploadOnce streams one multipart upload: the archive is written into the
 // request body as it is sent, never held whole.
-func uploadOnce(ctx context.Context, client *http.Client, endpoint, token, filename, format, dir string, entries []archive.Entry, level archive.CompressionLevel) (status int, location string, err error) {
+func uploadOnce(ctx context.Context, client *http.Client, endpoint, token, filename, format, dir string, entries []archive.Entry, level archive.CompressionLevel) (status int, location string, header http.Header, err error) {
 	pr, pw := io.Pipe()
 	mw := multipart.NewWriter(pw)
 	done := make(chan error, 1)
@@ -203,7 +205,7 @@ func uploadOnce(ctx context.Context, client *http.Client, endpoint, token, filen
 	if err != nil {
 		pr.CloseWithError(err)
 		<-done
-		return 0, "", err
+		return 0, "", nil, archiveError{err}
 	}
 	req.Header.Set("Content-Type", mw.FormDataContentType())
 	req.Header.Set("JOB-TOKEN", token)
@@ -214,20 +216,27 @@ func uploadOnce(ctx context.Context, client *http.Client, endpoint, token, filen
 	werr := <-done
 	if err != nil {
 		if werr != nil && !strings.Contains(werr.Error(), "request ended") {
-			return 0, "", fmt.Errorf("archive: %w", werr)
+			return 0, "", nil, archiveError{werr}
 		}
-		return 0, "", err
+		return 0, "", nil, err
 	}
 	defer resp.Body.Close()
 	if werr != nil && resp.StatusCode == http.StatusCreated {
-		return 0, "", fmt.Errorf("archive: %w", werr)
+		return 0, "", nil, archiveError{werr}
 	}
 	if resp.StatusCode != http.StatusCreated && resp.StatusCode != http.StatusTemporaryRedirect {
-		return resp.StatusCode, "", nil
+		return resp.StatusCode, "", resp.Header, nil
 	}
 	io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20))
-	return resp.StatusCode, resp.Header.Get("Location"), nil
+	return resp.StatusCode, resp.Header.Get("Location"), resp.Header, nil
 }
+
+// archiveError is a failure to write the archive (a file unreadable, the
+// request not made), not of GitLab.
+type archiveError struct{ err error }
+
+func (e archiveError) Error() string { return "archive: " + e.err.Error() }
+func (e archiveError) Unwrap() error { return e.err }
 
 func runArtifactsDownloader(ctx context.Context, c *cli, args []string) error {
 	fs := newFlags(c, "artifacts-downloader")
@@ -249,11 +258,16 @@ func runArtifactsDownloader(ctx context.Context, c *cli, args []string) error {
 	client := newHTTPClient()
 	endpoint := fmt.Sprintf("%s/jobs/%d/artifacts", base, job.id)
 	var file *os.File
-	err = withRetries(ctx, c, "Downloading artifacts from coordinator", artifactTries, func(int) error {
+	err = gitlabRetry(ctx, c, "Downloading artifacts from coordinator", artifactTries, func(int) error {
 		f, found, resp, err := download(ctx, client, endpoint, http.Header{"Job-Token": {job.token}, "User-Agent": {"mayfly-helper " + version()}}, tempDir(c.env))
 		switch {
 		case err != nil && resp != nil && resp.StatusCode == http.StatusForbidden:
 			return fmt.Errorf("downloading artifacts from coordinator... forbidden: %v", err)
+		case err != nil && resp != nil && isTransient(resp.StatusCode):
+			return transientStatus(resp, err, time.Now())
+		case err != nil && errors.As(err, new(retryable)):
+			// No answer, or the body cut: GitLab is down, restarting or out of reach.
+			return transient{err: err}
 		case err != nil:
 			return err
 		case !found:

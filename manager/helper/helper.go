@@ -92,6 +92,10 @@ type cli struct {
 	env            Env
 	// retryWait is the first pause between retries (doubled each time).
 	retryWait time.Duration
+	// retryBudget bounds the retries of a call to GitLab while it is away
+	// (0: GitLabRetryBudget); retryMaxWait caps one pause (0:
+	// GitLabMaxRetryWait).
+	retryBudget, retryMaxWait time.Duration
 }
 
 func (c *cli) logf(format string, args ...any) {
