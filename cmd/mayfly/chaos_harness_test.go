@@ -48,12 +48,21 @@ type chaosCoordinator struct {
 	serveClosed  chan struct{}
 }
 
-func startChaosCoordinator(t testing.TB, token string, projects []string, slow time.Duration) *chaosCoordinator {
+// startChaosCoordinator starts the trial's coordinator. Its stuck-job
+// clean-up fails a running job no runner call touched for
+// stuck (every applied call touches: stricter than GitLab's 15-minute
+// granularity, never kinder to a live manager).
+func startChaosCoordinator(t testing.TB, token string, projects []string, slow, stuck time.Duration) *chaosCoordinator {
 	t.Helper()
-	srv, err := coordinator.New(coordinator.Config{Logger: slog.New(slog.DiscardHandler), TraceUpdateInterval: time.Second, StateDir: t.TempDir()})
+	srv, err := coordinator.New(coordinator.Config{Logger: slog.New(slog.DiscardHandler), TraceUpdateInterval: time.Second, StateDir: t.TempDir(),
+		StuckJobTimeout: stuck, StuckJobTouch: -1})
 	if err != nil {
 		t.Fatal(err)
 	}
+	sweepCtx, stopSweep := context.WithCancel(context.Background())
+	sweepDone := make(chan struct{})
+	go func() { defer close(sweepDone); srv.RunStuckJobSweep(sweepCtx) }()
+	t.Cleanup(func() { stopSweep(); <-sweepDone })
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

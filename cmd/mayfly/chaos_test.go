@@ -27,9 +27,12 @@ import (
 // caller, preemptions), every SSH connection severed now and then, or
 // GitLab answering 503 to everything for -chaos.outage. "pickup" counts
 // jobs GitLab handed out as the manager was killed, before their journal
-// reached the disk: the runner API leaves nothing to finish those with
-// (GitLab fails them as stuck), so they are shown apart from "stuck",
-// which must stay 0. `make test` runs a few seeded trials; `make chaos`
+// reached the disk: the runner API leaves nothing to finish those with,
+// and the coordinator's stuck-job clean-up fails them as GitLab's does
+// (stuck_or_timeout_failure, after -chaos.stuck without a runner call
+// instead of GitLab's hour); a job a live manager ran that the clean-up
+// failed counts as wrong. "stuck" counts jobs that never ended and must
+// stay 0. `make test` runs a few seeded trials; `make chaos`
 // runs the long suite:
 //
 //	go test -run '^TestChaos$' -v ./cmd/mayfly/ -args -chaos.fake=100 -chaos.qemu=10 -chaos.parallel=4 -chaos.outage=1m
@@ -41,6 +44,7 @@ var (
 	chaosQEMUPar    = flag.Int("chaos.qemu-parallel", 1, "qemu chaos trials run at once (each boots its own VMs)")
 	chaosMinTrue    = flag.Float64("chaos.min-true", 95, "per cent of the jobs running at a kill that must end with their true result")
 	chaosOutage     = flag.Duration("chaos.outage", 5*time.Second, "how long the coordinator answers 503 in a coordinator_5xx trial")
+	chaosStuck      = flag.Duration("chaos.stuck", 75*time.Second, "the coordinator's stuck-job timeout (coordinator_5xx trials: plus the outage and 60 s of client backoff); must outlast any silence of a live manager")
 )
 
 var (
@@ -280,9 +284,11 @@ func printChaosTable(t *testing.T, rows []chaosRow) {
 	}
 	fmt.Fprintf(&b, "true: jobs ended with the result their script decided; run@kill: running in GitLab at the manager's kill;\n"+
 		"true%%: of those the killed manager had journaled (all but pickup and gl503), ended true (the check: at least -chaos.min-true); true%%+p: of all, pickup included;\n"+
-		"rsf: failed cleanly with runner_system_failure and a reason; gl503: failed as GitLab's outage refused their artifacts past the helper's retries\n"+
-		"(gitlab-runner's: 6 tries, ~31 s; left out of true%%); faults: faults injected (plugin kills, provider faults, SSH connections cut, 503s);\n"+
-		"resumed: jobs the restarted manager resumed from their journal; pickup: handed out by GitLab as the manager was killed, before their journal was written.\n")
+		"rsf: failed cleanly with runner_system_failure and a reason; gl503: failed as GitLab's outage refused their artifacts past the helper's retry budget\n"+
+		"(5 min; gitlab-runner's helper: 6 tries, 1-5 s apart; left out of true%%); faults: faults injected (plugin kills, provider faults, SSH connections cut, 503s);\n"+
+		"resumed: jobs the restarted manager resumed from their journal; pickup: handed out by GitLab as the manager was killed, before their journal was written,\n"+
+		"failed by GitLab's stuck-job clean-up (stuck_or_timeout_failure after %v without a runner call; coordinator_5xx trials %v); stuck: never ended.\n",
+		*chaosStuck, chaosStuckTimeout(faultCoordinator))
 	t.Log("\n" + b.String())
 	fmt.Print(b.String())
 }

@@ -149,6 +149,13 @@ func chaosProjects(t testing.TB, s *chaosSetup, dir string, jobs []chaosJob, mar
 
 // chaosConfig is the trial's config.toml.
 func chaosConfig(s *chaosSetup, url, token, dir string, proxyPort int, chaos string) string {
+	if s.provider == "qemu" {
+		// The builder the qemu end-to-end tests use; the connector's
+		// timeout (the boot watchdog) is the boot timeout, 150 s on a
+		// loaded machine, and no VM stays idle.
+		return qemuConfig(s.jobs, "info", filepath.Join(dir, "provider"), s.cacheDir, qemuRunner{
+			name: "chaos", url: url, token: token, memoryMB: 256, maxInstances: s.jobs, bootTimeout: "150s", idleTime: "0s"})
+	}
 	head := fmt.Sprintf(`concurrent = %d
 check_interval = 1
 log_level = "info"
@@ -161,9 +168,8 @@ log_format = "json"
   executor = "instance"
   shell = "sh"
 `, s.jobs, url, token)
-	if s.provider == "fake" {
-		host, port := "127.0.0.1", strconv.Itoa(proxyPort)
-		return head + fmt.Sprintf(`  builds_dir = %q
+	host, port := "127.0.0.1", strconv.Itoa(proxyPort)
+	return head + fmt.Sprintf(`  builds_dir = %q
   [runners.autoscaler]
     plugin = "fake"
     max_instances = %d
@@ -185,24 +191,6 @@ log_format = "json"
     [[runners.autoscaler.policy]]
       idle_count = 0
 `, filepath.Join(dir, "builds"), s.jobs+1, filepath.Join(dir, "provider"), s.boot.String(), chaos, host, port, s.ssh.User, s.ssh.HostKey, s.ssh.ClientKeyPEM)
-	}
-	return head + fmt.Sprintf(`  builds_dir = "/builds"
-  [runners.autoscaler]
-    plugin = "qemu"
-    max_instances = %d
-    max_growth_rate = 2
-    delete_instances_on_shutdown = true
-    instance_ready_command = "test -d /proc"
-    [runners.autoscaler.plugin_config]
-      state_dir = %q
-      image_cache_dir = %q
-      memory_mb = 256
-      boot_timeout = "150s"
-    [runners.autoscaler.connector_config]
-      timeout = "2m"
-    [[runners.autoscaler.policy]]
-      idle_count = 0
-`, s.jobs, filepath.Join(dir, "provider"), s.cacheDir)
 }
 
 // instancesLeft returns the instances the provider still holds: those of
@@ -247,7 +235,8 @@ func runChaosTrial(t *testing.T, s *chaosSetup, seed uint64, index int, phase, f
 	}
 	token := fmt.Sprintf("chaos-%s-%d", s.provider, index)
 	slow := 1500 * time.Millisecond
-	c := startChaosCoordinator(t, token, chaosProjects(t, s, dir, jobs, marks), slow)
+	stuck := chaosStuckTimeout(fault)
+	c := startChaosCoordinator(t, token, chaosProjects(t, s, dir, jobs, marks), slow, stuck)
 	if phase == phaseFinalUpdate && rng.IntN(2) == 1 {
 		// GitLab refuses the first final updates too: the manager retries.
 		if err := c.srv.InjectFault(coordinator.Fault{Endpoint: coordinator.FaultUpdateJob, Status: 503, Times: 2}); err != nil {
@@ -272,7 +261,7 @@ func runChaosTrial(t *testing.T, s *chaosSetup, seed uint64, index int, phase, f
 	}
 	stateDir := filepath.Join(dir, "state")
 	id := fmt.Sprintf("chaos-%s-%d", s.provider, index)
-	within := s.within
+	within := s.within + stuck // a job lost at pick-up ends by the stuck-job clean-up
 	if fault == faultCoordinator {
 		within += *chaosOutage
 	}
@@ -378,22 +367,11 @@ func runChaosTrial(t *testing.T, s *chaosSetup, seed uint64, index int, phase, f
 		delays := append([]time.Duration{0}, seededDelays(rng, 1, 500*time.Millisecond, 6*time.Second)...)
 		drv.at(dctx, delays, func() int { return killPlugins(dctx, m2) })
 	}
-	// Done when every job ended, or those left are lost at pick-up: never
-	// journaled by either manager, no trace, and the restarted manager
-	// running for a while.
-	done := func() bool {
-		known := maps.Clone(journaledJobs(m1))
-		maps.Copy(known, journaledJobs(m2))
-		maps.Copy(known, resumedJobs(m2))
-		settled := time.Since(m2.started) > 30*time.Second
-		for _, j := range c.srv.Jobs() {
-			if !coordinator.IsFinal(j.Status) && (known[j.ID] || len(j.Trace) > 0 || !settled) {
-				return false
-			}
-		}
-		return len(c.srv.Jobs()) == len(jobs)
-	}
-	waitFor(ctx, done)
+	// Done when every job ended: those lost at pick-up too, failed by the
+	// coordinator's stuck-job clean-up (the instances go meanwhile). The
+	// coordinator says when, rather than being polled: the trials run side
+	// by side on few cores.
+	_ = c.srv.WaitAllFinished(ctx)
 	t.Logf("jobs done %v after the restart", time.Since(m2.started).Round(100*time.Millisecond))
 	res.injected = drv.stop()
 	switch fault {
@@ -442,21 +420,26 @@ func countJobs(res *trialResult, records []coordinator.JobRecord, want map[strin
 		tr := string(j.Trace)
 		w := want[j.Name]
 		if !coordinator.IsFinal(j.Status) {
-			if !journaled[j.ID] && len(tr) == 0 {
+			res.stuck++
+			res.problem("job %s (%d) never ended, %s:\n%s", j.Name, j.ID, j.Status, tr)
+			continue
+		}
+		if j.FailureReason == runnerapi.FailureStuckOrTimeout {
+			if !journaled[j.ID] && strings.HasPrefix(tr, stuckLinePrefix) {
 				// GitLab handed the job out as the manager was killed,
 				// before its journal reached the disk (the manager
 				// writes it first thing after reading the answer): the
-				// runner API leaves nothing to finish such a job with
-				// (GitLab fails it as stuck after an hour).
+				// runner API leaves nothing to finish such a job with,
+				// and GitLab's stuck-job clean-up fails it.
 				res.pickupLost++
 				if atKill[j.ID] {
 					res.pickupAtKill++
 				}
-				res.problem("job %s (%d) was handed out as the manager was killed, before its journal was written", j.Name, j.ID)
+				res.problem("job %s (%d) was handed out as the manager was killed, before its journal was written: failed by the stuck-job clean-up", j.Name, j.ID)
 				continue
 			}
-			res.stuck++
-			res.problem("job %s (%d) is stuck %s:\n%s", j.Name, j.ID, j.Status, tr)
+			res.wrong++
+			res.problem("job %s (%d), journaled %v, was failed by the stuck-job clean-up while a manager ran it:\n%s", j.Name, j.ID, journaled[j.ID], tr)
 			continue
 		}
 		wantStatus, wantReason := "success", ""
@@ -471,8 +454,8 @@ func countJobs(res *trialResult, records []coordinator.JobRecord, want map[strin
 			res.why[failureWhy(tr)]++
 		}
 		// GitLab's outage refused the artifacts of a script that succeeded,
-		// past the helper's retries (gitlab-runner's: 6 tries, about 31 s,
-		// while GitLab answers 503): the job fails, as with gitlab-runner.
+		// past the helper's retry budget (5 min; gitlab-runner's helper
+		// gives up after 6 tries while GitLab answers 503): the job fails.
 		refused := res.fault == faultCoordinator && w.exit == 0 && j.Status == "failed" && j.FailureReason == runnerapi.FailureScriptFailure &&
 			strings.Contains(tr, "\nchaos-script-end\n") && artifactsRefused.MatchString(tr)
 		switch {
@@ -586,6 +569,30 @@ func failureWhy(trace string) string {
 		why = why[:90] + "…"
 	}
 	return why
+}
+
+// stuckLinePrefix begins the trace of a job the coordinator's stuck-job
+// clean-up failed before any runner wrote to it.
+var stuckLinePrefix = "\nERROR: Job failed (stuck_or_timeout_failure): " + coordinator.StuckJobMessage
+
+// managerBackoffMax is the longest pause of the manager's GitLab client
+// after failed calls (manager/gitlab.Backoff's default cap, gitlab-runner's 60 s).
+const managerBackoffMax = 60 * time.Second
+
+// chaosStuckTimeout is the coordinator's stuck-job timeout in a trial with
+// fault: the longest a live manager can leave a running job untouched,
+// with room. A manager heartbeats a silent job after
+// gitlab.DefaultForceSendInterval (30 s); across a kill the silences of
+// both managers add up, plus the restart: -chaos.stuck (75 s) covers
+// 2 × 30 s + 15 s. An outage adds its length and the client's backoff
+// after it, so coordinator_5xx trials wait that much longer for a job lost
+// at pick-up; the others are not slowed by the outage's margin.
+func chaosStuckTimeout(fault string) time.Duration {
+	d := *chaosStuck
+	if fault == faultCoordinator {
+		d += *chaosOutage + managerBackoffMax
+	}
+	return d
 }
 
 var (

@@ -26,6 +26,8 @@ type qemuRunner struct {
 	// egressAllow are the host endpoints its VMs reach, each at
 	// 10.0.2.2:PORT.
 	egressAllow []string
+	// idleTime is the policy's idle_time; default "10m".
+	idleTime string
 	// extra is TOML at the end of the entry, e.g. [runners.cache].
 	extra string
 }
@@ -36,9 +38,12 @@ func qemuConfig(concurrent int, logLevel, stateDir, cacheDir string, runners ...
 	var b strings.Builder
 	fmt.Fprintf(&b, "concurrent = %d\ncheck_interval = 1\nlog_level = %q\nlog_format = \"json\"\n", concurrent, logLevel)
 	for _, r := range runners {
-		shell, boot := r.shell, r.bootTimeout
+		shell, boot, idleTime := r.shell, r.bootTimeout, r.idleTime
 		if shell == "" {
 			shell = "sh"
+		}
+		if idleTime == "" {
+			idleTime = "10m"
 		}
 		if boot == "" {
 			boot = "120s"
@@ -82,8 +87,8 @@ func qemuConfig(concurrent int, logLevel, stateDir, cacheDir string, runners ...
       timeout = %q
     [[runners.autoscaler.policy]]
       idle_count = %d
-      idle_time = "10m"
-%s`, boot, r.idle, r.extra)
+      idle_time = %q
+%s`, boot, r.idle, idleTime, r.extra)
 	}
 	return b.String()
 }

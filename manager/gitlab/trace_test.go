@@ -518,3 +518,38 @@ func TestOutputLimitCutsWholeCharacters(t *testing.T) {
 		})
 	}
 }
+
+// TestFinishRidesOutOutage: GitLab answering 503 to the trace and the
+// final update for two minutes (a restart, an outage) does not lose the
+// job: with the client's real backoff (up to 60 s) Finish keeps sending
+// within its 5-minute bound and reports the end once GitLab is back.
+func TestFinishRidesOutOutage(t *testing.T) {
+	g := newGitlabTrace(t)
+	c, clk := newTestClient(t, g.URL, nil)
+	back := clk.Now().Add(2 * time.Minute)
+	down := func() *reply {
+		if clk.Now().Before(back) {
+			return &reply{status: http.StatusServiceUnavailable}
+		}
+		return nil
+	}
+	g.onPatch = func(int, int, []byte) *reply { return down() }
+	g.onPut = func(int, runnerapi.UpdateJobRequest) reply {
+		if r := down(); r != nil {
+			return *r
+		}
+		return reply{status: http.StatusOK}
+	}
+	tr := startTrace(t, c, TraceOptions{Interval: time.Second})
+	_, _ = tr.Write([]byte("some output"))
+	if err := tr.Finish(context.Background(), runnerapi.StateSuccess, "", 0); err != nil {
+		t.Fatalf("Finish through a 2-minute outage: %v", err)
+	}
+	trace, _, puts := g.snapshot()
+	if string(trace) != "some output" || len(puts) == 0 || puts[len(puts)-1].State != runnerapi.StateSuccess {
+		t.Fatalf("trace %q, %d puts; want the whole trace and the final update", trace, len(puts))
+	}
+	if took := clk.Now().Sub(back.Add(-2 * time.Minute)); took < 2*time.Minute || took > 2*time.Minute+DefaultFinalUpdateTimeout {
+		t.Errorf("Finish ended %v after the outage began", took)
+	}
+}
