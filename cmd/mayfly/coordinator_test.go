@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -201,5 +202,51 @@ func TestCoordinatorAdminToken(t *testing.T) {
 	}
 	if code := get(token); code != http.StatusOK {
 		t.Errorf("admin API with the printed token: %d, want 200", code)
+	}
+}
+
+// TestCoordinatorStuckJobTimeout: `mayfly coordinator --stuck-job-timeout`
+// fails a job its runner went silent on with stuck_or_timeout_failure, and
+// refuses a negative timeout.
+func TestCoordinatorStuckJobTimeout(t *testing.T) {
+	if code := runCoordinatorContext(context.Background(), []string{"--listen", "127.0.0.1:0", "--stuck-job-timeout", "-1s"}, io.Discard, io.Discard); code != 2 {
+		t.Errorf("--stuck-job-timeout -1s: exit %d, want 2", code)
+	}
+	rc := runCoordinatorCmd(t, "--pipeline", "../../manager/coordinator/testdata/demo-pipeline.yaml",
+		"--runner-token", "stuck-test-token", "--registry=false", "--stuck-job-timeout", "1s")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := gitlab.New(gitlab.Config{URL: "http://" + rc.addr, Info: runnerapi.VersionInfo{Name: "mayfly-test"}, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := c.RequestJob(ctx, "stuck-test-token", gitlab.RequestOptions{})
+	if err != nil || res.Outcome != gitlab.JobReceived {
+		t.Fatalf("RequestJob: %+v, %v", res.Outcome, err)
+	}
+	// The runner says nothing more: the job is dropped within the timeout and a sweep.
+	var rec struct {
+		Status        string `json:"status"`
+		FailureReason string `json:"failure_reason"`
+		Trace         string `json:"trace"`
+	}
+	for rec.Status != coordinator.StatusFailed {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("job %d still %q", res.Job.ID, rec.Status)
+		case <-time.After(100 * time.Millisecond):
+		}
+		resp, err := http.Get(fmt.Sprintf("http://%s/-/mayfly/jobs/%d", rc.addr, res.Job.ID))
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = json.NewDecoder(resp.Body).Decode(&rec)
+		resp.Body.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if rec.FailureReason != runnerapi.FailureStuckOrTimeout || !strings.Contains(rec.Trace, coordinator.StuckJobMessage) {
+		t.Errorf("job %d failed with %q, trace %q; want %q and GitLab's line", res.Job.ID, rec.FailureReason, rec.Trace, runnerapi.FailureStuckOrTimeout)
 	}
 }
