@@ -59,9 +59,23 @@ func startChaosCoordinator(t testing.TB, token string, projects []string, slow, 
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The clean-up sweeps every second here (Serve's sweep runs every
+	// twelfth of the timeout): a job lost at pick-up ends soon after it.
 	sweepCtx, stopSweep := context.WithCancel(context.Background())
 	sweepDone := make(chan struct{})
-	go func() { defer close(sweepDone); srv.RunStuckJobSweep(sweepCtx) }()
+	go func() {
+		defer close(sweepDone)
+		tick := time.NewTicker(time.Second)
+		defer tick.Stop()
+		for {
+			select {
+			case <-sweepCtx.Done():
+				return
+			case <-tick.C:
+				srv.DropStuckJobs()
+			}
+		}
+	}()
 	t.Cleanup(func() { stopSweep(); <-sweepDone })
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

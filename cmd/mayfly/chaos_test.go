@@ -44,7 +44,7 @@ var (
 	chaosQEMUPar    = flag.Int("chaos.qemu-parallel", 1, "qemu chaos trials run at once (each boots its own VMs)")
 	chaosMinTrue    = flag.Float64("chaos.min-true", 95, "per cent of the jobs running at a kill that must end with their true result")
 	chaosOutage     = flag.Duration("chaos.outage", 5*time.Second, "how long the coordinator answers 503 in a coordinator_5xx trial")
-	chaosStuck      = flag.Duration("chaos.stuck", 75*time.Second, "the coordinator's stuck-job timeout (coordinator_5xx trials: plus the outage and 60 s of client backoff); must outlast any silence of a live manager")
+	chaosStuck      = flag.Duration("chaos.stuck", 75*time.Second, "the coordinator's stuck-job timeout (coordinator_5xx trials: at least 30 s + the outage + 60 s of client backoff + 15 s); must outlast any silence of a live manager")
 )
 
 var (

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/mayfly-ci/mayfly/manager/coordinator"
+	"github.com/mayfly-ci/mayfly/manager/gitlab"
 	"github.com/mayfly-ci/mayfly/manager/runnerapi"
 	"github.com/mayfly-ci/mayfly/providers/fake"
 	"github.com/mayfly-ci/mayfly/vmexec/sshtest"
@@ -584,13 +585,15 @@ const managerBackoffMax = 60 * time.Second
 // with room. A manager heartbeats a silent job after
 // gitlab.DefaultForceSendInterval (30 s); across a kill the silences of
 // both managers add up, plus the restart: -chaos.stuck (75 s) covers
-// 2 × 30 s + 15 s. An outage adds its length and the client's backoff
-// after it, so coordinator_5xx trials wait that much longer for a job lost
-// at pick-up; the others are not slowed by the outage's margin.
+// 2 × 30 s + 15 s. An outage that begins just before a heartbeat is due
+// adds its length and the client's backoff after it (up to 60 s), so
+// coordinator_5xx trials allow 30 s + the outage + 60 s + 15 s and wait
+// that much longer for a job lost at pick-up; the other trials are not
+// slowed by the outage's margin.
 func chaosStuckTimeout(fault string) time.Duration {
 	d := *chaosStuck
 	if fault == faultCoordinator {
-		d += *chaosOutage + managerBackoffMax
+		d = max(d, gitlab.DefaultForceSendInterval+*chaosOutage+managerBackoffMax+15*time.Second)
 	}
 	return d
 }
