@@ -12,11 +12,11 @@
 // stage and the chain of stages given in Stage.Then, and follows them all;
 // later Runs of the chained stages read what that session already follows.
 // On the machine only shell builtins run on that path, besides mkdir,
-// mkfifo, setsid, the stages' own commands, and cat while following: the
+// mkfifo, setsid, the stages' own commands, and dd while following: the
 // supervisor wakes the follower through a FIFO when a stage starts or
 // ends, so that the follower neither polls nor sleeps to see it.
 //
-// The runner needs sh, setsid, mkdir, mv, rm, rmdir, cat, sleep (with
+// The runner needs sh, setsid, mkdir, mv, rm, rmdir, sleep (with
 // fractions) and dd on the machine, and /proc: busybox is enough. Without
 // mkfifo it polls.
 package detach

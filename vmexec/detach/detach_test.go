@@ -537,3 +537,34 @@ func followsStage(proc, out string) bool {
 	target, err := os.Readlink(filepath.Join(proc, "fd", "3"))
 	return err == nil && target == out
 }
+
+// A stage's output reaches the follower byte for byte: large (more than
+// one read of the follower's copy), binary (NUL bytes, no final newline),
+// written while the follower reads it in timed wakes, and again from an
+// offset in the middle of it.
+func TestOutputIsByteExact(t *testing.T) {
+	eachServer(t, func(t *testing.T, srv *sshtest.Server) {
+		dir := filepath.Join(t.TempDir(), "job")
+		r := newRunner(t, dial(t, srv), dir, nil)
+		// 3 chunks of about 100 kB, each ending in NULs, 0.3 s apart, then
+		// a tail without a newline.
+		script := `s=x; for k in 1 2 3 4 5 6 7 8 9 10; do s=$s$s; done
+i=0; while [ $i -lt 3 ]; do
+	j=0; while [ $j -lt 100 ]; do printf '%s\n' "$s"; j=$((j+1)); done
+	printf 'chunk\000%d\000\n' $i; i=$((i+1)); sleep 0.3
+done; printf 'end'`
+		s := detach.Stage{ID: "00-big-1", Script: script}
+		code, out := run(t, r, s)
+		file, err := os.ReadFile(filepath.Join(dir, "s", "00-big-1.out"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if code != 0 || out != string(file) || len(file) < 300000 || !strings.Contains(out, "chunk\x002\x00\n") || !strings.HasSuffix(out, "end") {
+			t.Fatalf("code %d, %d bytes followed, %d in the file; want them equal, with NULs and the tail", code, len(out), len(file))
+		}
+		s.From = 150001
+		if code, out := run(t, r, s); code != 0 || out != string(file[150001:]) {
+			t.Errorf("from 150001: code %d, %d bytes, want %d", code, len(out), len(file)-150001)
+		}
+	})
+}
