@@ -54,7 +54,7 @@ bench: setup build
 		$(BIN)/mayfly simulate --config testdata/hosted-gcp-linux.toml --trace testdata/traces/$$t.csv 2>/dev/null | sed -n '1,6p'; echo; done
 	@$(BIN)/mayfly simulate --config testdata/gce-windows.toml --trace testdata/traces/weekly-windows.csv 2>/dev/null | sed -n '1,6p'; echo
 	$(GO) test -run '^$$' -bench '^BenchmarkCompare$$' -benchtime 1x -timeout 4h ./fleet/sim/ -args -compare.shapes=all -compare.seeds=3
-	$(GO) test -run '^$$' -bench . -skip '^BenchmarkCompare$$' -benchmem -benchtime 1x ./cmd/... ./fleet/... ./schedule/... ./manager/... ./providers/... ./vmexec/... ./plugins/...
+	$(GO) test -run '^$$' -bench . -skip '^BenchmarkCompare$$' -benchmem -benchtime 1x -timeout 1h ./cmd/... ./fleet/... ./schedule/... ./manager/... ./providers/... ./vmexec/... ./plugins/...
 
 ## chaos: the long chaos suite (issue 16): `mayfly run` killed with SIGKILL in every phase of its
 ## jobs' life and started again on the same state dir, with plugin kills, provider faults, dropped
