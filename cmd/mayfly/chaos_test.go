@@ -198,6 +198,7 @@ func (r *trialResult) add(o trialResult) {
 	r.resumedJobs += o.resumedJobs
 	r.outageFailed += o.outageFailed
 	r.outageAtKill += o.outageAtKill
+	r.maxSilence = max(r.maxSilence, o.maxSilence)
 	if r.why == nil {
 		r.why = map[string]int{}
 	}
@@ -237,12 +238,12 @@ func printChaosTable(t *testing.T, rows []chaosRow) {
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "chaos suite, seed %d, coordinator outage %v\n", *chaosSeed, *chaosOutage)
-	head := "%-8s %-15s %6s %5s %5s %8s %7s %7s %5s %5s %5s %5s %6s %6s %6s %6s %5s %5s %7s %6s %10s\n"
-	fmt.Fprintf(&b, head, "provider", "fault", "trials", "jobs", "true", "run@kill", "true%", "true%+p", "rsf", "gl503", "wrong", "stuck", "pickup", "leaked", "reused", "reran", "badtr", "crash", "resumed", "faults", "resume-p50")
+	head := "%-8s %-15s %6s %5s %5s %8s %7s %7s %5s %5s %5s %5s %6s %6s %6s %6s %5s %5s %7s %6s %10s %8s\n"
+	fmt.Fprintf(&b, head, "provider", "fault", "trials", "jobs", "true", "run@kill", "true%", "true%+p", "rsf", "gl503", "wrong", "stuck", "pickup", "leaked", "reused", "reran", "badtr", "crash", "resumed", "faults", "resume-p50", "silence")
 	line := func(provider, fault string, trials int, s trialResult) {
-		fmt.Fprintf(&b, "%-8s %-15s %6d %5d %5d %8d %6.1f%% %6.1f%% %5d %5d %5d %5d %6d %6d %6d %6d %5d %5d %7d %6d %10s\n",
+		fmt.Fprintf(&b, "%-8s %-15s %6d %5d %5d %8d %6.1f%% %6.1f%% %5d %5d %5d %5d %6d %6d %6d %6d %5d %5d %7d %6d %10s %8s\n",
 			provider, fault, trials, s.jobs, s.trueAll, s.runningAtKill, s.truePct(), s.truePctAll(), s.cleanAtKill+s.cleanOther, s.outageFailed, s.wrong, s.stuck, s.pickupLost,
-			s.leaked, s.reused, s.reran, s.badTrace, s.crashes, s.resumedJobs, s.injected, median(s.resume))
+			s.leaked, s.reused, s.reran, s.badTrace, s.crashes, s.resumedJobs, s.injected, median(s.resume), s.maxSilence.Round(100*time.Millisecond))
 	}
 	for _, provider := range []string{"fake", "qemu"} {
 		var total trialResult
@@ -287,7 +288,8 @@ func printChaosTable(t *testing.T, rows []chaosRow) {
 		"rsf: failed cleanly with runner_system_failure and a reason; gl503: failed as GitLab's outage refused their artifacts past the helper's retry budget\n"+
 		"(5 min; gitlab-runner's helper: 6 tries, 1-5 s apart; left out of true%%); faults: faults injected (plugin kills, provider faults, SSH connections cut, 503s);\n"+
 		"resumed: jobs the restarted manager resumed from their journal; pickup: handed out by GitLab as the manager was killed, before their journal was written,\n"+
-		"failed by GitLab's stuck-job clean-up (stuck_or_timeout_failure after %v without a runner call; coordinator_5xx trials %v); stuck: never ended.\n",
+		"failed by GitLab's stuck-job clean-up (stuck_or_timeout_failure after %v without a runner call; coordinator_5xx trials %v); stuck: never ended;\n"+
+		"silence: the longest a job a manager ran went without a call that touches it in GitLab (what the stuck timeout must outlast).\n",
 		*chaosStuck, chaosStuckTimeout(faultCoordinator))
 	t.Log("\n" + b.String())
 	fmt.Print(b.String())

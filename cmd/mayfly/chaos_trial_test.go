@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"maps"
 	"math/rand/v2"
+	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -84,7 +85,11 @@ type trialResult struct {
 	resumedJobs              int            // jobs the restarted manager resumed
 	outageFailed             int            // failed as GitLab's outage refused their artifacts
 	outageAtKill             int            // of those, running at the kill
-	problems                 []string
+	// maxSilence is the longest a job some manager ran went without a
+	// call that touches it in GitLab (taken, applied trace patch, update):
+	// what the stuck-job timeout must outlast.
+	maxSilence time.Duration
+	problems   []string
 }
 
 func (r *trialResult) problem(format string, args ...any) {
@@ -443,6 +448,7 @@ func countJobs(res *trialResult, records []coordinator.JobRecord, want map[strin
 			res.problem("job %s (%d), journaled %v, was failed by the stuck-job clean-up while a manager ran it:\n%s", j.Name, j.ID, journaled[j.ID], tr)
 			continue
 		}
+		res.maxSilence = max(res.maxSilence, longestSilence(j))
 		wantStatus, wantReason := "success", ""
 		if w.exit != 0 {
 			wantStatus, wantReason = "failed", runnerapi.FailureScriptFailure
@@ -501,6 +507,29 @@ func countJobs(res *trialResult, records []coordinator.JobRecord, want map[strin
 			vms[m[2]] = j.Name
 		}
 	}
+}
+
+// longestSilence is the longest gap between the calls that touched job j
+// in the coordinator: its start, every trace patch it applied (202) and
+// every update it accepted (200), up to the last of them.
+func longestSilence(j coordinator.JobRecord) time.Duration {
+	times := []time.Time{j.StartedAt}
+	for _, p := range j.Patches {
+		if p.Status == http.StatusAccepted {
+			times = append(times, p.Time)
+		}
+	}
+	for _, u := range j.Updates {
+		if u.Status == http.StatusOK {
+			times = append(times, u.Time)
+		}
+	}
+	slices.SortFunc(times, func(a, b time.Time) int { return a.Compare(b) })
+	var longest time.Duration
+	for i := 1; i < len(times); i++ {
+		longest = max(longest, times[i].Sub(times[i-1]))
+	}
+	return longest
 }
 
 // resumeTimes reads, from the restarted manager's log, how long after its
