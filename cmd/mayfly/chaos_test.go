@@ -56,8 +56,8 @@ var (
 	// a real VM's job mid-script.
 	qemuPhases = []string{phaseScript, phaseAfterScript, phaseFinalUpdate, phaseBoot}
 	// The qemu trials' faults need no fake: the VMs outlive a killed
-	// plugin.
-	qemuFaults = []string{faultNone, faultPluginKill, faultCoordinator}
+	// plugin, and a job cuts the SSH connections to its VM from inside.
+	qemuFaults = []string{faultNone, faultPluginKill, faultCoordinator, faultSSHDrop}
 )
 
 func TestChaos(t *testing.T) {
@@ -122,8 +122,9 @@ type chaosRow struct {
 }
 
 // runChaosTrials runs n trials, trial i in phase i mod len(phases) with
-// fault i mod len(faults) (so that the first len(phases)*len(faults)
-// trials try every pair), and fails the test on anything stuck, leaked,
+// fault i mod len(faults), or, when the two counts share a factor, fault
+// (i + i/len(phases)) mod len(faults) (so that the first
+// len(phases)*len(faults) trials try every pair), and fails the test on anything stuck, leaked,
 // reused, run twice, wrong, or crashed, and when too few jobs killed
 // mid-run end with their true result. It returns a row per fault.
 func runChaosTrials(t *testing.T, s *chaosSetup, n, parallel int, phases, faults []string) []chaosRow {
@@ -137,7 +138,11 @@ func runChaosTrials(t *testing.T, s *chaosSetup, n, parallel int, phases, faults
 		sem = make(chan struct{}, max(1, parallel))
 	)
 	for i := range n {
-		phase, fault := phases[i%len(phases)], faults[i%len(faults)]
+		f := i
+		if gcd(len(phases), len(faults)) != 1 {
+			f += i / len(phases) // shift the faults each round of the phases
+		}
+		phase, fault := phases[i%len(phases)], faults[f%len(faults)]
 		sem <- struct{}{}
 		wg.Add(1)
 		go func() {
@@ -175,6 +180,13 @@ func runChaosTrials(t *testing.T, s *chaosSetup, n, parallel int, phases, faults
 		}
 	}
 	return out
+}
+
+func gcd(a, b int) int {
+	for b != 0 {
+		a, b = b, a%b
+	}
+	return a
 }
 
 func (r *trialResult) add(o trialResult) {

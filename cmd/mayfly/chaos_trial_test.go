@@ -64,6 +64,10 @@ type chaosJob struct {
 	name  string
 	exit  int // 0: success; else script_failure
 	sleep time.Duration
+	// dropSSH, when set, is how long into its script the job (on qemu)
+	// kills the VM's sshd processes serving connections, severing every
+	// SSH connection of the manager to its VM mid-stage.
+	dropSSH time.Duration
 }
 
 // trialResult counts what became of a trial's jobs and instances.
@@ -123,6 +127,13 @@ func chaosProjects(t testing.TB, s *chaosSetup, dir string, jobs []chaosJob, mar
 		script := []string{"echo chaos-script-start"}
 		if s.provider == "qemu" {
 			script = append(script, "if [ -e /var/chaos-vm-used ]; then echo CHAOS-VM-REUSED; fi; touch /var/chaos-vm-used")
+		}
+		if j.dropSSH > 0 {
+			// dropbear's connection processes are the children of the
+			// listening one (whose parent is init): killed, every
+			// connection to the VM ends at once; the stage, detached from
+			// them, goes on.
+			script = append(script, fmt.Sprintf(`(sleep %.1f; n=0; for d in /proc/[0-9]*; do [ "$(cat $d/comm 2>/dev/null)" = dropbear ] || continue; [ "$(cut -d' ' -f4 $d/stat)" = 1 ] && continue; kill -9 "${d#/proc/}" && n=$((n+1)); done; echo "chaos-ssh-dropped-$n") &`, j.dropSSH.Seconds()))
 		}
 		script = append(script,
 			`if [ -e "$CHAOS_MARKS/ran-$CI_JOB_ID" ]; then echo CHAOS-RERAN; fi; echo x >> "$CHAOS_MARKS/ran-$CI_JOB_ID"`,
@@ -239,6 +250,14 @@ func runChaosTrial(t *testing.T, s *chaosSetup, seed uint64, index int, phase, f
 		}
 		want[jobs[i].name] = jobs[i]
 	}
+	if s.provider == "qemu" && fault == faultSSHDrop {
+		// No proxy stands between the manager and a VM's sshd: the job
+		// cuts its own connections from inside the VM, mid-script.
+		for i := range jobs {
+			jobs[i].dropSSH = time.Duration(300+rng.IntN(1200)) * time.Millisecond
+			want[jobs[i].name] = jobs[i]
+		}
+	}
 	token := fmt.Sprintf("chaos-%s-%d", s.provider, index)
 	slow := 1500 * time.Millisecond
 	stuck := chaosStuckTimeout(fault)
@@ -285,7 +304,9 @@ func runChaosTrial(t *testing.T, s *chaosSetup, seed uint64, index int, phase, f
 	case faultPluginKill:
 		drv.at(dctx, seededDelays(rng, 3, 500*time.Millisecond, 12*time.Second), func() int { return killPlugins(dctx, current()) })
 	case faultSSHDrop:
-		drv.at(dctx, seededDelays(rng, 4, 2*time.Second, 30*time.Second), proxy.sever)
+		if proxy != nil { // qemu: the jobs cut their connections themselves
+			drv.at(dctx, seededDelays(rng, 4, 2*time.Second, 30*time.Second), proxy.sever)
+		}
 	case faultCoordinator:
 		drv.at(dctx, seededDelays(rng, 1, 0, 8*time.Second), func() int { return c.outage(*chaosOutage) })
 	}
@@ -385,6 +406,10 @@ func runChaosTrial(t *testing.T, s *chaosSetup, seed uint64, index int, phase, f
 		res.injected = providerFaults(dir)
 	case faultCoordinator:
 		res.injected = int(c.outageServed.Load())
+	case faultSSHDrop:
+		if s.provider == "qemu" {
+			res.injected = sshDropsInTraces(c.srv.Jobs())
+		}
 	}
 	left := func() bool { return len(s.instancesLeft(t, dir)) == 0 }
 	lctx, lcancel := context.WithTimeout(context.Background(), 60*time.Second)
@@ -508,6 +533,21 @@ func countJobs(res *trialResult, records []coordinator.JobRecord, want map[strin
 		}
 	}
 }
+
+// sshDropsInTraces counts the SSH connections the qemu jobs cut from inside
+// their VMs, as their traces report them.
+func sshDropsInTraces(jobs []coordinator.JobRecord) int {
+	n := 0
+	for _, j := range jobs {
+		for _, m := range sshDropped.FindAllStringSubmatch(string(j.Trace), -1) {
+			k, _ := strconv.Atoi(m[1])
+			n += k
+		}
+	}
+	return n
+}
+
+var sshDropped = regexp.MustCompile(`(?m)^chaos-ssh-dropped-([0-9]+)$`)
 
 // longestSilence is the longest gap between the calls that touched job j
 // in the coordinator: its start, every trace patch it applied (202) and
