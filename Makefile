@@ -59,7 +59,7 @@ bench: setup build
 ## chaos: the long chaos suite (issue 16): `mayfly run` killed with SIGKILL in every phase of its
 ## jobs' life and started again on the same state dir, with plugin kills, provider faults, dropped
 ## SSH connections or a CHAOS_OUTAGE of GitLab besides, CHAOS_FAKE trials on the fake provider and
-## CHAOS_QEMU on qemu microVMs; prints one table (about 25 min on 2 cores). `make test` runs 5 + 1.
+## CHAOS_QEMU on qemu microVMs; prints one table (about 18 min on 2 cores shared with others). `make test` runs 5 + 1.
 CHAOS_FAKE ?= 100
 CHAOS_QEMU ?= 10
 CHAOS_SEED ?= 16
