@@ -146,9 +146,7 @@ func (a *api) Create(ctx context.Context, n int, labels map[string]string) ([]pr
 			return err
 		}
 		ids, err := a.prov.Create(ctx, n, labels)
-		for _, id := range ids {
-			out = append(out, providers.Instance{ID: id})
-		}
+		out = providers.InstancesOf(ids)
 		return err
 	})
 	return out, err

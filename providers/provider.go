@@ -114,6 +114,31 @@ type Launcher interface {
 	Launch(ctx context.Context, n int, labels map[string]string) ([]Instance, error)
 }
 
+// IDs returns the ids of instances, nil for none.
+func IDs(instances []Instance) []string {
+	if len(instances) == 0 {
+		return nil
+	}
+	ids := make([]string, len(instances))
+	for i, in := range instances {
+		ids[i] = in.ID
+	}
+	return ids
+}
+
+// InstancesOf returns instances that carry only the given ids (nil for
+// none): what a Create that is no Launcher tells of what it made.
+func InstancesOf(ids []string) []Instance {
+	if len(ids) == 0 {
+		return nil
+	}
+	out := make([]Instance, len(ids))
+	for i, id := range ids {
+		out[i] = Instance{ID: id}
+	}
+	return out
+}
+
 // HasLabels reports whether the instance carries every label in want.
 func (i Instance) HasLabels(want map[string]string) bool {
 	for k, v := range want {

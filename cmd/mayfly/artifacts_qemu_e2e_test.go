@@ -50,6 +50,24 @@ const cloudCacheJob = `
             cache: [{key: deps, paths: [vendor/]}]
 `
 
+// qemuArtifactsSetup returns the VM image cache (with the debian image:
+// skipped without it, failed under CI=true), a temporary directory, and in
+// it the qemu plugin and the mayfly-helper binaries, built.
+func qemuArtifactsSetup(tb testing.TB) (cacheDir, dir, pluginDir, helperDir string) {
+	tb.Helper()
+	repo, err := filepath.Abs("../..")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	cacheDir = filepath.Join(repo, ".cache", "mayfly")
+	requireDebian(tb, cacheDir)
+	dir = tb.TempDir()
+	pluginDir, helperDir = filepath.Join(dir, "plugins"), filepath.Join(dir, "helpers")
+	buildPlugin(tb, pluginDir, "github.com/mayfly-ci/mayfly/plugins/qemu/cmd/mayfly-plugin-qemu")
+	buildHelper(tb, helperDir)
+	return cacheDir, dir, pluginDir, helperDir
+}
+
 // TestQEMUArtifactsAndCache is issue 18's end-to-end run on real microVMs
 // (the debian profile, isolated egress) through mayfly run with the qemu
 // plugin and the coordinator as GitLab at its external URL
@@ -68,16 +86,7 @@ func TestQEMUArtifactsAndCache(t *testing.T) {
 	// after the others: the two on the fake fleet mostly wait on the
 	// manager's and coordinator's timers while this one's VMs use the CPU.
 	t.Parallel()
-	repo, err := filepath.Abs("../..")
-	if err != nil {
-		t.Fatal(err)
-	}
-	cacheDir := filepath.Join(repo, ".cache", "mayfly")
-	requireDebian(t, cacheDir)
-	dir := t.TempDir()
-	pluginDir, helperDir := filepath.Join(dir, "plugins"), filepath.Join(dir, "helpers")
-	buildPlugin(t, pluginDir, "github.com/mayfly-ci/mayfly/plugins/qemu/cmd/mayfly-plugin-qemu")
-	buildHelper(t, helperDir)
+	cacheDir, dir, pluginDir, helperDir := qemuArtifactsSetup(t)
 
 	// The coordinator, as VMs see it.
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -359,16 +368,7 @@ func jobPhases(logs string) map[int64]map[string]float64 {
 //
 //	go test -run '^$' -bench QEMUCacheOverhead -benchtime 1x ./cmd/mayfly/
 func BenchmarkQEMUCacheOverhead(b *testing.B) {
-	repo, err := filepath.Abs("../..")
-	if err != nil {
-		b.Fatal(err)
-	}
-	cacheDir := filepath.Join(repo, ".cache", "mayfly")
-	requireDebian(b, cacheDir)
-	dir := b.TempDir()
-	pluginDir, helperDir := filepath.Join(dir, "plugins"), filepath.Join(dir, "helpers")
-	buildPlugin(b, pluginDir, "github.com/mayfly-ci/mayfly/plugins/qemu/cmd/mayfly-plugin-qemu")
-	buildHelper(b, helperDir)
+	cacheDir, _, pluginDir, helperDir := qemuArtifactsSetup(b)
 	const rounds = 3
 	var p strings.Builder
 	p.WriteString(`projects:

@@ -430,15 +430,10 @@ func (p *Plugin) Init(ctx context.Context, settings json.RawMessage) (providers.
 	return info, nil
 }
 
-// Create implements providers.Provider.
+// Create implements providers.Provider: Launch, keeping the ids.
 func (p *Plugin) Create(ctx context.Context, n int, labels map[string]string) ([]string, error) {
-	var ids []string
-	err := p.do(ctx, "create", func(ctx context.Context, prov providers.Provider) error {
-		var err error
-		ids, err = prov.Create(ctx, n, labels)
-		return err
-	})
-	return ids, err
+	made, err := p.Launch(ctx, n, labels)
+	return providers.IDs(made), err
 }
 
 // Launch implements providers.Launcher: Create, with each instance's
@@ -449,9 +444,7 @@ func (p *Plugin) Launch(ctx context.Context, n int, labels map[string]string) ([
 		l, ok := prov.(providers.Launcher)
 		if !ok {
 			ids, err := prov.Create(ctx, n, labels)
-			for _, id := range ids {
-				made = append(made, providers.Instance{ID: id})
-			}
+			made = providers.InstancesOf(ids)
 			return err
 		}
 		var err error

@@ -85,16 +85,13 @@ func (c *Client) takeSpare(ctx context.Context, shell string) *session {
 		return nil
 	}
 	select {
-	case <-sp.s.closed: // the shell died while it waited
-		sp.s.ch.Close()
-		return nil
+	case <-sp.s.closed: // its channel closed while it waited
+	case <-sp.s.got: // the shell exited while it waited
 	default:
+		return sp.s
 	}
-	if sp.s.exited() {
-		sp.s.ch.Close()
-		return nil
-	}
-	return sp.s
+	sp.s.ch.Close()
+	return nil
 }
 
 // streamCommand is the exec request of a Stream: the shell reads its

@@ -41,16 +41,10 @@ func (c *Client) Init(ctx context.Context, settings json.RawMessage) (providers.
 	return providers.Info{ID: resp.GetId(), MaxSize: int(resp.GetMaxSize()), Version: resp.GetVersion()}, nil
 }
 
-// Create implements providers.Provider.
+// Create implements providers.Provider: Launch, keeping the ids.
 func (c *Client) Create(ctx context.Context, n int, labels map[string]string) ([]string, error) {
-	if n < 0 {
-		return nil, providers.InvalidArgument(fmt.Errorf("create: count %d is negative", n))
-	}
-	resp, err := c.RPC.Create(ctx, &pb.CreateRequest{Count: int64(n), Labels: labels})
-	if err != nil {
-		return swap(callErr(ctx, "create", err))
-	}
-	return resp.GetIds(), nil
+	made, err := c.Launch(ctx, n, labels)
+	return providers.IDs(made), err
 }
 
 // Delete implements providers.Provider.
@@ -75,10 +69,10 @@ func (c *Client) Launch(ctx context.Context, n int, labels map[string]string) ([
 	resp, err := c.RPC.Create(ctx, &pb.CreateRequest{Count: int64(n), Labels: labels})
 	if err != nil {
 		err, ids := callErr(ctx, "create", err)
-		return idsOnly(ids), err
+		return providers.InstancesOf(ids), err
 	}
 	if len(resp.GetInstances()) == 0 {
-		return idsOnly(resp.GetIds()), nil
+		return providers.InstancesOf(resp.GetIds()), nil
 	}
 	out := make([]providers.Instance, 0, len(resp.GetInstances()))
 	for _, in := range resp.GetInstances() {
@@ -86,23 +80,11 @@ func (c *Client) Launch(ctx context.Context, n int, labels map[string]string) ([
 		if err != nil {
 			// The plugin made them: keep the ids so the fleet owns them,
 			// and let it ask for their connect info.
-			return idsOnly(resp.GetIds()), providers.Permanent(fmt.Errorf("create: %w", err))
+			return providers.InstancesOf(resp.GetIds()), providers.Permanent(fmt.Errorf("create: %w", err))
 		}
 		out = append(out, got)
 	}
 	return out, nil
-}
-
-// idsOnly is the instances named by ids, with nothing else known.
-func idsOnly(ids []string) []providers.Instance {
-	if len(ids) == 0 {
-		return nil
-	}
-	out := make([]providers.Instance, len(ids))
-	for i, id := range ids {
-		out[i] = providers.Instance{ID: id}
-	}
-	return out
 }
 
 // instanceFromProto converts one instance, with its connect info when set.

@@ -38,10 +38,7 @@ func (s *Server) Create(ctx context.Context, req *pb.CreateRequest) (*pb.CreateR
 		return &pb.CreateResponse{Ids: ids}, nil
 	}
 	made, err := l.Launch(ctx, int(req.GetCount()), req.GetLabels())
-	ids := make([]string, len(made))
-	for i, in := range made {
-		ids[i] = in.ID
-	}
+	ids := providers.IDs(made)
 	if err != nil {
 		return nil, ToStatus(err, ids)
 	}
