@@ -41,7 +41,7 @@ const layoutVersion = "1"
 // asked to halt, so whoever sees a stage done knows whether the chain goes
 // on. Processes a stage leaves behind get DRAIN seconds to exit, then
 // SIGTERM and SIGKILL; only processes made after the stage started (by
-// /proc/sys/kernel/ns_last_pid, all of them where it cannot be read or
+// the last pid in /proc/loadavg, all of them where it cannot be read or
 // the pids wrapped) are looked at, as reading every /proc/PID/stat costs
 // tens of milliseconds per stage on a busy machine or under emulation.
 const supervisorScript = `# mayfly stage supervisor, layout ` + layoutVersion + `
@@ -57,10 +57,7 @@ mf_claim() {
 	set +C
 	return $mf_r
 }
-mf_lastpid() {
-	{ read -r mf_np </proc/sys/kernel/ns_last_pid; } 2>/dev/null || mf_np=0
-}
-mf_left() {
+` + lastPidFunction + `mf_left() {
 	mf_lp=$mf_from; mf_lastpid
 	[ "$mf_np" -ge "$mf_lp" ] || mf_lp=0
 	for mf_f in /proc/[0-9]*/stat; do
@@ -112,6 +109,18 @@ while [ $# -gt 0 ]; do
 		rm -f "$mf_D/s/$mf_next.sup"; exit 0
 	fi
 done
+`
+
+// lastPidFunction: mf_lastpid sets mf_np to the pid the kernel gave last
+// (0 where it cannot be read), from the fifth field of /proc/loadavg.
+// Not from /proc/sys/kernel/ns_last_pid: dash and busybox ash read a file
+// one byte at a time, and a sysctl file ends after the first byte read
+// at a non-zero offset, so they read "1" there, and the check read every
+// process's stat (33 ms a stage in the microVM).
+const lastPidFunction = `mf_lastpid() {
+	{ read -r _ _ _ _ mf_np </proc/loadavg; } 2>/dev/null || mf_np=0
+	case $mf_np in ''|*[!0-9]*) mf_np=0;; esac
+}
 `
 
 // followFunctions follow stages: mf_follow ID FROM streams a stage's
