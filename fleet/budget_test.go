@@ -267,3 +267,74 @@ func TestWaitingJobsDoNotWaitForTheBatchWindow(t *testing.T) {
 		}
 	}
 }
+
+// TestFastBootsAreListedSoon: instances that run as soon as they are
+// created (a provider that boots faster than ListIntervalBooting, and
+// gives no connect info with Create) are found by the lists of the ramp
+// after their creation (within twice the boot, or a sixteenth of
+// ListIntervalBooting), not the booting cadence, at a cost of at most
+// bootRampSteps more lists per Create call; a slow boot keeps the usual
+// cadence once one was seen.
+func TestFastBootsAreListedSoon(t *testing.T) {
+	const every = 2 * time.Second
+	for _, tc := range []struct {
+		name      string
+		boot      time.Duration
+		readyWith time.Duration // creation to idle, at most
+		lists     int           // per refill, at most
+	}{
+		{"instant", 0, every/16 + 10*time.Millisecond, bootRampSteps},
+		{"300ms", 300 * time.Millisecond, 2*300*time.Millisecond + 10*time.Millisecond, bootRampSteps}, // the ramp doubles
+		{"slow", 20 * time.Second, 20*time.Second + every, 20/2 + 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t, Config{
+				Schedule: idlePolicy(schedule.Policy{IdleCount: 1}),
+				Limits:   Limits{ListInterval: time.Minute, ListIntervalBooting: every},
+			}, fake.Options{BootDelay: tc.boot})
+			h.start()
+			h.until(time.Minute, 10*time.Millisecond, "first idle", func() bool { return h.f.Available() == 1 })
+			for round := range 3 {
+				creates, lists := len(h.prov.callsOf(OpCreate)), len(h.prov.callsOf(OpList))
+				l := h.acquire()
+				h.until(time.Minute, 10*time.Millisecond, "refill created", func() bool { return len(h.prov.callsOf(OpCreate)) > creates })
+				created := h.prov.callsOf(OpCreate)[creates].at
+				h.until(time.Minute, 10*time.Millisecond, "refill idle", func() bool { return h.f.Available() == 1 })
+				if took := h.clk.Now().Sub(created); took > tc.readyWith {
+					t.Errorf("round %d: idle %v after its creation, want within %v", round, took, tc.readyWith)
+				}
+				if n := len(h.prov.callsOf(OpList)) - lists; n > tc.lists {
+					t.Errorf("round %d: %d lists for one refill, want at most %d", round, n, tc.lists)
+				}
+				l.Release(JobSucceeded)
+			}
+		})
+	}
+}
+
+func TestBootRamp(t *testing.T) {
+	const every = 1600 * time.Millisecond // steps of 100ms: 100, 200, 400, 800
+	c := t0
+	ms := func(n int) time.Time { return c.Add(time.Duration(n) * time.Millisecond) }
+	for _, tc := range []struct {
+		name    string
+		created time.Time
+		last    time.Time
+		want    time.Time
+		ok      bool
+	}{
+		{"nothing created", time.Time{}, ms(0), time.Time{}, false},
+		{"listed before the creation", c, ms(-500), ms(100), true},
+		{"after the first step", c, ms(100), ms(200), true},
+		{"between steps", c, ms(250), ms(400), true},
+		{"a list just before a step waits a step", c, ms(390), ms(490), true},
+		{"after the last step", c, ms(800), time.Time{}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, ok := bootRamp(tc.created, tc.last, every)
+			if ok != tc.ok || !got.Equal(tc.want) {
+				t.Errorf("bootRamp = %v, %v; want %v, %v", got.Sub(c), ok, tc.want.Sub(c), tc.ok)
+			}
+		})
+	}
+}

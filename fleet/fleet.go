@@ -103,6 +103,7 @@ type Fleet struct {
 	toClose            []Attachment // of instances gone away, to close outside mu
 	snapBuf            []InstanceView
 	firstCreating      time.Time   // earliest createdAt of a creating instance, as of the last pass
+	lastCreating       time.Time   // latest createdAt of a creating instance, as of the last pass
 	seenRunning        BootTimes   // creation to seen running in a list, for the list cadence
 	demand             DemandMeter // acquisitions and boot times (creation to ready)
 }

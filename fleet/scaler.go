@@ -118,6 +118,11 @@ func (f *Fleet) createWindowLocked() time.Duration {
 // shortest boot seen lately, less one ListIntervalBooting since a boot is
 // seen up to that late), then every half ListIntervalBooting for one
 // ListIntervalBooting, then every ListIntervalBooting.
+// When boots are shorter than ListIntervalBooting (a provider whose
+// instances run within a second), that cadence, not the boot, is what a
+// new instance waits for: then, and before any boot was seen, the list is
+// also read 1/16, 1/8, 1/4 and 1/2 of ListIntervalBooting after the
+// latest creation, at most four more lists per Create call (bootRamp).
 // One list serves every instance booting.
 // Instances the provider gave connect info for are not waited for with
 // lists: their provisioner waits for SSH or WinRM. f.mu is held.
@@ -144,20 +149,57 @@ func (f *Fleet) nextListLocked() time.Time {
 		// slow boot must not cost twice the lists.
 		due = f.lastList.Add(f.cfg.ListIntervalBooting / 2)
 	}
+	if shortest < f.cfg.ListIntervalBooting { // boots as short, or none seen yet
+		if r, ok := bootRamp(f.lastCreating, f.lastList, f.cfg.ListIntervalBooting); ok && r.Before(due) {
+			due = r
+		}
+	}
 	if due.Before(next) {
 		return due
 	}
 	return next
 }
 
+// bootRampSteps is how many lists bootRamp adds after a creation.
+const bootRampSteps = 4
+
+// bootRamp returns the first list time after last of the ramp that follows
+// a creation at created: created + every/16, every/8, every/4 and every/2
+// (bootRampSteps of them), but never sooner than every/16 after last, so
+// that lists come at most that often. ok is false once the ramp is over.
+func bootRamp(created, last time.Time, every time.Duration) (t time.Time, ok bool) {
+	step := every >> bootRampSteps
+	if created.IsZero() || step <= 0 {
+		return time.Time{}, false
+	}
+	for k := range bootRampSteps {
+		if p := created.Add(step << k); p.After(last) {
+			return later(p, last.Add(step)), true
+		}
+	}
+	return time.Time{}, false
+}
+
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
+}
+
 // snapshotLocked copies the books for Decide (with the measured demand)
 // or Reservable (without). f.mu is held.
 func (f *Fleet) snapshotLocked(now time.Time, withDemand bool) Snapshot {
 	views := f.snapBuf[:0] // reused: Decide keeps nothing of it
-	f.firstCreating = time.Time{}
+	f.firstCreating, f.lastCreating = time.Time{}, time.Time{}
 	for _, in := range f.books {
-		if in.state == StateCreating && (f.firstCreating.IsZero() || in.createdAt.Before(f.firstCreating)) {
-			f.firstCreating = in.createdAt
+		if in.state == StateCreating {
+			if f.firstCreating.IsZero() || in.createdAt.Before(f.firstCreating) {
+				f.firstCreating = in.createdAt
+			}
+			if in.createdAt.After(f.lastCreating) {
+				f.lastCreating = in.createdAt
+			}
 		}
 		views = append(views, InstanceView{ID: in.id, State: in.state, CreatedAt: in.createdAt, IdleSince: in.idleSince, Uses: in.uses})
 	}
