@@ -18,7 +18,7 @@ import (
 
 // Tries of an artifacts transfer on answers that are not transient (as
 // gitlab-runner's helper makes them: 3); transient ones (GitLab away) are
-// retried for a time budget instead, see gitlabRetry.
+// retried for a time budget instead, see retry.
 const (
 	artifactTries            = 3
 	defaultArtifactsBaseName = "artifacts"
@@ -123,7 +123,7 @@ func runArtifactsUploader(ctx context.Context, c *cli, args []string) error {
 	endpoint := fmt.Sprintf("%s/jobs/%d/artifacts?%s", base, job.id, q.Encode())
 	redirects := 0
 	what := fmt.Sprintf("Uploading artifacts as %q to coordinator", typ)
-	err = gitlabRetry(ctx, c, what, artifactTries, func(int) error {
+	err = retry(ctx, c, what, artifactTries, func(int) error {
 		for {
 			status, location, header, err := uploadOnce(ctx, client, endpoint, job.token, filename, format, wd, entries, archive.CompressionLevel(level))
 			var aerr archiveError
@@ -258,7 +258,7 @@ func runArtifactsDownloader(ctx context.Context, c *cli, args []string) error {
 	client := newHTTPClient()
 	endpoint := fmt.Sprintf("%s/jobs/%d/artifacts", base, job.id)
 	var file *os.File
-	err = gitlabRetry(ctx, c, "Downloading artifacts from coordinator", artifactTries, func(int) error {
+	err = retry(ctx, c, "Downloading artifacts from coordinator", artifactTries, func(int) error {
 		f, found, resp, err := download(ctx, client, endpoint, http.Header{"Job-Token": {job.token}, "User-Agent": {"mayfly-helper " + version()}}, tempDir(c.env))
 		switch {
 		case err != nil && resp != nil && resp.StatusCode == http.StatusForbidden:

@@ -76,7 +76,7 @@ func extractCache(ctx context.Context, c *cli, client *http.Client, rawURL, file
 		defer lf.Close()
 		f = lf
 	} else {
-		err := withRetries(ctx, c, "Downloading cache", cacheTries, func(int) error {
+		err := retry(ctx, c, "Downloading cache", cacheTries, func(int) error {
 			tmp, found, resp, err := download(ctx, client, rawURL, nil, tempDir(c.env))
 			if err != nil {
 				return err
@@ -161,7 +161,7 @@ func runCacheArchiver(ctx context.Context, c *cli, args []string) error {
 	}
 	client := newHTTPClient()
 	c.logf("Uploading %s to %s", filepath.Base(file), cleanURL(rawURL))
-	return withRetries(ctx, c, "Uploading cache", cacheTries, func(int) error {
+	return retry(ctx, c, "Uploading cache", cacheTries, func(int) error {
 		return putFile(ctx, client, rawURL, headers, file)
 	})
 }

@@ -185,3 +185,58 @@ func TestCacheRoundTrip(t *testing.T) {
 		t.Errorf("oversize: exit %d, stored %v:\n%s", code, stored, out)
 	}
 }
+
+// TestCacheRetries: a cache store's failures are retried cacheTries times
+// in all (through retry, as GitLab's), a missing key not at all.
+func TestCacheRetries(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		failFirst int // answers 503 to the first calls
+		wantCalls int
+		wantSaved bool
+	}{
+		{"stored after two failures", 2, 3, true},
+		{"given up after cacheTries", 10, cacheTries, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var mu sync.Mutex
+			calls, saved := 0, false
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				mu.Lock()
+				defer mu.Unlock()
+				calls++
+				io.Copy(io.Discard, r.Body)
+				if calls <= tc.failFirst {
+					w.WriteHeader(http.StatusServiceUnavailable)
+					return
+				}
+				saved = true
+			}))
+			defer srv.Close()
+			src := t.TempDir()
+			writeFiles(t, src, map[string]string{"vendor/a.txt": "cached"})
+			_, out := runIn(t, src, nil, "cache-archiver", "--key", "k1", "--file", filepath.Join(t.TempDir(), "k1/cache.zip"),
+				"--url", srv.URL+"/k1", "--path", "vendor")
+			mu.Lock()
+			defer mu.Unlock()
+			if calls != tc.wantCalls || saved != tc.wantSaved {
+				t.Errorf("%d calls, saved %v; want %d, %v:\n%s", calls, saved, tc.wantCalls, tc.wantSaved, out)
+			}
+		})
+	}
+	var mu sync.Mutex
+	gets := 0
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		gets++
+		mu.Unlock()
+		w.WriteHeader(http.StatusNotFound)
+	}))
+	defer srv.Close()
+	runIn(t, t.TempDir(), nil, "cache-extractor", "--key", "missing", "--url", srv.URL+"/missing")
+	mu.Lock()
+	defer mu.Unlock()
+	if gets != 1 {
+		t.Errorf("a missing key was asked for %d times, want 1", gets)
+	}
+}

@@ -23,7 +23,6 @@ const (
 	defaultTimeout = time.Hour
 	// responseHeaderTimeout bounds waiting for a server to answer.
 	responseHeaderTimeout = 10 * time.Minute
-	maxRetryWait          = 30 * time.Second
 )
 
 func newHTTPClient() *http.Client {
@@ -52,28 +51,6 @@ type retryable struct{ err error }
 
 func (r retryable) Error() string { return r.err.Error() }
 func (r retryable) Unwrap() error { return r.err }
-
-// withRetries calls f up to tries times while it fails with a retryable
-// error, pausing wait, then twice as long each time (at most 30 s).
-func withRetries(ctx context.Context, c *cli, what string, tries int, f func(attempt int) error) error {
-	wait := c.retryWait
-	var err error
-	for attempt := 1; attempt <= tries; attempt++ {
-		err = f(attempt)
-		var r retryable
-		if err == nil || !errors.As(err, &r) || attempt == tries {
-			return err
-		}
-		c.logf("WARNING: %s: %v; retrying in %s (attempt %d of %d)", what, err, wait, attempt+1, tries)
-		select {
-		case <-time.After(wait):
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-		wait = min(wait*2, maxRetryWait)
-	}
-	return err
-}
 
 // cleanURL is u without its query (signatures) and credentials, for logs.
 func cleanURL(raw string) string {

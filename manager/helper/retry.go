@@ -59,13 +59,16 @@ func retryAfter(v string, now time.Time) time.Duration {
 	return 0
 }
 
-// gitlabRetry calls f until it succeeds or fails with an error that is
-// neither transient nor retryable; a retryable error is retried up to tries
-// times in all, a transient one until the budget (c.retryBudget, default
+// retry calls f until it succeeds or fails with an error that is neither
+// transient nor retryable: a retryable error (a storage or GitLab answer
+// that may be right next time) is retried up to tries times in all, a
+// transient one (GitLab away) until the budget (c.retryBudget, default
 // 5 min, counted from the first call) is spent. Pauses start at
 // c.retryWait and double up to c.retryMaxWait (default 15 s); a
 // Retry-After replaces the pause, within what is left of the budget.
-func gitlabRetry(ctx context.Context, c *cli, what string, tries int, f func(attempt int) error) error {
+// Every transfer of the helper, to GitLab or to a cache store, retries
+// through it.
+func retry(ctx context.Context, c *cli, what string, tries int, f func(attempt int) error) error {
 	budget := c.retryBudget
 	if budget <= 0 {
 		budget = GitLabRetryBudget
