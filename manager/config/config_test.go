@@ -455,7 +455,7 @@ func TestListIntervalKeys(t *testing.T) {
 	if err := WriteSummary(&sum, cfg, time.Now()); err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(sum.String(), "every 5s, every 500ms while VMs boot") || !regexp.MustCompile(`GitLab away +artifact uploads and downloads retry 5xx, 429, 408 and connections refused or cut for 5m0s`).MatchString(sum.String()) {
+	if !strings.Contains(sum.String(), "every 5s, every 500ms while VMs boot") || !strings.Contains(sum.String(), "also 31.25ms, 62.5ms, 125ms and 250ms after a creation") || !regexp.MustCompile(`GitLab away +artifact uploads and downloads retry 5xx, 429, 408 and connections refused or cut for 5m0s`).MatchString(sum.String()) {
 		t.Errorf("summary:\n%s", sum.String())
 	}
 }

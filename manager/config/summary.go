@@ -8,6 +8,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/mayfly-ci/mayfly/fleet"
 	"github.com/mayfly-ci/mayfly/manager/helper"
 	"github.com/mayfly-ci/mayfly/providers"
 	"github.com/mayfly-ci/mayfly/schedule"
@@ -99,7 +100,12 @@ func listText(f Fleet) string {
 		}
 		return d.String()
 	}
-	return fmt.Sprintf("every %s, every %s while VMs boot (how soon a preempted VM is noticed)", every(f.ListInterval, "1m (default)"), every(f.ListIntervalBooting, "2s (default)"))
+	booting := f.ListIntervalBooting
+	if booting <= 0 {
+		booting = fleet.DefaultListIntervalBooting
+	}
+	return fmt.Sprintf("every %s, every %s while VMs boot (how soon a preempted VM is noticed); also %s, %s, %s and %s after a creation while boots are shorter than that, or none was seen yet (mayfly; taskscaler lists only at update_interval_when_expecting, so a VM that runs at once waits for it)",
+		every(f.ListInterval, "1m (default)"), every(f.ListIntervalBooting, "2s (default)"), booting/16, booting/8, booting/4, booting/2)
 }
 
 func policyText(p schedule.Policy, from string) string {
