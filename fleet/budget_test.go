@@ -209,10 +209,14 @@ func TestDeleteWindowYieldsToMaxInstances(t *testing.T) {
 		b.Release(JobSucceeded)
 		h.settle()
 		h.advance(time.Second, time.Second) // well within the window
-		got := len(h.prov.callsOf(OpDelete)) - deletes
+		got, deleted := len(h.prov.callsOf(OpDelete))-deletes, 0
+		for _, c := range h.prov.callsOf(OpDelete)[deletes:] {
+			deleted += c.n
+		}
 		switch {
-		case max > 0 && got != 1:
-			t.Errorf("max_instances %d reached by 2 deleting: %d Delete calls within 1s, want 1 at once", max, got)
+		case max > 0 && deleted != 2:
+			// One call, or two when the scaler ran between the releases.
+			t.Errorf("max_instances %d reached by 2 deleting: %d deleted in %d calls within 1s, want both at once", max, deleted, got)
 		case max > 0 && h.f.Available() != 2:
 			t.Errorf("max_instances %d: pool %d after the deletion, want it refilled to 2", max, h.f.Available())
 		case max == 0 && got != 0:

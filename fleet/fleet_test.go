@@ -102,7 +102,11 @@ func TestAcquireSingleUseDeletesAndReplaces(t *testing.T) {
 }
 
 func TestUnusedReturnsToIdleUncounted(t *testing.T) {
-	h := newHarness(t, Config{Schedule: idlePolicy(schedule.Policy{IdleCount: 2})}, fake.Options{})
+	// IdleTime keeps the pool as it is while the refill made for the
+	// acquired instance makes it one too many once the instance is back:
+	// with none, a surplus instance idle since an earlier moment of the
+	// fake clock is deleted, as it should be.
+	h := newHarness(t, Config{Schedule: idlePolicy(schedule.Policy{IdleCount: 2, IdleTime: time.Hour})}, fake.Options{})
 	h.start()
 	h.until(time.Minute, time.Second, "2 idle", func() bool { return h.f.Available() == 2 })
 	l := h.acquire()
