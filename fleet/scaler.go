@@ -163,18 +163,37 @@ func (f *Fleet) nextListLocked() time.Time {
 // bootRampSteps is how many lists bootRamp adds after a creation.
 const bootRampSteps = 4
 
-// bootRamp returns the first list time after last of the ramp that follows
-// a creation at created: created + every/16, every/8, every/4 and every/2
-// (bootRampSteps of them), but never sooner than every/16 after last, so
-// that lists come at most that often. ok is false once the ramp is over.
-func bootRamp(created, last time.Time, every time.Duration) (t time.Time, ok bool) {
+// BootRampOffsets returns when, after a creation, the fleet also lists
+// while boots are shorter than every (its ListIntervalBooting): every/16,
+// every/8, every/4 and every/2; none when every is too short to divide.
+func BootRampOffsets(every time.Duration) []time.Duration {
+	o, ok := bootRampOffsets(every)
+	if !ok {
+		return nil
+	}
+	return o[:]
+}
+
+func bootRampOffsets(every time.Duration) (o [bootRampSteps]time.Duration, ok bool) {
 	step := every >> bootRampSteps
-	if created.IsZero() || step <= 0 {
+	for k := range o {
+		o[k] = step << k
+	}
+	return o, step > 0
+}
+
+// bootRamp returns the first list time after last of the ramp that follows
+// a creation at created (BootRampOffsets), but never sooner than the first
+// offset after last, so that lists come at most that often. ok is false
+// once the ramp is over.
+func bootRamp(created, last time.Time, every time.Duration) (t time.Time, ok bool) {
+	offsets, ok := bootRampOffsets(every)
+	if created.IsZero() || !ok {
 		return time.Time{}, false
 	}
-	for k := range bootRampSteps {
-		if p := created.Add(step << k); p.After(last) {
-			return later(p, last.Add(step)), true
+	for _, d := range offsets {
+		if p := created.Add(d); p.After(last) {
+			return later(p, last.Add(offsets[0])), true
 		}
 	}
 	return time.Time{}, false

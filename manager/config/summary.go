@@ -104,8 +104,18 @@ func listText(f Fleet) string {
 	if booting <= 0 {
 		booting = fleet.DefaultListIntervalBooting
 	}
-	return fmt.Sprintf("every %s, every %s while VMs boot (how soon a preempted VM is noticed); also %s, %s, %s and %s after a creation while boots are shorter than that, or none was seen yet (mayfly; taskscaler lists only at update_interval_when_expecting, so a VM that runs at once waits for it)",
-		every(f.ListInterval, "1m (default)"), every(f.ListIntervalBooting, "2s (default)"), booting/16, booting/8, booting/4, booting/2)
+	text := fmt.Sprintf("every %s, every %s while VMs boot (how soon a preempted VM is noticed)", every(f.ListInterval, "1m (default)"), every(f.ListIntervalBooting, "2s (default)"))
+	ramp := fleet.BootRampOffsets(booting)
+	if len(ramp) == 0 {
+		return text
+	}
+	times := make([]string, len(ramp))
+	for i, d := range ramp {
+		times[i] = d.String()
+	}
+	last := len(times) - 1
+	return fmt.Sprintf("%s; also %s and %s after a creation while boots are shorter than that, or none was seen yet (mayfly; taskscaler lists only at update_interval_when_expecting, so a VM that runs at once waits for it)",
+		text, strings.Join(times[:last], ", "), times[last])
 }
 
 func policyText(p schedule.Policy, from string) string {
