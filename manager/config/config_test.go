@@ -542,16 +542,12 @@ func TestStoreWatchAppliesOnlyStableFiles(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ticks := make(chan time.Time)
 	changes := make(chan *Config, 8)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); s.watch(ctx, ticks, func(c *Config) { changes <- c }) }()
-	defer func() { cancel(); <-done }()
-	tick := func() { ticks <- time.Time{} }
+	w := &watcher{s: s, onChange: func(c *Config) { changes <- c }}
+	tick := w.tick // Watch's work at one tick, done when it returns
 	noChange := func(when string) {
 		t.Helper()
-		tick() // the previous tick's work is done once this one is taken
+		tick()
 		select {
 		case c := <-changes:
 			t.Fatalf("%s: a config was applied (concurrent %d, %d entries)", when, c.Concurrent, len(c.Runners[0].Fleet.Schedule.Entries))

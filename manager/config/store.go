@@ -87,54 +87,63 @@ func (s *Store) apply(data []byte, sum [sha256.Size]byte) (bool, error) {
 func (s *Store) Watch(ctx context.Context, interval time.Duration, onChange func(*Config)) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
-	s.watch(ctx, t.C, onChange)
-}
-
-// watch is Watch with the ticks given.
-func (s *Store) watch(ctx context.Context, ticks <-chan time.Time, onChange func(*Config)) {
-	var lastErr string
-	var pending [sha256.Size]byte // content seen changed at the last tick
+	w := watcher{s: s, onChange: onChange}
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-ticks:
+		case <-t.C:
+			w.tick()
 		}
-		data, err := os.ReadFile(s.path)
-		if err != nil {
-			lastErr = s.logRejected(fmt.Errorf("reload config: %w", err), lastErr)
-			continue
+	}
+}
+
+// watcher is what Watch keeps from one tick to the next.
+type watcher struct {
+	s        *Store
+	onChange func(*Config)
+	lastErr  string
+	pending  [sha256.Size]byte // content seen changed at the last tick
+}
+
+// tick reads the file once and applies it when it is what the last tick
+// saw changed.
+func (w *watcher) tick() {
+	s := w.s
+	data, err := os.ReadFile(s.path)
+	if err != nil {
+		w.lastErr = s.logRejected(fmt.Errorf("reload config: %w", err), w.lastErr)
+		return
+	}
+	sum := sha256.Sum256(data)
+	s.mu.RLock()
+	same := sum == s.hash
+	s.mu.RUnlock()
+	switch {
+	case same:
+		w.pending = [sha256.Size]byte{}
+		return
+	case sum != w.pending:
+		w.pending = sum // changed: apply it if it is still this at the next tick
+		return
+	}
+	old := s.Current()
+	changed, err := s.apply(data, sum)
+	switch {
+	case err != nil:
+		w.lastErr = s.logRejected(err, w.lastErr)
+	case changed:
+		w.lastErr = ""
+		cfg := s.Current()
+		s.log.Info("config reloaded", "path", s.path, "runners", len(cfg.Runners))
+		for _, warn := range cfg.Warnings {
+			s.log.Warn("config", "warning", warn.String())
 		}
-		sum := sha256.Sum256(data)
-		s.mu.RLock()
-		same := sum == s.hash
-		s.mu.RUnlock()
-		switch {
-		case same:
-			pending = [sha256.Size]byte{}
-			continue
-		case sum != pending:
-			pending = sum // changed: apply it if it is still this at the next tick
-			continue
+		for _, warn := range PolicyLoss(old, cfg) {
+			s.log.Warn("config reloaded without idle policies a runner had", "path", s.path, "warning", warn)
 		}
-		old := s.Current()
-		changed, err := s.apply(data, sum)
-		switch {
-		case err != nil:
-			lastErr = s.logRejected(err, lastErr)
-		case changed:
-			lastErr = ""
-			cfg := s.Current()
-			s.log.Info("config reloaded", "path", s.path, "runners", len(cfg.Runners))
-			for _, w := range cfg.Warnings {
-				s.log.Warn("config", "warning", w.String())
-			}
-			for _, w := range PolicyLoss(old, cfg) {
-				s.log.Warn("config reloaded without idle policies a runner had", "path", s.path, "warning", w)
-			}
-			if onChange != nil {
-				onChange(cfg)
-			}
+		if w.onChange != nil {
+			w.onChange(cfg)
 		}
 	}
 }
